@@ -1,0 +1,129 @@
+"""Metrics for any model the project loads: zero-shot, retrieval, grounding, costs, latency.
+
+Every function takes a model with encode_image / encode_text, so the teacher, a gated model
+and an exported pruned model are measured by the same code.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .data import shapes, to_input
+from .data.fashion_mnist import class_prompts, load_fashion_mnist, to_rgb
+
+DATASETS = ("shapes", "fmnist")
+
+
+@torch.no_grad()
+def embed_images(model, images: torch.Tensor, preprocess_cfg: dict, batch: int = 250) -> torch.Tensor:
+    """uint8 images at model resolution -> L2-normalised embeddings."""
+    out = [model.encode_image(to_input(images[i:i + batch], preprocess_cfg), normalize=True)
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: list[str], batch: int = 500) -> torch.Tensor:
+    out = [model.encode_text(tokenizer(texts[i:i + batch]), normalize=True) for i in range(0, len(texts), batch)]
+    return torch.cat(out)
+
+
+def class_embeddings(model, tokenizer, prompts: dict[str, list[str]]) -> torch.Tensor:
+    """Prompt ensemble: the normalised mean of each class's prompt embeddings, [C, D]."""
+    flat = [p for ps in prompts.values() for p in ps]
+    emb = embed_texts(model, tokenizer, flat)
+    sizes = [len(ps) for ps in prompts.values()]
+    means = torch.stack([chunk.mean(0) for chunk in emb.split(sizes)])
+    return torch.nn.functional.normalize(means, dim=-1)
+
+
+def recall_at(sim: torch.Tensor, match: torch.Tensor, k: int) -> float:
+    """sim [Q, N]; match [Q, N] bool: which candidates count as correct for each query."""
+    top = sim.topk(k, dim=1).indices
+    return float(match.gather(1, top).any(1).float().mean())
+
+
+def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: int = 0) -> dict[str, float]:
+    size = preprocess_cfg["size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    m: dict[str, float] = {}
+    # zero-shot per attribute on single-object test scenes (their own index range)
+    single = shapes.make_scenes("test", n, seed=seed, image_size=size, start=10**6, n_objects=1)
+    img = embed_images(model, single.images, preprocess_cfg)
+    for attr, values in shapes.ATTRIBUTES.items():
+        cls = class_embeddings(model, tokenizer, shapes.attribute_prompts(attr))
+        pred = (img @ cls.T).argmax(1)
+        truth = torch.tensor([values.index(getattr(o[0], attr)) for o in single.objects])
+        m[f"shapes/zs_{attr}"] = float((pred == truth).float().mean())
+    m["shapes/zs_mean"] = sum(m[f"shapes/zs_{a}"] for a in shapes.ATTRIBUTES) / len(shapes.ATTRIBUTES)
+    # retrieval and grounding on multi-object test pairs
+    pairs = shapes.make_scenes("test", n, seed=seed, image_size=size)
+    img = embed_images(model, pairs.images, preprocess_cfg)
+    txt = embed_texts(model, tokenizer, pairs.captions)
+    sim = img @ txt.T
+    same = torch.tensor([[a == b for b in pairs.captions] for a in pairs.captions])  # duplicate captions count
+    for k in (1, 5):
+        m[f"shapes/i2t_r{k}"] = recall_at(sim, same, k)
+        m[f"shapes/t2i_r{k}"] = recall_at(sim.T, same, k)
+    pos = (img * txt).sum(-1)
+    for kind in shapes.NEGATIVE_TYPES:
+        idx = [i for i, negs in enumerate(pairs.negatives) if kind in negs]
+        neg = embed_texts(model, tokenizer, [pairs.negatives[i][kind] for i in idx])
+        m[f"shapes/ground_{kind}"] = float((pos[idx] > (img[idx] * neg).sum(-1)).float().mean())
+    m["shapes/ground_mean"] = sum(m[f"shapes/ground_{k}"] for k in shapes.NEGATIVE_TYPES) / len(shapes.NEGATIVE_TYPES)
+    return m
+
+
+def fmnist_metrics(model, tokenizer, preprocess_cfg: dict, limit: int | None = None) -> dict[str, float]:
+    size = preprocess_cfg["size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    images, labels = load_fashion_mnist("test")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    cls = class_embeddings(model, tokenizer, class_prompts())
+    pred = torch.cat([(embed_images(model, to_rgb(images[i:i + 1000], size), preprocess_cfg) @ cls.T).argmax(1)
+                      for i in range(0, len(images), 1000)])
+    return {"fmnist/acc": float((pred == labels).float().mean())}
+
+
+@torch.no_grad()
+def latency_ms(fn, x, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of fn(x) in milliseconds per item of the batch."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1000.0 / len(x)
+
+
+def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int = 1000,
+             fmnist_limit: int | None = None) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if "shapes" in datasets:
+        metrics.update(shape_metrics(model, tokenizer, preprocess_cfg, n=n))
+    if "fmnist" in datasets:
+        metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit))
+    return metrics
+
+
+def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int = 32) -> dict:
+    """The eval object of the interface contract: metrics, params, flops, latency_ms."""
+    from .backends.open_clip import context_length, dense_flops, image_size, num_params
+
+    size = image_size(model)
+    images = to_input(torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.uint8), preprocess_cfg)
+    tokens = tokenizer(["a large red circle at the top left and a small blue square at the center"] * batch)
+    assert tokens.shape[1] == context_length(model)
+    flops = dense_flops(model)
+    return {
+        "metrics": evaluate(model, tokenizer, preprocess_cfg, datasets),
+        "params": num_params(model),
+        "flops": {"image": flops["flops/image"], "text": flops["flops/text"]},
+        "latency_ms": {"image": latency_ms(model.encode_image, images),
+                       "text": latency_ms(model.encode_text, tokens), "batch": batch},
+    }

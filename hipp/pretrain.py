@@ -1,0 +1,159 @@
+"""Pretraining the embedded teacher: contrastive image-caption learning with hard negatives.
+
+Batches mix procedural shape scenes and Fashion-MNIST. Each batch is a pure function of
+(seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import _build, save_model
+from .data import shapes, to_input
+from .data.fashion_mnist import CLASSES, TEMPLATES, load_fashion_mnist, to_rgb
+from .evaluate import evaluate
+from .fileio import write_json, write_text
+
+
+@dataclass
+class TeacherConfig:
+    model: dict
+    preprocess: dict = field(default_factory=lambda: {"mean": [0.5] * 3, "std": [0.5] * 3})
+    output: str = "checkpoints/teacher-tiny"
+    seed: int = 0
+    steps: int = 2400
+    batch_size: int = 128
+    shape_fraction: float = 0.5
+    negatives_per_image: int = 2
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    eval_every: int = 400
+    save_every: int = 200
+    mixed_precision: str = "no"
+
+
+def lr_at(cfg: TeacherConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+class MixedBatches:
+    """Step -> (uint8 images, captions, positive-group keys, hard-negative captions)."""
+
+    def __init__(self, cfg: TeacherConfig, image_size: int):
+        self.cfg, self.size = cfg, image_size
+        self.fm_images, self.fm_labels = load_fashion_mnist("train")
+        self.n_shapes = round(cfg.batch_size * cfg.shape_fraction)
+
+    def __call__(self, step: int):
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        scenes = shapes.make_scenes("train", self.n_shapes, seed=cfg.seed, image_size=self.size,
+                                    start=step * self.n_shapes)
+        negatives = []
+        for negs in scenes.negatives:
+            kinds = sorted(negs)
+            pick = torch.randperm(len(kinds), generator=g)[:cfg.negatives_per_image].tolist()
+            negatives += [negs[kinds[i]] for i in pick]
+        n_fm = cfg.batch_size - self.n_shapes
+        idx = torch.randint(len(self.fm_labels), (n_fm,), generator=g)
+        fm = to_rgb(self.fm_images[idx], self.size)
+        flip = torch.rand(n_fm, generator=g) < 0.5
+        fm[flip] = fm[flip].flip(-1)
+        labels = self.fm_labels[idx].tolist()
+        templates = torch.randint(len(TEMPLATES), (n_fm,), generator=g).tolist()
+        fm_caps = [TEMPLATES[t].format(CLASSES[c]) for t, c in zip(templates, labels)]
+        images = torch.cat([scenes.images, fm])
+        captions = scenes.captions + fm_caps
+        groups = scenes.captions + [f"fashion-mnist:{c}" for c in labels]
+        return images, captions, groups, negatives
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: list[str]) -> torch.Tensor:
+    """Multi-positive InfoNCE both ways; txt holds the B batch captions, then extra hard negatives.
+
+    Captions of the same group (same scene text, same Fashion-MNIST class) are all positives,
+    so repeated classes in a batch are not pushed apart.
+    """
+    b = img.shape[0]
+    logits = scale * img @ txt.T
+    keys = {k: i for i, k in enumerate(dict.fromkeys(groups))}
+    gid = torch.tensor([keys[k] for k in groups], device=img.device)
+    pos = gid[:, None] == gid[None, :]
+    pos_i2t = torch.cat([pos, torch.zeros(b, txt.shape[0] - b, dtype=torch.bool, device=img.device)], 1)
+
+    def nce(lg, mask):
+        return (lg.logsumexp(1) - lg.masked_fill(~mask, float("-inf")).logsumexp(1)).mean()
+
+    return 0.5 * (nce(logits, pos_i2t) + nce(logits[:, :b].T, pos))
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
+    out = Path(cfg.output)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    model = _build(cfg.model)
+    pp = {**open_clip.transform.PreprocessCfg().__dict__, **cfg.preprocess, "size": model.visual.image_size}
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.model["text_cfg"]["context_length"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    model, opt = acc.prepare(model, opt)
+    batches = MixedBatches(cfg, pp["size"] if isinstance(pp["size"], int) else pp["size"][0])
+    state_dir, start, elapsed = out / "train_state", 0, 0.0
+    if resume and (state_dir / "progress.json").is_file():
+        acc.load_state(str(state_dir))
+        progress = json.loads((state_dir / "progress.json").read_text())
+        start, elapsed = progress["step"], progress["seconds"]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.jsonl"
+    if start == 0 and log.exists():
+        log.unlink()  # a fresh run starts a fresh log
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="teacher", disable=not acc.is_main_process)
+    t0 = time.time() - elapsed
+    for step in bar:
+        model.train()
+        images, captions, groups, negatives = batches(step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        with acc.autocast():
+            raw = acc.unwrap_model(model)
+            img = raw.encode_image(to_input(images, pp).to(acc.device), normalize=True)
+            txt = raw.encode_text(tokenizer(captions + negatives).to(acc.device), normalize=True)
+            loss = contrastive_loss(img, txt, raw.logit_scale.exp().clamp(max=100), groups)
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{raw.logit_scale.exp().item():.1f}")
+        row = {"step": step + 1, "loss": loss.item(), "lr": lr_at(cfg, step), "seconds": time.time() - t0}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and acc.is_main_process:
+            model.eval()
+            row.update(evaluate(raw, tokenizer, pp, n=300, fmnist_limit=2000))
+            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        if acc.is_main_process:
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            acc.save_state(str(state_dir))
+            if acc.is_main_process:
+                write_json(state_dir / "progress.json", {"step": step + 1, "seconds": time.time() - t0})
+    seconds = time.time() - t0
+    raw = acc.unwrap_model(model).eval()
+    if acc.is_main_process:
+        save_model(raw, out, cfg.model, pp)
+        write_json(out / "train_config.json", {**asdict(cfg), "train_seconds": seconds})
+    return {"train_seconds": seconds}

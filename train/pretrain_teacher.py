@@ -1,0 +1,34 @@
+"""Pretrain the embedded teacher, then measure the saved checkpoint and write its model card.
+
+    python train/pretrain_teacher.py --config configs/teacher_tiny.yaml [--resume] [--steps N] [--output DIR]
+"""
+import argparse
+import json
+import sys
+
+from hipp.cli import run_guarded
+from hipp.config import load_config
+from hipp.model_card import write_card
+from hipp.pretrain import TeacherConfig, train_teacher
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--steps", type=int, help="override the config's step count")
+    ap.add_argument("--output", help="override the config's output folder")
+    args = ap.parse_args(argv)
+    cfg = load_config(TeacherConfig, args.config)
+    if args.steps:
+        cfg.steps = args.steps
+    if args.output:
+        cfg.output = args.output
+    info = train_teacher(cfg, resume=args.resume)
+    metrics = write_card(cfg, args.config, info["train_seconds"])
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))
