@@ -15,12 +15,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_eval(args) -> int:
     from .checkpoint import get_tokenizer, load_model, preprocess_cfg
-    from .evaluate import DATASETS, report
+    from .evaluate import DATASETS, check_datasets, report
 
     datasets = DATASETS if args.data is None else tuple(d.strip() for d in args.data.split(","))
-    unknown = [d for d in datasets if d not in DATASETS]
-    if unknown:
-        raise HippError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    check_datasets(datasets)  # before loading anything
     model = load_model(args.model)
     rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets)
     if args.json:
@@ -41,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     e = sub.add_parser("eval", help="measure a teacher checkpoint or an exported model")
     e.add_argument("--model", required=True, help="model folder (teacher or exported)")
-    e.add_argument("--data", help="comma-separated datasets (default: all)")
+    e.add_argument("--data", help="comma-separated: shapes, fmnist, csv:FILE, folder:DIR (default: shapes,fmnist)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=_cmd_eval)
     return p

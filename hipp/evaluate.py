@@ -10,16 +10,19 @@ import time
 import torch
 
 from .data import shapes, to_input
+from .errors import HippError
 from .data.fashion_mnist import class_prompts, load_fashion_mnist, to_rgb
 
 DATASETS = ("shapes", "fmnist")
+USER_DATASETS = ("csv", "folder")  # given as csv:FILE or folder:DIR
 
 
 @torch.no_grad()
 def embed_images(model, images: torch.Tensor, preprocess_cfg: dict, batch: int = 250) -> torch.Tensor:
-    """uint8 images at model resolution -> L2-normalised embeddings."""
-    out = [model.encode_image(to_input(images[i:i + batch], preprocess_cfg), normalize=True)
-           for i in range(0, len(images), batch)]
+    """uint8 images at model resolution (or already preprocessed floats) -> L2-normalised embeddings."""
+    def prep(x):
+        return to_input(x, preprocess_cfg) if x.dtype == torch.uint8 else x
+    out = [model.encode_image(prep(images[i:i + batch]), normalize=True) for i in range(0, len(images), batch)]
     return torch.cat(out)
 
 
@@ -100,13 +103,45 @@ def latency_ms(fn, x, repeats: int = 10, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2] * 1000.0 / len(x)
 
 
+def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str) -> dict[str, float]:
+    """csv:FILE -> retrieval R@1/R@5 both ways; folder:DIR -> zero-shot accuracy."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from .data.user import read_csv_pairs, read_image_folder
+
+    kind, _, path = spec.partition(":")
+    preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+    if kind == "csv":
+        images, captions = read_csv_pairs(path, preprocess)
+        sim = embed_images(model, images, preprocess_cfg) @ embed_texts(model, tokenizer, captions).T
+        same = torch.tensor([[a == b for b in captions] for a in captions])
+        k5 = min(5, len(captions))
+        return {"csv/i2t_r1": recall_at(sim, same, 1), "csv/t2i_r1": recall_at(sim.T, same, 1),
+                "csv/i2t_r5": recall_at(sim, same, k5), "csv/t2i_r5": recall_at(sim.T, same, k5)}
+    images, labels, classes = read_image_folder(path, preprocess)
+    cls = class_embeddings(model, tokenizer, {c: [f"a photo of a {c.replace('_', ' ')}."] for c in classes})
+    pred = (embed_images(model, images, preprocess_cfg) @ cls.T).argmax(1)
+    return {"folder/acc": float((pred == labels).float().mean())}
+
+
+def check_datasets(datasets) -> None:
+    for d in datasets:
+        kind, sep, path = d.partition(":")
+        if not (d in DATASETS or (kind in USER_DATASETS and sep and path)):
+            raise HippError(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)}, csv:FILE, folder:DIR")
+
+
 def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int = 1000,
              fmnist_limit: int | None = None) -> dict[str, float]:
+    check_datasets(datasets)
     metrics: dict[str, float] = {}
-    if "shapes" in datasets:
-        metrics.update(shape_metrics(model, tokenizer, preprocess_cfg, n=n))
-    if "fmnist" in datasets:
-        metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit))
+    for d in datasets:
+        if d == "shapes":
+            metrics.update(shape_metrics(model, tokenizer, preprocess_cfg, n=n))
+        elif d == "fmnist":
+            metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit))
+        else:
+            metrics.update(user_metrics(model, tokenizer, preprocess_cfg, d))
     return metrics
 
 

@@ -39,10 +39,21 @@ def logistic_noise(shape, generator: torch.Generator | None = None, device=None,
     return torch.log(u) - torch.log1p(-u)
 
 
+class _StraightThrough(torch.autograd.Function):
+    # A Function rather than `hard + soft - soft.detach()`: that sum rounds to 0.99999994 in float32,
+    # and the student must see exact 0/1 gates to match the materialised model.
+    @staticmethod
+    def forward(ctx, soft, threshold):
+        return (soft > threshold).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def straight_through(soft: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Forward: (soft > threshold) as 0/1; backward: the gradient of `soft` unchanged."""
-    hard = (soft > threshold).to(soft.dtype)
-    return hard + soft - soft.detach()
+    """Forward: (soft > threshold) as exact 0/1; backward: the gradient of `soft` unchanged."""
+    return _StraightThrough.apply(soft, threshold)
 
 
 def gumbel_sigmoid(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,

@@ -76,3 +76,68 @@ def image_size(model: nn.Module) -> int:
 
 def context_length(model: nn.Module) -> int:
     return int(text_module(model).positional_embedding.shape[0])
+
+
+# --- prunable swap and gates ---
+
+def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
+    """Swap every block of both towers for a PrunableBlock in place (parameters shared, keys unchanged).
+
+    Calling it again only changes the channel grouping. Returns the prune space, whose layer order
+    (image layers, then text layers) is the order set_gates expects.
+    """
+    from ..modules import PrunableBlock
+
+    if not isinstance(channel_group, int) or channel_group < 1:
+        raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
+    for tower, resblocks in tower_blocks(model).items():
+        for i, block in enumerate(resblocks):
+            if isinstance(block, PrunableBlock):
+                block.mlp.channel_group = channel_group
+                continue
+            try:
+                resblocks[i] = PrunableBlock.from_block(block, channel_group)
+            except (AttributeError, ValueError) as e:
+                raise HippError(f"{tower} block {i} ({type(block).__name__}) cannot be made prunable: {e}") from None
+    return describe(model, channel_group)
+
+
+def prunable_blocks(model: nn.Module) -> list:
+    """The PrunableBlocks in prune-space order: all image layers, then all text layers."""
+    from ..modules import PrunableBlock
+
+    blocks = [b for resblocks in tower_blocks(model).values() for b in resblocks]
+    if not all(isinstance(b, PrunableBlock) for b in blocks):
+        raise HippError("model is not prunable: call make_prunable(model) first")
+    return blocks
+
+
+def set_gates(model: nn.Module, layer_keep=None, head_keep=None, channel_keep=None) -> None:
+    """Attach gates (soft or hard, optionally with a leading batch dimension) to every block.
+
+    Same triple as PruneSpace.costs: layer_keep [..., L]; head_keep / channel_keep lists of
+    [..., num_heads] / [..., num_channel_gates] per layer. None leaves that kind ungated.
+    The tensors are used as given (no copy), so gradients flow back to them.
+    """
+    blocks = prunable_blocks(model)
+    n = len(blocks)
+    if layer_keep is not None and layer_keep.shape[-1:] != (n,):
+        raise HippError(f"layer_keep must end in {n} layers, got shape {tuple(layer_keep.shape)}")
+    for name, gates in (("head_keep", head_keep), ("channel_keep", channel_keep)):
+        if gates is not None and len(gates) != n:
+            raise HippError(f"{name} must hold one tensor per layer ({n}), got {len(gates)}")
+    for i, block in enumerate(blocks):
+        heads = head_keep[i] if head_keep is not None else None
+        chans = channel_keep[i] if channel_keep is not None else None
+        if heads is not None and heads.shape[-1:] != (block.attn.num_heads,):
+            raise HippError(f"head_keep[{i}] must end in {block.attn.num_heads}, got {tuple(heads.shape)}")
+        groups = -(-block.mlp.hidden // block.mlp.channel_group)
+        if chans is not None and chans.shape[-1:] != (groups,):
+            raise HippError(f"channel_keep[{i}] must end in {groups}, got {tuple(chans.shape)}")
+        block.set_gates(layer_keep[..., i] if layer_keep is not None else None, heads, chans)
+
+
+def clear_gates(model: nn.Module) -> None:
+    """Remove all gates: the model computes exactly its dense forward again."""
+    for block in prunable_blocks(model):
+        block.set_gates(None, None, None)

@@ -1,0 +1,254 @@
+"""The controller: a small hypernetwork from a preference to a logit for every prunable unit.
+
+    pref [B, K] -> trunk MLP -> h [B, hidden]
+    unit logit = per-unit bias                          (what every preference shares)
+               + low-rank head: h -> rank -> units      (per tower and kind: layer / head / channel)
+               + budget shift:  h -> one scalar per tower and kind   (an overall sparsity level)
+               + allocation:    h -> one scalar per layer and kind   (how a layer's width is spent)
+
+The budget / allocation terms are the "overall budget x layer allocation" factorisation: a
+preference can move every unit of a kind together with one scalar, which makes the trade-off
+easy to steer, while the low-rank heads choose *which* units go. All preference-dependent
+outputs start at zero and the biases at `init_bias`, so every preference starts at the dense
+model (keep-probability sigmoid(3) ~ 0.95).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import HippError
+from .fileio import load_tensors, read_json, save_tensors, write_json
+from .gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
+from .plan import Plan
+from .preference import DEFAULT_OBJECTIVES, as_dict, sweep
+from .space import TOWERS, PruneSpace
+
+CONFIG_NAME = "controller.json"
+WEIGHTS_NAME = "controller.safetensors"
+FORMAT = "hipp-controller"
+VERSION = 1
+KINDS = ("layer", "head", "channel")
+
+
+def prunable_params(space: PruneSpace) -> float:
+    """Parameters inside the prunable blocks of the dense model (everything but embeddings etc.)."""
+    dense = space.dense_costs()
+    return sum(dense[f"params/{t}"] - space.fixed_params.get(t, 0.0) for t in TOWERS)
+
+
+class Controller(nn.Module):
+    def __init__(self, space: PruneSpace, objective_names=DEFAULT_OBJECTIVES, hidden: int = 256,
+                 rank: int = 32, depth: int = 2, init_bias: float = 3.0, factorised: bool = True):
+        super().__init__()
+        names = list(objective_names)
+        if not names or len(set(names)) != len(names):
+            raise HippError(f"objective names must be non-empty and distinct, got {names}")
+        if hidden < 1 or rank < 1 or depth < 1:
+            raise HippError(f"controller hidden, rank and depth must be >= 1, got {hidden}, {rank}, {depth}")
+        self.space = space
+        self.objective_names = names
+        self.hparams = {"hidden": hidden, "rank": rank, "depth": depth, "init_bias": init_bias,
+                        "factorised": factorised}
+        self.fingerprint = ""
+        self.extra: dict = {}
+
+        layers = [nn.Linear(len(names), hidden), nn.GELU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.GELU()]
+        self.trunk = nn.Sequential(*layers)
+
+        # Groups are (tower, kind); each owns a contiguous slice of units in PruneSpace layer order.
+        towers = [t for t in TOWERS if space.tower_layers(t)]
+        towers += sorted({l.tower for l in space.layers} - set(towers))
+        self.groups: list[tuple[str, str, list[int], list[int]]] = []  # tower, kind, layer indices, sizes
+        for t in towers:
+            idx = [i for i, l in enumerate(space.layers) if l.tower == t]
+            self.groups.append((t, "layer", idx, [1] * len(idx)))
+            self.groups.append((t, "head", idx, [space.layers[i].num_heads for i in idx]))
+            self.groups.append((t, "channel", idx, [space.layers[i].num_channel_gates for i in idx]))
+        self.down = nn.ModuleDict()
+        self.up = nn.ModuleDict()
+        self.bias = nn.ParameterDict()
+        for t, kind, _, sizes in self.groups:
+            key = f"{t}_{kind}"
+            self.down[key] = nn.Linear(hidden, rank, bias=False)
+            self.up[key] = nn.Linear(rank, sum(sizes), bias=False)
+            nn.init.zeros_(self.up[key].weight)
+            self.bias[key] = nn.Parameter(torch.full((sum(sizes),), float(init_bias)))
+        if factorised:
+            n_layers = len(space.layers)
+            self.budget = nn.Linear(hidden, len(self.groups))      # one shift per (tower, kind)
+            self.allocation = nn.Linear(hidden, 2 * n_layers)      # per layer: heads shift, channels shift
+            for lin in (self.budget, self.allocation):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        else:
+            self.budget = self.allocation = None
+
+    # --- the map ---
+    def forward(self, pref: torch.Tensor) -> Gates:
+        """pref [B, K] (or [K]) on the simplex -> logits (layer [B, L], heads [B, h_l], channels [B, c_l])."""
+        single = pref.dim() == 1
+        if single:
+            pref = pref.unsqueeze(0)
+        if pref.dim() != 2 or pref.shape[-1] != len(self.objective_names):
+            raise HippError(f"controller expects preferences of shape [B, {len(self.objective_names)}], "
+                            f"got {tuple(pref.shape)}")
+        pref = pref.to(self.trunk[0].weight)
+        h = self.trunk(pref)
+        batch = pref.shape[0]
+        n_layers = len(self.space.layers)
+        layer_logits = pref.new_zeros(batch, n_layers)
+        heads: list = [None] * n_layers
+        channels: list = [None] * n_layers
+        budget = self.budget(h) if self.budget is not None else None
+        alloc = self.allocation(h).view(batch, 2, n_layers) if self.allocation is not None else None
+        for g, (t, kind, idx, sizes) in enumerate(self.groups):
+            key = f"{t}_{kind}"
+            out = self.bias[key] + self.up[key](self.down[key](h))
+            if budget is not None:
+                out = out + budget[:, g:g + 1]
+            if kind == "layer":
+                layer_logits = layer_logits.index_copy(1, torch.tensor(idx, device=h.device), out)
+                continue
+            for i, piece in zip(idx, out.split(sizes, dim=-1)):
+                if alloc is not None:
+                    piece = piece + alloc[:, 0 if kind == "head" else 1, i:i + 1]
+                (heads if kind == "head" else channels)[i] = piece
+        logits = (layer_logits, heads, channels)
+        return map_gates(lambda x: x.squeeze(0), logits) if single else logits
+
+    def keep_probs(self, pref: torch.Tensor) -> Gates:
+        """Uncoupled keep-probabilities: what PruneSpace.costs expects for expected costs."""
+        return map_gates(keep_prob, self(pref))
+
+    def sample(self, pref: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+               hard: bool = True) -> Gates:
+        """Training gates: Gumbel-sigmoid samples, straight-through 0/1 when `hard`."""
+        return sample_gates(self(pref), temperature, generator, hard)
+
+    def preference(self, pref) -> dict[str, float]:
+        """Validate and normalise any preference form (SPEC string, mapping, sequence, tensor)."""
+        return as_dict(pref, self.objective_names)
+
+    @torch.no_grad()
+    def plan(self, pref, meta: dict | None = None) -> Plan:
+        """The deterministic hard plan for one preference (logit > 0, hierarchy applied)."""
+        p = self.preference(pref)
+        x = torch.tensor([p[n] for n in self.objective_names], dtype=self.trunk[0].weight.dtype,
+                         device=self.trunk[0].weight.device)
+        hard = hard_plan(self(x))
+        return Plan.from_gates(self.space, map_gates(lambda t: t.detach().cpu().double(), hard), p, meta)
+
+    @torch.no_grad()
+    def plan_within(self, max_flops: float | None = None, max_params: float | None = None,
+                    points: int = 101) -> Plan:
+        """The plan closest to dense that meets a cost budget (ratios vs dense, both towers).
+
+        Sweeps the preference from pure utility toward the budgeted cost objective and keeps the
+        feasible plan with the highest cost ratio, i.e. the least pruning the budget allows.
+        """
+        budgets = {"flops": max_flops, "params": max_params}
+        budgets = {k: float(v) for k, v in budgets.items() if v is not None}
+        if not budgets:
+            raise HippError("give max_flops and/or max_params")
+        for k, v in budgets.items():
+            if not 0 < v <= 1:
+                raise HippError(f"max_{k} must be a ratio in (0, 1], got {v:g}")
+            if k not in self.objective_names:
+                raise HippError(f"this controller has no {k!r} objective; it knows {', '.join(self.objective_names)}")
+        target = "flops" if "flops" in budgets else "params"
+        first = "utility" if "utility" in self.objective_names else self.objective_names[0]
+        if first == target:
+            raise HippError(f"cannot sweep toward {target!r}: it is the controller's only objective")
+        # sweep order: ties keep the plan with the most utility weight
+        candidates = [(p, p.costs()) for p in map(self.plan, sweep(self.objective_names, first, target, points))]
+        feasible = [(p, c) for p, c in candidates if all(c[f"{k}_ratio"] <= v for k, v in budgets.items())]
+        best = max(feasible, key=lambda pc: pc[1][f"{target}_ratio"], default=(None, None))[0]
+        if best is None:
+            got = min(candidates, key=lambda pc: pc[1][f"{target}_ratio"])[1]
+            reached = ", ".join(f"{k}_ratio {got[f'{k}_ratio']:.3f}" for k in budgets)
+            raise HippError(f"no preference from {first} to {target} meets the budget "
+                            f"({', '.join(f'max_{k}={v:g}' for k, v in budgets.items())}); the cheapest plan "
+                            f"reaches {reached}")
+        best.meta.update({f"max_{k}": v for k, v in budgets.items()})
+        return best
+
+    # --- size ---
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def size_ratio(self) -> float:
+        """Controller parameters / prunable parameters of the VLM it steers."""
+        return self.num_parameters() / prunable_params(self.space)
+
+    # --- save / load ---
+    def config(self, fingerprint: str | None = None) -> dict:
+        return {"format": FORMAT, "version": VERSION, "objective_names": list(self.objective_names),
+                "hparams": dict(self.hparams),
+                "fingerprint": self.fingerprint if fingerprint is None else str(fingerprint),
+                "extra": dict(self.extra), "space": self.space.to_dict()}
+
+    def save(self, directory, fingerprint: str | None = None, extra: dict | None = None) -> Path:
+        """Write controller.safetensors then controller.json (both atomic; the JSON marks completion)."""
+        directory = Path(directory)
+        if fingerprint is not None:
+            self.fingerprint = str(fingerprint)
+        if extra is not None:
+            self.extra = dict(extra)
+        save_tensors(directory / WEIGHTS_NAME, dict(self.state_dict()))
+        write_json(directory / CONFIG_NAME, self.config())
+        return directory
+
+
+def load_controller(directory, fingerprint: str | None = None, map_location: str = "cpu") -> Controller:
+    """Rebuild a saved controller; with `fingerprint`, refuse one trained for another base model."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HippError(f"controller folder not found: {directory}")
+    if not (directory / CONFIG_NAME).is_file():
+        raise HippError(f"{directory} has no {CONFIG_NAME}; not a controller folder")
+    cfg = read_json(directory / CONFIG_NAME)
+    where = directory / CONFIG_NAME
+    if cfg.get("format") != FORMAT:
+        raise HippError(f"{where} is not a HiPP controller config (format {cfg.get('format')!r})")
+    if cfg.get("version") != VERSION:
+        raise HippError(f"{where} has controller version {cfg.get('version')!r}; this HiPP reads {VERSION}")
+    for key in ("objective_names", "hparams", "space"):
+        if key not in cfg:
+            raise HippError(f"{where} lacks {key!r}")
+    names = cfg["objective_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise HippError(f"{where}: 'objective_names' must be a list of strings")
+    if not isinstance(cfg["hparams"], dict):
+        raise HippError(f"{where}: 'hparams' must be an object")
+    try:
+        space = PruneSpace.from_dict(cfg["space"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise HippError(f"{where} has a malformed 'space' ({e})") from None
+    try:
+        controller = Controller(space, names, **cfg["hparams"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise HippError(f"{where} has unusable 'hparams' ({str(e).splitlines()[0]})") from None
+    saved = cfg.get("fingerprint", "")
+    if fingerprint is not None and saved != fingerprint:
+        raise HippError(f"controller in {directory} was trained for base model {saved!r}, not {fingerprint!r}")
+    state = load_tensors(directory / WEIGHTS_NAME)
+    expected = controller.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise HippError(f"{directory / WEIGHTS_NAME} does not match {CONFIG_NAME}: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors (first: {(missing + unexpected)[0]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise HippError(f"{directory / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
+                            f"config says {tuple(expected[name].shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise HippError(f"{directory / WEIGHTS_NAME}: {name} holds non-finite values")
+    controller.load_state_dict(state, strict=True)
+    controller.fingerprint = str(saved)
+    controller.extra = dict(cfg.get("extra") or {})
+    return controller.to(map_location).eval()

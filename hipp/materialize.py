@@ -1,0 +1,263 @@
+"""From a hard plan to a physically smaller open_clip model, by slicing the frozen weights.
+
+A plan is the triple PruneSpace.costs takes, with hard 0/1 values and no batch dimension:
+layer_keep [L], head_keep [[num_heads]] * L, channel_keep [[num_channel_gates]] * L, in prune-space
+order (image layers, then text layers). The hierarchy applies: a layer kept at 0 is dropped whatever
+its heads and channels say. Kept units are sliced into the same prunable classes the gated model
+uses, so a hard-gated forward and the smaller model compute the same function. A dropped layer
+becomes a weightless identity (DroppedBlock), which keeps state-dict indices equal to original layer
+indices and keeps a tower valid even with every layer gone.
+
+`structure` describes the result (per tower, per layer: kept, heads, channels) in plain JSON, and
+`empty_model` rebuilds a model of that shape from an open_clip model_cfg, so an exported
+model.safetensors loads strictly without pickles. `compensate_bias` is the optional FLAP-style
+variant that folds the mean output of removed units into the output biases.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backends.open_clip import prunable_blocks, set_gates, tower_blocks
+from .errors import HippError
+from .modules import DroppedBlock, PrunableAttention, PrunableBlock, PrunableMLP, _empty_linear, _linear_from
+from .space import TOWERS, PruneSpace
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer keeps, as indices into the original heads and MLP channels."""
+    tower: str
+    index: int
+    kept: bool
+    heads: torch.Tensor     # long, sorted
+    channels: torch.Tensor  # long, sorted
+
+
+# --- reading a hard plan ---
+
+def _hard(values, what: str) -> torch.Tensor:
+    t = torch.as_tensor(values).detach()
+    if t.dim() != 1:
+        raise HippError(f"{what} must be one hard plan (1-D), got shape {tuple(t.shape)}")
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise HippError(f"{what} must hold hard 0/1 values")
+    return t.bool().cpu()
+
+
+def _channel_group(block: nn.Module, hidden: int, n_gates: int) -> int:
+    group = getattr(block.mlp, "channel_group", None)
+    if group is None:  # a plain open_clip block: infer the grouping from the number of gates
+        group = -(-hidden // max(n_gates, 1))
+    if -(-hidden // group) != n_gates:
+        raise HippError(f"{n_gates} channel gates do not fit an MLP of {hidden} channels in groups of {group}")
+    return group
+
+
+def layer_plans(model: nn.Module, layer_keep, head_keep, channel_keep) -> list[LayerPlan]:
+    """The hard plan as kept indices per layer, in prune-space order (validated against the model)."""
+    blocks = [(t, i, b) for t, rb in tower_blocks(model).items() for i, b in enumerate(rb)]
+    layers = _hard(layer_keep, "layer_keep")
+    if len(layers) != len(blocks) or len(head_keep) != len(blocks) or len(channel_keep) != len(blocks):
+        raise HippError(f"the plan must cover {len(blocks)} layers")
+    plans = []
+    for n, (tower, i, block) in enumerate(blocks):
+        if isinstance(block, DroppedBlock):
+            raise HippError("model is already materialised; pass the full model")
+        heads, chans = _hard(head_keep[n], f"head_keep[{n}]"), _hard(channel_keep[n], f"channel_keep[{n}]")
+        if len(heads) != block.attn.num_heads:
+            raise HippError(f"head_keep[{n}] has {len(heads)} values for {block.attn.num_heads} heads")
+        hidden = block.mlp.c_fc.out_features
+        group = _channel_group(block, hidden, len(chans))
+        per_channel = chans.repeat_interleave(group)[:hidden]
+        plans.append(LayerPlan(tower, i, bool(layers[n]),
+                               heads.nonzero().flatten(), per_channel.nonzero().flatten()))
+    return plans
+
+
+# --- slicing ---
+
+def slice_attention(attn: nn.Module, heads: torch.Tensor) -> PrunableAttention:
+    """Keep only the given heads of an attention module (PrunableAttention or nn.MultiheadAttention)."""
+    d, h, hd = attn.embed_dim, attn.num_heads, attn.head_dim
+    heads = heads.to(attn.in_proj_weight.device)
+    w = attn.in_proj_weight.detach().view(h, 3, hd, d)[heads].reshape(-1, d)
+    b = attn.in_proj_bias
+    b = None if b is None else b.detach().view(3, h, hd)[:, heads].reshape(-1)
+    ow = attn.out_proj.weight.detach().view(d, h, hd)[:, heads].reshape(d, -1)
+    ob = attn.out_proj.bias
+    return PrunableAttention.from_weights(w, b, ow, None if ob is None else ob.detach(), hd,
+                                          dropout=attn.dropout, requires_grad=attn.in_proj_weight.requires_grad)
+
+
+def slice_mlp(mlp: nn.Module, channels: torch.Tensor) -> PrunableMLP:
+    """Keep only the given hidden channels of an MLP (PrunableMLP or open_clip's Sequential)."""
+    fc, proj = mlp.c_fc, mlp.c_proj
+    channels = channels.to(fc.weight.device)
+    grad = fc.weight.requires_grad
+    c_fc = _linear_from(fc.weight.detach()[channels], None if fc.bias is None else fc.bias.detach()[channels], grad)
+    c_proj = _linear_from(proj.weight.detach()[:, channels], None if proj.bias is None else proj.bias.detach(), grad)
+    return PrunableMLP(c_fc, copy.deepcopy(mlp.gelu), c_proj)
+
+
+def slice_block(block: nn.Module, heads: torch.Tensor, channels: torch.Tensor) -> PrunableBlock:
+    """A smaller copy of a block: the given heads and channels, copies of its norms and layer scales."""
+    return PrunableBlock(copy.deepcopy(block.ln_1), slice_attention(block.attn, heads), copy.deepcopy(block.ls_1),
+                         copy.deepcopy(block.ln_2), slice_mlp(block.mlp, channels), copy.deepcopy(block.ls_2))
+
+
+def _dropped_like(block: nn.Module) -> DroppedBlock:
+    w = block.mlp.c_fc.weight
+    return DroppedBlock(w.dtype, w.device)
+
+
+def materialize(model: nn.Module, layer_keep, head_keep, channel_keep) -> nn.Module:
+    """A new, physically smaller copy of `model` for a hard plan; `model` itself is left untouched."""
+    plans = iter(layer_plans(model, layer_keep, head_keep, channel_keep))
+    replaced = {}
+    for resblocks in tower_blocks(model).values():
+        new = nn.ModuleList()
+        for block in resblocks:
+            p = next(plans)
+            new.append(slice_block(block, p.heads, p.channels) if p.kept else _dropped_like(block))
+        replaced[id(resblocks)] = new
+    # deepcopy everything but the blocks: the memo hands back the sliced lists instead of copying
+    # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
+    return copy.deepcopy(model, memo=replaced)
+
+
+# --- structure: the shape of a smaller model, as JSON ---
+
+def structure(space: PruneSpace, layer_keep, head_keep, channel_keep) -> dict:
+    """Per tower, per original layer: {"kept", "heads", "channels"} of the model a hard plan gives."""
+    layers = _hard(layer_keep, "layer_keep")
+    out = {t: [] for t in TOWERS}
+    for n, spec in enumerate(space.layers):
+        heads, chans = _hard(head_keep[n], f"head_keep[{n}]"), _hard(channel_keep[n], f"channel_keep[{n}]")
+        kept = bool(layers[n])
+        n_chans = int((chans.double() * spec.channel_sizes()).sum())
+        out[spec.tower].append({"kept": kept, "heads": int(heads.sum()) if kept else 0,
+                                "channels": n_chans if kept else 0})
+    return out
+
+
+def model_structure(model: nn.Module) -> dict:
+    """The structure of a (materialised or full) model, read from its modules."""
+    out = {}
+    for tower, resblocks in tower_blocks(model).items():
+        out[tower] = [{"kept": False, "heads": 0, "channels": 0} if isinstance(b, DroppedBlock) else
+                      {"kept": True, "heads": b.attn.num_heads, "channels": b.mlp.c_fc.out_features}
+                      for b in resblocks]
+    return out
+
+
+def _empty_block(like: nn.Module, heads: int, channels: int) -> PrunableBlock:
+    """A block of the given size with zeroed new weights (they are about to be loaded), norms from `like`."""
+    a = like.attn
+    ref = a.in_proj_weight
+    attn = PrunableAttention(a.embed_dim, heads, a.head_dim, bias=a.in_proj_bias is not None, dropout=a.dropout,
+                             device=ref.device, dtype=ref.dtype)
+    d = a.embed_dim
+    mlp = PrunableMLP(_empty_linear(d, channels, like.mlp.c_fc.bias is not None, ref.device, ref.dtype),
+                      like.mlp.gelu,
+                      _empty_linear(channels, d, like.mlp.c_proj.bias is not None, ref.device, ref.dtype))
+    with torch.no_grad():
+        for p in (*attn.parameters(), *mlp.c_fc.parameters(), *mlp.c_proj.parameters()):
+            p.zero_()
+    return PrunableBlock(like.ln_1, attn, like.ls_1, like.ln_2, mlp, like.ls_2)
+
+
+def empty_model(model_cfg: dict, struct: dict) -> nn.Module:
+    """An open_clip model built from `model_cfg` and resized to `struct`, ready for a strict load.
+
+    model_cfg is open_clip's config dict (as open_clip.get_model_config returns, `custom_text`
+    selecting CustomTextCLIP). Weights are placeholders; load the exported state dict into it.
+    """
+    import open_clip
+
+    cfg = copy.deepcopy(dict(model_cfg))
+    if "multimodal_cfg" in cfg:
+        raise HippError("CoCa models are not supported")
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    try:
+        base = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise HippError(f"cannot build an open_clip model from this config: {e}") from None
+    for tower, resblocks in tower_blocks(base).items():
+        layers = struct.get(tower) if isinstance(struct, dict) else None
+        if not isinstance(layers, list) or len(layers) != len(resblocks):
+            raise HippError(f"structure must list {len(resblocks)} {tower} layers")
+        for i, (block, entry) in enumerate(zip(resblocks, layers)):
+            try:
+                kept, heads, chans = bool(entry["kept"]), int(entry["heads"]), int(entry["channels"])
+            except (KeyError, TypeError, ValueError):
+                raise HippError(f"structure {tower} layer {i} needs kept / heads / channels") from None
+            if not (0 <= heads <= block.attn.num_heads and 0 <= chans <= block.mlp.c_fc.out_features):
+                raise HippError(f"structure {tower} layer {i} is larger than the base model")
+            resblocks[i] = _empty_block(block, heads, chans) if kept else _dropped_like(block)
+    return base
+
+
+# --- FLAP-style bias compensation ---
+
+def compensate_bias(model: nn.Module, layer_keep, head_keep, channel_keep,
+                    images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
+                    batch_size: int = 32) -> nn.Module:
+    """materialize(), then fold the mean contribution of removed heads / channels into the output biases.
+
+    `model` must be prunable (make_prunable). The means are measured on the calibration inputs while
+    the model runs as the pruned network would (hard gates on), so each layer sees the inputs it
+    will see after pruning. Removed MLP channel j adds mean(h_j) * c_proj.weight[:, j] to c_proj.bias;
+    removed head k adds out_proj.weight[:, head k] @ mean(head k output) to out_proj.bias.
+    A tower without calibration inputs is left uncompensated; dropped layers are not compensated.
+    """
+    blocks = prunable_blocks(model)
+    plans = layer_plans(model, layer_keep, head_keep, channel_keep)
+    saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]
+    was_training = model.training
+    ref = blocks[0].attn.in_proj_weight
+    f = lambda t: torch.as_tensor(t).to(device=ref.device, dtype=ref.dtype)  # noqa: E731
+    try:
+        for b, p in zip(blocks, plans):
+            b.attn.stats, b.mlp.stats = ({}, {}) if p.kept else (None, None)
+        set_gates(model, f(layer_keep), [f(h) for h in head_keep], [f(c) for c in channel_keep])
+        model.eval()
+        with torch.no_grad():
+            for x in (images.split(batch_size) if images is not None else ()):
+                model.encode_image(x.to(ref.device))
+            for x in (texts.split(batch_size) if texts is not None else ()):
+                model.encode_text(x.to(ref.device))
+        stats = [(b.attn.stats, b.mlp.stats) for b in blocks]
+    finally:
+        for b, (z, h, c) in zip(blocks, saved):
+            b.set_gates(z, h, c)
+            b.attn.stats = b.mlp.stats = None
+        model.train(was_training)
+
+    smaller = materialize(model, layer_keep, head_keep, channel_keep)
+    new_blocks = [b for rb in tower_blocks(smaller).values() for b in rb]
+    with torch.no_grad():
+        for old, new, p, (a_stats, m_stats) in zip(blocks, new_blocks, plans, stats):
+            if not p.kept:
+                continue
+            if a_stats and new.attn.out_proj.bias is not None:
+                removed = _complement(p.heads, old.attn.num_heads)
+                mean = (a_stats["sum"] / a_stats["count"])[removed]  # [r, hd]
+                w = old.attn.out_proj.weight.detach().float().view(old.attn.embed_dim, old.attn.num_heads, -1)
+                delta = torch.einsum("drk,rk->d", w[:, removed.to(w.device)], mean.to(w.device))
+                new.attn.out_proj.bias.add_(delta.to(new.attn.out_proj.bias.dtype))
+            if m_stats and new.mlp.c_proj.bias is not None:
+                removed = _complement(p.channels, old.mlp.hidden)
+                mean = (m_stats["sum"] / m_stats["count"])[removed]
+                w = old.mlp.c_proj.weight.detach().float()[:, removed.to(ref.device)]
+                new.mlp.c_proj.bias.add_((w @ mean.to(w.device)).to(new.mlp.c_proj.bias.dtype))
+    return smaller
+
+
+def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[kept.cpu()] = False
+    return mask.nonzero().flatten()

@@ -1,0 +1,236 @@
+"""Prunable transformer parts for open_clip blocks: one set of classes for the gated and the smaller model.
+
+The parameter names are open_clip's (`attn.in_proj_weight`, `attn.out_proj.*`, `mlp.c_fc.*`,
+`mlp.c_proj.*`, `ln_1`, `ln_2`, `ls_1`, `ls_2`), so pretrained state dicts load unchanged and a
+materialised model's state dict has the same keys, only smaller shapes.
+
+Gates are plain tensor attributes, never parameters or buffers: the state dict stays the weights
+alone and autograd flows from the output back to whatever produced the gates. Every gate may carry a
+leading batch dimension (one gate vector per sample) or none (shared by the whole batch).
+
+- head gate  [..., H]:   scales each head's attention output before out_proj (Q and K untouched,
+                          so a hard 0 is exactly the head removed);
+- channel gate [..., G]: scales the MLP hidden activation after the non-linearity, one value per
+                          group of `channel_group` consecutive channels;
+- layer gate [...]:      scales both residual branches, so 0 makes the block the identity.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _empty_linear(in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> nn.Linear:
+    """An nn.Linear with uninitialised storage: its weights are about to be copied or loaded."""
+    with warnings.catch_warnings():  # zero-sized layers warn that init is a no-op
+        warnings.simplefilter("ignore")
+        lin = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+    return lin.to_empty(device=device if device is not None else torch.get_default_device())
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool | None = None) -> nn.Linear:
+    """An nn.Linear holding copies of the given (already sliced) tensors."""
+    lin = _empty_linear(weight.shape[1], weight.shape[0], bias is not None, weight.device, weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    if requires_grad is not None:
+        lin.requires_grad_(requires_grad)
+    return lin
+
+
+def _additive_mask(attn_mask: torch.Tensor | None, batch: int, tokens: int, dtype) -> torch.Tensor | None:
+    """open_clip's mask as SDPA wants it: additive float, and one mask for all heads.
+
+    A bool mask follows nn.MultiheadAttention (True = blocked), the opposite of SDPA's bool meaning,
+    so it becomes -inf. A 3-D mask is [B * heads_of_the_original_model, T, T] with the same mask
+    repeated per head; keeping one copy per sample makes it valid for any (pruned) head count.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
+            attn_mask, float("-inf"))
+    else:
+        attn_mask = attn_mask.to(dtype)
+    if attn_mask.dim() == 3 and attn_mask.shape[0] > 1:
+        attn_mask = attn_mask.reshape(batch, -1, tokens, tokens)[:, :1]
+    return attn_mask
+
+
+class PrunableAttention(nn.Module):
+    """Multi-head self-attention with any number of heads (0 included) and an optional head gate.
+
+    Stands in for the batch-first nn.MultiheadAttention of open_clip's ResidualAttentionBlock.
+    head_dim is stored, not derived from the width, because a pruned layer keeps the original
+    head size (and so the original 1/sqrt(head_dim) scale) with fewer heads.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout = dropout
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, device=device, dtype=dtype))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * inner, device=device, dtype=dtype))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = _empty_linear(inner, embed_dim, bias, device, dtype)
+        self.head_gate: torch.Tensor | None = None
+        self.stats: dict | None = None  # when a dict, forward accumulates per-head mean outputs
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> "PrunableAttention":
+        """Wrap an existing nn.MultiheadAttention, sharing (not copying) its parameters."""
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("only plain self-attention (packed in_proj, no bias_k/v, no zero_attn) is supported")
+        self = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
+                   dropout=mha.dropout, device="meta")  # meta: placeholders, replaced just below
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+        return self
+
+    @classmethod
+    def from_weights(cls, in_proj_weight, in_proj_bias, out_weight, out_bias, head_dim: int,
+                     dropout: float = 0.0, requires_grad: bool | None = None) -> "PrunableAttention":
+        """A new module holding copies of the given (already sliced) tensors."""
+        embed_dim = in_proj_weight.shape[1]
+        heads = in_proj_weight.shape[0] // (3 * head_dim)
+        self = cls(embed_dim, heads, head_dim, bias=in_proj_bias is not None, dropout=dropout,
+                   device=in_proj_weight.device, dtype=in_proj_weight.dtype)
+        with torch.no_grad():
+            self.in_proj_weight.copy_(in_proj_weight)
+            if in_proj_bias is not None:
+                self.in_proj_bias.copy_(in_proj_bias)
+        self.out_proj = _linear_from(out_weight, out_bias)
+        if requires_grad is not None:
+            self.requires_grad_(requires_grad)
+        return self
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        if heads == 0:  # no head left: the branch is out_proj's bias alone
+            bias = self.out_proj.bias
+            return _bias_only(x, bias)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(batch, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+        mask = _additive_mask(attn_mask, batch, tokens, x.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        if self.stats is not None:
+            _accumulate(self.stats, out.detach().float().sum(dim=(0, 2)), batch * tokens)  # [H, hd]
+        gate = self.head_gate
+        if gate is not None:
+            out = out * gate.to(out.dtype).reshape(gate.shape + (1, 1))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * hd))
+
+
+class PrunableMLP(nn.Module):
+    """fc -> activation -> (channel gate) -> proj, with any hidden width (0 included).
+
+    Submodule names match open_clip's nn.Sequential (c_fc, gelu, c_proj) so the keys are unchanged.
+    """
+
+    def __init__(self, c_fc: nn.Linear, gelu: nn.Module, c_proj: nn.Linear, channel_group: int = 1):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = c_fc, gelu, c_proj
+        self.channel_group = channel_group
+        self.channel_gate: torch.Tensor | None = None
+        self.stats: dict | None = None  # when a dict, forward accumulates per-channel mean activations
+
+    @property
+    def hidden(self) -> int:
+        return self.c_fc.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden == 0:  # no channel left: the branch is c_proj's bias alone
+            bias = self.c_proj.bias
+            return _bias_only(x, bias)
+        h = self.gelu(self.c_fc(x))
+        if self.stats is not None:
+            _accumulate(self.stats, h.detach().float().reshape(-1, self.hidden).sum(0), h.numel() // self.hidden)
+        gate = self.channel_gate
+        if gate is not None:
+            gate = gate.to(h.dtype)
+            if self.channel_group != 1:  # one value per group -> one per channel (last group may be short)
+                gate = gate.repeat_interleave(self.channel_group, dim=-1)[..., : self.hidden]
+            h = h * gate.reshape(gate.shape[:-1] + (1, self.hidden))
+        return self.c_proj(h)
+
+
+def _bias_only(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """An empty branch's output: its bias at every position, as a fresh tensor (an expanded view of a
+    parameter under no_grad would claim requires_grad without a grad_fn, which breaks module hooks)."""
+    out = x.new_zeros(x.shape)
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def _accumulate(stats: dict, total: torch.Tensor, count: int) -> None:
+    stats["sum"] = stats["sum"] + total if "sum" in stats else total
+    stats["count"] = stats.get("count", 0) + count
+
+
+class PrunableBlock(nn.Module):
+    """Pre-norm residual block (open_clip's ResidualAttentionBlock) with head, channel and layer gates."""
+
+    def __init__(self, ln_1: nn.Module, attn: PrunableAttention, ls_1: nn.Module,
+                 ln_2: nn.Module, mlp: PrunableMLP, ls_2: nn.Module):
+        super().__init__()
+        # registration order = open_clip's, so even the order of state_dict keys is unchanged
+        self.ln_1, self.attn, self.ls_1 = ln_1, attn, ls_1
+        self.ln_2, self.mlp, self.ls_2 = ln_2, mlp, ls_2
+        self.layer_gate: torch.Tensor | None = None
+
+    @classmethod
+    def from_block(cls, block: nn.Module, channel_group: int = 1) -> "PrunableBlock":
+        """Wrap an open_clip ResidualAttentionBlock, sharing its parameters."""
+        if hasattr(block, "ln_1_kv"):
+            raise ValueError("cross-attention blocks are not supported")
+        if not getattr(block.attn, "batch_first", False):
+            raise ValueError("only batch_first attention is supported")
+        mlp = PrunableMLP(block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj, channel_group)
+        return cls(block.ln_1, PrunableAttention.from_mha(block.attn), block.ls_1, block.ln_2, mlp, block.ls_2)
+
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
+        return self.mlp.c_fc.weight.dtype
+
+    def set_gates(self, layer=None, heads=None, channels=None) -> None:
+        self.layer_gate, self.attn.head_gate, self.mlp.channel_gate = layer, heads, channels
+
+    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
+        if k_x is not None or v_x is not None:
+            raise ValueError("PrunableBlock is self-attention only")
+        x = q_x
+        z = self.layer_gate
+        if z is not None:
+            z = z.to(x.dtype).reshape(z.shape + (1, 1))  # [] -> [1, 1], [B] -> [B, 1, 1]
+        branch = self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask))
+        x = x + (branch if z is None else branch * z)
+        branch = self.ls_2(self.mlp(self.ln_2(x)))
+        return x + (branch if z is None else branch * z)
+
+
+class DroppedBlock(nn.Module):
+    """A removed layer: the identity, with no weights.
+
+    It holds an empty non-persistent buffer only so that open_clip's get_cast_dtype (which asks
+    resblocks[0]) still reports the model's dtype when the first layer, or every layer, is gone.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    def get_weight_dtype(self) -> torch.dtype:
+        return self._dtype_probe.dtype
+
+    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
+        return q_x

@@ -1,0 +1,221 @@
+"""Objectives and their scalarisation. Functions take plain tensors, never models.
+
+Every loss is 0 at the teacher (utility, grounding) or 1 at the dense model (costs), and O(1)
+when things go badly, so preference weights compare like with like:
+
+- utility   = (KL_i2t + KL_t2i) / (2 log B)  +  mean(1 - cos) over image and text embeddings.
+              KL(teacher || student) of the softmax over each similarity row / column at the
+              model's logit scale; dividing by log B (the entropy of a uniform row) keeps it
+              independent of batch size. 1 - cos lies in [0, 2].
+- grounding = the share of the teacher's true-vs-hard-negative margins the student loses:
+              hinge:   sum relu(m_t - m_s) / sum |m_t|      (exceeding the teacher costs nothing)
+              squared: mean (m_s - m_t)^2 / mean m_t^2      (any deviation costs)
+              with m = cos(image, true caption) - cos(image, negative caption).
+- flops / params = expected cost of the gates (from keep-probabilities) over both towers,
+              divided by the dense model's: 1.0 with all gates open, never below the share of
+              fixed (non-prunable) costs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from .errors import HippError
+from .gates import Gates
+from .preference import DEFAULT_OBJECTIVES
+from .space import TOWERS, PruneSpace
+
+KNOWN = ("utility", "grounding", "flops", "params")
+SCALARIZATIONS = ("linear", "chebyshev")
+GROUNDING_MODES = ("hinge", "squared")
+
+
+@dataclass
+class Embeddings:
+    """One tower pass over a batch: image [B, D], text [B, D] (the true captions, row i matches
+    image i) and optionally negatives [B, D] or [B, N, D] (hard-negative captions of image i)."""
+    image: torch.Tensor
+    text: torch.Tensor
+    negatives: torch.Tensor | None = None
+
+
+# --- utility -------------------------------------------------------------------------------
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student))."""
+    t = F.log_softmax(teacher_logits, dim=-1)
+    s = F.log_softmax(student_logits, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def utility_terms(student: Embeddings, teacher: Embeddings, logit_scale) -> dict[str, torch.Tensor]:
+    """The parts of the utility loss, for logging: kl_i2t, kl_t2i (both / log B) and cosine."""
+    si, st = F.normalize(student.image, dim=-1), F.normalize(student.text, dim=-1)
+    ti, tt = F.normalize(teacher.image.detach(), dim=-1), F.normalize(teacher.text.detach(), dim=-1)
+    scale = torch.as_tensor(logit_scale, dtype=si.dtype, device=si.device).detach()
+    s_logits, t_logits = scale * si @ st.T, scale * ti @ tt.T
+    norm = math.log(max(si.shape[0], 2))
+    cosine = 0.5 * ((1 - (si * ti).sum(-1)).mean() + (1 - (st * tt).sum(-1)).mean())
+    return {"kl_i2t": _kl_rows(t_logits, s_logits) / norm,
+            "kl_t2i": _kl_rows(t_logits.T, s_logits.T) / norm,
+            "cosine": cosine}
+
+
+def utility_loss(student: Embeddings, teacher: Embeddings, logit_scale, cosine_weight: float = 1.0) -> torch.Tensor:
+    """Distil the teacher's similarity distribution both ways and keep embeddings aligned."""
+    t = utility_terms(student, teacher, logit_scale)
+    return 0.5 * (t["kl_i2t"] + t["kl_t2i"]) + cosine_weight * t["cosine"]
+
+
+# --- grounding ------------------------------------------------------------------------------
+
+def margins(e: Embeddings) -> torch.Tensor:
+    """cos(image, true caption) - cos(image, each negative): [B] or [B, N]."""
+    if e.negatives is None:
+        raise HippError("the grounding objective needs hard-negative captions; this data provides none")
+    img, txt, neg = (F.normalize(x, dim=-1) for x in (e.image, e.text, e.negatives))
+    pos = (img * txt).sum(-1)
+    if neg.dim() == 3:
+        return pos.unsqueeze(-1) - torch.einsum("bd,bnd->bn", img, neg)
+    return pos - (img * neg).sum(-1)
+
+
+def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge", eps: float = 1e-6) -> torch.Tensor:
+    """Keep the teacher's true-vs-hard-negative margins (see module doc for both modes)."""
+    ms = margins(student)
+    mt = margins(Embeddings(teacher.image.detach(), teacher.text.detach(),
+                            None if teacher.negatives is None else teacher.negatives.detach()))
+    if mode == "hinge":
+        return torch.relu(mt - ms).sum() / (mt.abs().sum() + eps)
+    if mode == "squared":
+        return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
+    raise HippError(f"unknown grounding mode {mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
+
+
+# --- costs ----------------------------------------------------------------------------------
+
+def expected_cost_ratios(space: PruneSpace, probs: Gates) -> dict[str, torch.Tensor]:
+    """Expected FLOPs / params over both towers as a fraction of dense, from *uncoupled*
+    keep-probabilities (PruneSpace.costs applies the hierarchy). Also per tower ("flops/image")."""
+    got = space.costs(*probs)
+    dense = space.dense_costs()
+    out = {}
+    for kind in ("flops", "params"):
+        total = sum(got[f"{kind}/{t}"] for t in TOWERS)
+        out[kind] = total / sum(dense[f"{kind}/{t}"] for t in TOWERS)
+        for t in TOWERS:
+            if dense[f"{kind}/{t}"]:
+                out[f"{kind}/{t}"] = got[f"{kind}/{t}"] / dense[f"{kind}/{t}"]
+    return out
+
+
+# --- scalarisation --------------------------------------------------------------------------
+
+def linear_scalarize(losses: torch.Tensor, pref: torch.Tensor) -> torch.Tensor:
+    """sum_k p_k L_k over the last dim. Reaches only the convex part of a Pareto front."""
+    return (pref * losses).sum(-1)
+
+
+def chebyshev_scalarize(losses: torch.Tensor, pref: torch.Tensor, ideal=0.0, scale=1.0,
+                        smooth: float = 0.0, rho: float = 0.0) -> torch.Tensor:
+    """max_k p_k (L_k - z_k) / s_k (+ rho * their sum). Reaches non-convex front parts too.
+
+    Only the worst weighted objective gets gradient; `smooth` > 0 replaces the max by
+    smooth * logsumexp(x / smooth) (an upper bound within smooth * log K) so gradient reaches all
+    terms, and `rho` > 0 adds the augmented term that rules out weakly optimal points.
+    """
+    x = pref * (losses - ideal) / scale
+    top = smooth * torch.logsumexp(x / smooth, dim=-1) if smooth > 0 else x.max(-1).values
+    return top + rho * x.sum(-1) if rho else top
+
+
+@dataclass
+class ObjectiveConfig:
+    names: tuple = DEFAULT_OBJECTIVES
+    scalarization: str = "linear"
+    grounding_mode: str = "hinge"
+    cosine_weight: float = 1.0
+    ideal: dict = field(default_factory=dict)   # Chebyshev reference point z_k (default 0)
+    scale: dict = field(default_factory=dict)   # Chebyshev normaliser s_k (default 1)
+    smooth: float = 0.0
+    rho: float = 0.0
+
+    def __post_init__(self):
+        self.names = tuple(self.names)
+        unknown = [n for n in self.names if n not in KNOWN]
+        if unknown or not self.names or len(set(self.names)) != len(self.names):
+            raise HippError(f"objective names must be distinct and among {', '.join(KNOWN)}; got {list(self.names)}")
+        if self.scalarization not in SCALARIZATIONS:
+            raise HippError(f"unknown scalarization {self.scalarization!r}; expected one of {', '.join(SCALARIZATIONS)}")
+        if self.grounding_mode not in GROUNDING_MODES:
+            raise HippError(f"unknown grounding mode {self.grounding_mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
+        for what in ("ideal", "scale"):
+            extra = [k for k in getattr(self, what) if k not in self.names]
+            if extra:
+                raise HippError(f"objectives.{what} names {extra[0]!r}, which is not an objective in use")
+        try:
+            bad = any(not float(v) > 0 for v in self.scale.values()) or \
+                any(not math.isfinite(float(v)) for v in self.ideal.values())
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            raise HippError("objectives.scale values must be numbers > 0 and objectives.ideal values finite numbers")
+        if self.smooth < 0 or self.rho < 0:
+            raise HippError("objectives.smooth and objectives.rho must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ObjectiveConfig":
+        d = dict(d or {})
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise HippError(f"unknown objectives setting {unknown[0]!r}; expected some of {', '.join(sorted(allowed))}")
+        return cls(**d)
+
+
+class Objectives:
+    """Computes the configured losses and scalarises them under a preference (same name order)."""
+
+    def __init__(self, config: ObjectiveConfig, space: PruneSpace):
+        self.config, self.space = config, space
+
+    @property
+    def names(self) -> tuple:
+        return self.config.names
+
+    def losses(self, probs: Gates, student: Embeddings | None = None, teacher: Embeddings | None = None,
+               logit_scale=None) -> dict[str, torch.Tensor]:
+        c, out = self.config, {}
+        if "utility" in c.names or "grounding" in c.names:
+            if student is None or teacher is None:
+                raise HippError("utility and grounding objectives need student and teacher embeddings")
+        if "utility" in c.names:
+            if logit_scale is None:
+                raise HippError("the utility objective needs the model's logit scale")
+            out["utility"] = utility_loss(student, teacher, logit_scale, c.cosine_weight)
+        if "grounding" in c.names:
+            out["grounding"] = grounding_loss(student, teacher, c.grounding_mode)
+        if "flops" in c.names or "params" in c.names:
+            ratios = expected_cost_ratios(self.space, probs)
+            out.update({k: ratios[k] for k in ("flops", "params") if k in c.names})
+        return out
+
+    def stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[..., K] in name order (costs may carry a preference batch; scalars broadcast)."""
+        parts = [torch.as_tensor(losses[n]) for n in self.names]
+        dtype = parts[0].dtype
+        for p in parts[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        return torch.stack(torch.broadcast_tensors(*(p.to(dtype) for p in parts)), dim=-1)
+
+    def scalarize(self, losses: dict[str, torch.Tensor], pref: torch.Tensor) -> torch.Tensor:
+        x = self.stack(losses)
+        pref = pref.to(x)
+        if self.config.scalarization == "linear":
+            return linear_scalarize(x, pref)
+        ideal = torch.tensor([float(self.config.ideal.get(n, 0.0)) for n in self.names]).to(x)
+        scale = torch.tensor([float(self.config.scale.get(n, 1.0)) for n in self.names]).to(x)
+        return chebyshev_scalarize(x, pref, ideal, scale, self.config.smooth, self.config.rho)

@@ -1,0 +1,173 @@
+"""A hard pruning plan: which layers, heads and MLP channel groups survive, and what that costs.
+
+Masks are 0/1 float tensors in PruneSpace layer order with the hierarchy applied (a dropped
+layer keeps no heads or channels). On disk a plan lists kept *indices* per layer, the readable
+form a materialiser or a person needs; costs are always recomputed from the space, never trusted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import HippError
+from .fileio import read_json, write_json
+from .gates import Gates, couple
+from .space import TOWERS, PruneSpace
+
+FORMAT = "hipp-plan"
+VERSION = 1
+
+
+def _hard(x, n: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+    if t.shape != (n,):
+        raise HippError(f"plan {what} has shape {tuple(t.shape)}, expected ({n},)")
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise HippError(f"plan {what} must be hard 0/1 gates")
+    return t
+
+
+@dataclass
+class Plan:
+    space: PruneSpace
+    layer_keep: torch.Tensor            # [L]
+    head_keep: list[torch.Tensor]       # per layer [num_heads]
+    channel_keep: list[torch.Tensor]    # per layer [num_channel_gates]
+    preference: dict[str, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # free-form provenance, e.g. {"max_flops": 0.5}
+
+    def __post_init__(self):
+        layers = self.space.layers
+        if len(self.head_keep) != len(layers) or len(self.channel_keep) != len(layers):
+            raise HippError(f"plan has {len(self.head_keep)} head / {len(self.channel_keep)} channel masks "
+                            f"for {len(layers)} layers")
+        gates = (_hard(self.layer_keep, len(layers), "layer_keep"),
+                 [_hard(h, l.num_heads, f"head_keep[{i}]") for i, (h, l) in enumerate(zip(self.head_keep, layers))],
+                 [_hard(c, l.num_channel_gates, f"channel_keep[{i}]")
+                  for i, (c, l) in enumerate(zip(self.channel_keep, layers))])
+        self.layer_keep, self.head_keep, self.channel_keep = couple(gates)
+        self.preference = {k: float(v) for k, v in self.preference.items()}
+
+    @classmethod
+    def from_gates(cls, space: PruneSpace, gates: Gates, preference=None, meta=None) -> "Plan":
+        """From one unbatched hard gate triple (hierarchy is applied here if it was not)."""
+        layer, heads, channels = gates
+        return cls(space, layer, list(heads), list(channels), dict(preference or {}), dict(meta or {}))
+
+    @classmethod
+    def dense(cls, space: PruneSpace, preference=None) -> "Plan":
+        return cls.from_gates(space, space.all_kept(), preference)
+
+    @property
+    def gates(self) -> Gates:
+        """The (layer, heads, channels) triple a gated model takes."""
+        return self.layer_keep, self.head_keep, self.channel_keep
+
+    # --- indices, for materialising ---
+    def kept_heads(self, i: int) -> list[int]:
+        return torch.nonzero(self.head_keep[i]).flatten().tolist()
+
+    def kept_channel_gates(self, i: int) -> list[int]:
+        return torch.nonzero(self.channel_keep[i]).flatten().tolist()
+
+    def kept_channels(self, i: int) -> list[int]:
+        """MLP hidden indices kept in layer i (channel groups expanded)."""
+        spec = self.space.layers[i]
+        g = spec.channel_group
+        return [c for j in self.kept_channel_gates(i) for c in range(j * g, min((j + 1) * g, spec.mlp_hidden))]
+
+    # --- costs ---
+    def costs(self) -> dict[str, float]:
+        """Absolute FLOPs / params per tower and in total, with ratios vs the dense model."""
+        got = {k: float(v) for k, v in self.space.costs(*self.gates).items()}
+        dense = self.space.dense_costs()
+        out = dict(got)
+        for kind in ("flops", "params"):
+            total, dense_total = sum(got[f"{kind}/{t}"] for t in TOWERS), sum(dense[f"{kind}/{t}"] for t in TOWERS)
+            out[kind] = total
+            out[f"{kind}_ratio"] = total / dense_total
+            for t in TOWERS:
+                out[f"{kind}_ratio/{t}"] = got[f"{kind}/{t}"] / dense[f"{kind}/{t}"] if dense[f"{kind}/{t}"] else 1.0
+        return out
+
+    def summary(self) -> dict:
+        """What `hipp query --json` prints: totals, and per tower the kept structure and its ratios."""
+        c = self.costs()
+        out = {"preference": dict(self.preference),
+               "flops_ratio": c["flops_ratio"], "params_ratio": c["params_ratio"],
+               "flops": c["flops"], "params": c["params"]}
+        for t in TOWERS:
+            idx = [i for i, l in enumerate(self.space.layers) if l.tower == t]
+            out[t] = {
+                "layers_kept": [bool(self.layer_keep[i]) for i in idx],
+                "heads_kept": [int(self.head_keep[i].sum()) for i in idx],
+                "channels_kept": [len(self.kept_channels(i)) for i in idx],
+                "flops_ratio": c[f"flops_ratio/{t}"], "params_ratio": c[f"params_ratio/{t}"],
+                "flops": c[f"flops/{t}"], "params": c[f"params/{t}"],
+            }
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
+
+    # --- JSON ---
+    def to_dict(self) -> dict:
+        layers = [{"tower": l.tower, "index": l.index, "kept": bool(self.layer_keep[i]),
+                   "heads": self.kept_heads(i), "channel_gates": self.kept_channel_gates(i)}
+                  for i, l in enumerate(self.space.layers)]
+        c = self.costs()
+        return {"format": FORMAT, "version": VERSION, "preference": dict(self.preference), "meta": dict(self.meta),
+                "flops_ratio": c["flops_ratio"], "params_ratio": c["params_ratio"],  # informative only
+                "layers": layers, "space": self.space.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
+        if d.get("format") != FORMAT:
+            raise HippError(f"{where} is not a HiPP plan (format {d.get('format')!r})")
+        if d.get("version") != VERSION:
+            raise HippError(f"{where} has plan version {d.get('version')!r}; this HiPP reads version {VERSION}")
+        try:
+            space = PruneSpace.from_dict(d["space"])
+            entries = list(d["layers"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise HippError(f"{where} has a malformed space or layer list ({e})") from None
+        if len(entries) != len(space.layers):
+            raise HippError(f"{where} lists {len(entries)} layers; its space has {len(space.layers)}")
+
+        def mask(indices, n: int, what: str) -> torch.Tensor:
+            m = torch.zeros(n, dtype=torch.float64)
+            try:
+                idx = [int(j) for j in indices]
+            except (TypeError, ValueError):
+                raise HippError(f"{where}: {what} must be a list of integer indices") from None
+            bad = [j for j in idx if not 0 <= j < n]
+            if bad:
+                raise HippError(f"{where}: {what} index {bad[0]} is out of range [0, {n})")
+            m[idx] = 1.0
+            return m
+
+        layer_keep, heads, channels = [], [], []
+        for i, (e, spec) in enumerate(zip(entries, space.layers)):
+            if not isinstance(e, dict) or not {"kept", "heads", "channel_gates"} <= set(e):
+                raise HippError(f"{where}: layer entry {i} needs 'kept', 'heads' and 'channel_gates'")
+            layer_keep.append(1.0 if e["kept"] else 0.0)
+            heads.append(mask(e["heads"], spec.num_heads, f"layer {i} heads"))
+            channels.append(mask(e["channel_gates"], spec.num_channel_gates, f"layer {i} channel_gates"))
+        return cls(space, torch.tensor(layer_keep, dtype=torch.float64), heads, channels,
+                   dict(d.get("preference") or {}), dict(d.get("meta") or {}))
+
+    def save(self, path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        return cls.from_dict(read_json(path), where=str(Path(path)))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return (self.space == other.space and self.preference == other.preference
+                and torch.equal(self.layer_keep, other.layer_keep)
+                and all(torch.equal(a, b) for a, b in zip(self.head_keep, other.head_keep))
+                and all(torch.equal(a, b) for a, b in zip(self.channel_keep, other.channel_keep)))

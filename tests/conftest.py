@@ -1,0 +1,28 @@
+"""Shared test fixtures: a tiny open_clip model saved in the project's folder format."""
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from hipp.checkpoint import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_DIR = ROOT / "checkpoints" / "teacher-tiny"
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+TINY_PP = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny CLIP written with save_model (open_clip local-dir layout, fp32)."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CFG)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(model, path, TINY_CFG, TINY_PP, dtype=torch.float32)
+    return path
