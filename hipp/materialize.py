@@ -84,7 +84,7 @@ def slice_attention(attn: nn.Module, heads: torch.Tensor) -> PrunableAttention:
     """Keep only the given heads of an attention module (PrunableAttention or nn.MultiheadAttention)."""
     d, h, hd = attn.embed_dim, attn.num_heads, attn.head_dim
     heads = heads.to(attn.in_proj_weight.device)
-    w = attn.in_proj_weight.detach().view(h, 3, hd, d)[heads].reshape(-1, d)
+    w = attn.in_proj_weight.detach().view(3, h, hd, d)[:, heads].reshape(-1, d)
     b = attn.in_proj_bias
     b = None if b is None else b.detach().view(3, h, hd)[:, heads].reshape(-1)
     ow = attn.out_proj.weight.detach().view(d, h, hd)[:, heads].reshape(d, -1)

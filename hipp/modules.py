@@ -118,11 +118,10 @@ class PrunableAttention(nn.Module):
         batch, tokens, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
         if heads == 0:  # no head left: the branch is out_proj's bias alone
-            bias = self.out_proj.bias
-            return _bias_only(x, bias)
+            return _bias_only(x, self.out_proj.bias)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
-        mask = _additive_mask(attn_mask, batch, tokens, x.dtype)
+        mask = _additive_mask(attn_mask, batch, tokens, q.dtype)  # q's dtype: under autocast it may differ from x's
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         if self.stats is not None:
@@ -152,8 +151,7 @@ class PrunableMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden == 0:  # no channel left: the branch is c_proj's bias alone
-            bias = self.c_proj.bias
-            return _bias_only(x, bias)
+            return _bias_only(x, self.c_proj.bias)
         h = self.gelu(self.c_fc(x))
         if self.stats is not None:
             _accumulate(self.stats, h.detach().float().reshape(-1, self.hidden).sum(0), h.numel() // self.hidden)
@@ -192,6 +190,9 @@ class PrunableBlock(nn.Module):
     @classmethod
     def from_block(cls, block: nn.Module, channel_group: int = 1) -> "PrunableBlock":
         """Wrap an open_clip ResidualAttentionBlock, sharing its parameters."""
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise ValueError("expected open_clip's ResidualAttentionBlock (nn.MultiheadAttention inside); "
+                             "custom attention blocks are not supported")
         if hasattr(block, "ln_1_kv"):
             raise ValueError("cross-attention blocks are not supported")
         if not getattr(block.attn, "batch_first", False):

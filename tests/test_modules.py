@@ -108,6 +108,15 @@ def test_make_prunable_shares_weights_and_is_idempotent():
         make_prunable(torch.nn.Linear(2, 2))
 
 
+def test_unsupported_blocks_are_a_hipp_error_and_leave_the_model_untouched():
+    cfg = copy.deepcopy(TINY)
+    cfg["text_cfg"]["qk_norm"] = True  # open_clip builds CustomResidualAttentionBlocks for the text tower
+    model = build(cfg)
+    with pytest.raises(HippError, match="text block 0"):
+        make_prunable(model)
+    assert not any(isinstance(b, PrunableBlock) for bl in tower_blocks(model).values() for b in bl)
+
+
 # --- where each gate acts (checked against edited weights of the ungated model) ---
 
 def _block(model, tower, i):

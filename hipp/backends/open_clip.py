@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import HippError
+from ..modules import PrunableBlock
 from ..space import LayerSpec, PruneSpace
 
 
@@ -86,26 +87,26 @@ def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
     Calling it again only changes the channel grouping. Returns the prune space, whose layer order
     (image layers, then text layers) is the order set_gates expects.
     """
-    from ..modules import PrunableBlock
-
     if not isinstance(channel_group, int) or channel_group < 1:
         raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
+    swaps = []  # build every replacement first, so a failure leaves the model untouched
     for tower, resblocks in tower_blocks(model).items():
         for i, block in enumerate(resblocks):
             if isinstance(block, PrunableBlock):
-                block.mlp.channel_group = channel_group
+                swaps.append((resblocks, i, block))
                 continue
             try:
-                resblocks[i] = PrunableBlock.from_block(block, channel_group)
+                swaps.append((resblocks, i, PrunableBlock.from_block(block, channel_group)))
             except (AttributeError, ValueError) as e:
                 raise HippError(f"{tower} block {i} ({type(block).__name__}) cannot be made prunable: {e}") from None
+    for resblocks, i, block in swaps:
+        block.mlp.channel_group = channel_group
+        resblocks[i] = block
     return describe(model, channel_group)
 
 
 def prunable_blocks(model: nn.Module) -> list:
     """The PrunableBlocks in prune-space order: all image layers, then all text layers."""
-    from ..modules import PrunableBlock
-
     blocks = [b for resblocks in tower_blocks(model).values() for b in resblocks]
     if not all(isinstance(b, PrunableBlock) for b in blocks):
         raise HippError("model is not prunable: call make_prunable(model) first")
