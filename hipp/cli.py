@@ -34,6 +34,39 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config)
+    if args.output:
+        cfg.output = args.output
+    info = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    print(f"controller saved in {info['output']} ({info['steps']} steps, {info['train_seconds']:.0f} s)",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_query(args) -> int:
+    from .query import run
+    return run(args)
+
+
+def _cmd_export(args) -> int:
+    from .export import run
+    return run(args)
+
+
+def _add_plan_args(p) -> None:
+    """query / export: which controller, and a preference or a cost bound."""
+    p.add_argument("--controller", required=True, help="trained controller folder")
+    p.add_argument("--pref", help="preference SPEC: name=value,... or positional values")
+    p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
+    p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
+    p.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hipp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -42,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="comma-separated: shapes, fmnist, csv:FILE, folder:DIR (default: shapes,fmnist)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=_cmd_eval)
+    t = sub.add_parser("train", help="train a controller (also under `accelerate launch -m hipp train`)")
+    t.add_argument("--config", required=True, help="YAML training config")
+    t.add_argument("--output", help="output folder (overrides the config)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans the config's)")
+    t.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    t.set_defaults(func=_cmd_train)
+    q = sub.add_parser("query", help="the plan for a preference or a cost bound (--max-flops / --max-params)")
+    _add_plan_args(q)
+    q.set_defaults(func=_cmd_query)
+    x = sub.add_parser("export", help="materialise a plan into a smaller model folder")
+    _add_plan_args(x)
+    x.add_argument("--out", required=True, help="output folder (new, empty or a previous export)")
+    x.add_argument("--onnx", action="store_true", help="also write ONNX image / text encoders, checked vs onnxruntime")
+    x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -187,7 +187,8 @@ class Objectives:
         return self.config.names
 
     def losses(self, probs: Gates, student: Embeddings | None = None, teacher: Embeddings | None = None,
-               logit_scale=None) -> dict[str, torch.Tensor]:
+               logit_scale=None, grounding: tuple[Embeddings, Embeddings] | None = None) -> dict[str, torch.Tensor]:
+        """`grounding` = (student, teacher) views carrying negatives, when only part of the batch has them."""
         c, out = self.config, {}
         if "utility" in c.names or "grounding" in c.names:
             if student is None or teacher is None:
@@ -197,7 +198,7 @@ class Objectives:
                 raise HippError("the utility objective needs the model's logit scale")
             out["utility"] = utility_loss(student, teacher, logit_scale, c.cosine_weight)
         if "grounding" in c.names:
-            out["grounding"] = grounding_loss(student, teacher, c.grounding_mode)
+            out["grounding"] = grounding_loss(*(grounding or (student, teacher)), mode=c.grounding_mode)
         if "flops" in c.names or "params" in c.names:
             ratios = expected_cost_ratios(self.space, probs)
             out.update({k: ratios[k] for k in ("flops", "params") if k in c.names})

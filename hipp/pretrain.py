@@ -13,15 +13,14 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import _build, save_model
-from .data import shapes, to_input
-from .data.fashion_mnist import CLASSES, TEMPLATES, load_fashion_mnist, to_rgb
+from .data import to_input
+from .data.mixed import MixedBatches
 from .evaluate import evaluate
-from .fileio import write_json, write_text
+from .fileio import write_json
 
 
 @dataclass
@@ -48,38 +47,6 @@ def lr_at(cfg: TeacherConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-class MixedBatches:
-    """Step -> (uint8 images, captions, positive-group keys, hard-negative captions)."""
-
-    def __init__(self, cfg: TeacherConfig, image_size: int):
-        self.cfg, self.size = cfg, image_size
-        self.fm_images, self.fm_labels = load_fashion_mnist("train")
-        self.n_shapes = round(cfg.batch_size * cfg.shape_fraction)
-
-    def __call__(self, step: int):
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        scenes = shapes.make_scenes("train", self.n_shapes, seed=cfg.seed, image_size=self.size,
-                                    start=step * self.n_shapes)
-        negatives = []
-        for negs in scenes.negatives:
-            kinds = sorted(negs)
-            pick = torch.randperm(len(kinds), generator=g)[:cfg.negatives_per_image].tolist()
-            negatives += [negs[kinds[i]] for i in pick]
-        n_fm = cfg.batch_size - self.n_shapes
-        idx = torch.randint(len(self.fm_labels), (n_fm,), generator=g)
-        fm = to_rgb(self.fm_images[idx], self.size)
-        flip = torch.rand(n_fm, generator=g) < 0.5
-        fm[flip] = fm[flip].flip(-1)
-        labels = self.fm_labels[idx].tolist()
-        templates = torch.randint(len(TEMPLATES), (n_fm,), generator=g).tolist()
-        fm_caps = [TEMPLATES[t].format(CLASSES[c]) for t, c in zip(templates, labels)]
-        images = torch.cat([scenes.images, fm])
-        captions = scenes.captions + fm_caps
-        groups = scenes.captions + [f"fashion-mnist:{c}" for c in labels]
-        return images, captions, groups, negatives
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: list[str]) -> torch.Tensor:
@@ -113,7 +80,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     model, opt = acc.prepare(model, opt)
-    batches = MixedBatches(cfg, pp["size"] if isinstance(pp["size"], int) else pp["size"][0])
+    batches = MixedBatches(cfg.seed, cfg.batch_size, cfg.shape_fraction, cfg.negatives_per_image,
+                           pp["size"] if isinstance(pp["size"], int) else pp["size"][0])
     state_dir, start, elapsed = out / "train_state", 0, 0.0
     if resume and (state_dir / "progress.json").is_file():
         acc.load_state(str(state_dir))
@@ -127,14 +95,14 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
     t0 = time.time() - elapsed
     for step in bar:
         model.train()
-        images, captions, groups, negatives = batches(step)
+        batch = batches(step)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         with acc.autocast():
             raw = acc.unwrap_model(model)
-            img = raw.encode_image(to_input(images, pp).to(acc.device), normalize=True)
-            txt = raw.encode_text(tokenizer(captions + negatives).to(acc.device), normalize=True)
-            loss = contrastive_loss(img, txt, raw.logit_scale.exp().clamp(max=100), groups)
+            img = raw.encode_image(to_input(batch.images, pp).to(acc.device), normalize=True)
+            txt = raw.encode_text(tokenizer(batch.captions + batch.negatives).to(acc.device), normalize=True)
+            loss = contrastive_loss(img, txt, raw.logit_scale.exp().clamp(max=100), batch.groups)
         acc.backward(loss)
         opt.step()
         opt.zero_grad()

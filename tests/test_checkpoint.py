@@ -9,7 +9,7 @@ from hipp.backends.open_clip import describe, image_size
 from hipp.checkpoint import WEIGHTS_NAME, fingerprint
 from hipp.errors import HippError
 
-from conftest import TEACHER_DIR, TINY_CFG
+from conftest import TEACHER_DIR
 
 
 def test_round_trip_and_open_clip_reads_the_folder(tiny_model_dir):

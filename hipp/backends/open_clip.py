@@ -1,11 +1,10 @@
 """open_clip backend: find the transformer blocks of each tower and describe the prune space."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import HippError
-from ..modules import PrunableBlock
+from ..modules import DroppedBlock, PrunableBlock
 from ..space import LayerSpec, PruneSpace
 
 
@@ -24,10 +23,11 @@ def tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
     return blocks
 
 
-def _block_shape(block: nn.Module) -> tuple[int, int, int]:
+def _block_shape(block: nn.Module) -> tuple[int, int, int, int]:
+    # head_dim is read, not derived from the width: a pruned layer keeps its head size with fewer
+    # (possibly zero) heads; nn.MultiheadAttention and PrunableAttention both carry it
     attn = block.attn
-    width = attn.embed_dim
-    return width, attn.num_heads, block.mlp.c_fc.out_features
+    return attn.embed_dim, attn.num_heads, attn.head_dim, block.mlp.c_fc.out_features
 
 
 def _count(module: nn.Module) -> int:
@@ -35,15 +35,22 @@ def _count(module: nn.Module) -> int:
 
 
 def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
-    """The prune space of an open_clip CLIP / CustomTextCLIP with ViT image tower."""
+    """The prune space of an open_clip CLIP / CustomTextCLIP with ViT image tower.
+
+    Also describes a materialised (pruned) model as it is: its layers keep their original indices,
+    dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
+    the same PruneSpace.costs that prices plans.
+    """
     blocks = tower_blocks(model)
     visual, text = model.visual, text_module(model)
     tokens = {"image": visual.positional_embedding.shape[0], "text": text.positional_embedding.shape[0]}
     layers = []
     for tower, resblocks in blocks.items():
         for i, block in enumerate(resblocks):
-            width, heads, hidden = _block_shape(block)
-            layers.append(LayerSpec(tower, i, width, heads, width // heads, hidden, tokens[tower], channel_group))
+            if isinstance(block, DroppedBlock):
+                continue
+            width, heads, head_dim, hidden = _block_shape(block)
+            layers.append(LayerSpec(tower, i, width, heads, head_dim, hidden, tokens[tower], channel_group))
     conv = visual.conv1
     patches = tokens["image"] - 1
     embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width

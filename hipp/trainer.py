@@ -1,0 +1,228 @@
+"""Training the controller on a frozen VLM with Accelerate.
+
+Each step: one batch, one teacher pass (the same weights with gates open), then for each
+preference group a Dirichlet-sampled preference, Gumbel-sigmoid gates from the controller, a
+gated (student) pass and the scalarised multi-objective loss. Only the controller learns.
+
+Every random draw (data, preferences, gate noise) comes from a generator seeded by
+(seed, step, process), so `--resume` reproduces an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .backends.open_clip import clear_gates, image_size, make_prunable, set_gates
+from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+from .controller import CONFIG_NAME, Controller, load_controller
+from .data import to_input
+from .data.mixed import MixedBatches
+from .errors import HippError
+from .fileio import write_json
+from .gates import TemperatureSchedule, keep_prob, map_gates, sample_gates
+from .objectives import Embeddings, ObjectiveConfig, Objectives
+from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
+
+STATE_DIR = "train_state"
+
+
+@dataclass
+class ControllerCfg:
+    hidden: int = 128
+    rank: int = 16
+    depth: int = 2
+    init_bias: float = 3.0
+    factorised: bool = True
+
+
+@dataclass
+class DataCfg:
+    batch_size: int = 64
+    shape_fraction: float = 0.5
+    negatives: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: str = "checkpoints/teacher-tiny"
+    pretrained: str | None = None
+    output: str = "runs/hipp-tiny"
+    channel_group: int = 1
+    seed: int = 0
+    steps: int = 600
+    pref_groups: int = 2
+    dirichlet_alpha: float = 0.5
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    save_every: int = 100
+    tensorboard: bool = False
+    controller: ControllerCfg = field(default_factory=ControllerCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    objectives: dict = field(default_factory=lambda: {"names": list(DEFAULT_OBJECTIVES)})
+
+    def __post_init__(self):
+        checks = {"steps": self.steps >= 1, "pref_groups": self.pref_groups >= 1, "lr": self.lr > 0,
+                  "channel_group": self.channel_group >= 1, "grad_accum": self.grad_accum >= 1,
+                  "save_every": self.save_every >= 1, "dirichlet_alpha": self.dirichlet_alpha > 0,
+                  "data.batch_size": self.data.batch_size >= 2,
+                  "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
+                  "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16")}
+        for key, ok in checks.items():
+            if not ok:
+                raise HippError(f"config key '{key}' has an invalid value")
+        ObjectiveConfig.from_dict(self.objectives)  # fail at load time, not after the model loads
+
+
+class TrainingDiverged(HippError):
+    pass
+
+
+def _encode(model, images, tokens, neg_tokens, batch) -> tuple:
+    """Normalised image, caption and hard-negative embeddings ([n_shapes, n_negatives, D])."""
+    img = model.encode_image(images, normalize=True)
+    txt = model.encode_text(tokens, normalize=True)
+    neg = None
+    if neg_tokens is not None:
+        neg = model.encode_text(neg_tokens, normalize=True).view(batch.n_shapes, batch.n_negatives, -1)
+    return img, txt, neg
+
+
+def _views(student: tuple, teacher: tuple, batch) -> tuple[Embeddings, Embeddings]:
+    """Utility sees the whole batch; grounding only the shape scenes, which carry negatives."""
+    def view(img, txt, neg):
+        return Embeddings(img, txt, neg), Embeddings(img[:batch.n_shapes], txt[:batch.n_shapes], neg)
+    (s_all, s_shapes), (t_all, t_shapes) = view(*student), view(*teacher)
+    return s_all, t_all, s_shapes, t_shapes
+
+
+def _save_state(acc: Accelerator, out: Path, step: int, seconds: float) -> None:
+    """Accelerate's save_state into a fresh folder, swapped in only once it is complete."""
+    final, tmp, old = out / STATE_DIR, out / f"{STATE_DIR}.tmp", out / f"{STATE_DIR}.old"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        write_json(tmp / "progress.json", {"step": step, "seconds": seconds})
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _resume_dir(out: Path) -> Path | None:
+    for name in (STATE_DIR, f"{STATE_DIR}.old"):  # .old survives a crash between the two renames
+        if (out / name / "progress.json").is_file():
+            return out / name
+    return None
+
+
+def _last_step(out: Path) -> int:
+    state = _resume_dir(out)
+    return json.loads((state / "progress.json").read_text())["step"] if state else 0
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
+    out = Path(cfg.output)
+    objectives_cfg = ObjectiveConfig.from_dict(cfg.objectives)
+    model = load_model(cfg.model, cfg.pretrained)
+    base_print = fingerprint(model)
+    if out.exists() and not out.is_dir():
+        raise HippError(f"output {out} is a file")
+    if resume:
+        if not (out / CONFIG_NAME).is_file():
+            raise HippError(f"nothing to resume in {out} (no {CONFIG_NAME})")
+        load_controller(out, fingerprint=base_print)  # refuses a folder trained on another model
+    elif out.is_dir() and any(out.iterdir()):
+        raise HippError(f"output folder {out} is not empty; pass --resume or choose another --output")
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
+    space = make_prunable(model, cfg.channel_group)
+    model.to(acc.device)
+    pp, tokenizer = preprocess_cfg(model), get_tokenizer(cfg.model)
+    objectives = Objectives(objectives_cfg, space)
+    torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
+    controller = Controller(space, objectives.names, **asdict(cfg.controller))
+    opt = torch.optim.AdamW(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    controller, opt = acc.prepare(controller, opt)
+    raw = acc.unwrap_model(controller)
+    extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "channel_group": cfg.channel_group,
+             "train_config": asdict(cfg)}
+    temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
+    batches = MixedBatches(cfg.seed + 1, cfg.data.batch_size, cfg.data.shape_fraction, cfg.data.negatives,
+                           image_size(model))
+    scale = model.logit_scale.exp().detach()
+
+    start, elapsed = 0, 0.0
+    state = _resume_dir(out) if resume else None
+    if state is not None:
+        acc.load_state(str(state))
+        progress = json.loads((state / "progress.json").read_text())
+        start, elapsed = progress["step"], progress["seconds"]
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            raw.save(out, fingerprint=base_print, extra=extra)
+    if cfg.tensorboard:
+        acc.init_trackers("hipp", config={"steps": cfg.steps, "lr": cfg.lr})
+    stop = min(cfg.steps, max_steps) if max_steps else cfg.steps
+    log = out / "train_log.jsonl"
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc="controller", disable=not acc.is_main_process)
+    t0 = time.time() - elapsed
+    k = len(objectives.names)
+    for step in bar:
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + acc.process_index)
+        batch = batches(step * acc.num_processes + acc.process_index)
+        images = to_input(batch.images, pp).to(acc.device)
+        tokens = tokenizer(batch.captions).to(acc.device)
+        neg_tokens = tokenizer(batch.negatives).to(acc.device) if batch.negatives else None
+        with torch.no_grad():
+            clear_gates(model)  # the teacher: the same frozen weights, gates open
+            teacher = _encode(model, images, tokens, neg_tokens, batch)
+        prefs = sample_dirichlet(cfg.pref_groups, cfg.dirichlet_alpha, k, generator=g).to(acc.device)
+        with acc.accumulate(controller), acc.autocast():
+            total, terms = 0.0, {n: 0.0 for n in objectives.names}
+            for p in prefs:
+                logits = controller(p)
+                set_gates(model, *sample_gates(logits, temperature(step), g))
+                student = _encode(model, images, tokens, neg_tokens, batch)
+                s_all, t_all, s_shapes, t_shapes = _views(student, teacher, batch)
+                losses = objectives.losses(map_gates(keep_prob, logits), s_all, t_all, scale, (s_shapes, t_shapes))
+                total = total + objectives.scalarize(losses, p) / len(prefs)
+                for n in objectives.names:
+                    terms[n] += float(losses[n].detach()) / len(prefs)
+            if not torch.isfinite(total):
+                raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last good "
+                                       f"checkpoint in {out} is kept (step {_last_step(out)})")
+            acc.backward(total)
+            opt.step()
+            opt.zero_grad()
+        clear_gates(model)
+        row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step), **terms}
+        bar.set_postfix({n: f"{v:.3f}" for n, v in terms.items()})
+        if acc.is_main_process:
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if cfg.tensorboard:
+            acc.log(row, step=step + 1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == stop:
+            _save_state(acc, out, step + 1, time.time() - t0)
+            if acc.is_main_process:
+                raw.save(out, fingerprint=base_print, extra=extra)
+    seconds = time.time() - t0
+    if cfg.tensorboard:
+        acc.end_training()
+    return {"output": str(out), "steps": stop, "train_seconds": seconds}

@@ -1,0 +1,112 @@
+"""Controller training: real Accelerate (one and two CPU processes), resume, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hipp.checkpoint import save_model
+from hipp.errors import HippError
+from hipp.trainer import TrainConfig, TrainingDiverged, train
+
+from conftest import TINY_CFG, TINY_PP
+
+BASE = {
+    "channel_group": 16, "seed": 0, "steps": 4, "pref_groups": 2, "save_every": 2, "lr": 1.0e-2,
+    "controller": {"hidden": 16, "rank": 4},
+    "data": {"batch_size": 8, "shape_fraction": 1.0, "negatives": 2},
+}
+
+
+def write_config(tmp_path, model_dir, name="cfg.yaml", **over):
+    cfg = {**BASE, "model": str(model_dir), "output": str(tmp_path / "out"), **over}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def hipp(*args, launcher=None):
+    cmd = (launcher or [sys.executable, "-m"]) + ["hipp", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def weights(out):
+    return load_file(str(out / "controller.safetensors"))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    from hipp.config import load_config
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    cfg.output = str(tmp_path / "straight")
+    train(cfg)
+    cfg.output = str(tmp_path / "resumed")
+    train(cfg, max_steps=2)
+    half = weights(tmp_path / "resumed")
+    train(cfg, resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], half[k]) for k in a), "the resumed steps changed nothing"
+    lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_two_processes_on_cpu(tiny_model_dir, tmp_path):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=2)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    r = hipp("train", "--config", str(cfg), launcher=accelerate)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from hipp.controller import load_controller
+    ctrl = load_controller(tmp_path / "out")
+    assert ctrl.plan("utility=1").costs()["flops_ratio"] > 0
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from hipp.config import load_config
+    from hipp.objectives import Objectives
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    train(cfg, max_steps=2)
+    good = weights(tmp_path / "out")
+    monkeypatch.setattr(Objectives, "scalarize", lambda self, losses, pref: torch.tensor(float("nan")))
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 3.*step 2"):
+        train(cfg, resume=True)
+    after = weights(tmp_path / "out")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_bad_input_is_one_line_and_overwrites_nothing(tiny_model_dir, tmp_path):
+    def bad(r, needle):
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], r.stderr
+
+    bad(hipp("train", "--config", str(write_config(tmp_path, tiny_model_dir, name="u.yaml", stepz=3))),
+        "unknown config key 'stepz'")
+    bad(hipp("train", "--config", str(write_config(tmp_path, tiny_model_dir, name="t.yaml", steps="many"))),
+        "config key 'steps'")
+    bad(hipp("train", "--config", str(write_config(tmp_path, tiny_model_dir, name="n.yaml",
+                                                   controller={"hiden": 3}))), "controller.hiden")
+    bad(hipp("train", "--config", str(tmp_path / "missing.yaml")), "config file not found")
+    good = write_config(tmp_path, tiny_model_dir)
+    assert hipp("train", "--config", str(good), "--max-steps", "2").returncode == 0
+    before = (tmp_path / "out" / "controller.safetensors").read_bytes()
+    bad(hipp("train", "--config", str(good)), "not empty")
+    other = tmp_path / "other-model"
+    torch.manual_seed(1)
+    import open_clip
+    save_model(open_clip.CLIP(**TINY_CFG), other, TINY_CFG, TINY_PP, dtype=torch.float32)
+    bad(hipp("train", "--config", str(write_config(tmp_path, other, name="o.yaml")), "--resume"), "trained for base model")
+    assert (tmp_path / "out" / "controller.safetensors").read_bytes() == before
+
+
+def test_config_validation_in_process(tiny_model_dir, tmp_path):
+    from hipp.config import load_config
+    with pytest.raises(HippError, match="'data.batch_size'"):
+        load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, data={"batch_size": 1}))
+    with pytest.raises(HippError, match="scalarization"):
+        load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, objectives={"scalarization": "sum"}))
