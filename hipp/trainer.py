@@ -26,7 +26,7 @@ from .data import to_input
 from .data.mixed import MixedBatches
 from .errors import HippError
 from .fileio import write_json
-from .gates import TemperatureSchedule, keep_prob, map_gates, sample_gates
+from .gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
 from .objectives import Embeddings, ObjectiveConfig, Objectives
 from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
@@ -88,22 +88,67 @@ class TrainingDiverged(HippError):
     pass
 
 
-def _encode(model, images, tokens, neg_tokens, batch) -> tuple:
-    """Normalised image, caption and hard-negative embeddings ([n_shapes, n_negatives, D])."""
-    img = model.encode_image(images, normalize=True)
-    txt = model.encode_text(tokens, normalize=True)
-    neg = None
-    if neg_tokens is not None:
-        neg = model.encode_text(neg_tokens, normalize=True).view(batch.n_shapes, batch.n_negatives, -1)
-    return img, txt, neg
+class Distiller:
+    """The student-vs-teacher computation of one step, shared by training, checks and benchmarks."""
+
+    def __init__(self, model, objectives: Objectives, tokenizer, preprocess_cfg: dict, device):
+        self.model, self.objectives, self.tokenizer, self.pp, self.device = \
+            model, objectives, tokenizer, preprocess_cfg, device
+        self.scale = model.logit_scale.exp().detach()
+
+    def inputs(self, batch) -> tuple:
+        images = to_input(batch.images, self.pp).to(self.device)
+        tokens = self.tokenizer(batch.captions).to(self.device)
+        neg = self.tokenizer(batch.negatives).to(self.device) if batch.negatives else None
+        return images, tokens, neg
+
+    def encode(self, inputs, batch) -> tuple:
+        """Normalised image, caption and hard-negative embeddings ([n_shapes, n_negatives, D])."""
+        images, tokens, neg_tokens = inputs
+        img = self.model.encode_image(images, normalize=True)
+        txt = self.model.encode_text(tokens, normalize=True)
+        neg = None
+        if neg_tokens is not None:
+            neg = self.model.encode_text(neg_tokens, normalize=True).view(batch.n_shapes, batch.n_negatives, -1)
+        return img, txt, neg
+
+    @torch.no_grad()
+    def teacher(self, inputs, batch) -> tuple:
+        clear_gates(self.model)  # the teacher: the same frozen weights, gates open
+        return self.encode(inputs, batch)
+
+    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
+        """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
+        set_gates(self.model, *gates)
+        student = self.encode(inputs, batch)
+        clear_gates(self.model)
+
+        def views(img, txt, neg):  # utility sees the whole batch; grounding the scenes with negatives
+            n = batch.n_shapes
+            return Embeddings(img, txt, neg), Embeddings(img[:n], txt[:n], neg)
+        (s_all, s_g), (t_all, t_g) = views(*student), views(*teacher)
+        return self.objectives.losses(map_gates(keep_prob, logits), s_all, t_all, self.scale, (s_g, t_g))
 
 
-def _views(student: tuple, teacher: tuple, batch) -> tuple[Embeddings, Embeddings]:
-    """Utility sees the whole batch; grounding only the shape scenes, which carry negatives."""
-    def view(img, txt, neg):
-        return Embeddings(img, txt, neg), Embeddings(img[:batch.n_shapes], txt[:batch.n_shapes], neg)
-    (s_all, s_shapes), (t_all, t_shapes) = view(*student), view(*teacher)
-    return s_all, t_all, s_shapes, t_shapes
+@torch.no_grad()
+def hard_vs_sampled(distiller: Distiller, controller: Controller, batches: MixedBatches, temperature: float,
+                    n_prefs: int = 8, n_batches: int = 2, alpha: float = 0.5, seed: int = 0) -> dict:
+    """Utility loss under deterministic hard plans vs under sampled gates, same preferences and
+    held-out batches: how much is lost when the stochastic gates of training are hardened."""
+    g = torch.Generator().manual_seed(seed)
+    prefs = sample_dirichlet(n_prefs, alpha, len(distiller.objectives.names), generator=g)
+    hard, sampled = [], []
+    for b in range(n_batches):
+        batch = batches(10**7 + b)  # far from every training index
+        inputs = distiller.inputs(batch)
+        teacher = distiller.teacher(inputs, batch)
+        for p in prefs.to(distiller.device):
+            logits = controller(p)
+            sampled.append(distiller.losses(logits, sample_gates(logits, temperature, g), inputs, teacher, batch))
+            hard.append(distiller.losses(logits, hard_plan(logits), inputs, teacher, batch))
+    names = [n for n in ("utility", "grounding") if n in distiller.objectives.names]
+    mean = lambda rows, n: float(sum(float(r[n]) for r in rows) / len(rows))  # noqa: E731
+    return {f"{n}_{kind}": mean(rows, n) for n in names for kind, rows in (("hard", hard), ("sampled", sampled))}
 
 
 def _save_state(acc: Accelerator, out: Path, step: int, seconds: float) -> None:
@@ -164,7 +209,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
     batches = MixedBatches(cfg.seed + 1, cfg.data.batch_size, cfg.data.shape_fraction, cfg.data.negatives,
                            image_size(model))
-    scale = model.logit_scale.exp().detach()
+    distiller = Distiller(model, objectives, tokenizer, pp, acc.device)
 
     start, elapsed = 0, 0.0
     state = _resume_dir(out) if resume else None
@@ -186,21 +231,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     for step in bar:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + acc.process_index)
         batch = batches(step * acc.num_processes + acc.process_index)
-        images = to_input(batch.images, pp).to(acc.device)
-        tokens = tokenizer(batch.captions).to(acc.device)
-        neg_tokens = tokenizer(batch.negatives).to(acc.device) if batch.negatives else None
-        with torch.no_grad():
-            clear_gates(model)  # the teacher: the same frozen weights, gates open
-            teacher = _encode(model, images, tokens, neg_tokens, batch)
+        inputs = distiller.inputs(batch)
+        teacher = distiller.teacher(inputs, batch)
         prefs = sample_dirichlet(cfg.pref_groups, cfg.dirichlet_alpha, k, generator=g).to(acc.device)
         with acc.accumulate(controller), acc.autocast():
             total, terms = 0.0, {n: 0.0 for n in objectives.names}
             for p in prefs:
                 logits = controller(p)
-                set_gates(model, *sample_gates(logits, temperature(step), g))
-                student = _encode(model, images, tokens, neg_tokens, batch)
-                s_all, t_all, s_shapes, t_shapes = _views(student, teacher, batch)
-                losses = objectives.losses(map_gates(keep_prob, logits), s_all, t_all, scale, (s_shapes, t_shapes))
+                losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
                 total = total + objectives.scalarize(losses, p) / len(prefs)
                 for n in objectives.names:
                     terms[n] += float(losses[n].detach()) / len(prefs)
@@ -210,7 +248,6 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             acc.backward(total)
             opt.step()
             opt.zero_grad()
-        clear_gates(model)
         row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step), **terms}
         bar.set_postfix({n: f"{v:.3f}" for n, v in terms.items()})
         if acc.is_main_process:
@@ -225,4 +262,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     seconds = time.time() - t0
     if cfg.tensorboard:
         acc.end_training()
-    return {"output": str(out), "steps": stop, "train_seconds": seconds}
+    summary = {"output": str(out), "steps": stop, "train_seconds": seconds,
+               "controller_params": raw.num_parameters(), "controller_size_ratio": raw.size_ratio()}
+    if stop == cfg.steps and acc.is_main_process:
+        summary["end_of_training"] = hard_vs_sampled(distiller, raw, batches, cfg.temperature_end,
+                                                     alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+        write_json(out / "training_summary.json", summary)
+    return summary
