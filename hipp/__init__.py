@@ -1,6 +1,24 @@
 """HiPP: preference-conditioned hierarchical pruning of CLIP-style vision-language models."""
-from .checkpoint import get_preprocess, get_tokenizer, load_model
 from .errors import HippError
+# Eager, unlike the names below: the function shares its name with the submodule, and importing the
+# submodule anywhere would otherwise leave `hipp.materialize` bound to the module. (It needs torch
+# but not open_clip.)
+from .materialize import materialize
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "get_tokenizer", "get_preprocess", "HippError"]
+__all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "materialize", "HippError"]
+
+# Imported on first use (PEP 562): open_clip alone takes seconds to import, and `hipp query --pref`
+# needs only torch and the controller.
+_LAZY = {"load_model": "checkpoint", "get_tokenizer": "checkpoint", "get_preprocess": "checkpoint",
+         "load_controller": "controller"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,11 @@ from .fileio import load_tensors, read_json, save_tensors, write_json
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+# an exported pruned model (hipp export): its own weights file and config beside open_clip's config
+PRUNED_CONFIG_NAME = "pruned_config.json"
+PRUNED_WEIGHTS_NAME = "model.safetensors"
+PRUNED_FORMAT = "hipp-pruned"
+PRUNED_VERSION = 1
 
 
 def _build(model_cfg: dict) -> torch.nn.Module:
@@ -51,25 +56,55 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str = "c
 
 
 def _load_dir(path: Path) -> torch.nn.Module:
+    if (path / PRUNED_CONFIG_NAME).is_file():
+        return _load_pruned(path)
     if not (path / CONFIG_NAME).is_file():
         raise HippError(f"{path} has no {CONFIG_NAME}; not a model folder this project wrote")
     config = read_json(path / CONFIG_NAME)
     if "model_cfg" not in config:
         raise HippError(f"{path / CONFIG_NAME} has no 'model_cfg'")
     model = _build(config["model_cfg"])
-    state = load_tensors(path / WEIGHTS_NAME)
+    _load_state(model, path / WEIGHTS_NAME, "config")
+    open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **config.get("preprocess_cfg", {})})
+    return model
+
+
+def _load_state(model: torch.nn.Module, weights: Path, config_name: str) -> None:
+    """Strict load with every mismatch named in one line (never torch's multi-line report)."""
+    state = load_tensors(weights)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise HippError(f"{path / WEIGHTS_NAME} does not match its config: "
+        raise HippError(f"{weights} does not match its {config_name}: "
                         f"{len(missing)} missing, {len(unexpected)} unexpected tensors "
                         f"(first: {(missing + unexpected)[0]})")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise HippError(f"{path / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
-                            f"config says {tuple(expected[name].shape)}")
+            raise HippError(f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                            f"{config_name} says {tuple(expected[name].shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def _load_pruned(path: Path) -> torch.nn.Module:
+    """An exported model: open_clip's model from model_cfg, resized to the recorded structure with the
+    project's module classes (no controller, no base weights), then a strict load."""
+    from .materialize import empty_model
+
+    where = path / PRUNED_CONFIG_NAME
+    config = read_json(where)
+    if config.get("format") != PRUNED_FORMAT:
+        raise HippError(f"{where} is not a HiPP pruned-model config (format {config.get('format')!r})")
+    if config.get("version") != PRUNED_VERSION:
+        raise HippError(f"{where} has version {config.get('version')!r}; this HiPP reads {PRUNED_VERSION}")
+    for key, kind in (("model_cfg", dict), ("structure", dict), ("num_params", int)):
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise HippError(f"{where} needs {key!r} ({kind.__name__})")
+    model = empty_model(config["model_cfg"], config["structure"])
+    _load_state(model, path / PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME)
+    n = sum(p.numel() for p in model.parameters())
+    if n != config["num_params"]:
+        raise HippError(f"{path} holds {n:,} parameters; {PRUNED_CONFIG_NAME} says {config['num_params']:,}")
     open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **config.get("preprocess_cfg", {})})
     return model
 

@@ -114,8 +114,19 @@ def _dropped_like(block: nn.Module) -> DroppedBlock:
     return DroppedBlock(w.dtype, w.device)
 
 
-def materialize(model: nn.Module, layer_keep, head_keep, channel_keep) -> nn.Module:
-    """A new, physically smaller copy of `model` for a hard plan; `model` itself is left untouched."""
+def _unpack(layer_keep, head_keep, channel_keep):
+    """Accept a Plan (anything with .gates) in place of the triple: `materialize(model, plan)`."""
+    if head_keep is None and channel_keep is None and hasattr(layer_keep, "gates"):
+        return layer_keep.gates
+    if head_keep is None or channel_keep is None:
+        raise HippError("give a Plan or all of layer_keep, head_keep and channel_keep")
+    return layer_keep, head_keep, channel_keep
+
+
+def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None) -> nn.Module:
+    """A new, physically smaller copy of `model` for a hard plan (a Plan or its gate triple);
+    `model` itself is left untouched."""
+    layer_keep, head_keep, channel_keep = _unpack(layer_keep, head_keep, channel_keep)
     plans = iter(layer_plans(model, layer_keep, head_keep, channel_keep))
     replaced = {}
     for resblocks in tower_blocks(model).values():
@@ -203,7 +214,7 @@ def empty_model(model_cfg: dict, struct: dict) -> nn.Module:
 
 # --- FLAP-style bias compensation ---
 
-def compensate_bias(model: nn.Module, layer_keep, head_keep, channel_keep,
+def compensate_bias(model: nn.Module, layer_keep, head_keep=None, channel_keep=None,
                     images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                     batch_size: int = 32) -> nn.Module:
     """materialize(), then fold the mean contribution of removed heads / channels into the output biases.
@@ -214,6 +225,7 @@ def compensate_bias(model: nn.Module, layer_keep, head_keep, channel_keep,
     removed head k adds out_proj.weight[:, head k] @ mean(head k output) to out_proj.bias.
     A tower without calibration inputs is left uncompensated; dropped layers are not compensated.
     """
+    layer_keep, head_keep, channel_keep = _unpack(layer_keep, head_keep, channel_keep)
     blocks = prunable_blocks(model)
     plans = layer_plans(model, layer_keep, head_keep, channel_keep)
     saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]

@@ -32,6 +32,8 @@ class LayerSpec:
     def channel_sizes(self) -> torch.Tensor:
         """Channels per gate (the last group may be short)."""
         sizes = torch.full((self.num_channel_gates,), self.channel_group, dtype=torch.float64)
+        if self.mlp_hidden == 0:  # a pruned model's layer may have no channel left
+            return sizes
         sizes[-1] = self.mlp_hidden - self.channel_group * (self.num_channel_gates - 1)
         return sizes
 

@@ -1,0 +1,100 @@
+"""Measured CPU speed-up of materialised models against their FLOPs ratio.
+
+For each FLOPs bound r, the controller's plan (what `hipp query --max-flops r` returns) is
+materialised and the image and text towers are timed separately at batch 32 against the dense
+model. The dense reference is materialised from the all-kept plan, so both sides run the same
+module classes and only the sizes differ. Runs are interleaved (dense, pruned, pruned, dense, ...)
+so that drift in machine load hits both alike; the median latency ratio is printed beside the
+plan's per-tower FLOPs ratio r, i.e. the measured speed-up beside the ideal 1/r.
+
+    python benchmarks/bench_speedup.py --controller runs/hipp-tiny --max-flops 0.3,0.5,0.7 [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from hipp.controller import load_controller
+from hipp.errors import HippError
+from hipp.materialize import materialize
+from hipp.plan import Plan
+from hipp.query import input_size, load_base, plan_for_budget
+
+
+def interleaved(fn_a, fn_b, x, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall times (s) of fn_a(x) and fn_b(x), alternating which goes first on every round."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn_a(x), fn_b(x)
+        a, b = [], []
+        for i in range(repeats):
+            for fn, out in ((fn_a, a), (fn_b, b)) if i % 2 == 0 else ((fn_b, b), (fn_a, a)):
+                t = time.perf_counter()
+                fn(x)
+                out.append(time.perf_counter() - t)
+    return a, b
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--controller", required=True, help="trained controller folder")
+    p.add_argument("--max-flops", default="0.3,0.5,0.7", help="comma-separated FLOPs bounds")
+    p.add_argument("--pref", action="append", default=[], help="also time this preference's plan (repeatable)")
+    p.add_argument("--base-model", help="override the controller's base model")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds per model and tower")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON object")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        bounds = [float(r) for r in args.max_flops.split(",") if r.strip()]
+        controller = load_controller(args.controller)
+        base = load_base(controller, args.controller, args.base_model)
+        plans = [(f"max_flops={r:g}", plan_for_budget(controller, max_flops=r, base=base)) for r in bounds]
+        plans += [(f"pref {s}", controller.plan(s)) for s in args.pref]
+    except (HippError, ValueError) as e:
+        print(f"bench_speedup: error: {e}", file=sys.stderr)
+        return 2
+
+    g = torch.Generator().manual_seed(0)
+    size = input_size(base.preprocess_cfg)
+    images = torch.randn(args.batch, 3, size, size, generator=g)
+    tokens = base.tokenizer(["a large red circle at the top left and a small blue square at the center"] * args.batch)
+    dense = materialize(base.model, Plan.dense(controller.space)).eval()
+    rows = []
+    for name, plan in plans:
+        small = materialize(base.model, plan).eval()
+        costs = plan.costs()
+        for tower, x in (("image", images), ("text", tokens)):
+            enc = (lambda m: m.encode_image) if tower == "image" else (lambda m: m.encode_text)
+            t_dense, t_small = interleaved(enc(dense), enc(small), x, args.repeats, args.warmup)
+            ms_dense, ms_small = statistics.median(t_dense) * 1e3, statistics.median(t_small) * 1e3
+            r = costs[f"flops_ratio/{tower}"]
+            rows.append({"plan": name, "tower": tower, "flops_ratio": r, "latency_ratio": ms_small / ms_dense,
+                         "speedup": ms_dense / ms_small, "ideal_speedup": 1 / r if r > 0 else float("inf"),
+                         "dense_ms": ms_dense, "pruned_ms": ms_small, "total_flops_ratio": costs["flops_ratio"]})
+    info = {"batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "base_model": base.spec, "rows": rows}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"base {base.spec}, batch {args.batch}, {args.repeats} interleaved rounds, "
+          f"{torch.get_num_threads()} threads; medians")
+    print(f"{'plan':24s} {'tower':5s} {'flops r':>8s} {'lat ratio':>9s} {'speedup':>8s} {'1/r':>6s} "
+          f"{'dense ms':>9s} {'pruned ms':>9s}")
+    for row in rows:
+        print(f"{row['plan']:24s} {row['tower']:5s} {row['flops_ratio']:8.3f} {row['latency_ratio']:9.3f} "
+              f"{row['speedup']:8.2f} {row['ideal_speedup']:6.2f} {row['dense_ms']:9.2f} {row['pruned_ms']:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Export: a hard plan + the frozen base weights -> a physically smaller model folder.
+
+    model.safetensors       the materialised model's state dict (open_clip key names, smaller shapes)
+    pruned_config.json      base model_cfg, per-layer structure, the plan, preference, costs, the base
+                            weights' fingerprint, preprocess cfg, parameter count
+    open_clip_config.json   model_cfg + preprocess_cfg, so get_tokenizer / get_preprocess read the folder
+    image_encoder.onnx      with --onnx: encode_image / encode_text (unnormalised embeddings, dynamic
+    text_encoder.onnx       batch), each checked against onnxruntime before anything is published
+
+`hipp.load_model(folder)` rebuilds the model from model_cfg + structure with the project's module
+classes and loads model.safetensors strictly; no controller and no base weights are needed.
+
+The folder is built in a hidden sibling and renamed into place. Over a previous export the files
+are moved in one by one, the old pruned_config.json removed first and the new one moved last, so
+a folder that has a pruned_config.json is always a complete export.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME)
+from .errors import HippError
+from .fileio import read_json, save_tensors, write_json
+from .plan import Plan
+
+ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
+EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values())
+ONNX_ATOL = 1e-4
+
+
+def check_out(out) -> Path:
+    """--out must be a new path, an empty folder or a previous export; anything else is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HippError(f"--out {out} is a file; give a folder (new, empty or a previous export)")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise HippError(f"--out {out} lies under {blocker}, which is a file")
+    if out.is_dir():
+        names = sorted(os.listdir(out))
+        unknown = [n for n in names if n not in EXPORT_FILES]
+        if unknown:
+            raise HippError(f"--out {out} is not empty and not a previous HiPP export (it holds {unknown[0]!r}); "
+                            f"choose a new or empty folder")
+        if PRUNED_CONFIG_NAME in names and read_json(out / PRUNED_CONFIG_NAME).get("format") != PRUNED_FORMAT:
+            raise HippError(f"--out {out} holds a {PRUNED_CONFIG_NAME} that HiPP did not write; choose another folder")
+    return out
+
+
+def _share(stage: Path, files) -> None:
+    """mkdtemp / mkstemp create owner-only entries; an export gets the permissions the umask gives."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(stage, 0o777 & ~mask)
+    for name in files:
+        os.chmod(stage / name, 0o666 & ~mask)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    new = set(os.listdir(stage))
+    marker = out / PRUNED_CONFIG_NAME
+    if marker.exists():
+        marker.unlink()  # from here until the last move the folder reads as incomplete, never as a mix
+    for name in EXPORT_FILES:
+        if name not in new and (out / name).exists():
+            (out / name).unlink()  # e.g. ONNX files of an earlier --onnx export: they would not match
+    for name in sorted(new - {PRUNED_CONFIG_NAME}) + [PRUNED_CONFIG_NAME]:
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+class _Encoder(torch.nn.Module):
+    """One tower as a module with a single tensor input, the form torch.onnx.export traces."""
+
+    def __init__(self, model, tower: str):
+        super().__init__()
+        self.model, self.tower = model, tower
+
+    def forward(self, x):
+        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
+
+
+def export_onnx(model, folder: Path, images: torch.Tensor, tokens: torch.Tensor, atol: float = ONNX_ATOL) -> dict:
+    """Write both encoders as ONNX and compare onnxruntime with torch on a batch of another size than
+    the traced one (so the dynamic batch axis is checked too). Returns the max abs differences."""
+    try:
+        import numpy as np
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime as ort
+    except ImportError:
+        raise HippError("--onnx needs the onnx and onnxruntime packages (pip install 'hipp[onnx]')") from None
+    diffs = {}
+    for tower, x in (("image", images), ("text", tokens)):
+        enc = _Encoder(model, tower).eval()
+        path = folder / ONNX_FILES[tower]
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python control flow
+            # the TorchScript-based exporter: it needs no onnxscript and handles the 0-head / 0-channel
+            # branches (shape-derived zeros) with a dynamic batch
+            torch.onnx.export(enc, (x[:2],), str(path), dynamo=False, opset_version=17,
+                              input_names=[tower], output_names=["embedding"],
+                              dynamic_axes={tower: {0: "batch"}, "embedding": {0: "batch"}})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {tower: x.numpy()})[0]
+        with torch.no_grad():
+            want = enc(x).numpy()
+        diff = float(np.abs(got - want).max())
+        if not diff <= atol:
+            raise HippError(f"ONNX {tower} encoder differs from torch by {diff:.2e} (> {atol:g}); nothing was written")
+        diffs[tower] = diff
+    return diffs
+
+
+def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64) -> dict:
+    """Materialise `plan` on `base` (hipp.query.Base) and write the export folder; returns a summary.
+
+    compensate: FLAP-style bias compensation (materialize.compensate_bias) measured on `calib_n`
+    calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
+    """
+    from . import __version__
+    from .backends.open_clip import describe
+    from .materialize import compensate_bias, materialize, model_structure, structure
+    from .query import calibration, summary
+
+    out = check_out(out)
+    gates = plan.gates
+    compensated = None
+    if compensate:
+        images, texts = calibration(base, calib_n, seed=1, fmnist=calib_n)
+        small = compensate_bias(base.model, *gates, images=images, texts=texts)
+        compensated = {"images": len(images), "texts": len(texts)}
+    else:
+        small = materialize(base.model, *gates)
+    small.eval().requires_grad_(False)
+    struct = structure(plan.space, *gates)
+    if model_structure(small) != struct:
+        raise AssertionError("materialised model does not have the plan's structure")
+    costs = plan.costs()
+    own = describe(small).dense_costs()  # the cost hipp eval will report for the export
+    for t in ("image", "text"):
+        if abs(own[f"flops/{t}"] - costs[f"flops/{t}"]) > 1e-6 * max(costs[f"flops/{t}"], 1.0):
+            raise AssertionError(f"{t} FLOPs of the materialised model differ from the plan's")
+    num_params = sum(p.numel() for p in small.parameters())
+    config = {
+        "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__,
+        "model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg,
+        "structure": struct, "num_params": num_params,
+        "preference": dict(plan.preference), "meta": dict(plan.meta), "costs": costs,
+        "base": {"model": base.spec, "pretrained": base.pretrained, "fingerprint": base.fingerprint},
+        "compensated": compensated, "plan": plan.to_dict(),
+    }
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.parent))
+    except OSError as e:
+        raise HippError(f"cannot create the export folder {out}: {e.strerror or e}") from None
+    try:
+        save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
+        write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
+        onnx_diffs = None
+        if onnx:
+            images, tokens = calibration(base, 3, seed=2)
+            onnx_diffs = export_onnx(small, stage, images, tokens)
+            config["onnx"] = {"files": dict(ONNX_FILES), "max_abs_diff": onnx_diffs, "atol": ONNX_ATOL,
+                              "outputs": "unnormalised embeddings"}
+        write_json(stage / PRUNED_CONFIG_NAME, config)
+        files = sorted(os.listdir(stage))
+        _share(stage, files)
+        _publish(stage, out)
+    except OSError as e:  # disk full, permissions: the user's environment, not a bug
+        raise HippError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result = summary(plan)
+    result.update({"out": str(out), "files": files, "num_params": num_params, "compensated": compensated,
+                   "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint})
+    return result
+
+
+def run(args) -> int:
+    """`hipp export`."""
+    import json
+
+    from .query import plan_from_args
+
+    check_out(args.out)  # before anything is loaded: a bad --out costs nothing
+    _, plan, base = plan_from_args(args, need_base=True)
+    result = export_pruned(base, plan, args.out, onnx=args.onnx, compensate=args.compensate)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"exported to {result['out']}: flops_ratio {result['flops_ratio']:.4f}, params_ratio "
+              f"{result['params_ratio']:.4f}, {result['num_params']:,} parameters "
+              f"(preference {result['preference_spec']})")
+        if result["onnx_max_abs_diff"]:
+            d = result["onnx_max_abs_diff"]
+            print(f"onnx: image max abs diff {d['image']:.2e}, text {d['text']:.2e} (onnxruntime vs torch)")
+    return 0
