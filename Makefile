@@ -20,8 +20,25 @@ data:
 	  || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST steps will say so"
 
+DEMO := runs/demo
+
+# The main job on the embedded teacher: train a controller, query three preferences, export one
+# plan as a smaller model, evaluate it. Re-running continues (or reuses) the trained controller.
 demo: setup data
-	$(PY) -m hipp eval --model checkpoints/teacher-tiny
+	@echo "== 1/4 teacher: checkpoints/teacher-tiny (see its MODEL_CARD.md)"
+	@echo "== 2/4 training the controller -> $(DEMO)/controller"
+	@if [ -f $(DEMO)/controller/controller.json ]; then \
+	  $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller --resume; \
+	else $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller; fi
+	@echo "== 3/4 three preferences"
+	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=1
+	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=0.5,flops=0.5
+	$(PY) -m hipp query --controller $(DEMO)/controller --max-flops 0.5
+	@echo "== 4/4 export the <=50% FLOPs plan and evaluate the smaller model"
+	$(PY) -m hipp export --controller $(DEMO)/controller --max-flops 0.5 --out $(DEMO)/pruned-50 --json > $(DEMO)/export.json
+	$(PY) -m hipp eval --model $(DEMO)/pruned-50 --json > $(DEMO)/pruned-50/eval.json
+	$(PY) -m hipp eval --model $(DEMO)/pruned-50
+	@echo "outputs: $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json, eval.json)"
 
 test: setup data
 	$(PY) -m pytest

@@ -54,9 +54,12 @@ def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: i
     # zero-shot per attribute on single-object test scenes (their own index range)
     single = shapes.make_scenes("test", n, seed=seed, image_size=size, start=10**6, n_objects=1)
     img = embed_images(model, single.images, preprocess_cfg)
+    objs = shapes.single_objects()
+    prompt_emb = embed_texts(model, tokenizer, [o.phrase() for o in objs])  # once, grouped per attribute
     for attr, values in shapes.ATTRIBUTES.items():
-        cls = class_embeddings(model, tokenizer, shapes.attribute_prompts(attr))
-        pred = (img @ cls.T).argmax(1)
+        # prompt ensemble: each value's class embedding averages every description with that value
+        cls = torch.stack([prompt_emb[[getattr(o, attr) == v for o in objs]].mean(0) for v in values])
+        pred = (img @ torch.nn.functional.normalize(cls, dim=-1).T).argmax(1)
         truth = torch.tensor([values.index(getattr(o[0], attr)) for o in single.objects])
         m[f"shapes/zs_{attr}"] = float((pred == truth).float().mean())
     m["shapes/zs_mean"] = sum(m[f"shapes/zs_{a}"] for a in shapes.ATTRIBUTES) / len(shapes.ATTRIBUTES)

@@ -20,8 +20,8 @@ COLORS = {
     "purple": (155, 60, 205),
     "white": (235, 235, 235),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = {"small": 0.085, "large": 0.15}  # radius as a fraction of the image side
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+SIZES = {"small": 0.10, "large": 0.16}  # radius as a fraction of the image side
 POSITIONS = (
     "top left", "top", "top right",
     "left", "center", "right",
@@ -30,7 +30,7 @@ POSITIONS = (
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS}
 # Pairs never rendered in train: each colour loses one shape, each shape loses at least one colour.
 HELD_OUT_PAIRS = frozenset({
-    ("red", "triangle"), ("green", "diamond"), ("blue", "cross"),
+    ("red", "triangle"), ("green", "ring"), ("blue", "cross"),
     ("yellow", "circle"), ("purple", "square"), ("white", "triangle"),
 })
 NEGATIVE_TYPES = ("swap", "color", "shape", "size", "position", "absent")
@@ -79,8 +79,9 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
         return dx**2 + dy**2 <= r**2
     if shape == "square":
         return (np.abs(dx) <= 0.82 * r) & (np.abs(dy) <= 0.82 * r)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= 1.15 * r
+    if shape == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
     if shape == "triangle":
         return (dy <= 0.8 * r) & (np.abs(dx) <= 0.62 * (dy + r))
     if shape == "cross":
@@ -170,15 +171,6 @@ def make_scenes(split: str, n: int, seed: int = 0, image_size: int = 64, start: 
     return SceneBatch(arr, caps, negs, objs_all)
 
 
-def attribute_prompts(attr: str) -> dict[str, list[str]]:
-    """Prompt ensemble per value of one attribute: every single-object caption with that value."""
-    if attr not in ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attr!r}; expected one of {tuple(ATTRIBUTES)}")
-    prompts: dict[str, list[str]] = {v: [] for v in ATTRIBUTES[attr]}
-    for c in COLORS:
-        for sh in SHAPES:
-            for sz in SIZES:
-                for p in POSITIONS:
-                    o = Obj(c, sh, sz, p)
-                    prompts[getattr(o, attr)].append(o.phrase())
-    return prompts
+def single_objects() -> list[Obj]:
+    """Every single-object description: the prompt set for attribute zero-shot."""
+    return [Obj(c, sh, sz, p) for c in COLORS for sh in SHAPES for sz in SIZES for p in POSITIONS]

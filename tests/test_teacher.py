@@ -1,0 +1,42 @@
+"""The committed teacher: loads, matches its own record, and still clears the bars it was built for."""
+import json
+
+import open_clip
+import pytest
+import torch
+
+from hipp import get_tokenizer, load_model
+from hipp.checkpoint import WEIGHTS_NAME, preprocess_cfg
+from hipp.evaluate import evaluate
+
+from conftest import TEACHER_DIR
+
+BARS = {"shapes/zs_mean": 0.90, "shapes/ground_mean": 0.80, "fmnist/acc": 0.85}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model(TEACHER_DIR)
+
+
+def test_checkpoint_is_small_fp16_and_open_clip_readable(teacher):
+    assert (TEACHER_DIR / WEIGHTS_NAME).stat().st_size <= 40 * 2**20
+    theirs = open_clip.create_model(f"local-dir:{TEACHER_DIR}").eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(theirs.encode_image(x), teacher.encode_image(x), atol=1e-5)
+
+
+def test_recorded_metrics_clear_the_bars():
+    recorded = json.loads((TEACHER_DIR / "metrics.json").read_text())["metrics"]
+    for key, bar in BARS.items():
+        assert recorded[key] >= bar, (key, recorded[key])
+    for key in ("shapes/i2t_r1", "shapes/i2t_r5", "shapes/t2i_r1", "shapes/t2i_r5"):
+        assert 0 < recorded[key] <= 1
+
+
+def test_remeasured_subset_agrees_with_the_record(teacher):
+    """A smaller evaluation of the loaded checkpoint lands near the recorded full one."""
+    recorded = json.loads((TEACHER_DIR / "metrics.json").read_text())["metrics"]
+    now = evaluate(teacher, get_tokenizer(TEACHER_DIR), preprocess_cfg(teacher), n=300, fmnist_limit=2000)
+    for key in BARS:
+        assert abs(now[key] - recorded[key]) < 0.05, (key, now[key], recorded[key])
