@@ -59,6 +59,7 @@ class TrainConfig:
     steps: int = 600
     pref_groups: int = 2
     dirichlet_alpha: float = 0.5
+    vertex_prob: float = 0.0   # chance a preference group is a simplex vertex (one objective alone)
     lr: float = 3e-3
     weight_decay: float = 0.0
     temperature_start: float = 1.0
@@ -75,6 +76,7 @@ class TrainConfig:
         checks = {"steps": self.steps >= 1, "pref_groups": self.pref_groups >= 1, "lr": self.lr > 0,
                   "channel_group": self.channel_group >= 1, "grad_accum": self.grad_accum >= 1,
                   "save_every": self.save_every >= 1, "dirichlet_alpha": self.dirichlet_alpha > 0,
+                  "vertex_prob": 0 <= self.vertex_prob <= 1,
                   "data.batch_size": self.data.batch_size >= 2,
                   "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
                   "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16")}
@@ -128,6 +130,15 @@ class Distiller:
             return Embeddings(img, txt, neg), Embeddings(img[:n], txt[:n], neg)
         (s_all, s_g), (t_all, t_g) = views(*student), views(*teacher)
         return self.objectives.losses(map_gates(keep_prob, logits), s_all, t_all, self.scale, (s_g, t_g))
+
+
+def sample_preferences(cfg: TrainConfig, k: int, g: torch.Generator) -> torch.Tensor:
+    """Dirichlet preferences; some replaced by vertices, which Dirichlet alone almost never reaches,
+    so that a preference for one objective alone is trained, not extrapolated."""
+    prefs = sample_dirichlet(cfg.pref_groups, cfg.dirichlet_alpha, k, generator=g)
+    vertex = torch.rand(cfg.pref_groups, generator=g) < cfg.vertex_prob
+    corners = torch.nn.functional.one_hot(torch.randint(k, (cfg.pref_groups,), generator=g), k).to(prefs)
+    return torch.where(vertex[:, None], corners, prefs)
 
 
 @torch.no_grad()
@@ -233,7 +244,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         batch = batches(step * acc.num_processes + acc.process_index)
         inputs = distiller.inputs(batch)
         teacher = distiller.teacher(inputs, batch)
-        prefs = sample_dirichlet(cfg.pref_groups, cfg.dirichlet_alpha, k, generator=g).to(acc.device)
+        prefs = sample_preferences(cfg, k, g).to(acc.device)
         with acc.accumulate(controller), acc.autocast():
             total, terms = 0.0, {n: 0.0 for n in objectives.names}
             for p in prefs:

@@ -1,0 +1,176 @@
+"""Every method at every FLOPs budget, measured by the same evaluation code: the `hipp bench` object.
+
+Rows hold method, budget, achieved flops_ratio, metrics, utility, grounding and latency; a method
+with several seeds (random) reports the mean over its seeds and lists each seed. Each method's
+hypervolume is that of its (1 - utility, flops_ratio) points against pareto.REFERENCE, and
+train_seconds is the search cost it paid (fixed_budget: one training per budget; the controller:
+its single training, when given).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import HippError
+from ..evaluate import check_datasets, evaluate
+from ..fileio import write_json, write_text
+from ..pareto import (
+    DATASETS,
+    REFERENCE,
+    evaluate_plan,
+    grounding_of,
+    hypervolume_2d,
+    measure_latency,
+    plot_methods,
+    prepare,
+    utility_of,
+)
+from ..space import PruneSpace
+from . import METHODS, get_method
+from .allocate import BudgetError, check_target
+from .calibration import make_calibration
+
+CONTROLLER = "hipp"
+
+
+def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> dict:
+    """One row from the per-seed results of one method and budget."""
+    k = len(results)
+    mean = lambda xs: sum(xs) / k
+    metric_keys = results[0]["metrics"].keys()
+    grounding = [r["grounding"] for r in results]
+    return {"method": method, "budget": budget,
+            "flops_ratio": mean([r["flops_ratio"] for r in results]),
+            "params_ratio": mean([r["params_ratio"] for r in results]),
+            "metrics": {m: mean([r["metrics"][m] for r in results]) for m in metric_keys},
+            "utility": mean([r["utility"] for r in results]),
+            "grounding": None if None in grounding else mean(grounding),
+            "latency_ms": {t: mean([r["latency_ms"][t] for r in results]) for t in ("image", "text")},
+            "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
+            "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
+            "seeds": [{"seed": p.meta.get("seed", 0), "flops_ratio": r["flops_ratio"], "utility": r["utility"],
+                       "grounding": r["grounding"]} for p, r in zip(plans, results)]}
+
+
+def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
+          out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
+          datasets=DATASETS, n: int = 500, fmnist_limit: int | None = 2000, seed: int = 0,
+          options: dict | None = None, progress: bool = True) -> dict:
+    """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
+
+    With `controller`, its plan_within(max_flops=budget) joins as method "hipp". `options` maps a
+    method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). Returns the bench object
+    (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
+    written as bench.json, bench.csv, bench.md and bench.png.
+    """
+    start = time.perf_counter()
+    names = list(METHODS) if methods is None else list(methods)
+    for name in names:
+        get_method(name)  # unknown names fail before any work
+    budgets = [check_target(b) for b in budgets]
+    if not budgets:
+        raise HippError("give at least one FLOPs budget")
+    check_datasets(datasets)
+    options = dict(options or {})
+    if calibration is None and any(METHODS[m].needs_calibration or METHODS[m].compensate for m in names):
+        calibration = make_calibration(model, tokenizer, preprocess_cfg)
+    evaluate_args = {"datasets": datasets, "n": n, "fmnist_limit": fmnist_limit, "calibration": calibration,
+                     "latency": True}
+    jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
+    if controller is not None:
+        jobs += [(CONTROLLER, b, 0) for b in budgets]
+    if controller is not None and prepare(model, controller) != space:
+        raise HippError("the controller's prune space differs from the one the baselines are given")
+    cache: dict = {}
+    per: dict[tuple[str, float], list] = {}
+    failures = []
+    bar = tqdm(jobs, desc="bench", disable=not progress)
+    for name, budget, s in bar:
+        bar.set_postfix(method=name, budget=budget)
+        try:
+            if name == CONTROLLER:
+                t0 = time.perf_counter()
+                plan = controller.plan_within(max_flops=budget)
+                plan.meta.update({"method": CONTROLLER, "seconds": time.perf_counter() - t0})
+            else:
+                plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))
+        except HippError as e:  # a budget out of reach is reported; the other methods and budgets still run
+            if name != CONTROLLER and not isinstance(e, BudgetError):
+                raise
+            failures.append({"method": name, "budget": budget, "seed": seed + s, "error": str(e)})
+            continue
+        result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, **evaluate_args)
+        per.setdefault((name, budget), []).append((plan, result))
+    rows = [_mean_rows(name, budget, [r for _, r in got], [p for p, _ in got]) for (name, budget), got in per.items()]
+    dense_metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit)
+    dense = {"metrics": dense_metrics, "utility": utility_of(dense_metrics), "grounding": grounding_of(dense_metrics),
+             "latency_ms": measure_latency(model, tokenizer)}
+    methods_seen = list(dict.fromkeys(r["method"] for r in rows))
+    result = {
+        "budgets": budgets, "methods": methods_seen, "results": rows, "dense": dense,
+        "reference": {"point": list(REFERENCE), "axes": ["1 - utility", "flops_ratio"]},
+        "hypervolume": {m: hypervolume_2d([(1 - r["utility"], r["flops_ratio"]) for r in rows if r["method"] == m])
+                        for m in methods_seen},
+        "train_seconds": {m: sum(r["train_seconds"] for r in rows if r["method"] == m) for m in methods_seen},
+        "plan_seconds": {m: sum(r["plan_seconds"] for r in rows if r["method"] == m) for m in methods_seen},
+        "failures": failures,
+        "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed,
+                     "calibration_size": calibration.size if calibration is not None else 0},
+    }
+    if CONTROLLER in methods_seen:
+        result["train_seconds"][CONTROLLER] = controller_train_seconds
+    result["seconds"] = time.perf_counter() - start
+    if out_dir is not None:
+        result["files"] = write_outputs(result, out_dir)
+    return result
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "csv": out / "bench.csv", "md": out / "bench.md", "png": out / "bench.png"}
+    write_text(paths["csv"], rows_csv(result["results"]))
+    write_text(paths["md"], markdown(result))
+    series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
+              for m in result["methods"]}
+    series["dense"] = [(1.0, result["dense"]["utility"])]
+    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets")
+    files = {k: str(v) for k, v in paths.items()}
+    write_json(paths["json"], {**result, "files": files})
+    return files
+
+
+def rows_csv(rows: list[dict]) -> str:
+    metric_keys = sorted({k for r in rows for k in r["metrics"]})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "budget", "flops_ratio", "params_ratio", "utility", "grounding", "latency_image_ms",
+                "latency_text_ms", "plan_seconds", "train_seconds", *metric_keys])
+    for r in rows:
+        w.writerow([r["method"], r["budget"], r["flops_ratio"], r["params_ratio"], r["utility"],
+                    "" if r["grounding"] is None else r["grounding"], r["latency_ms"]["image"],
+                    r["latency_ms"]["text"], r["plan_seconds"], r["train_seconds"],
+                    *(r["metrics"].get(k, "") for k in metric_keys)])
+    return buf.getvalue()
+
+
+def markdown(result: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    d = result["dense"]
+    lines = ["# Baselines at equal FLOPs budgets", "",
+             (f"dense model: utility {f(d['utility'])}, grounding {f(d['grounding'])}; "
+              f"hypervolume of (1 - utility, flops_ratio) vs reference {tuple(result['reference']['point'])}"), "",
+             ("| method | " + " | ".join(f"utility @{b:g}" for b in result["budgets"])
+              + " | hypervolume | train s | plan s |"),
+             "|---|" + "---|" * (len(result["budgets"]) + 3)]
+    for m in result["methods"]:
+        by_budget = {r["budget"]: r for r in result["results"] if r["method"] == m}
+        cells = [f(by_budget[b]["utility"]) if b in by_budget else "-" for b in result["budgets"]]
+        train = result["train_seconds"].get(m)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {f(result['hypervolume'][m])} | "
+                     f"{'-' if train is None else f'{train:.0f}'} | {result['plan_seconds'][m]:.1f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,163 @@
+"""Calibration data and the damage of a gated forward, for the data-driven baselines.
+
+A calibration set is one small mixed batch (shape scenes with hard negatives + Fashion-MNIST) from
+MixedBatches, drawn with a seed of its own so it overlaps neither the controller's training
+batches nor the test scenes. Damage is what the controller is trained against: the utility
+(similarity distillation) plus grounding (hard-negative margin) losses of the gated model vs the
+same model with gates open, computed by the trainer's Distiller.
+
+Ablation scores need hundreds of gated forwards; `Damage.ablate` runs many gate sets in one pass
+(the batch repeated, one gate vector per sample), only through the tower being ablated (the other
+tower's dense embeddings are reused) and, when the gate sets touch nothing before layer `start`,
+from that layer's cached dense input on (the blocks before it stand aside as identities).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..backends.open_clip import clear_gates, image_size, set_gates, tower_blocks
+from ..data.mixed import Batch, MixedBatches
+from ..gates import Gates, map_gates
+from ..modules import DroppedBlock
+from ..objectives import Embeddings, ObjectiveConfig, Objectives
+from ..space import PruneSpace
+from ..trainer import Distiller
+
+CALIBRATION_SEED = 7919  # the controller trains on seed + 1 of its config (1 by default)
+
+
+@dataclass
+class Calibration:
+    """What a data-driven method may look at: one batch, and how to turn it into model inputs."""
+    batch: Batch
+    tokenizer: object
+    preprocess_cfg: dict
+    seed: int = CALIBRATION_SEED
+
+    @property
+    def size(self) -> int:
+        return len(self.batch.captions)
+
+
+def make_calibration(model, tokenizer, preprocess_cfg: dict, size: int = 64, seed: int = CALIBRATION_SEED,
+                     shape_fraction: float = 0.5, negatives: int = 1) -> Calibration:
+    """`size` image-caption pairs, `shape_fraction` of them shape scenes with `negatives` hard negatives each."""
+    batches = MixedBatches(seed, size, shape_fraction, negatives, image_size(model))
+    return Calibration(batches(0), tokenizer, dict(preprocess_cfg), seed)
+
+
+class Damage:
+    """utility + grounding loss of gated forwards vs the dense model on a calibration batch."""
+
+    def __init__(self, model, calibration: Calibration, space: PruneSpace):
+        device = next(model.parameters()).device
+        self.model, self.batch = model, calibration.batch
+        names = ("utility", "grounding") if self.batch.negatives else ("utility",)
+        self.objectives = Objectives(ObjectiveConfig(names=names), space)
+        self.distiller = Distiller(model, self.objectives, calibration.tokenizer, calibration.preprocess_cfg, device)
+        self.inputs = self.distiller.inputs(self.batch)
+        self.teacher = self.distiller.teacher(self.inputs, self.batch)
+
+    def _loss(self, img, txt, neg) -> float:
+        n = self.batch.n_shapes
+        t_img, t_txt, t_neg = self.teacher
+        losses = self.objectives.losses(None, Embeddings(img, txt, neg), Embeddings(t_img, t_txt, t_neg),
+                                        self.distiller.scale,
+                                        (Embeddings(img[:n], txt[:n], neg), Embeddings(t_img[:n], t_txt[:n], t_neg)))
+        return float(sum(losses.values()))
+
+    @torch.no_grad()
+    def __call__(self, gates: Gates | None = None) -> float:
+        """Damage of one unbatched gate set on both towers (None: the dense model, ~0)."""
+        if gates is None:
+            return self._loss(*self.teacher)
+        set_gates(self.model, *map_gates(lambda t: t.to(self.distiller.device, torch.float32), gates))
+        try:
+            return self._loss(*self.distiller.encode(self.inputs, self.batch))
+        finally:
+            clear_gates(self.model)
+
+    def _tower_input(self, tower: str) -> torch.Tensor:
+        images, tokens, neg_tokens = self.inputs
+        if tower == "image":
+            return images
+        return tokens if neg_tokens is None else torch.cat([tokens, neg_tokens])
+
+    @torch.no_grad()
+    def _block_inputs(self, tower: str) -> list[torch.Tensor]:
+        """The dense input of every block of `tower` on the calibration batch (cached)."""
+        key = f"_inputs_{tower}"
+        if not hasattr(self, key):
+            blocks, seen = tower_blocks(self.model)[tower], []
+            hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for b in blocks]
+            try:
+                self._encode(tower, self._tower_input(tower))
+            finally:
+                for h in hooks:
+                    h.remove()
+            setattr(self, key, seen)
+        return getattr(self, key)
+
+    def _encode(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        if tower == "image":
+            return self.model.encode_image(x, normalize=True)
+        return self.model.encode_text(x, normalize=True)
+
+    @contextmanager
+    def _from_layer(self, tower: str, start: int, state: torch.Tensor):
+        """Blocks before `start` become identities and block `start` receives `state` instead."""
+        blocks = tower_blocks(self.model)[tower]
+        saved = [blocks[j] for j in range(start)]
+        ref = blocks[start].mlp.c_fc.weight
+        hook = blocks[start].register_forward_pre_hook(lambda m, args: (state, *args[1:]))
+        try:
+            for j in range(start):
+                blocks[j] = DroppedBlock(ref.dtype, ref.device)
+            yield
+        finally:
+            hook.remove()
+            for j, b in enumerate(saved):
+                blocks[j] = b
+
+    @torch.no_grad()
+    def ablate(self, tower: str, gate_sets: list[Gates], start: int = 0, max_batch: int = 512) -> torch.Tensor:
+        """Damage of each unbatched gate set applied to `tower` alone (the other tower stays dense).
+
+        `start`: index within the tower of the first layer any gate set changes; earlier layers are
+        not recomputed (their dense outputs are cached).
+        """
+        x = self._tower_input(tower)
+        per = x.shape[0]
+        chunk = max(1, max_batch // per)
+        b = self.inputs[1].shape[0]
+        _, t_txt, t_neg = self.teacher
+        state = self._block_inputs(tower)[start] if start > 0 else None  # before any gate is set
+        out = []
+        for first in range(0, len(gate_sets), chunk):
+            sets = gate_sets[first:first + chunk]
+            k = len(sets)
+            # one gate vector per sample: set s gates samples s * per ... (s + 1) * per - 1
+            rep = lambda ts: torch.stack([t.float() for t in ts]).repeat_interleave(per, 0).to(x.device)
+            layer = rep([s[0] for s in sets])
+            heads = [rep([s[1][i] for s in sets]) for i in range(len(sets[0][1]))]
+            chans = [rep([s[2][i] for s in sets]) for i in range(len(sets[0][2]))]
+            xs = x.repeat(k, *([1] * (x.dim() - 1)))
+            set_gates(self.model, layer, heads, chans)
+            try:
+                if state is not None:
+                    with self._from_layer(tower, start, state.repeat(k, *([1] * (state.dim() - 1)))):
+                        emb = self._encode(tower, xs)
+                else:
+                    emb = self._encode(tower, xs)
+            finally:
+                clear_gates(self.model)
+            for e in emb.view(k, per, -1):
+                if tower == "image":
+                    out.append(self._loss(e, t_txt, t_neg))
+                else:
+                    neg = e[b:].view(self.batch.n_shapes, self.batch.n_negatives, -1) if t_neg is not None else None
+                    out.append(self._loss(self.teacher[0], e[:b], neg))
+        return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,142 @@
+"""Fixed-budget gates (CoFi / UPop style): the controller's gates without the controller.
+
+One free logit per layer, head and channel group, trained for one FLOPs target with the same
+Gumbel-sigmoid straight-through gates, temperature schedule, data and teacher pass as the
+controller (trainer.Distiller). The loss is utility + grounding plus a Lagrangian that holds the
+expected FLOPs ratio at the target: lambda1 * (f - t) + lambda2 * (f - t)^2, the multipliers
+updated by gradient ascent. One such search is needed per budget, which is the cost the
+preference-conditioned controller avoids; its wall time is reported as train_seconds.
+
+The hard plan keeps layers whose logit is > 0 and spends the width budget in logit order, so it
+meets the target exactly like every other baseline.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from ..backends.open_clip import clear_gates, image_size
+from ..data.mixed import MixedBatches
+from ..errors import HippError
+from ..gates import TemperatureSchedule, sample_gates
+from ..objectives import ObjectiveConfig, Objectives
+from ..plan import Plan
+from ..space import PruneSpace
+from ..trainer import Distiller
+from .allocate import BudgetError, allocate, width_budget
+from .calibration import Calibration
+from .method import Context
+from .units import Scores
+
+
+@dataclass
+class GateTraining:
+    steps: int = 120
+    batch_size: int = 32
+    shape_fraction: float = 0.5
+    negatives: int = 2
+    lr: float = 0.1
+    lambda_lr: float = 0.1
+    temperature_start: float = 1.0
+    temperature_end: float = 0.1
+    layer_init: float = 3.0  # layers start kept; widths start at the target's keep share
+
+    def __post_init__(self):
+        ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
+              and self.lr > 0 and self.lambda_lr > 0)
+        if not ok:
+            raise HippError("fixed_budget options need steps >= 1, batch_size >= 2, 0 < shape_fraction <= 1, "
+                            "negatives >= 1 and positive learning rates")
+
+
+class FreeGates(nn.Module):
+    """A logit per unit, in the gate-triple layout the model and the cost functions take."""
+
+    def __init__(self, space: PruneSpace, layer_init: float, width_init: float):
+        super().__init__()
+        self.layer = nn.Parameter(torch.full((len(space.layers),), float(layer_init)))
+        self.heads = nn.ParameterList([nn.Parameter(torch.full((l.num_heads,), float(width_init)))
+                                       for l in space.layers])
+        self.channels = nn.ParameterList([nn.Parameter(torch.full((l.num_channel_gates,), float(width_init)))
+                                          for l in space.layers])
+
+    def forward(self):
+        return self.layer, list(self.heads), list(self.channels)
+
+
+def train_gates(model, space: PruneSpace, calibration: Calibration, target: float, seed: int = 0,
+                cfg: GateTraining | None = None) -> tuple[FreeGates, dict]:
+    """Train free gates for one FLOPs ratio; returns them and {train_seconds, expected_flops, ...}."""
+    cfg = cfg or GateTraining()
+    device = next(model.parameters()).device
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # only the gates learn; no gradient buffers for the VLM
+    share = min(max(width_budget(space, target) / width_budget(space, 1.0), 0.05), 0.95)
+    gates = FreeGates(space, cfg.layer_init, math.log(share / (1 - share))).to(device)
+    lambdas = torch.zeros(2, device=device, requires_grad=True)
+    opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
+    ascent = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, maximize=True)
+    distiller = Distiller(model, Objectives(ObjectiveConfig(names=("utility", "grounding", "flops")), space),
+                          calibration.tokenizer, calibration.preprocess_cfg, device)
+    # its own data seed: neither the calibration batch nor the controller's training batches
+    batches = MixedBatches(calibration.seed + 1000 + seed, cfg.batch_size, cfg.shape_fraction, cfg.negatives,
+                           image_size(model))
+    temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    flops = float("nan")
+    try:
+        for step in range(cfg.steps):
+            batch = batches(step)
+            inputs = distiller.inputs(batch)
+            teacher = distiller.teacher(inputs, batch)
+            logits = gates()
+            losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
+            gap = losses["flops"] - target
+            total = losses["utility"] + losses["grounding"] + lambdas[0] * gap + lambdas[1] * gap.pow(2)
+            opt.zero_grad()
+            ascent.zero_grad()
+            total.backward()
+            opt.step()
+            ascent.step()
+            flops = float(losses["flops"].detach())
+    finally:
+        clear_gates(model)
+        for p, r in zip(model.parameters(), grads):
+            p.requires_grad_(r)
+    info = {"train_seconds": time.perf_counter() - start, "steps": cfg.steps, "expected_flops": flops,
+            "lambdas": [float(x) for x in lambdas.detach()]}
+    return gates, info
+
+
+def plan_from_gates(space: PruneSpace, gates: FreeGates, target: float) -> Plan:
+    """Layers with logit > 0, then the width budget in logit order; layers come back best-first
+    while the kept ones cannot spend the budget."""
+    layer = gates.layer.detach().double().cpu()
+    scores = Scores([h.detach().double().cpu() for h in gates.heads],
+                    [c.detach().double().cpu() for c in gates.channels])
+    keep = (layer > 0).double()
+    waiting = [i for i in torch.argsort(layer, descending=True, stable=True).tolist() if not keep[i]]
+    while True:
+        try:
+            return allocate(space, target, scores, key="score", layer_keep=keep)
+        except BudgetError:
+            if not waiting:
+                raise
+            keep[waiting.pop(0)] = 1.0
+
+
+def fixed_budget_plan(ctx: Context, budget: float, **training) -> Plan:
+    """`training` overrides GateTraining fields, e.g. steps=50."""
+    known = {f.name for f in fields(GateTraining)}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        raise HippError(f"baseline 'fixed_budget' has no option {unknown[0]!r}; it takes {', '.join(sorted(known))}")
+    gates, info = train_gates(ctx.model, ctx.space, ctx.calibration, budget, ctx.seed, GateTraining(**training))
+    plan = plan_from_gates(ctx.space, gates, budget)
+    plan.meta.update(info)
+    return plan
