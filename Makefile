@@ -36,9 +36,9 @@ demo: setup data
 	$(PY) -m hipp query --controller $(DEMO)/controller --max-flops 0.5
 	@echo "== 4/4 export the <=50% FLOPs plan and evaluate the smaller model"
 	$(PY) -m hipp export --controller $(DEMO)/controller --max-flops 0.5 --out $(DEMO)/pruned-50 --json > $(DEMO)/export.json
-	$(PY) -m hipp eval --model $(DEMO)/pruned-50 --json > $(DEMO)/pruned-50/eval.json
+	$(PY) -m hipp eval --model $(DEMO)/pruned-50 --json > $(DEMO)/pruned-50.eval.json
 	$(PY) -m hipp eval --model $(DEMO)/pruned-50
-	@echo "outputs: $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json, eval.json)"
+	@echo "outputs: $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json), $(DEMO)/pruned-50.eval.json"
 
 test: setup data
 	$(PY) -m pytest
