@@ -364,13 +364,20 @@ def plot_front(rows: list[dict], path, hypervolume: float | None = None, dense: 
     _save(fig, path)
 
 
-def plot_methods(series: dict[str, list[tuple[float, float]]], path, title: str = "") -> None:
-    """Utility vs FLOPs ratio, one line of (flops_ratio, utility) points per method."""
+def plot_methods(series: dict[str, list[tuple[float, float]]], path, title: str = "",
+                 highlight: Sequence[str] = ("hipp",), dense: tuple[float, float] | None = None) -> None:
+    """Utility vs FLOPs ratio, one line of (flops_ratio, utility) points per method; `highlight`ed
+    methods drawn heavier, the dense model as a star."""
     fig = _figure()
     ax = fig.add_subplot()
     for name, pts in series.items():
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.2, label=name)
+        bold = name in highlight
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=6 if bold else 4, lw=2.4 if bold else 1.2,
+                label=name, zorder=3 if bold else 2)
+    if dense is not None:
+        ax.scatter([dense[0]], [dense[1]], marker="*", s=140, color="tab:orange", edgecolors="k", label="dense",
+                   zorder=4)
     ax.set_xlabel("FLOPs ratio (vs dense)")
     ax.set_ylabel("utility")
     ax.set_title(title, fontsize=10)

@@ -137,8 +137,8 @@ def write_outputs(result: dict, out_dir) -> dict:
     write_text(paths["md"], markdown(result))
     series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
               for m in result["methods"]}
-    series["dense"] = [(1.0, result["dense"]["utility"])]
-    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets")
+    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets", highlight=(CONTROLLER,),
+                 dense=(1.0, result["dense"]["utility"]))
     files = {k: str(v) for k, v in paths.items()}
     write_json(paths["json"], {**result, "files": files})
     return files
