@@ -57,6 +57,64 @@ def _cmd_export(args) -> int:
     return run(args)
 
 
+def _out_dir(path: str):
+    """An output folder for reports: must not be a file, nor lie under one."""
+    from pathlib import Path
+    out = Path(path)
+    for part in (out, *out.parents):
+        if part.exists() and not part.is_dir():
+            raise HippError(f"output {out} is not a folder ({part} is a file)")
+    return out
+
+
+def _controller_and_base(args):
+    from .controller import load_controller
+    from .query import load_base
+
+    controller = load_controller(args.controller)
+    return controller, load_base(controller, args.controller, args.base_model)
+
+
+def _cmd_pareto(args) -> int:
+    from .pareto import sweep
+
+    out = _out_dir(args.out)
+    controller, base = _controller_and_base(args)
+    result = sweep(controller, base.model, base.tokenizer, base.preprocess_cfg, points=args.points, out_dir=out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{len(result['rows'])} preferences, utility hypervolume {result['hypervolume']['utility']:.3f}; outputs in {out}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .baselines.allocate import check_target
+    from .baselines.bench import bench
+    from .query import plan_for_budget
+
+    budgets = [check_target(b) for b in args.budgets.split(",")]
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    if methods is not None:
+        from .baselines import get_method
+        for m in methods:
+            get_method(m)  # unknown names fail before anything loads
+    out = _out_dir(args.out)
+    controller, base = _controller_and_base(args)
+    summary = Path(args.controller) / "training_summary.json"
+    seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
+    result = bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
+                   controller=controller, controller_train_seconds=seconds,
+                   controller_planner=lambda b: plan_for_budget(controller, max_flops=b, base=base))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"bench of {len(result['results'])} rows written to {out} (bench.md, bench.json, bench.csv, bench.png)")
+    return 0
+
+
 def _add_plan_args(p) -> None:
     """query / export: which controller, and a preference or a cost bound."""
     p.add_argument("--controller", required=True, help="trained controller folder")
@@ -75,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="comma-separated: shapes, fmnist, csv:FILE, folder:DIR (default: shapes,fmnist)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=_cmd_eval)
+    pa = sub.add_parser("pareto", help="sweep preferences, measure every hard plan, draw the front")
+    pa.add_argument("--controller", required=True, help="trained controller folder")
+    pa.add_argument("--points", type=int, default=20, help="about this many preferences on a simplex grid")
+    pa.add_argument("--out", required=True, help="output folder for CSV, JSON, PNG and markdown")
+    pa.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
+    pa.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pa.set_defaults(func=_cmd_pareto)
+    b = sub.add_parser("bench", help="every baseline and the controller at every FLOPs budget")
+    b.add_argument("--controller", required=True, help="trained controller folder")
+    b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
+    b.add_argument("--methods", help="comma-separated baseline names (default: all)")
+    b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
+    b.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.set_defaults(func=_cmd_bench)
     t = sub.add_parser("train", help="train a controller (also under `accelerate launch -m hipp train`)")
     t.add_argument("--config", required=True, help="YAML training config")
     t.add_argument("--output", help="output folder (overrides the config)")

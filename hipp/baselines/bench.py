@@ -59,10 +59,11 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
 def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
           out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
           datasets=DATASETS, n: int = 500, fmnist_limit: int | None = 2000, seed: int = 0,
-          options: dict | None = None, progress: bool = True) -> dict:
+          options: dict | None = None, progress: bool = True, controller_planner=None) -> dict:
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
-    With `controller`, its plan_within(max_flops=budget) joins as method "hipp". `options` maps a
+    With `controller`, its plan for each budget joins as method "hipp": `controller_planner(budget)`
+    when given (the CLI passes hipp.query's bound search), else controller.plan_within. `options` maps a
     method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). Returns the bench object
     (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
     written as bench.json, bench.csv, bench.md and bench.png.
@@ -94,7 +95,8 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         try:
             if name == CONTROLLER:
                 t0 = time.perf_counter()
-                plan = controller.plan_within(max_flops=budget)
+                plan = (controller_planner(budget) if controller_planner is not None
+                        else controller.plan_within(max_flops=budget))
                 plan.meta.update({"method": CONTROLLER, "seconds": time.perf_counter() - t0})
             else:
                 plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))

@@ -1,0 +1,40 @@
+"""`hipp pareto` and `hipp bench` from the command line: outputs written, bad input one line."""
+import json
+
+from test_query import assert_bad, cli, tiny_controller_dir  # noqa: F401
+
+
+def test_pareto_writes_the_front(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
+    code, out, err = cli(capsys, "pareto", "--controller", tiny_controller_dir, "--points", 4,
+                         "--out", tmp_path / "front", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0.0 <= result["hypervolume"]["utility"] <= 1.0
+    for name in ("pareto.json", "pareto.csv", "pareto.png", "pareto.md"):
+        assert (tmp_path / "front" / name).stat().st_size > 0
+
+
+def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
+    code, out, err = cli(capsys, "bench", "--controller", tiny_controller_dir, "--budgets", "0.5",
+                         "--methods", "uniform,magnitude", "--out", tmp_path / "bench", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert {r["method"] for r in result["results"]} == {"uniform", "magnitude", "hipp"}
+    for row in result["results"]:
+        assert row["budget"] == 0.5 and 0.48 <= row["flops_ratio"] <= 0.5
+    assert set(result["hypervolume"]) >= {"uniform", "magnitude", "hipp"}
+    assert (tmp_path / "bench" / "bench.md").is_file()
+
+
+def test_bench_and_pareto_bad_input(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
+    ctrl = str(tiny_controller_dir)
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--budgets", "0.5,1.5", "--out", tmp_path / "b"),
+               "(0, 1]")
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--budgets", "0", "--out", tmp_path / "b"), "(0, 1]")
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--methods", "pruneall", "--out", tmp_path / "b"),
+               "pruneall")
+    (tmp_path / "file").write_text("keep me")
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--out", tmp_path / "file"), "is a file")
+    assert_bad(*cli(capsys, "pareto", "--controller", ctrl, "--out", tmp_path / "file" / "sub"), "is a file")
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert not (tmp_path / "b").exists()
