@@ -23,22 +23,24 @@ data:
 DEMO := runs/demo
 
 # The main job on the embedded teacher: train a controller, query three preferences, export one
-# plan as a smaller model, evaluate it. Re-running continues (or reuses) the trained controller.
+# plan as a smaller model, evaluate it, draw the front. Re-running continues (or reuses) the trained controller.
 demo: setup data
-	@echo "== 1/4 teacher: checkpoints/teacher-tiny (see its MODEL_CARD.md)"
-	@echo "== 2/4 training the controller -> $(DEMO)/controller"
+	@echo "== 1/5 teacher: checkpoints/teacher-tiny (see its MODEL_CARD.md)"
+	@echo "== 2/5 training the controller -> $(DEMO)/controller"
 	@if [ -f $(DEMO)/controller/controller.json ]; then \
 	  $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller --resume; \
 	else $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller; fi
-	@echo "== 3/4 three preferences"
+	@echo "== 3/5 three preferences"
 	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=1
 	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=0.5,flops=0.5
 	$(PY) -m hipp query --controller $(DEMO)/controller --max-flops 0.5
-	@echo "== 4/4 export the <=50% FLOPs plan and evaluate the smaller model"
+	@echo "== 4/5 export the <=50% FLOPs plan and evaluate the smaller model"
 	$(PY) -m hipp export --controller $(DEMO)/controller --max-flops 0.5 --out $(DEMO)/pruned-50 --json > $(DEMO)/export.json
 	$(PY) -m hipp eval --model $(DEMO)/pruned-50 --json > $(DEMO)/pruned-50.eval.json
 	$(PY) -m hipp eval --model $(DEMO)/pruned-50
-	@echo "outputs: $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json), $(DEMO)/pruned-50.eval.json"
+	@echo "== 5/5 the front: every hard plan on a simplex grid, measured"
+	$(PY) -m hipp pareto --controller $(DEMO)/controller --points 15 --out $(DEMO)/pareto
+	@echo "outputs: $(DEMO)/pareto (pareto.png, pareto.md, pareto.csv), $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json), $(DEMO)/pruned-50.eval.json"
 
 test: setup data
 	$(PY) -m pytest
