@@ -13,21 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from hipp.backends.open_clip import clear_gates, make_prunable, set_gates
 from hipp.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 from hipp.controller import load_controller
 from hipp.evaluate import evaluate
 from hipp.fileio import write_json
+from hipp.pareto import spearman
 from hipp.preference import sweep
-
-
-def spearman(x, y) -> float:
-    rx = torch.tensor(x).argsort().argsort().double()
-    ry = torch.tensor(y).argsort().argsort().double()
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
 def main():

@@ -75,17 +75,20 @@ def _controller_and_base(args):
     return controller, load_base(controller, args.controller, args.base_model)
 
 
+def _report(args, result: dict, line: str) -> int:
+    """--json: the whole object on stdout; otherwise one line saying where the outputs are."""
+    print(json.dumps(result) if args.json else line)
+    return 0
+
+
 def _cmd_pareto(args) -> int:
     from .pareto import sweep
 
     out = _out_dir(args.out)
     controller, base = _controller_and_base(args)
     result = sweep(controller, base.model, base.tokenizer, base.preprocess_cfg, points=args.points, out_dir=out)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{len(result['rows'])} preferences, utility hypervolume {result['hypervolume']['utility']:.3f}; outputs in {out}")
-    return 0
+    return _report(args, result, f"{len(result['rows'])} preferences, utility hypervolume "
+                                 f"{result['hypervolume']['utility']:.3f}; outputs in {out}")
 
 
 def _cmd_bench(args) -> int:
@@ -108,21 +111,23 @@ def _cmd_bench(args) -> int:
     result = bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                    controller=controller, controller_train_seconds=seconds,
                    controller_planner=lambda b: plan_for_budget(controller, max_flops=b, base=base))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"bench of {len(result['results'])} rows written to {out} (bench.md, bench.json, bench.csv, bench.png)")
-    return 0
+    return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
+                                 "(bench.md, bench.json, bench.csv, bench.png)")
+
+
+def _add_controller_args(p) -> None:
+    """query / export / pareto / bench: which controller, on which base model, and --json."""
+    p.add_argument("--controller", required=True, help="trained controller folder")
+    p.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def _add_plan_args(p) -> None:
-    """query / export: which controller, and a preference or a cost bound."""
-    p.add_argument("--controller", required=True, help="trained controller folder")
+    """query / export: a preference or a cost bound."""
+    _add_controller_args(p)
     p.add_argument("--pref", help="preference SPEC: name=value,... or positional values")
     p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
     p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
-    p.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,19 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.set_defaults(func=_cmd_eval)
     pa = sub.add_parser("pareto", help="sweep preferences, measure every hard plan, draw the front")
-    pa.add_argument("--controller", required=True, help="trained controller folder")
+    _add_controller_args(pa)
     pa.add_argument("--points", type=int, default=20, help="about this many preferences on a simplex grid")
     pa.add_argument("--out", required=True, help="output folder for CSV, JSON, PNG and markdown")
-    pa.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
-    pa.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pa.set_defaults(func=_cmd_pareto)
     b = sub.add_parser("bench", help="every baseline and the controller at every FLOPs budget")
-    b.add_argument("--controller", required=True, help="trained controller folder")
+    _add_controller_args(b)
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
-    b.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
-    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     b.set_defaults(func=_cmd_bench)
     t = sub.add_parser("train", help="train a controller (also under `accelerate launch -m hipp train`)")
     t.add_argument("--config", required=True, help="YAML training config")
