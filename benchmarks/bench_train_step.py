@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hipp.backends.open_clip import clear_gates, image_size, make_prunable
+from hipp.backends import clear_gates, image_size, make_prunable
 from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.controller import Controller
 from hipp.data.mixed import MixedBatches

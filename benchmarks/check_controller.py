@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 
-from hipp.backends.open_clip import clear_gates, make_prunable, set_gates
+from hipp.backends import clear_gates, make_prunable, set_gates
 from hipp.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 from hipp.controller import load_controller
 from hipp.evaluate import evaluate

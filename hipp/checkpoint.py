@@ -1,19 +1,23 @@
 """One loading path for every model the project touches.
 
 A folder in open_clip's own local-dir layout (`open_clip_config.json` + safetensors weights) is
-the embedded teacher's format, so `open_clip.create_model("local-dir:...")` reads it too. Any
-other string is an open_clip model name, loaded by open_clip with `pretrained` as given (a tag
-such as "openai" or a local weights file).
+the embedded teacher's format, so `open_clip.create_model("local-dir:...")` reads it too. A folder
+with a transformers `config.json` (model_type clip or siglip) loads through transformers. A
+folder with `pruned_config.json` is a HiPP export of either. Any other string is an open_clip
+model name, loaded by open_clip with `pretrained` as given (a tag such as "openai" or a local
+weights file), or a transformers hub id ("openai/clip-vit-base-patch32").
 """
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from .backends.open_clip import build
 from .errors import HippError
 from .fileio import load_tensors, read_json, save_tensors, write_json
 
@@ -26,44 +30,67 @@ PRUNED_FORMAT = "hipp-pruned"
 PRUNED_VERSION = 1
 
 
-def _build(model_cfg: dict) -> torch.nn.Module:
-    cfg = dict(model_cfg)
-    custom_text = cfg.pop("custom_text", False)
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    try:
-        return cls(**cfg)
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
-        raise HippError(f"model_cfg cannot build an open_clip model ({e})") from None
+FAMILIES = ("open_clip", "clip", "siglip")  # open_clip's CLIP, transformers' CLIPModel / SiglipModel
 
 
-def load_model(spec: str | Path, pretrained: str | None = None, device: str = "cpu") -> torch.nn.Module:
-    """A frozen, eval-mode model with encode_image / encode_text, from a folder or a model name."""
+def family(model: torch.nn.Module) -> str:
+    return getattr(model, "model_type", "open_clip")
+
+
+def is_hub_id(spec) -> bool:
+    """org/name: a transformers hub id (a path that does not exist looks different: /, ./, more parts)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(spec)) is not None and not Path(spec).exists()
+
+
+def load_model(spec: str | Path, pretrained: str | None = None, device: str = "cpu",
+               expect: str | None = None) -> torch.nn.Module:
+    """A frozen, eval-mode model with encode_image / encode_text, from a folder or a model name.
+
+    Folders: the project's open_clip layout, a transformers CLIP / SigLIP folder, or a HiPP export.
+    Names: an open_clip model name (with `pretrained`), or a transformers hub id such as
+    "openai/clip-vit-base-patch32" (the local cache first). `expect` (open_clip / clip / siglip)
+    refuses a model of another family.
+    """
+    from .backends import hf
+
+    if expect is not None and expect not in FAMILIES:
+        raise HippError(f"unknown model family {expect!r}; expected one of {FAMILIES}")
     path = Path(spec)
     if path.is_dir():
-        model = _load_dir(path)
+        model = _load_dir(path, expect)
     elif path.exists():
-        raise HippError(f"{path} is a file; expected a model folder or an open_clip model name")
+        raise HippError(f"{path} is a file; expected a model folder or a model name")
     elif str(spec) in open_clip.list_models():
         try:
             model = open_clip.create_model(str(spec), pretrained=pretrained)
         except Exception as e:  # hub unreachable, unknown tag, bad file: all user-facing here
             raise HippError(f"cannot load open_clip {spec!r} with pretrained={pretrained!r}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    elif is_hub_id(spec):
+        model = hf.load(str(spec), expect)
     else:
-        raise HippError(f"{spec} is neither a model folder nor a known open_clip model name")
+        raise HippError(f"{spec} is neither a model folder (none there), an open_clip model name nor a "
+                        "transformers hub id (org/name)")
+    if expect is not None and family(model) != expect:
+        raise HippError(f"{spec} is a {family(model)} model, but {expect} was asked for")
     model.to(device).eval().requires_grad_(False)
     return model
 
 
-def _load_dir(path: Path) -> torch.nn.Module:
+def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
+    from .backends import hf
+
     if (path / PRUNED_CONFIG_NAME).is_file():
         return _load_pruned(path)
+    if (path / hf.HF_CONFIG).is_file() and not (path / CONFIG_NAME).is_file():
+        return hf.load(str(path), expect)
     if not (path / CONFIG_NAME).is_file():
-        raise HippError(f"{path} has no {CONFIG_NAME}; not a model folder this project wrote")
+        raise HippError(f"{path} is not a model folder: no {CONFIG_NAME} (open_clip), {hf.HF_CONFIG} "
+                        f"(transformers CLIP / SigLIP) or {PRUNED_CONFIG_NAME} (HiPP export)")
     config = read_json(path / CONFIG_NAME)
     if "model_cfg" not in config:
         raise HippError(f"{path / CONFIG_NAME} has no 'model_cfg'")
-    model = _build(config["model_cfg"])
+    model = build(config["model_cfg"])
     _load_state(model, path / WEIGHTS_NAME, "config")
     open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **config.get("preprocess_cfg", {})})
     return model
@@ -100,13 +127,20 @@ def _load_pruned(path: Path) -> torch.nn.Module:
     for key, kind in (("model_cfg", dict), ("structure", dict), ("num_params", int)):
         if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
             raise HippError(f"{where} needs {key!r} ({kind.__name__})")
-    model = empty_model(config["model_cfg"], config["structure"])
+    model = empty_model(config["model_cfg"], config["structure"], config.get("backend", "open_clip"))
     _load_state(model, path / PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME)
     n = sum(p.numel() for p in model.parameters())
     if n != config["num_params"]:
         raise HippError(f"{path} holds {n:,} parameters; {PRUNED_CONFIG_NAME} says {config['num_params']:,}")
-    open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **config.get("preprocess_cfg", {})})
+    set_preprocess_cfg(model, config.get("preprocess_cfg", {}))
     return model
+
+
+def set_preprocess_cfg(model: torch.nn.Module, cfg: dict) -> None:
+    if family(model) == "open_clip":
+        open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **cfg})
+    else:
+        model.preprocess_cfg = dict(cfg)
 
 
 def save_model(model: torch.nn.Module, path: str | Path, model_cfg: dict, preprocess_cfg: dict,
@@ -119,26 +153,49 @@ def save_model(model: torch.nn.Module, path: str | Path, model_cfg: dict, prepro
 
 
 def preprocess_cfg(model: torch.nn.Module) -> dict:
+    if family(model) != "open_clip":
+        return dict(model.preprocess_cfg)
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
+def _pruned_config(path: Path) -> dict | None:
+    return read_json(path / PRUNED_CONFIG_NAME) if (path / PRUNED_CONFIG_NAME).is_file() else None
+
+
 def get_tokenizer(spec: str | Path):
+    """texts -> [N, context_length] token ids, as the model at `spec` expects them."""
+    from .backends import hf
+
     path = Path(spec)
     if path.is_dir():
+        pruned = _pruned_config(path)
+        if pruned is not None and pruned.get("backend") == "hf":
+            return hf.tokenizer(path, pruned["model_cfg"]["text_config"]["max_position_embeddings"])
+        if pruned is None and hf.folder_model_type(path) is not None and not (path / CONFIG_NAME).is_file():
+            return hf.tokenizer(path, read_json(path / hf.HF_CONFIG)["text_config"]["max_position_embeddings"])
         if not (path / CONFIG_NAME).is_file():
-            raise HippError(f"{path} has no {CONFIG_NAME}; not a model folder this project wrote")
+            raise HippError(f"{path} has no {CONFIG_NAME} or {hf.HF_CONFIG}; not a model folder")
         return open_clip.get_tokenizer(f"local-dir:{path}")
+    if str(spec) not in open_clip.list_models() and is_hub_id(spec):
+        import transformers
+
+        return hf.tokenizer(spec, transformers.AutoConfig.from_pretrained(str(spec)).text_config.max_position_embeddings)
     return open_clip.get_tokenizer(str(spec))
 
 
 def get_preprocess(spec: str | Path):
     """The eval-time PIL -> tensor transform the model expects."""
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and _pruned_config(path) is None:
         cfg = read_json(path / CONFIG_NAME).get("preprocess_cfg", {})
-        return image_transform_v2(PreprocessCfg(**{**PreprocessCfg().__dict__, **cfg}), is_train=False)
-    _, _, preprocess = open_clip.create_model_and_transforms(str(spec))
-    return preprocess
+    elif path.is_dir() and _pruned_config(path) is not None:
+        cfg = _pruned_config(path).get("preprocess_cfg", {})
+    elif path.is_dir() or (str(spec) not in open_clip.list_models() and is_hub_id(spec)):
+        cfg = preprocess_cfg(load_model(spec))
+    else:
+        _, _, preprocess = open_clip.create_model_and_transforms(str(spec))
+        return preprocess
+    return image_transform_v2(PreprocessCfg(**{**PreprocessCfg().__dict__, **cfg}), is_train=False)
 
 
 def fingerprint(model: torch.nn.Module) -> str:

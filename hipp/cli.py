@@ -115,6 +115,14 @@ def _cmd_bench(args) -> int:
                                  "(bench.md, bench.json, bench.csv, bench.png)")
 
 
+def _cmd_convert(args) -> int:
+    from .backends.convert import convert_folder
+
+    result = convert_folder(args.model, args.out)
+    return _report(args, result, f"transformers CLIPModel folder written to {result['out']} "
+                                 f"({result['num_params']:,} parameters)")
+
+
 def _add_controller_args(p) -> None:
     """query / export / pareto / bench: which controller, on which base model, and --json."""
     p.add_argument("--controller", required=True, help="trained controller folder")
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     b.set_defaults(func=_cmd_bench)
+    c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")
+    c.add_argument("--model", required=True, help="open_clip model folder (e.g. checkpoints/teacher-tiny)")
+    c.add_argument("--out", required=True, help="new or empty output folder")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.set_defaults(func=_cmd_convert)
     t = sub.add_parser("train", help="train a controller (also under `accelerate launch -m hipp train`)")
     t.add_argument("--config", required=True, help="YAML training config")
     t.add_argument("--output", help="output folder (overrides the config)")

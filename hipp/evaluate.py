@@ -150,7 +150,7 @@ def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int =
 
 def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int = 32) -> dict:
     """The eval object of the interface contract: metrics, params, flops, latency_ms."""
-    from .backends.open_clip import context_length, dense_flops, image_size, num_params
+    from .backends import context_length, dense_flops, image_size, num_params
 
     size = image_size(model)
     images = to_input(torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(0),

@@ -1,9 +1,10 @@
 """Export: a hard plan + the frozen base weights -> a physically smaller model folder.
 
-    model.safetensors       the materialised model's state dict (open_clip key names, smaller shapes)
+    model.safetensors       the materialised model's state dict (the backend's key names, smaller shapes)
     pruned_config.json      base model_cfg, per-layer structure, the plan, preference, costs, the base
                             weights' fingerprint, preprocess cfg, parameter count
     open_clip_config.json   model_cfg + preprocess_cfg, so get_tokenizer / get_preprocess read the folder
+    tokenizer files         instead, for a transformers base: its tokenizer, as save_pretrained writes it
     image_encoder.onnx      with --onnx: encode_image / encode_text (unnormalised embeddings, dynamic
     text_encoder.onnx       batch), each checked against onnxruntime before anything is published
 
@@ -24,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME)
+from .backends.hf import TOKENIZER_FILES
+from .checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME,
+                         family)
 from .errors import HippError
 from .fileio import read_json, save_tensors, write_json
 from .plan import Plan
 
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
-EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values())
+EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values(), *TOKENIZER_FILES)
 ONNX_ATOL = 1e-4
 
 
@@ -127,7 +130,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
     """
     from . import __version__
-    from .backends.open_clip import describe
+    from .backends import describe
     from .materialize import compensate_bias, materialize, model_structure, structure
     from .query import calibration, summary
 
@@ -150,8 +153,9 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         if abs(own[f"flops/{t}"] - costs[f"flops/{t}"]) > 1e-6 * max(costs[f"flops/{t}"], 1.0):
             raise AssertionError(f"{t} FLOPs of the materialised model differ from the plan's")
     num_params = sum(p.numel() for p in small.parameters())
+    backend = "open_clip" if family(base.model) == "open_clip" else "hf"
     config = {
-        "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__,
+        "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__, "backend": backend,
         "model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg,
         "structure": struct, "num_params": num_params,
         "preference": dict(plan.preference), "meta": dict(plan.meta), "costs": costs,
@@ -165,7 +169,10 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         raise HippError(f"cannot create the export folder {out}: {e.strerror or e}") from None
     try:
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
-        write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
+        if backend == "open_clip":  # what open_clip's local-dir tokenizer / transform read
+            write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
+        else:  # the transformers tokenizer files; preprocessing is in pruned_config.json
+            base.tokenizer.tokenizer.save_pretrained(str(stage))
         onnx_diffs = None
         if onnx:
             images, tokens = calibration(base, 3, seed=2)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends.open_clip import prunable_blocks, set_gates, tower_blocks
+from .backends import backend, prunable_blocks, set_gates, tower_blocks
 from .errors import HippError
-from .modules import DroppedBlock, PrunableAttention, PrunableBlock, PrunableMLP, _empty_linear, _linear_from
+from .modules import DroppedBlock, GatedBlock
 from .space import TOWERS, PruneSpace
 
 
@@ -48,10 +48,24 @@ def _hard(values, what: str) -> torch.Tensor:
     return t.bool().cpu()
 
 
-def _channel_group(block: nn.Module, hidden: int, n_gates: int) -> int:
-    group = getattr(block.mlp, "channel_group", None)
-    if group is None:  # a plain open_clip block: infer the grouping from the number of gates
-        group = -(-hidden // max(n_gates, 1))
+def _gated(model: nn.Module) -> list[tuple[str, int, GatedBlock, bool]]:
+    """(tower, index, block as a gated class, was it gated already) for every block of the model.
+    A plain block is wrapped (parameters shared), so the slicing below serves both."""
+    b = backend(model)
+    out = []
+    for tower, resblocks in b.tower_blocks(model).items():
+        for i, block in enumerate(resblocks):
+            if isinstance(block, DroppedBlock):
+                raise HippError("model is already materialised; pass the full model")
+            gated = isinstance(block, GatedBlock)
+            out.append((tower, i, block if gated else b.gated_block(block, 1), gated))
+    return out
+
+
+def _channel_group(block: GatedBlock, known: bool, n_gates: int) -> int:
+    hidden = block.mlp.hidden
+    # a plain block has no grouping of its own: infer it from the number of gates
+    group = block.mlp.channel_group if known else -(-hidden // max(n_gates, 1))
     if -(-hidden // group) != n_gates:
         raise HippError(f"{n_gates} channel gates do not fit an MLP of {hidden} channels in groups of {group}")
     return group
@@ -59,58 +73,26 @@ def _channel_group(block: nn.Module, hidden: int, n_gates: int) -> int:
 
 def layer_plans(model: nn.Module, layer_keep, head_keep, channel_keep) -> list[LayerPlan]:
     """The hard plan as kept indices per layer, in prune-space order (validated against the model)."""
-    blocks = [(t, i, b) for t, rb in tower_blocks(model).items() for i, b in enumerate(rb)]
+    blocks = _gated(model)
     layers = _hard(layer_keep, "layer_keep")
     if len(layers) != len(blocks) or len(head_keep) != len(blocks) or len(channel_keep) != len(blocks):
         raise HippError(f"the plan must cover {len(blocks)} layers")
     plans = []
-    for n, (tower, i, block) in enumerate(blocks):
-        if isinstance(block, DroppedBlock):
-            raise HippError("model is already materialised; pass the full model")
+    for n, (tower, i, block, known) in enumerate(blocks):
         heads, chans = _hard(head_keep[n], f"head_keep[{n}]"), _hard(channel_keep[n], f"channel_keep[{n}]")
         if len(heads) != block.attn.num_heads:
             raise HippError(f"head_keep[{n}] has {len(heads)} values for {block.attn.num_heads} heads")
-        hidden = block.mlp.c_fc.out_features
-        group = _channel_group(block, hidden, len(chans))
-        per_channel = chans.repeat_interleave(group)[:hidden]
+        group = _channel_group(block, known, len(chans))
+        per_channel = chans.repeat_interleave(group)[:block.mlp.hidden]
         plans.append(LayerPlan(tower, i, bool(layers[n]),
                                heads.nonzero().flatten(), per_channel.nonzero().flatten()))
     return plans
 
 
-# --- slicing ---
+# --- slicing: each gated class copies out its own kept units (modules.py) ---
 
-def slice_attention(attn: nn.Module, heads: torch.Tensor) -> PrunableAttention:
-    """Keep only the given heads of an attention module (PrunableAttention or nn.MultiheadAttention)."""
-    d, h, hd = attn.embed_dim, attn.num_heads, attn.head_dim
-    heads = heads.to(attn.in_proj_weight.device)
-    w = attn.in_proj_weight.detach().view(3, h, hd, d)[:, heads].reshape(-1, d)
-    b = attn.in_proj_bias
-    b = None if b is None else b.detach().view(3, h, hd)[:, heads].reshape(-1)
-    ow = attn.out_proj.weight.detach().view(d, h, hd)[:, heads].reshape(d, -1)
-    ob = attn.out_proj.bias
-    return PrunableAttention.from_weights(w, b, ow, None if ob is None else ob.detach(), hd,
-                                          dropout=attn.dropout, requires_grad=attn.in_proj_weight.requires_grad)
-
-
-def slice_mlp(mlp: nn.Module, channels: torch.Tensor) -> PrunableMLP:
-    """Keep only the given hidden channels of an MLP (PrunableMLP or open_clip's Sequential)."""
-    fc, proj = mlp.c_fc, mlp.c_proj
-    channels = channels.to(fc.weight.device)
-    grad = fc.weight.requires_grad
-    c_fc = _linear_from(fc.weight.detach()[channels], None if fc.bias is None else fc.bias.detach()[channels], grad)
-    c_proj = _linear_from(proj.weight.detach()[:, channels], None if proj.bias is None else proj.bias.detach(), grad)
-    return PrunableMLP(c_fc, copy.deepcopy(mlp.gelu), c_proj)
-
-
-def slice_block(block: nn.Module, heads: torch.Tensor, channels: torch.Tensor) -> PrunableBlock:
-    """A smaller copy of a block: the given heads and channels, copies of its norms and layer scales."""
-    return PrunableBlock(copy.deepcopy(block.ln_1), slice_attention(block.attn, heads), copy.deepcopy(block.ls_1),
-                         copy.deepcopy(block.ln_2), slice_mlp(block.mlp, channels), copy.deepcopy(block.ls_2))
-
-
-def _dropped_like(block: nn.Module) -> DroppedBlock:
-    w = block.mlp.c_fc.weight
+def _dropped_like(block: GatedBlock) -> DroppedBlock:
+    w = block.mlp.fc_in.weight
     return DroppedBlock(w.dtype, w.device)
 
 
@@ -128,12 +110,13 @@ def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None)
     `model` itself is left untouched."""
     layer_keep, head_keep, channel_keep = _unpack(layer_keep, head_keep, channel_keep)
     plans = iter(layer_plans(model, layer_keep, head_keep, channel_keep))
+    gated = iter(_gated(model))
     replaced = {}
     for resblocks in tower_blocks(model).values():
         new = nn.ModuleList()
-        for block in resblocks:
-            p = next(plans)
-            new.append(slice_block(block, p.heads, p.channels) if p.kept else _dropped_like(block))
+        for _ in resblocks:
+            p, (_, _, block, _) = next(plans), next(gated)
+            new.append(block.shrunk(p.heads, p.channels) if p.kept else _dropped_like(block))
         replaced[id(resblocks)] = new
     # deepcopy everything but the blocks: the memo hands back the sliced lists instead of copying
     # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
@@ -157,47 +140,33 @@ def structure(space: PruneSpace, layer_keep, head_keep, channel_keep) -> dict:
 
 def model_structure(model: nn.Module) -> dict:
     """The structure of a (materialised or full) model, read from its modules."""
+    b = backend(model)
     out = {}
-    for tower, resblocks in tower_blocks(model).items():
-        out[tower] = [{"kept": False, "heads": 0, "channels": 0} if isinstance(b, DroppedBlock) else
-                      {"kept": True, "heads": b.attn.num_heads, "channels": b.mlp.c_fc.out_features}
-                      for b in resblocks]
+    for tower, resblocks in b.tower_blocks(model).items():
+        out[tower] = []
+        for blk in resblocks:
+            if isinstance(blk, DroppedBlock):
+                out[tower].append({"kept": False, "heads": 0, "channels": 0})
+            else:
+                _, heads, _, hidden = b.block_shape(blk)
+                out[tower].append({"kept": True, "heads": heads, "channels": hidden})
     return out
 
 
-def _empty_block(like: nn.Module, heads: int, channels: int) -> PrunableBlock:
-    """A block of the given size with zeroed new weights (they are about to be loaded), norms from `like`."""
-    a = like.attn
-    ref = a.in_proj_weight
-    attn = PrunableAttention(a.embed_dim, heads, a.head_dim, bias=a.in_proj_bias is not None, dropout=a.dropout,
-                             device=ref.device, dtype=ref.dtype)
-    d = a.embed_dim
-    mlp = PrunableMLP(_empty_linear(d, channels, like.mlp.c_fc.bias is not None, ref.device, ref.dtype),
-                      like.mlp.gelu,
-                      _empty_linear(channels, d, like.mlp.c_proj.bias is not None, ref.device, ref.dtype))
-    with torch.no_grad():
-        for p in (*attn.parameters(), *mlp.c_fc.parameters(), *mlp.c_proj.parameters()):
-            p.zero_()
-    return PrunableBlock(like.ln_1, attn, like.ls_1, like.ln_2, mlp, like.ls_2)
+def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") -> nn.Module:
+    """A model built from its backend's config and resized to `struct`, ready for a strict load.
 
-
-def empty_model(model_cfg: dict, struct: dict) -> nn.Module:
-    """An open_clip model built from `model_cfg` and resized to `struct`, ready for a strict load.
-
-    model_cfg is open_clip's config dict (as open_clip.get_model_config returns, `custom_text`
-    selecting CustomTextCLIP). Weights are placeholders; load the exported state dict into it.
+    For open_clip, model_cfg is open_clip's config dict (as open_clip.get_model_config returns,
+    `custom_text` selecting CustomTextCLIP); for hf, the transformers config as a dict. The blocks
+    are resized by slicing the freshly built ones: their values are placeholders the load replaces.
     """
-    import open_clip
+    from . import backends
 
-    cfg = copy.deepcopy(dict(model_cfg))
-    if "multimodal_cfg" in cfg:
-        raise HippError("CoCa models are not supported")
-    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
-    try:
-        base = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
-    except (TypeError, ValueError, KeyError, AssertionError) as e:
-        raise HippError(f"cannot build an open_clip model from this config: {e}") from None
-    for tower, resblocks in tower_blocks(base).items():
+    b = getattr(backends, backend_name, None) if backend_name in ("open_clip", "hf") else None
+    if b is None:
+        raise HippError(f"unknown backend {backend_name!r}; expected open_clip or hf")
+    base = b.build(copy.deepcopy(dict(model_cfg)))
+    for tower, resblocks in b.tower_blocks(base).items():
         layers = struct.get(tower) if isinstance(struct, dict) else None
         if not isinstance(layers, list) or len(layers) != len(resblocks):
             raise HippError(f"structure must list {len(resblocks)} {tower} layers")
@@ -206,9 +175,10 @@ def empty_model(model_cfg: dict, struct: dict) -> nn.Module:
                 kept, heads, chans = bool(entry["kept"]), int(entry["heads"]), int(entry["channels"])
             except (KeyError, TypeError, ValueError):
                 raise HippError(f"structure {tower} layer {i} needs kept / heads / channels") from None
-            if not (0 <= heads <= block.attn.num_heads and 0 <= chans <= block.mlp.c_fc.out_features):
+            gated = b.gated_block(block, 1)
+            if not (0 <= heads <= gated.attn.num_heads and 0 <= chans <= gated.mlp.hidden):
                 raise HippError(f"structure {tower} layer {i} is larger than the base model")
-            resblocks[i] = _empty_block(block, heads, chans) if kept else _dropped_like(block)
+            resblocks[i] = gated.shrunk(torch.arange(heads), torch.arange(chans)) if kept else _dropped_like(gated)
     return base
 
 
@@ -230,7 +200,7 @@ def compensate_bias(model: nn.Module, layer_keep, head_keep=None, channel_keep=N
     plans = layer_plans(model, layer_keep, head_keep, channel_keep)
     saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]
     was_training = model.training
-    ref = blocks[0].attn.in_proj_weight
+    ref = blocks[0].mlp.fc_in.weight
     f = lambda t: torch.as_tensor(t).to(device=ref.device, dtype=ref.dtype)  # noqa: E731
     try:
         for b, p in zip(blocks, plans):
@@ -261,11 +231,11 @@ def compensate_bias(model: nn.Module, layer_keep, head_keep=None, channel_keep=N
                 w = old.attn.out_proj.weight.detach().float().view(old.attn.embed_dim, old.attn.num_heads, -1)
                 delta = torch.einsum("drk,rk->d", w[:, removed.to(w.device)], mean.to(w.device))
                 new.attn.out_proj.bias.add_(delta.to(new.attn.out_proj.bias.dtype))
-            if m_stats and new.mlp.c_proj.bias is not None:
+            if m_stats and new.mlp.fc_out.bias is not None:
                 removed = _complement(p.channels, old.mlp.hidden)
                 mean = (m_stats["sum"] / m_stats["count"])[removed]
-                w = old.mlp.c_proj.weight.detach().float()[:, removed.to(ref.device)]
-                new.mlp.c_proj.bias.add_((w @ mean.to(w.device)).to(new.mlp.c_proj.bias.dtype))
+                w = old.mlp.fc_out.weight.detach().float()[:, removed.to(ref.device)]
+                new.mlp.fc_out.bias.add_((w @ mean.to(w.device)).to(new.mlp.fc_out.bias.dtype))
     return smaller
 
 

@@ -46,7 +46,7 @@ this project from scratch, offline, as the frozen VLM that HiPP's tests, demo an
 ## Training
 `python train/pretrain_teacher.py --config {config_path}` — {cfg.steps} steps of batch
 {cfg.batch_size} ({cfg.shape_fraction:.0%} shape scenes, {cfg.negatives_per_image} hard negatives per
-scene), AdamW lr {cfg.lr} cosine, seed {cfg.seed}: {train_seconds / 60:.1f} minutes on this machine
+scene{', always including ' + ', '.join(cfg.required_negatives) if cfg.required_negatives else ''}), AdamW lr {cfg.lr} cosine, seed {cfg.seed}: {train_seconds / 60:.1f} minutes on this machine
 ({platform.machine()}, {torch.get_num_threads()} threads, CPU only).
 
 ## Measured (the saved fp16 checkpoint; `hipp eval --model {out} --json`)

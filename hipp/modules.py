@@ -16,6 +16,7 @@ leading batch dimension (one gate vector per sample) or none (shared by the whol
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -62,7 +63,36 @@ def _additive_mask(attn_mask: torch.Tensor | None, batch: int, tokens: int, dtyp
     return attn_mask
 
 
-class PrunableAttention(nn.Module):
+class HeadGatedAttention(nn.Module):
+    """What every backend's attention shares: the head gate, per-head statistics, the empty branch
+    and out_proj. A subclass computes the per-head outputs [B, T, H, hd] in `heads_out`."""
+
+    num_heads: int
+    head_dim: int
+    out_proj: nn.Linear
+
+    def _init_gates(self) -> None:
+        self.head_gate: torch.Tensor | None = None
+        self.stats: dict | None = None  # when a dict, forward accumulates per-head mean outputs
+
+    def heads_out(self, x: torch.Tensor, attn_mask=None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if self.num_heads == 0:  # no head left: the branch is out_proj's bias alone
+            return _bias_only(x, self.out_proj.bias)
+        out = self.heads_out(x, attn_mask, **kwargs)  # [B, T, H, hd]
+        batch, tokens = out.shape[:2]
+        if self.stats is not None:
+            _accumulate(self.stats, out.detach().float().sum(dim=(0, 1)), batch * tokens)  # [H, hd]
+        gate = self.head_gate
+        if gate is not None:  # [..., H] -> [B or 1, 1, H, 1]
+            gate = gate.to(out.dtype)
+            out = out * gate.reshape(gate.shape[:-1] + (1,) * (gate.dim() - 1) + (self.num_heads, 1))
+        return self.out_proj(out.reshape(batch, tokens, self.num_heads * self.head_dim))
+
+
+class PrunableAttention(HeadGatedAttention):
     """Multi-head self-attention with any number of heads (0 included) and an optional head gate.
 
     Stands in for the batch-first nn.MultiheadAttention of open_clip's ResidualAttentionBlock.
@@ -82,8 +112,7 @@ class PrunableAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = _empty_linear(inner, embed_dim, bias, device, dtype)
-        self.head_gate: torch.Tensor | None = None
-        self.stats: dict | None = None  # when a dict, forward accumulates per-head mean outputs
+        self._init_gates()
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> "PrunableAttention":
@@ -114,45 +143,80 @@ class PrunableAttention(nn.Module):
             self.requires_grad_(requires_grad)
         return self
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def qkv_weight(self) -> torch.Tensor:
+        """[3 * H * hd, D]: the q, k, v rows, head-major within each (the layout both backends share)."""
+        return self.in_proj_weight
+
+    @property
+    def qkv_bias(self) -> torch.Tensor | None:
+        return self.in_proj_bias
+
+    def heads_out(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        heads, hd = self.num_heads, self.head_dim
-        if heads == 0:  # no head left: the branch is out_proj's bias alone
-            return _bias_only(x, self.out_proj.bias)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(batch, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = _additive_mask(attn_mask, batch, tokens, q.dtype)  # q's dtype: under autocast it may differ from x's
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
-        if self.stats is not None:
-            _accumulate(self.stats, out.detach().float().sum(dim=(0, 2)), batch * tokens)  # [H, hd]
-        gate = self.head_gate
-        if gate is not None:
-            out = out * gate.to(out.dtype).reshape(gate.shape + (1, 1))
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * hd))
+        return out.transpose(1, 2)
+
+    def keep_heads(self, heads: torch.Tensor) -> "PrunableAttention":
+        """A new module with copies of the given heads only."""
+        d, h, hd = self.embed_dim, self.num_heads, self.head_dim
+        heads = heads.to(self.in_proj_weight.device)
+        w = self.in_proj_weight.detach().view(3, h, hd, d)[:, heads].reshape(-1, d)
+        b = self.in_proj_bias
+        b = None if b is None else b.detach().view(3, h, hd)[:, heads].reshape(-1)
+        ow, ob = _out_columns(self.out_proj, heads, hd)
+        return PrunableAttention.from_weights(w, b, ow, ob, hd, dropout=self.dropout,
+                                              requires_grad=self.in_proj_weight.requires_grad)
+
+
+def _out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
+    """out_proj's weight columns of the given heads, and its (whole) bias."""
+    d = out_proj.weight.shape[0]
+    ow = out_proj.weight.detach().view(d, -1, head_dim)[:, heads].reshape(d, -1)
+    return ow, None if out_proj.bias is None else out_proj.bias.detach()
 
 
 class PrunableMLP(nn.Module):
     """fc -> activation -> (channel gate) -> proj, with any hidden width (0 included).
 
-    Submodule names match open_clip's nn.Sequential (c_fc, gelu, c_proj) so the keys are unchanged.
+    NAMES are the submodule names of the backend's MLP, so state-dict keys are unchanged: open_clip's
+    nn.Sequential (c_fc, gelu, c_proj) here, transformers' fc1 / activation_fn / fc2 in a subclass.
     """
 
-    def __init__(self, c_fc: nn.Linear, gelu: nn.Module, c_proj: nn.Linear, channel_group: int = 1):
+    NAMES = ("c_fc", "gelu", "c_proj")
+
+    def __init__(self, fc_in: nn.Linear, act: nn.Module, fc_out: nn.Linear, channel_group: int = 1):
         super().__init__()
-        self.c_fc, self.gelu, self.c_proj = c_fc, gelu, c_proj
+        for name, module in zip(self.NAMES, (fc_in, act, fc_out)):
+            setattr(self, name, module)
         self.channel_group = channel_group
         self.channel_gate: torch.Tensor | None = None
         self.stats: dict | None = None  # when a dict, forward accumulates per-channel mean activations
 
     @property
+    def fc_in(self) -> nn.Linear:
+        return getattr(self, self.NAMES[0])
+
+    @property
+    def act(self) -> nn.Module:
+        return getattr(self, self.NAMES[1])
+
+    @property
+    def fc_out(self) -> nn.Linear:
+        return getattr(self, self.NAMES[2])
+
+    @property
     def hidden(self) -> int:
-        return self.c_fc.out_features
+        return self.fc_in.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hidden == 0:  # no channel left: the branch is c_proj's bias alone
-            return _bias_only(x, self.c_proj.bias)
-        h = self.gelu(self.c_fc(x))
+        if self.hidden == 0:  # no channel left: the branch is fc_out's bias alone
+            return _bias_only(x, self.fc_out.bias)
+        h = self.act(self.fc_in(x))
         if self.stats is not None:
             _accumulate(self.stats, h.detach().float().reshape(-1, self.hidden).sum(0), h.numel() // self.hidden)
         gate = self.channel_gate
@@ -160,8 +224,17 @@ class PrunableMLP(nn.Module):
             gate = gate.to(h.dtype)
             if self.channel_group != 1:  # one value per group -> one per channel (last group may be short)
                 gate = gate.repeat_interleave(self.channel_group, dim=-1)[..., : self.hidden]
-            h = h * gate.reshape(gate.shape[:-1] + (1, self.hidden))
-        return self.c_proj(h)
+            h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.dim() - gate.dim()) + (self.hidden,))
+        return self.fc_out(h)
+
+    def keep_channels(self, channels: torch.Tensor) -> "PrunableMLP":
+        """A new module of the same class with copies of the given hidden channels only."""
+        fc, proj = self.fc_in, self.fc_out
+        channels = channels.to(fc.weight.device)
+        grad = fc.weight.requires_grad
+        fc_in = _linear_from(fc.weight.detach()[channels], None if fc.bias is None else fc.bias.detach()[channels], grad)
+        fc_out = _linear_from(proj.weight.detach()[:, channels], None if proj.bias is None else proj.bias.detach(), grad)
+        return type(self)(fc_in, copy.deepcopy(self.act), fc_out)
 
 
 def _bias_only(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -176,7 +249,40 @@ def _accumulate(stats: dict, total: torch.Tensor, count: int) -> None:
     stats["count"] = stats.get("count", 0) + count
 
 
-class PrunableBlock(nn.Module):
+class GatedBlock(nn.Module):
+    """What every backend's pre-norm block shares: the layer gate on both residual branches.
+
+    A subclass names its parts as its backend does and exposes them as `attn` / `mlp`.
+    """
+
+    attn: HeadGatedAttention
+    mlp: PrunableMLP
+
+    def _init_gates(self) -> None:
+        self.layer_gate: torch.Tensor | None = None
+
+    def set_gates(self, layer=None, heads=None, channels=None) -> None:
+        self.layer_gate, self.attn.head_gate, self.mlp.channel_gate = layer, heads, channels
+
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
+        return self.mlp.fc_in.weight.dtype
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        z = self.layer_gate
+        if z is None:
+            return x + branch
+        return x + branch * z.to(x.dtype).reshape(z.shape + (1, 1))  # [] -> [1, 1], [B] -> [B, 1, 1]
+
+    def with_units(self, attn: HeadGatedAttention, mlp: PrunableMLP) -> "GatedBlock":
+        """A new block of the same class: these attention and MLP modules, copies of the norms."""
+        raise NotImplementedError
+
+    def shrunk(self, heads: torch.Tensor, channels: torch.Tensor) -> "GatedBlock":
+        """A smaller copy with the given heads and MLP channels (indices into the original ones)."""
+        return self.with_units(self.attn.keep_heads(heads), self.mlp.keep_channels(channels))
+
+
+class PrunableBlock(GatedBlock):
     """Pre-norm residual block (open_clip's ResidualAttentionBlock) with head, channel and layer gates."""
 
     def __init__(self, ln_1: nn.Module, attn: PrunableAttention, ls_1: nn.Module,
@@ -185,7 +291,7 @@ class PrunableBlock(nn.Module):
         # registration order = open_clip's, so even the order of state_dict keys is unchanged
         self.ln_1, self.attn, self.ls_1 = ln_1, attn, ls_1
         self.ln_2, self.mlp, self.ls_2 = ln_2, mlp, ls_2
-        self.layer_gate: torch.Tensor | None = None
+        self._init_gates()
 
     @classmethod
     def from_block(cls, block: nn.Module, channel_group: int = 1) -> "PrunableBlock":
@@ -200,23 +306,15 @@ class PrunableBlock(nn.Module):
         mlp = PrunableMLP(block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj, channel_group)
         return cls(block.ln_1, PrunableAttention.from_mha(block.attn), block.ls_1, block.ln_2, mlp, block.ls_2)
 
-    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
-        return self.mlp.c_fc.weight.dtype
-
-    def set_gates(self, layer=None, heads=None, channels=None) -> None:
-        self.layer_gate, self.attn.head_gate, self.mlp.channel_gate = layer, heads, channels
+    def with_units(self, attn: HeadGatedAttention, mlp: PrunableMLP) -> "PrunableBlock":
+        c = copy.deepcopy
+        return PrunableBlock(c(self.ln_1), attn, c(self.ls_1), c(self.ln_2), mlp, c(self.ls_2))
 
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
         if k_x is not None or v_x is not None:
             raise ValueError("PrunableBlock is self-attention only")
-        x = q_x
-        z = self.layer_gate
-        if z is not None:
-            z = z.to(x.dtype).reshape(z.shape + (1, 1))  # [] -> [1, 1], [B] -> [B, 1, 1]
-        branch = self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask))
-        x = x + (branch if z is None else branch * z)
-        branch = self.ls_2(self.mlp(self.ln_2(x)))
-        return x + (branch if z is None else branch * z)
+        x = self.residual(q_x, self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask)))
+        return self.residual(x, self.ls_2(self.mlp(self.ln_2(x))))
 
 
 class DroppedBlock(nn.Module):
@@ -233,5 +331,5 @@ class DroppedBlock(nn.Module):
     def get_weight_dtype(self) -> torch.dtype:
         return self._dtype_probe.dtype
 
-    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
-        return q_x
+    def forward(self, x: torch.Tensor, *args, **kwargs):  # any backend's block signature
+        return x

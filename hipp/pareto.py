@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends.open_clip import (
+from .backends import (
     clear_gates,
     describe,
     image_size,

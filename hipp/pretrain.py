@@ -16,7 +16,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import _build, save_model
+from .backends.open_clip import build
+from .checkpoint import save_model
 from .data import to_input
 from .data.mixed import MixedBatches
 from .evaluate import evaluate
@@ -33,6 +34,7 @@ class TeacherConfig:
     batch_size: int = 128
     shape_fraction: float = 0.5
     negatives_per_image: int = 2
+    required_negatives: list[str] = field(default_factory=list)  # e.g. [shape]: the attribute binding needs most
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -72,7 +74,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
     out = Path(cfg.output)
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
-    model = _build(cfg.model)
+    model = build(cfg.model)
     pp = {**open_clip.transform.PreprocessCfg().__dict__, **cfg.preprocess, "size": model.visual.image_size}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.model["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -81,7 +83,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     model, opt = acc.prepare(model, opt)
     batches = MixedBatches(cfg.seed, cfg.batch_size, cfg.shape_fraction, cfg.negatives_per_image,
-                           pp["size"] if isinstance(pp["size"], int) else pp["size"][0])
+                           pp["size"] if isinstance(pp["size"], int) else pp["size"][0], cfg.required_negatives)
     state_dir, start, elapsed = out / "train_state", 0, 0.0
     if resume and (state_dir / "progress.json").is_file():
         acc.load_state(str(state_dir))

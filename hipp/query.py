@@ -65,23 +65,33 @@ def resolve_base(controller: Controller, controller_dir=None, base_model: str | 
 
 def load_base(controller: Controller, controller_dir=None, base_model: str | None = None) -> Base:
     """Load the frozen VLM, check it is the controller's (weights fingerprint, prune space), make it prunable."""
-    from .backends.open_clip import make_prunable
-    from .checkpoint import CONFIG_NAME, fingerprint, get_tokenizer, load_model, preprocess_cfg
-    from .fileio import read_json
+    from .backends import make_prunable
+    from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 
     spec = resolve_base(controller, controller_dir, base_model)
     pretrained = controller.extra.get("pretrained")
-    model = load_model(spec, pretrained=pretrained)
+    model = load_model(spec, pretrained=pretrained, expect=controller.extra.get("family"))
     fp = fingerprint(model)
     if controller.fingerprint and fp != controller.fingerprint:
         raise HippError(f"base model {spec} has weights fingerprint {fp}; the controller was trained for "
                         f"{controller.fingerprint}")
     groups = {l.channel_group for l in controller.space.layers}
     if len(groups) != 1:
-        raise HippError(f"the controller's space mixes channel groups {sorted(groups)}; open_clip uses one")
+        raise HippError(f"the controller's space mixes channel groups {sorted(groups)}; HiPP uses one")
     space = make_prunable(model, groups.pop())
     if space != controller.space:
         raise HippError(f"the prune space of {spec} differs from the controller's (another architecture?)")
+    model_cfg = base_config(model, spec)
+    return Base(model, spec, pretrained, model_cfg, preprocess_cfg(model), get_tokenizer(spec), fp)
+
+
+def base_config(model: torch.nn.Module, spec: str) -> dict:
+    """The config an export records to rebuild its model: open_clip's model_cfg or transformers' config."""
+    from .checkpoint import CONFIG_NAME, family
+    from .fileio import read_json
+
+    if family(model) != "open_clip":
+        return model.hf.config.to_dict()
     if Path(spec).is_dir():
         model_cfg = read_json(Path(spec) / CONFIG_NAME).get("model_cfg")
     else:
@@ -89,7 +99,7 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
         model_cfg = open_clip.get_model_config(spec)
     if not isinstance(model_cfg, dict):
         raise HippError(f"cannot find the open_clip model_cfg of {spec}")
-    return Base(model, spec, pretrained, model_cfg, preprocess_cfg(model), get_tokenizer(spec), fp)
+    return model_cfg
 
 
 def input_size(preprocess_cfg: dict) -> int:
@@ -121,7 +131,7 @@ def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0) -> tupl
 @torch.no_grad()
 def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Utility loss of each plan's hard-gated model against the same model ungated (lower is better)."""
-    from .backends.open_clip import clear_gates, set_gates
+    from .backends import clear_gates, set_gates
     from .objectives import Embeddings, utility_loss
 
     model = base.model

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .backends.open_clip import clear_gates, image_size, make_prunable, set_gates
+from .backends import clear_gates, image_size, make_prunable, set_gates
 from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 from .controller import CONFIG_NAME, Controller, load_controller
 from .data import to_input
@@ -53,6 +53,7 @@ class DataCfg:
 class TrainConfig:
     model: str = "checkpoints/teacher-tiny"
     pretrained: str | None = None
+    family: str | None = None  # open_clip, clip or siglip: refuse a model of another family
     output: str = "runs/hipp-tiny"
     channel_group: int = 1
     seed: int = 0
@@ -193,7 +194,7 @@ def _last_step(out: Path) -> int:
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
     out = Path(cfg.output)
     objectives_cfg = ObjectiveConfig.from_dict(cfg.objectives)
-    model = load_model(cfg.model, cfg.pretrained)
+    model = load_model(cfg.model, cfg.pretrained, expect=cfg.family)
     base_print = fingerprint(model)
     if out.exists() and not out.is_dir():
         raise HippError(f"output {out} is a file")
@@ -215,7 +216,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     opt = torch.optim.AdamW(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     controller, opt = acc.prepare(controller, opt)
     raw = acc.unwrap_model(controller)
-    extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "channel_group": cfg.channel_group,
+    extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "family": cfg.family,
+             "channel_group": cfg.channel_group,
              "train_config": asdict(cfg)}
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
     batches = MixedBatches(cfg.seed + 1, cfg.data.batch_size, cfg.data.shape_fraction, cfg.data.negatives,

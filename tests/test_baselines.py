@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hipp import baselines as B
-from hipp.backends.open_clip import make_prunable, prunable_blocks
+from hipp.backends import make_prunable, prunable_blocks
 from hipp.baselines.allocate import allocate, uniform, width_budget
 from hipp.baselines.calibration import Damage
 from hipp.baselines.ecoflap import layer_budgets

@@ -146,7 +146,7 @@ def test_plan_within_a_budget(toy):
 
 def test_size_ratio_on_open_clip_vit_b_32():
     open_clip = pytest.importorskip("open_clip")
-    from hipp.backends.open_clip import describe
+    from hipp.backends import describe
     model = open_clip.create_model("ViT-B-32")
     space = describe(model)
     c = Controller(space, NAMES)

@@ -9,7 +9,7 @@ import torch
 
 import hipp
 from hipp import load_model
-from hipp.backends.open_clip import clear_gates, describe, make_prunable, set_gates
+from hipp.backends import clear_gates, describe, make_prunable, set_gates
 from hipp.cli import main
 from hipp.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME, get_preprocess, get_tokenizer
 from hipp.controller import Controller, load_controller

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hipp.backends.open_clip import clear_gates, make_prunable, set_gates, tower_blocks
+from hipp.backends import clear_gates, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
 from hipp.fileio import load_tensors, save_tensors
 from hipp.materialize import (compensate_bias, empty_model, layer_plans, materialize, model_structure,

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from hipp.backends.open_clip import clear_gates, describe, make_prunable, set_gates, tower_blocks
+from hipp.backends import clear_gates, describe, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
 from hipp.modules import PrunableAttention, PrunableBlock
 
@@ -104,7 +104,7 @@ def test_make_prunable_shares_weights_and_is_idempotent():
     assert space.layers[0].num_channel_gates == 52 and space.layers[0].channel_group == 5
     with pytest.raises(HippError):
         make_prunable(model, channel_group=0)
-    with pytest.raises(HippError, match="not an open_clip"):
+    with pytest.raises(HippError, match="neither an open_clip"):
         make_prunable(torch.nn.Linear(2, 2))
 
 

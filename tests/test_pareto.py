@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hipp.backends.open_clip import make_prunable
+from hipp.backends import make_prunable
 from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.controller import Controller
 from hipp.errors import HippError

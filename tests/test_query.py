@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from hipp.backends.open_clip import make_prunable
+from hipp.backends import make_prunable
 from hipp.checkpoint import fingerprint, load_model
 from hipp.cli import main
 from hipp.controller import Controller, load_controller
@@ -273,7 +273,7 @@ def test_base_model_resolution(tiny_model_dir, tmp_path, monkeypatch):
     assert resolve_base(controller, run) == str(tmp_path / "repo" / "ckpt")
     assert resolve_base(controller, run, base_model="ViT-B-32") == "ViT-B-32"
     controller.extra = {"base_model": "missing-model"}
-    with pytest.raises(HippError, match="neither a model folder nor a known open_clip model"):
+    with pytest.raises(HippError, match="neither a model folder"):
         load_base(controller, run)
 
 

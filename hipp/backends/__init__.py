@@ -1,0 +1,138 @@
+"""Backends: where a model family keeps its transformer blocks. Everything else is shared.
+
+A backend module (open_clip, hf) answers a few questions about its models: which blocks each tower
+has and their shapes, tokens per sample, FLOPs and parameters outside the blocks, input sizes, and
+how to wrap one block in the project's gated classes. The functions here — the prune space, the
+swap to prunable blocks, attaching gates — work the same for every backend on top of those answers.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from ..errors import HippError
+from ..modules import DroppedBlock, GatedBlock
+from ..space import LayerSpec, PruneSpace
+
+
+def backend(model: nn.Module) -> ModuleType:
+    """The backend module that knows this model's family."""
+    from . import hf, open_clip
+
+    for b in (hf, open_clip):
+        if b.owns(model):
+            return b
+    raise HippError(f"{type(model).__name__} is neither an open_clip CLIP model nor a transformers "
+                    "CLIPModel / SiglipModel")
+
+
+def tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
+    return backend(model).tower_blocks(model)
+
+
+def image_size(model: nn.Module) -> int:
+    return backend(model).image_size(model)
+
+
+def context_length(model: nn.Module) -> int:
+    return backend(model).context_length(model)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def num_params(model: nn.Module) -> int:
+    return _count(model)
+
+
+def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
+    """The prune space of a model, plain or prunable.
+
+    Also describes a materialised (pruned) model as it is: its layers keep their original indices,
+    dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
+    the same PruneSpace.costs that prices plans.
+    """
+    b = backend(model)
+    blocks, tokens = b.tower_blocks(model), b.tower_tokens(model)
+    layers = []
+    for tower, resblocks in blocks.items():
+        for i, block in enumerate(resblocks):
+            if isinstance(block, DroppedBlock):
+                continue
+            width, heads, head_dim, hidden = b.block_shape(block)
+            layers.append(LayerSpec(tower, i, width, heads, head_dim, hidden, tokens[tower], channel_group))
+    block_params = {t: sum(_count(blk) for blk in bl) for t, bl in blocks.items()}
+    image = b.image_params(model)
+    fixed_params = {"image": float(image - block_params["image"]),
+                    "text": float(_count(model) - image - block_params["text"])}
+    return PruneSpace(tuple(layers), b.fixed_flops(model), fixed_params)
+
+
+def dense_flops(model: nn.Module) -> dict[str, float]:
+    return {t: v for t, v in describe(model).dense_costs().items() if t.startswith("flops/")}
+
+
+def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
+    """Swap every block of both towers for its gated class in place (parameters shared, keys unchanged).
+
+    Calling it again only changes the channel grouping. Returns the prune space, whose layer order
+    (image layers, then text layers) is the order set_gates expects.
+    """
+    if not isinstance(channel_group, int) or channel_group < 1:
+        raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
+    b = backend(model)
+    swaps = []  # build every replacement first, so a failure leaves the model untouched
+    for tower, resblocks in b.tower_blocks(model).items():
+        for i, block in enumerate(resblocks):
+            if isinstance(block, GatedBlock):
+                swaps.append((resblocks, i, block))
+                continue
+            try:
+                swaps.append((resblocks, i, b.gated_block(block, channel_group)))
+            except (AttributeError, ValueError) as e:
+                raise HippError(f"{tower} block {i} ({type(block).__name__}) cannot be made prunable: {e}") from None
+    for resblocks, i, block in swaps:
+        block.mlp.channel_group = channel_group
+        resblocks[i] = block
+    return describe(model, channel_group)
+
+
+def prunable_blocks(model: nn.Module) -> list[GatedBlock]:
+    """The gated blocks in prune-space order: all image layers, then all text layers."""
+    blocks = [blk for resblocks in tower_blocks(model).values() for blk in resblocks]
+    if not all(isinstance(blk, GatedBlock) for blk in blocks):
+        raise HippError("model is not prunable: call make_prunable(model) first")
+    return blocks
+
+
+def set_gates(model: nn.Module, layer_keep=None, head_keep=None, channel_keep=None) -> None:
+    """Attach gates (soft or hard, optionally with a leading batch dimension) to every block.
+
+    Same triple as PruneSpace.costs: layer_keep [..., L]; head_keep / channel_keep lists of
+    [..., num_heads] / [..., num_channel_gates] per layer. None leaves that kind ungated.
+    The tensors are used as given (no copy), so gradients flow back to them.
+    """
+    blocks = prunable_blocks(model)
+    n = len(blocks)
+    if layer_keep is not None and layer_keep.shape[-1:] != (n,):
+        raise HippError(f"layer_keep must end in {n} layers, got shape {tuple(layer_keep.shape)}")
+    for name, gates in (("head_keep", head_keep), ("channel_keep", channel_keep)):
+        if gates is not None and len(gates) != n:
+            raise HippError(f"{name} must hold one tensor per layer ({n}), got {len(gates)}")
+    for i, block in enumerate(blocks):
+        heads = head_keep[i] if head_keep is not None else None
+        chans = channel_keep[i] if channel_keep is not None else None
+        if heads is not None and heads.shape[-1:] != (block.attn.num_heads,):
+            raise HippError(f"head_keep[{i}] must end in {block.attn.num_heads}, got {tuple(heads.shape)}")
+        groups = -(-block.mlp.hidden // block.mlp.channel_group)
+        if chans is not None and chans.shape[-1:] != (groups,):
+            raise HippError(f"channel_keep[{i}] must end in {groups}, got {tuple(chans.shape)}")
+        block.set_gates(layer_keep[..., i] if layer_keep is not None else None, heads, chans)
+
+
+def clear_gates(model: nn.Module) -> None:
+    """Remove all gates: the model computes exactly its dense forward again."""
+    for block in prunable_blocks(model):
+        block.set_gates(None, None, None)

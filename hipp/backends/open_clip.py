@@ -1,11 +1,14 @@
-"""open_clip backend: find the transformer blocks of each tower and describe the prune space."""
+"""open_clip backend: where CLIP / CustomTextCLIP keep their blocks, and what lies outside them."""
 from __future__ import annotations
 
 from torch import nn
 
 from ..errors import HippError
-from ..modules import DroppedBlock, PrunableBlock
-from ..space import LayerSpec, PruneSpace
+from ..modules import PrunableBlock
+
+
+def owns(model: nn.Module) -> bool:
+    return hasattr(model, "visual") and hasattr(model, "encode_text")
 
 
 def text_module(model: nn.Module) -> nn.Module:
@@ -23,58 +26,36 @@ def tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
     return blocks
 
 
-def _block_shape(block: nn.Module) -> tuple[int, int, int, int]:
+def block_shape(block: nn.Module) -> tuple[int, int, int, int]:
     # head_dim is read, not derived from the width: a pruned layer keeps its head size with fewer
     # (possibly zero) heads; nn.MultiheadAttention and PrunableAttention both carry it
     attn = block.attn
     return attn.embed_dim, attn.num_heads, attn.head_dim, block.mlp.c_fc.out_features
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def tower_tokens(model: nn.Module) -> dict[str, int]:
+    return {"image": model.visual.positional_embedding.shape[0],
+            "text": text_module(model).positional_embedding.shape[0]}
 
 
-def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
-    """The prune space of an open_clip CLIP / CustomTextCLIP with ViT image tower.
-
-    Also describes a materialised (pruned) model as it is: its layers keep their original indices,
-    dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
-    the same PruneSpace.costs that prices plans.
-    """
-    blocks = tower_blocks(model)
+def fixed_flops(model: nn.Module) -> dict[str, float]:
+    """Matmul FLOPs outside the blocks: patch embedding and the two projections."""
     visual, text = model.visual, text_module(model)
-    tokens = {"image": visual.positional_embedding.shape[0], "text": text.positional_embedding.shape[0]}
-    layers = []
-    for tower, resblocks in blocks.items():
-        for i, block in enumerate(resblocks):
-            if isinstance(block, DroppedBlock):
-                continue
-            width, heads, head_dim, hidden = _block_shape(block)
-            layers.append(LayerSpec(tower, i, width, heads, head_dim, hidden, tokens[tower], channel_group))
     conv = visual.conv1
-    patches = tokens["image"] - 1
+    patches = visual.positional_embedding.shape[0] - 1
     embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.transformer.width
     proj_text = text.text_projection
     text_out = (proj_text.out_features if isinstance(proj_text, nn.Linear)
                 else proj_text.shape[1] if proj_text is not None else 0)
-    fixed_flops = {
+    return {
         "image": 2.0 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
         + (2.0 * visual.transformer.width * embed_dim if visual.proj is not None else 0.0),
         "text": 2.0 * text.transformer.width * text_out,
     }
-    block_params = {t: sum(_count(b) for b in bl) for t, bl in blocks.items()}
-    total = _count(model)
-    fixed_params = {"image": float(_count(visual) - block_params["image"])}
-    fixed_params["text"] = float(total - _count(visual) - block_params["text"])
-    return PruneSpace(tuple(layers), fixed_flops, fixed_params)
 
 
-def dense_flops(model: nn.Module) -> dict[str, float]:
-    return {t: v for t, v in describe(model).dense_costs().items() if t.startswith("flops/")}
-
-
-def num_params(model: nn.Module) -> int:
-    return _count(model)
+def image_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.visual.parameters())
 
 
 def image_size(model: nn.Module) -> int:
@@ -86,66 +67,19 @@ def context_length(model: nn.Module) -> int:
     return int(text_module(model).positional_embedding.shape[0])
 
 
-# --- prunable swap and gates ---
-
-def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
-    """Swap every block of both towers for a PrunableBlock in place (parameters shared, keys unchanged).
-
-    Calling it again only changes the channel grouping. Returns the prune space, whose layer order
-    (image layers, then text layers) is the order set_gates expects.
-    """
-    if not isinstance(channel_group, int) or channel_group < 1:
-        raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
-    swaps = []  # build every replacement first, so a failure leaves the model untouched
-    for tower, resblocks in tower_blocks(model).items():
-        for i, block in enumerate(resblocks):
-            if isinstance(block, PrunableBlock):
-                swaps.append((resblocks, i, block))
-                continue
-            try:
-                swaps.append((resblocks, i, PrunableBlock.from_block(block, channel_group)))
-            except (AttributeError, ValueError) as e:
-                raise HippError(f"{tower} block {i} ({type(block).__name__}) cannot be made prunable: {e}") from None
-    for resblocks, i, block in swaps:
-        block.mlp.channel_group = channel_group
-        resblocks[i] = block
-    return describe(model, channel_group)
+def gated_block(block: nn.Module, channel_group: int) -> PrunableBlock:
+    return PrunableBlock.from_block(block, channel_group)
 
 
-def prunable_blocks(model: nn.Module) -> list:
-    """The PrunableBlocks in prune-space order: all image layers, then all text layers."""
-    blocks = [b for resblocks in tower_blocks(model).values() for b in resblocks]
-    if not all(isinstance(b, PrunableBlock) for b in blocks):
-        raise HippError("model is not prunable: call make_prunable(model) first")
-    return blocks
+def build(model_cfg: dict) -> nn.Module:
+    """An open_clip model from its config dict (`custom_text` or an hf text tower: CustomTextCLIP)."""
+    import open_clip
 
-
-def set_gates(model: nn.Module, layer_keep=None, head_keep=None, channel_keep=None) -> None:
-    """Attach gates (soft or hard, optionally with a leading batch dimension) to every block.
-
-    Same triple as PruneSpace.costs: layer_keep [..., L]; head_keep / channel_keep lists of
-    [..., num_heads] / [..., num_channel_gates] per layer. None leaves that kind ungated.
-    The tensors are used as given (no copy), so gradients flow back to them.
-    """
-    blocks = prunable_blocks(model)
-    n = len(blocks)
-    if layer_keep is not None and layer_keep.shape[-1:] != (n,):
-        raise HippError(f"layer_keep must end in {n} layers, got shape {tuple(layer_keep.shape)}")
-    for name, gates in (("head_keep", head_keep), ("channel_keep", channel_keep)):
-        if gates is not None and len(gates) != n:
-            raise HippError(f"{name} must hold one tensor per layer ({n}), got {len(gates)}")
-    for i, block in enumerate(blocks):
-        heads = head_keep[i] if head_keep is not None else None
-        chans = channel_keep[i] if channel_keep is not None else None
-        if heads is not None and heads.shape[-1:] != (block.attn.num_heads,):
-            raise HippError(f"head_keep[{i}] must end in {block.attn.num_heads}, got {tuple(heads.shape)}")
-        groups = -(-block.mlp.hidden // block.mlp.channel_group)
-        if chans is not None and chans.shape[-1:] != (groups,):
-            raise HippError(f"channel_keep[{i}] must end in {groups}, got {tuple(chans.shape)}")
-        block.set_gates(layer_keep[..., i] if layer_keep is not None else None, heads, chans)
-
-
-def clear_gates(model: nn.Module) -> None:
-    """Remove all gates: the model computes exactly its dense forward again."""
-    for block in prunable_blocks(model):
-        block.set_gates(None, None, None)
+    cfg = dict(model_cfg)
+    if "multimodal_cfg" in cfg:
+        raise HippError("CoCa models are not supported")
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    try:
+        return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise HippError(f"cannot build an open_clip model from this config: {e}") from None

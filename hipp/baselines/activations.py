@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..backends.open_clip import clear_gates, prunable_blocks
+from ..backends import clear_gates, prunable_blocks
 from ..data import to_input
 from .calibration import Calibration
 
@@ -65,7 +65,7 @@ def activation_stats(model, calibration: Calibration, batch_size: int = 64) -> l
         def fn(module, args, output):
             x = args[0]
             s["attn_in"].add(x)
-            s["qkv"].add(F.linear(x, module.in_proj_weight, module.in_proj_bias))
+            s["qkv"].add(F.linear(x, module.qkv_weight, module.qkv_bias))
         return fn
 
     def io_hook(s, inp, out):
@@ -79,8 +79,8 @@ def activation_stats(model, calibration: Calibration, batch_size: int = 64) -> l
     for block, s in zip(blocks, stats):
         hooks += [block.attn.register_forward_hook(attn_hook(s)),
                   block.attn.out_proj.register_forward_hook(io_hook(s, "head_out", "attn_out")),
-                  block.mlp.c_fc.register_forward_hook(io_hook(s, "mlp_in", None)),
-                  block.mlp.c_proj.register_forward_hook(io_hook(s, "hidden", "mlp_out"))]
+                  block.mlp.fc_in.register_forward_hook(io_hook(s, "mlp_in", None)),
+                  block.mlp.fc_out.register_forward_hook(io_hook(s, "hidden", "mlp_out"))]
     batch = calibration.batch
     device = next(model.parameters()).device
     images = to_input(batch.images, calibration.preprocess_cfg).to(device)

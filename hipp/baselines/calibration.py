@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.open_clip import clear_gates, image_size, set_gates, tower_blocks
+from ..backends import clear_gates, image_size, set_gates, tower_blocks
 from ..data.mixed import Batch, MixedBatches
 from ..gates import Gates, map_gates
 from ..modules import DroppedBlock
@@ -111,7 +111,7 @@ class Damage:
         """Blocks before `start` become identities and block `start` receives `state` instead."""
         blocks = tower_blocks(self.model)[tower]
         saved = [blocks[j] for j in range(start)]
-        ref = blocks[start].mlp.c_fc.weight
+        ref = blocks[start].mlp.fc_in.weight
         hook = blocks[start].register_forward_pre_hook(lambda m, args: (state, *args[1:]))
         try:
             for j in range(start):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from ..backends.open_clip import clear_gates, image_size
+from ..backends import clear_gates, image_size
 from ..data.mixed import MixedBatches
 from ..errors import HippError
 from ..gates import TemperatureSchedule, sample_gates

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.open_clip import prunable_blocks
+from ..backends import prunable_blocks
 from ..plan import Plan
 from ..space import PruneSpace
 from .activations import BlockStats
@@ -35,7 +35,7 @@ def flap_scores(model, space: PruneSpace, stats: list[BlockStats]) -> Scores:
     heads, channels = [], []
     for block, spec, s in zip(prunable_blocks(model), space.layers, stats):
         w_out = block.attn.out_proj.weight.detach().double().pow(2).sum(0)   # [H * hd]
-        w_proj = block.mlp.c_proj.weight.detach().double().pow(2).sum(0)     # [hidden]
+        w_proj = block.mlp.fc_out.weight.detach().double().pow(2).sum(0)     # [hidden]
         heads.append(standardize(head_sum(s["head_out"].var * w_out, spec)))
         channels.append(standardize(group_sum(s["hidden"].var * w_proj, spec)))
     return Scores(heads, channels)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.open_clip import prunable_blocks
+from ..backends import prunable_blocks
 from ..space import PruneSpace
 from .units import Scores, group_sum, head_sum
 
@@ -19,8 +19,8 @@ def magnitude_scores(model, space: PruneSpace) -> Scores:
     for block, spec in zip(prunable_blocks(model), space.layers):
         attn, mlp = block.attn, block.mlp
         d = attn.embed_dim
-        w_in = attn.in_proj_weight.abs().view(3, spec.num_heads * spec.head_dim, d).sum((0, 2))
+        w_in = attn.qkv_weight.abs().view(3, spec.num_heads * spec.head_dim, d).sum((0, 2))
         w_out = attn.out_proj.weight.abs().sum(0)
         heads.append(head_sum(w_in + w_out, spec))
-        channels.append(group_sum(mlp.c_fc.weight.abs().sum(1) + mlp.c_proj.weight.abs().sum(0), spec))
+        channels.append(group_sum(mlp.fc_in.weight.abs().sum(1) + mlp.fc_out.weight.abs().sum(0), spec))
     return Scores(heads, channels)

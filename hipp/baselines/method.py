@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..backends.open_clip import describe, make_prunable
+from ..backends import describe, make_prunable
 from ..errors import HippError
 from ..plan import Plan
 from ..space import PruneSpace

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.open_clip import prunable_blocks
+from ..backends import prunable_blocks
 from ..plan import Plan
 from ..space import PruneSpace
 from .activations import BlockStats, activation_stats
@@ -24,13 +24,13 @@ def multiflow_scores(model, space: PruneSpace, stats: list[BlockStats]) -> Score
     heads, channels = [], []
     for block, spec, s in zip(prunable_blocks(model), space.layers, stats):
         attn, mlp = block.attn, block.mlp
-        w_in = attn.in_proj_weight.detach().double().abs()        # [3 * H * hd, d]
+        w_in = attn.qkv_weight.detach().double().abs()        # [3 * H * hd, d]
         w_out = attn.out_proj.weight.detach().double().abs()      # [d, H * hd]
         flow_in = (w_in @ s["attn_in"].rms) * s["qkv"].rms         # per q/k/v row
         flow_out = (w_out.T @ s["attn_out"].rms) * s["head_out"].rms  # per head-output dimension
         heads.append(head_sum(flow_in.view(3, -1), spec) + head_sum(flow_out, spec))
-        w_fc = mlp.c_fc.weight.detach().double().abs()            # [hidden, d]
-        w_proj = mlp.c_proj.weight.detach().double().abs()        # [d, hidden]
+        w_fc = mlp.fc_in.weight.detach().double().abs()            # [hidden, d]
+        w_proj = mlp.fc_out.weight.detach().double().abs()        # [d, hidden]
         hidden = s["hidden"].rms
         channels.append(group_sum((w_fc @ s["mlp_in"].rms) * hidden + (w_proj.T @ s["mlp_out"].rms) * hidden, spec))
     return Scores(heads, channels)

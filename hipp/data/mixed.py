@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import HippError
 from . import shapes
 from .fashion_mnist import CLASSES, TEMPLATES, load_fashion_mnist, to_rgb
 
@@ -24,8 +25,14 @@ class Batch:
 
 
 class MixedBatches:
-    def __init__(self, seed: int, batch_size: int, shape_fraction: float, n_negatives: int, image_size: int):
+    def __init__(self, seed: int, batch_size: int, shape_fraction: float, n_negatives: int, image_size: int,
+                 required_negatives: tuple[str, ...] = ()):
         self.seed, self.batch_size, self.n_negatives, self.size = seed, batch_size, n_negatives, image_size
+        self.required = tuple(required_negatives)  # kinds always drawn (when the scene has them)
+        unknown = set(self.required) - set(shapes.NEGATIVE_TYPES)
+        if unknown or len(self.required) > n_negatives:
+            raise HippError(f"required negatives {sorted(self.required)} must be at most {n_negatives} of "
+                            f"{shapes.NEGATIVE_TYPES}")
         self.n_shapes = round(batch_size * shape_fraction)
         self.fm_images, self.fm_labels = load_fashion_mnist("train") if self.n_shapes < batch_size else (None, None)
 
@@ -35,9 +42,10 @@ class MixedBatches:
                                     start=index * self.n_shapes)
         negatives = []
         for negs in scenes.negatives:
-            kinds = sorted(negs)
-            pick = torch.randperm(len(kinds), generator=g)[:self.n_negatives].tolist()
-            negatives += [negs[kinds[i]] for i in pick]
+            first = [k for k in self.required if k in negs]
+            kinds = [k for k in sorted(negs) if k not in first]
+            pick = torch.randperm(len(kinds), generator=g)[:self.n_negatives - len(first)].tolist()
+            negatives += [negs[k] for k in first] + [negs[kinds[i]] for i in pick]
         images, captions, groups = [scenes.images], list(scenes.captions), list(scenes.captions)
         n_fm = self.batch_size - self.n_shapes
         if n_fm:

@@ -1,0 +1,325 @@
+"""transformers backend: CLIPModel and SiglipModel, both towers, with the project's gates.
+
+`HFVLM` puts a transformers model behind the interface the rest of the project uses
+(encode_image / encode_text / logit_scale / preprocess_cfg). `HFAttention`, `HFMLP` and `HFBlock`
+take the place of CLIPEncoderLayer / SiglipEncoderLayer under transformers' own names (q_proj,
+k_proj, v_proj, out_proj, fc1, fc2, layer_norm1, layer_norm2), so state dicts load unchanged; all
+the gate arithmetic is inherited from modules.py. Attention itself runs through transformers'
+attention functions, so masks, causality and the chosen implementation (sdpa / eager) are the
+model's own. SigLIP's vision attention-pooling head stays dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HippError
+from ..modules import GatedBlock, HeadGatedAttention, PrunableMLP, _linear_from, _out_columns
+
+MODEL_TYPES = ("clip", "siglip")
+
+
+class HFVLM(nn.Module):
+    """A transformers CLIPModel / SiglipModel with the open_clip-style interface the project uses."""
+
+    def __init__(self, hf: nn.Module, preprocess_cfg: dict | None = None):
+        super().__init__()
+        self.hf = hf
+        self.preprocess_cfg = dict(preprocess_cfg or {})
+
+    @property
+    def model_type(self) -> str:
+        return self.hf.config.model_type
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.hf.logit_scale
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return _features(self.hf.get_image_features(pixel_values=pixel_values), normalize)
+
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # no attention mask: CLIP text is causal (padding after the end token cannot reach it) and
+        # SigLIP was trained on max-length padding without one
+        return _features(self.hf.get_text_features(input_ids=input_ids), normalize)
+
+
+def _features(out, normalize: bool) -> torch.Tensor:
+    feats = out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns an output object
+    return F.normalize(feats, dim=-1) if normalize else feats
+
+
+class HFAttention(HeadGatedAttention):
+    """transformers' self-attention (separate q / k / v / out projections) with any number of heads."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear,
+                 head_dim: int, config, dropout: float = 0.0):
+        super().__init__()
+        # registration order = transformers', so even the order of state_dict keys is unchanged
+        self.k_proj, self.v_proj, self.q_proj, self.out_proj = k_proj, v_proj, q_proj, out_proj
+        self.embed_dim, self.head_dim = out_proj.out_features, head_dim
+        self.num_heads = q_proj.out_features // head_dim
+        self.scale, self.dropout, self.is_causal = head_dim ** -0.5, dropout, False
+        self.config = config  # transformers' attention functions read the chosen implementation here
+        self._init_gates()
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module) -> "HFAttention":
+        """Wrap a CLIPAttention / SiglipAttention, sharing (not copying) its parameters."""
+        return cls(attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, attn.head_dim, attn.config, attn.dropout)
+
+    @property
+    def qkv_weight(self) -> torch.Tensor:
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    @property
+    def qkv_bias(self) -> torch.Tensor | None:
+        if self.q_proj.bias is None:
+            return None
+        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+
+    def heads_out(self, x: torch.Tensor, attn_mask=None, **kwargs) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
+        q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
+        out, _ = attend(self, q, k, v, attn_mask, scaling=self.scale,
+                        dropout=self.dropout if self.training else 0.0, **kwargs)
+        return out  # [B, T, H, hd]: transformers' attention functions return it transposed
+
+    def keep_heads(self, heads: torch.Tensor) -> "HFAttention":
+        hd = self.head_dim
+        heads = heads.to(self.q_proj.weight.device)
+        rows = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).flatten()
+        grad = self.q_proj.weight.requires_grad
+        q, k, v = (_linear_from(p.weight.detach()[rows], None if p.bias is None else p.bias.detach()[rows], grad)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        ow, ob = _out_columns(self.out_proj, heads, hd)
+        return HFAttention(q, k, v, _linear_from(ow, ob, grad), hd, self.config, self.dropout)
+
+
+def _eager(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' eager attention for when no other implementation is configured."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.dropout(weights.softmax(-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class HFMLP(PrunableMLP):
+    NAMES = ("fc1", "activation_fn", "fc2")
+
+
+class HFBlock(GatedBlock):
+    """CLIPEncoderLayer / SiglipEncoderLayer with head, channel and layer gates."""
+
+    PARTS = ("self_attn", "layer_norm1", "mlp", "layer_norm2")
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        """`parts`: the four PARTS in the original layer's registration order (CLIP and SigLIP differ),
+        so even the order of state_dict keys is unchanged."""
+        super().__init__()
+        for name, module in parts.items():
+            setattr(self, name, module)
+        self._init_gates()
+
+    @property
+    def attn(self) -> HFAttention:
+        return self.self_attn
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, channel_group: int = 1) -> "HFBlock":
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if set(layer._modules) != set(cls.PARTS) or not hasattr(attn, "q_proj") or not hasattr(mlp, "fc1"):
+            raise ValueError("expected a CLIP / SigLIP encoder layer (q/k/v/out_proj attention, fc1/fc2 MLP)")
+        swap = {"self_attn": HFAttention.from_attention(attn),
+                "mlp": HFMLP(mlp.fc1, mlp.activation_fn, mlp.fc2, channel_group)}
+        return cls({name: swap.get(name, module) for name, module in layer._modules.items()})
+
+    def with_units(self, attn: HFAttention, mlp: HFMLP) -> "HFBlock":
+        swap = {"self_attn": attn, "mlp": mlp}
+        return HFBlock({name: swap[name] if name in swap else copy.deepcopy(module) for name, module in self._modules.items()})
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        x = self.residual(hidden_states, self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs))
+        return self.residual(x, self.mlp(self.layer_norm2(x)))
+
+
+# --- the backend's answers (see backends/__init__.py) ---
+
+def owns(model: nn.Module) -> bool:
+    return isinstance(model, HFVLM)
+
+
+def tower_blocks(model: HFVLM) -> dict[str, nn.ModuleList]:
+    return {"image": model.hf.vision_model.encoder.layers, "text": model.hf.text_model.encoder.layers}
+
+
+def block_shape(block: nn.Module) -> tuple[int, int, int, int]:
+    attn = block.attn if isinstance(block, GatedBlock) else block.self_attn
+    return attn.embed_dim, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features
+
+
+def tower_tokens(model: HFVLM) -> dict[str, int]:
+    return {"image": model.hf.vision_model.embeddings.num_positions, "text": context_length(model)}
+
+
+def fixed_flops(model: HFVLM) -> dict[str, float]:
+    """Matmul FLOPs outside the blocks: patch embedding, projections, SigLIP's pooling head."""
+    hf = model.hf
+    emb = hf.vision_model.embeddings
+    conv = emb.patch_embedding
+    d_img = conv.out_channels
+    patches = emb.num_patches
+    image = 2.0 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * d_img
+    if hasattr(hf, "visual_projection"):  # CLIP
+        image += 2.0 * d_img * hf.visual_projection.out_features
+        text = 2.0 * hf.text_projection.in_features * hf.text_projection.out_features
+    else:  # SigLIP: the text head, and the vision attention-pooling head (one query over all patches)
+        head = hf.text_model.head
+        text = 2.0 * head.in_features * head.out_features
+        if getattr(hf.vision_model, "use_head", False):
+            pool = hf.vision_model.head
+            hidden = pool.mlp.fc1.out_features
+            t = emb.num_positions
+            image += 2.0 * (2 * d_img * d_img + 2 * t * d_img * d_img + 2 * t * d_img + 2 * d_img * hidden)
+    return {"image": image, "text": text}
+
+
+def image_params(model: HFVLM) -> int:
+    hf = model.hf
+    n = sum(p.numel() for p in hf.vision_model.parameters())
+    return n + (hf.visual_projection.weight.numel() if hasattr(hf, "visual_projection") else 0)
+
+
+def image_size(model: HFVLM) -> int:
+    return int(model.hf.config.vision_config.image_size)
+
+
+def context_length(model: HFVLM) -> int:
+    return int(model.hf.config.text_config.max_position_embeddings)
+
+
+def gated_block(block: nn.Module, channel_group: int) -> HFBlock:
+    return HFBlock.from_layer(block, channel_group)
+
+
+def build(model_cfg: dict) -> HFVLM:
+    """A model with fresh weights from a transformers config dict (model_type clip or siglip)."""
+    import transformers
+
+    kind = model_cfg.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise HippError(f"transformers model_type {kind!r} is not supported; expected one of {MODEL_TYPES}")
+    config_cls, model_cls = ((transformers.CLIPConfig, transformers.CLIPModel) if kind == "clip"
+                             else (transformers.SiglipConfig, transformers.SiglipModel))
+    try:
+        config = config_cls.from_dict({k: v for k, v in model_cfg.items() if k != "model_type"})
+        hf = model_cls(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise HippError(f"cannot build a transformers {kind} model from this config: {e}") from None
+    return HFVLM(hf)
+
+
+# --- folders and hub ids ---
+
+HF_CONFIG = "config.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "spiece.model", "added_tokens.json")
+_DEFAULT_STATS = {"clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+                  "siglip": ([0.5] * 3, [0.5] * 3)}
+
+
+def folder_model_type(path) -> str | None:
+    """model_type of a transformers folder (config.json), or None when the folder is not one."""
+    from pathlib import Path
+
+    from ..fileio import read_json
+
+    cfg = Path(path) / HF_CONFIG
+    return read_json(cfg).get("model_type") if cfg.is_file() else None
+
+
+def load(spec: str, expect: str | None = None) -> HFVLM:
+    """A CLIPModel / SiglipModel from a local folder or a hub id (local cache, else the hub), safetensors only."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(spec)
+    except Exception as e:  # unreachable hub, missing cache, bad JSON: one line for the user
+        raise HippError(f"cannot load the transformers config of {spec!r} (no local copy and the hub is "
+                        f"unreachable, or not a model): {_first_line(e)}") from None
+    kind = config.model_type
+    if kind not in MODEL_TYPES:
+        raise HippError(f"{spec} is a transformers {kind!r} model; HiPP prunes clip and siglip")
+    if expect is not None and kind != expect:
+        raise HippError(f"{spec} is a {kind} checkpoint, but {expect} was asked for")
+    cls = transformers.CLIPModel if kind == "clip" else transformers.SiglipModel
+    try:
+        with quiet():
+            hf = cls.from_pretrained(spec, config=config, use_safetensors=True)
+    except Exception as e:
+        raise HippError(f"cannot load the {kind} weights of {spec!r}: {_first_line(e)}") from None
+    return HFVLM(hf, preprocess_from(spec, kind, image_size(HFVLM(hf))))
+
+
+@contextlib.contextmanager
+def quiet():
+    """No transformers progress bars (per-tensor bars for a load or save of a second)."""
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def preprocess_from(spec, kind: str, size: int) -> dict:
+    """The project's preprocess dict (open_clip's keys) from a preprocessor_config.json, if there is one."""
+    import transformers
+
+    mean, std = _DEFAULT_STATS[kind]
+    pp = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "shortest"}
+    try:
+        raw = transformers.AutoImageProcessor.from_pretrained(spec).to_dict()
+    except Exception:  # none shipped: the family's defaults
+        return pp
+    pp["mean"], pp["std"] = list(raw.get("image_mean", mean)), list(raw.get("image_std", std))
+    return pp
+
+
+class HFTokenizer:
+    """transformers tokenizer -> [N, context_length] input ids, padded to full length like open_clip's."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
+
+
+def tokenizer(spec, context: int) -> HFTokenizer:
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(spec))
+    except Exception as e:
+        raise HippError(f"cannot load the tokenizer of {spec}: {_first_line(e)}") from None
+    return HFTokenizer(tok, context)
