@@ -8,6 +8,13 @@ so that drift in machine load hits both alike; the median latency ratio is print
 plan's per-tower FLOPs ratio r, i.e. the measured speed-up beside the ideal 1/r.
 
     python benchmarks/bench_speedup.py --controller runs/hipp-tiny --max-flops 0.3,0.5,0.7 [--threads 1]
+
+Without a controller, `--model` times a baseline's plans (`--method`, uniform by default: the same share in every layer, so each tower lands near r) on any
+model: an open_clip name with random weights (ViT-B-32: real widths, where matmuls dominate), or
+`hf:clip` / `hf:siglip` for transformers' default CLIP ViT-B/32 / SigLIP base configs, randomly
+initialised. Latency does not depend on the weights' values, only on the shapes.
+
+    python benchmarks/bench_speedup.py --model ViT-B-32 --max-flops 0.3,0.5,0.7 --channel-group 64
 """
 from __future__ import annotations
 
@@ -19,11 +26,31 @@ import time
 
 import torch
 
+from hipp.backends import context_length, image_size, make_prunable
+from hipp.baselines import make_plan
 from hipp.controller import load_controller
 from hipp.errors import HippError
 from hipp.materialize import materialize
 from hipp.plan import Plan
-from hipp.query import input_size, load_base, plan_for_budget
+from hipp.query import load_base, plan_for_budget
+
+
+def random_model(spec: str) -> torch.nn.Module:
+    """Randomly initialised: an open_clip name, or hf:clip / hf:siglip (transformers' default configs)."""
+    if spec.startswith("hf:"):
+        import transformers
+
+        from hipp.backends.hf import HFVLM
+
+        kind = spec[3:]
+        if kind not in ("clip", "siglip"):
+            raise HippError(f"unknown transformers family {kind!r}; use hf:clip or hf:siglip")
+        hf = (transformers.CLIPModel(transformers.CLIPConfig()) if kind == "clip"
+              else transformers.SiglipModel(transformers.SiglipConfig()))
+        return HFVLM(hf).eval().requires_grad_(False)
+    from hipp.checkpoint import load_model
+
+    return load_model(spec)
 
 
 def interleaved(fn_a, fn_b, x, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -42,7 +69,10 @@ def interleaved(fn_a, fn_b, x, repeats: int, warmup: int) -> tuple[list[float], 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--controller", required=True, help="trained controller folder")
+    p.add_argument("--controller", help="trained controller folder: time its plans")
+    p.add_argument("--model", help="without a controller: this model (see above) with --method's plans")
+    p.add_argument("--method", default="uniform", help="baseline that plans for --model (no calibration)")
+    p.add_argument("--channel-group", type=int, default=64, help="channel grouping for --model")
     p.add_argument("--max-flops", default="0.3,0.5,0.7", help="comma-separated FLOPs bounds")
     p.add_argument("--pref", action="append", default=[], help="also time this preference's plan (repeatable)")
     p.add_argument("--base-model", help="override the controller's base model")
@@ -56,22 +86,34 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         bounds = [float(r) for r in args.max_flops.split(",") if r.strip()]
-        controller = load_controller(args.controller)
-        base = load_base(controller, args.controller, args.base_model)
-        plans = [(f"max_flops={r:g}", plan_for_budget(controller, max_flops=r, base=base)) for r in bounds]
-        plans += [(f"pref {s}", controller.plan(s)) for s in args.pref]
+        if args.controller:
+            controller = load_controller(args.controller)
+            base = load_base(controller, args.controller, args.base_model)
+            model, space, spec = base.model, controller.space, base.spec
+            plans = [(f"max_flops={r:g}", plan_for_budget(controller, max_flops=r, base=base)) for r in bounds]
+            plans += [(f"pref {s}", controller.plan(s)) for s in args.pref]
+        elif args.model:
+            model, spec = random_model(args.model), args.model
+            space = make_prunable(model, args.channel_group)
+            plans = [(f"{args.method} {r:g}", make_plan(args.method, model, space, r)) for r in bounds]
+        else:
+            raise HippError("give --controller or --model")
     except (HippError, ValueError) as e:
         print(f"bench_speedup: error: {e}", file=sys.stderr)
         return 2
 
     g = torch.Generator().manual_seed(0)
-    size = input_size(base.preprocess_cfg)
+    size, ctx = image_size(model), context_length(model)
     images = torch.randn(args.batch, 3, size, size, generator=g)
-    tokens = base.tokenizer(["a large red circle at the top left and a small blue square at the center"] * args.batch)
-    dense = materialize(base.model, Plan.dense(controller.space)).eval()
+    tokens = torch.randint(1, 40000, (args.batch, ctx), generator=g)
+    tokens[:, ctx // 2] = 49407  # the end token (the highest id), half-way: CLIP pools there
+    tokens[:, ctx // 2 + 1:] = 0
+    if getattr(model, "model_type", None) == "siglip":
+        tokens = tokens.clamp(max=model.hf.config.text_config.vocab_size - 1)
+    dense = materialize(model, Plan.dense(space)).eval()
     rows = []
     for name, plan in plans:
-        small = materialize(base.model, plan).eval()
+        small = materialize(model, plan).eval()
         costs = plan.costs()
         for tower, x in (("image", images), ("text", tokens)):
             enc = (lambda m: m.encode_image) if tower == "image" else (lambda m: m.encode_text)
@@ -82,11 +124,11 @@ def main(argv=None) -> int:
                          "speedup": ms_dense / ms_small, "ideal_speedup": 1 / r if r > 0 else float("inf"),
                          "dense_ms": ms_dense, "pruned_ms": ms_small, "total_flops_ratio": costs["flops_ratio"]})
     info = {"batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "base_model": base.spec, "rows": rows}
+            "base_model": spec, "rows": rows}
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"base {base.spec}, batch {args.batch}, {args.repeats} interleaved rounds, "
+    print(f"base {spec}, batch {args.batch}, {args.repeats} interleaved rounds, "
           f"{torch.get_num_threads()} threads; medians")
     print(f"{'plan':24s} {'tower':5s} {'flops r':>8s} {'lat ratio':>9s} {'speedup':>8s} {'1/r':>6s} "
           f"{'dense ms':>9s} {'pruned ms':>9s}")

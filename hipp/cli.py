@@ -96,6 +96,7 @@ def _cmd_bench(args) -> int:
 
     from .baselines.allocate import check_target
     from .baselines.bench import bench
+    from .baselines.fixed_budget import matched_to
     from .query import plan_for_budget
 
     budgets = [check_target(b) for b in args.budgets.split(",")]
@@ -108,8 +109,10 @@ def _cmd_bench(args) -> int:
     controller, base = _controller_and_base(args)
     summary = Path(args.controller) / "training_summary.json"
     seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
+    train_config = controller.extra.get("train_config")
+    options = {"fixed_budget": matched_to(train_config)} if train_config else None  # the controller's budget each
     result = bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
-                   controller=controller, controller_train_seconds=seconds,
+                   controller=controller, controller_train_seconds=seconds, options=options,
                    controller_planner=lambda b: plan_for_budget(controller, max_flops=b, base=base))
     return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
                                  "(bench.md, bench.json, bench.csv, bench.png)")

@@ -78,6 +78,14 @@ class HeadGatedAttention(nn.Module):
     def heads_out(self, x: torch.Tensor, attn_mask=None, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def empty(self) -> bool:
+        return self.num_heads == 0
+
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        return self.out_proj.bias
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if self.num_heads == 0:  # no head left: the branch is out_proj's bias alone
             return _bias_only(x, self.out_proj.bias)
@@ -213,6 +221,14 @@ class PrunableMLP(nn.Module):
     def hidden(self) -> int:
         return self.fc_in.out_features
 
+    @property
+    def empty(self) -> bool:
+        return self.hidden == 0
+
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        return self.fc_out.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden == 0:  # no channel left: the branch is fc_out's bias alone
             return _bias_only(x, self.fc_out.bias)
@@ -267,6 +283,15 @@ class GatedBlock(nn.Module):
     def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
         return self.mlp.fc_in.weight.dtype
 
+    @staticmethod
+    def branch(x: torch.Tensor, norm: nn.Module, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """module(norm(x)); for an emptied module just its output bias (broadcast over positions), so a
+        materialised model spends no time on the norm or the module of a branch it removed."""
+        if module.empty:
+            bias = module.out_bias
+            return x.new_zeros(()) if bias is None else bias.to(x.dtype)
+        return module(norm(x), *args, **kwargs)
+
     def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         z = self.layer_gate
         if z is None:
@@ -313,8 +338,8 @@ class PrunableBlock(GatedBlock):
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
         if k_x is not None or v_x is not None:
             raise ValueError("PrunableBlock is self-attention only")
-        x = self.residual(q_x, self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask)))
-        return self.residual(x, self.ls_2(self.mlp(self.ln_2(x))))
+        x = self.residual(q_x, self.ls_1(self.branch(q_x, self.ln_1, self.attn, attn_mask=attn_mask)))
+        return self.residual(x, self.ls_2(self.branch(x, self.ln_2, self.mlp)))
 
 
 class DroppedBlock(nn.Module):

@@ -44,7 +44,7 @@ class ControllerCfg:
 
 @dataclass
 class DataCfg:
-    batch_size: int = 64
+    batch_size: int = 64  # per preference group: a step sees pref_groups batches
     shape_fraction: float = 0.5
     negatives: int = 2
 
@@ -243,13 +243,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     k = len(objectives.names)
     for step in bar:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + acc.process_index)
-        batch = batches(step * acc.num_processes + acc.process_index)
-        inputs = distiller.inputs(batch)
-        teacher = distiller.teacher(inputs, batch)
         prefs = sample_preferences(cfg, k, g).to(acc.device)
+        groups = []  # each preference group on a batch of its own
+        for i in range(len(prefs)):
+            batch = batches((step * acc.num_processes + acc.process_index) * cfg.pref_groups + i)
+            inputs = distiller.inputs(batch)
+            groups.append((batch, inputs, distiller.teacher(inputs, batch)))
         with acc.accumulate(controller), acc.autocast():
             total, terms = 0.0, {n: 0.0 for n in objectives.names}
-            for p in prefs:
+            for p, (batch, inputs, teacher) in zip(prefs, groups):
                 logits = controller(p)
                 losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
                 total = total + objectives.scalarize(losses, p) / len(prefs)

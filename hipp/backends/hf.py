@@ -147,8 +147,9 @@ class HFBlock(GatedBlock):
         return HFBlock({name: swap[name] if name in swap else copy.deepcopy(module) for name, module in self._modules.items()})
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-        x = self.residual(hidden_states, self.self_attn(self.layer_norm1(hidden_states), attention_mask, **kwargs))
-        return self.residual(x, self.mlp(self.layer_norm2(x)))
+        x = self.residual(hidden_states, self.branch(hidden_states, self.layer_norm1, self.self_attn,
+                                                     attention_mask, **kwargs))
+        return self.residual(x, self.branch(x, self.layer_norm2, self.mlp))
 
 
 # --- the backend's answers (see backends/__init__.py) ---

@@ -120,7 +120,7 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         "train_seconds": {m: sum(r["train_seconds"] for r in rows if r["method"] == m) for m in methods_seen},
         "plan_seconds": {m: sum(r["plan_seconds"] for r in rows if r["method"] == m) for m in methods_seen},
         "failures": failures,
-        "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed,
+        "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed, "options": options,
                      "calibration_size": calibration.size if calibration is not None else 0},
     }
     if CONTROLLER in methods_seen:
@@ -175,4 +175,8 @@ def markdown(result: dict) -> str:
         train = result["train_seconds"].get(m)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {f(result['hypervolume'][m])} | "
                      f"{'-' if train is None else f'{train:.0f}'} | {result['plan_seconds'][m]:.1f} |")
+    oracle = ((result["settings"].get("options") or {}).get("fixed_budget"))
+    if oracle and "fixed_budget" in result["methods"]:
+        lines += ["", f"fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
+                      f"{oracle.get('batch_size')} samples each (the controller's own training budget)."]
     return "\n".join(lines) + "\n"

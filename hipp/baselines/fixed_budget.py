@@ -53,6 +53,17 @@ class GateTraining:
                             "negatives >= 1 and positive learning rates")
 
 
+def matched_to(train_config: dict) -> dict:
+    """GateTraining options giving each per-budget run the controller's own training budget: as many
+    steps, as many samples a step (pref_groups x batch), the same data mix and temperature schedule."""
+    data = train_config.get("data", {})
+    return {"steps": train_config["steps"],
+            "batch_size": data.get("batch_size", 64) * train_config.get("pref_groups", 1),
+            "shape_fraction": data.get("shape_fraction", 0.5), "negatives": data.get("negatives", 2),
+            "temperature_start": train_config.get("temperature_start", 1.0),
+            "temperature_end": train_config.get("temperature_end", 0.1)}
+
+
 class FreeGates(nn.Module):
     """A logit per unit, in the gate-triple layout the model and the cost functions take."""
 
