@@ -4,8 +4,8 @@
 
 1. A sweep of preferences from utility to flops: hard-plan FLOPs ratios, their span, and the
    Spearman correlation between the flops weight and the achieved ratio.
-2. The least-pruned plan with FLOPs <= 50%: shape zero-shot mean and Fashion-MNIST accuracy with
-   hard gates on the frozen model, against the dense teacher, and a check that the weights are
+2. The plan `hipp query --max-flops 0.5` answers: shape zero-shot mean and Fashion-MNIST accuracy
+   with hard gates on the frozen model, against the dense model, and a check that the weights are
    untouched (fingerprint before and after).
 3. The end-of-training hard-vs-sampled utility losses the trainer recorded.
 """
@@ -13,14 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-
-from hipp.backends import clear_gates, make_prunable, set_gates
-from hipp.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+from hipp.backends import clear_gates, set_gates
+from hipp.checkpoint import fingerprint
 from hipp.controller import load_controller
 from hipp.evaluate import evaluate
 from hipp.fileio import write_json
 from hipp.pareto import spearman
 from hipp.preference import sweep
+from hipp.query import load_base, plan_for_budget
 
 
 def main():
@@ -32,11 +32,8 @@ def main():
     args = ap.parse_args()
 
     ctrl = load_controller(args.controller)
-    base = ctrl.extra["base_model"]
-    model = load_model(base, ctrl.extra.get("pretrained"))
-    before = fingerprint(model)
-    make_prunable(model, ctrl.extra["channel_group"])
-    tok, pp = get_tokenizer(base), preprocess_cfg(model)
+    base = load_base(ctrl, args.controller)  # checks the weights' fingerprint against the controller's
+    model, tok, pp = base.model, base.tokenizer, base.preprocess_cfg
 
     prefs = sweep(ctrl.objective_names, "utility", "flops", args.points)
     k = ctrl.objective_names.index("flops")
@@ -48,7 +45,7 @@ def main():
 
     clear_gates(model)
     dense = evaluate(model, tok, pp)
-    plan = ctrl.plan_within(max_flops=args.budget)
+    plan = plan_for_budget(ctrl, max_flops=args.budget, base=base)
     set_gates(model, *plan.gates)
     pruned = evaluate(model, tok, pp)
     clear_gates(model)
@@ -56,7 +53,7 @@ def main():
                              "params_ratio": plan.costs()["params_ratio"]}
     for key in ("shapes/zs_mean", "shapes/ground_mean", "shapes/i2t_r1", "fmnist/acc"):
         result["budget_plan"][key] = {"dense": dense[key], "pruned": pruned[key], "kept": pruned[key] / dense[key]}
-    result["weights_untouched"] = fingerprint(model) == before
+    result["weights_untouched"] = fingerprint(model) == base.fingerprint
     summary = Path(args.controller) / "training_summary.json"
     if summary.is_file():
         result["training"] = json.loads(summary.read_text())

@@ -1,8 +1,13 @@
-"""Prunable transformer parts for open_clip blocks: one set of classes for the gated and the smaller model.
+"""Prunable transformer parts: one set of classes for the gated and the smaller model.
 
-The parameter names are open_clip's (`attn.in_proj_weight`, `attn.out_proj.*`, `mlp.c_fc.*`,
-`mlp.c_proj.*`, `ln_1`, `ln_2`, `ls_1`, `ls_2`), so pretrained state dicts load unchanged and a
-materialised model's state dict has the same keys, only smaller shapes.
+`HeadGatedAttention`, `PrunableMLP` and `GatedBlock` hold all the gate arithmetic, for every
+backend; a backend's subclass only says how its attention computes per-head outputs and what its
+parts are called. The open_clip classes are here (`PrunableAttention`, `PrunableBlock`; the
+transformers ones are in backends/hf.py). Parameter names are the backend's own (open_clip:
+`attn.in_proj_weight`, `attn.out_proj.*`, `mlp.c_fc.*`, `mlp.c_proj.*`, `ln_1`, `ln_2`, `ls_1`,
+`ls_2`), so pretrained state dicts load unchanged and a materialised model's state dict has the same
+keys, only smaller shapes. Each class copies out its own kept units (`keep_heads`, `keep_channels`,
+`shrunk`): that is all materialisation needs from a backend.
 
 Gates are plain tensor attributes, never parameters or buffers: the state dict stays the weights
 alone and autograd flows from the output back to whatever produced the gates. Every gate may carry a

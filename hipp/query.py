@@ -9,8 +9,9 @@ A preference query is the controller's own hard plan: no VLM is loaded. A bound 
 3. rank: the few distinct fits that needed the smallest offset (closest to what the controller
    itself proposes for this budget) are topped up with the highest-logit heads / channels that
    still fit (one layer or one head alone can be several percent of the cost, so an offset alone
-   can stop far below the bound), run hard-gated on a calibration batch of shape scenes, and the
-   lowest utility loss (distillation from the same model ungated) wins.
+   can stop far below the bound), run hard-gated on a calibration batch (val shape scenes, and
+   Fashion-MNIST train images when installed), and the lowest utility loss (distillation from the
+   same model ungated) wins.
 
 The result says which preference it started from, the offset, how many units the top-up added
 and every ranked candidate, so the choice can be checked by hand.
@@ -297,7 +298,7 @@ def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str,
 
 @torch.no_grad()
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
-                    base: Base | None = None, n_rank: int = 6, calib_n: int = 32, points: int = 11) -> Plan:
+                    base: Base | None = None, n_rank: int = 8, calib_n: int = 48, points: int = 11) -> Plan:
     """The plan that meets the bound(s) with the best utility on a calibration batch (see module doc).
 
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
@@ -336,8 +337,10 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
         assert _meets(_ratios(plan), bounds), "top-up crossed the bound"
         candidates.append((plan, fit, added))
     if base is not None:
-        losses = utility_losses(base, [c[0] for c in candidates], calibration(base, calib_n))
-        ranked_by = f"utility loss on {calib_n} calibration shape scenes (hard-gated vs ungated)"
+        # both domains the utility is measured on: val shape scenes and Fashion-MNIST train images
+        calib = calibration(base, calib_n, fmnist=calib_n)
+        losses = utility_losses(base, [c[0] for c in candidates], calib)
+        ranked_by = f"utility loss on {len(calib[0])} calibration images (hard-gated vs ungated)"
     else:
         losses = [math.nan] * len(candidates)
         ranked_by = "smallest logit offset (no base model given)"

@@ -2,6 +2,7 @@
 random CLIP, and the importance signals doing what each method says."""
 import copy
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -292,3 +293,14 @@ def test_bench_object_holds_the_contract_keys(tiny, tmp_path):
     assert len(out["results"][1]["seeds"]) == 3
     assert set(out["hypervolume"]) == set(out["train_seconds"]) == {"uniform", "random", "flap"}
     assert all((tmp_path / f"bench.{ext}").is_file() for ext in ("json", "csv", "md", "png"))
+
+
+def test_fixed_budget_oracle_gets_the_controllers_training_budget():
+    from hipp.baselines.fixed_budget import GateTraining, matched_to
+    from hipp.trainer import TrainConfig
+
+    cfg = asdict(TrainConfig(steps=600, pref_groups=2))
+    cfg["data"]["batch_size"] = 32
+    options = matched_to(cfg)
+    assert options["steps"] == 600 and options["batch_size"] == 64  # as many samples a step as the controller
+    GateTraining(**options)  # every key is a real setting

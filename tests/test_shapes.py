@@ -69,3 +69,21 @@ def test_single_objects_cover_every_value_equally():
     for attr, values in shapes.ATTRIBUTES.items():
         counts = [sum(getattr(o, attr) == v for o in objs) for v in values]
         assert len(set(counts)) == 1 and sum(counts) == len(objs)
+
+
+def test_training_batches_always_contrast_required_negative_kinds():
+    import pytest
+
+    from hipp.data.mixed import MixedBatches
+    from hipp.errors import HippError
+
+    batch = MixedBatches(0, 16, 1.0, 3, 32, required_negatives=("shape",))(5)
+    assert batch.n_shapes == 16 and len(batch.negatives) == 16 * 3
+    again = MixedBatches(0, 16, 1.0, 3, 32, required_negatives=("shape",))(5)
+    assert again.negatives == batch.negatives  # still a pure function of (seed, index)
+    scenes = shapes.make_scenes("train", 16, seed=0, image_size=32, start=5 * 16)
+    for i, negs in enumerate(scenes.negatives):
+        assert batch.negatives[3 * i] == negs["shape"]  # the required kind comes first, every scene
+        assert len(set(batch.negatives[3 * i:3 * i + 3])) == 3
+    with pytest.raises(HippError, match="required negatives"):
+        MixedBatches(0, 16, 1.0, 2, 32, required_negatives=("colour",))
