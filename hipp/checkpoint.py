@@ -38,8 +38,11 @@ def family(model: torch.nn.Module) -> str:
 
 
 def is_hub_id(spec) -> bool:
-    """org/name: a transformers hub id (a path that does not exist looks different: /, ./, more parts)."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(spec)) is not None and not Path(spec).exists()
+    """org/name: a transformers hub id. A missing path looks different (/, ./, more parts, or a
+    first part that is a local folder: checkpoints/teacher-tiy is a typo, not a hub id)."""
+    path = Path(str(spec))
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(spec)) is not None
+            and not path.exists() and not path.parent.is_dir())
 
 
 def load_model(spec: str | Path, pretrained: str | None = None, device: str = "cpu",
@@ -67,6 +70,8 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str = "c
             raise HippError(f"cannot load open_clip {spec!r} with pretrained={pretrained!r}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     elif is_hub_id(spec):
+        if pretrained is not None:
+            raise HippError(f"pretrained={pretrained!r} applies to open_clip names; {spec} is a transformers hub id")
         model = hf.load(str(spec), expect)
     else:
         raise HippError(f"{spec} is neither a model folder (none there), an open_clip model name nor a "
@@ -172,14 +177,12 @@ def get_tokenizer(spec: str | Path):
         if pruned is not None and pruned.get("backend") == "hf":
             return hf.tokenizer(path, pruned["model_cfg"]["text_config"]["max_position_embeddings"])
         if pruned is None and hf.folder_model_type(path) is not None and not (path / CONFIG_NAME).is_file():
-            return hf.tokenizer(path, read_json(path / hf.HF_CONFIG)["text_config"]["max_position_embeddings"])
+            return hf.tokenizer(path)
         if not (path / CONFIG_NAME).is_file():
             raise HippError(f"{path} has no {CONFIG_NAME} or {hf.HF_CONFIG}; not a model folder")
         return open_clip.get_tokenizer(f"local-dir:{path}")
     if str(spec) not in open_clip.list_models() and is_hub_id(spec):
-        import transformers
-
-        return hf.tokenizer(spec, transformers.AutoConfig.from_pretrained(str(spec)).text_config.max_position_embeddings)
+        return hf.tokenizer(spec)
     return open_clip.get_tokenizer(str(spec))
 
 

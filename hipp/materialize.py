@@ -120,7 +120,15 @@ def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None)
         replaced[id(resblocks)] = new
     # deepcopy everything but the blocks: the memo hands back the sliced lists instead of copying
     # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
-    return copy.deepcopy(model, memo=replaced)
+    smaller = copy.deepcopy(model, memo=replaced)
+    _rebind(smaller)
+    return smaller
+
+
+def _rebind(model: nn.Module) -> None:
+    rebind = getattr(backend(model), "rebind", None)  # backends whose blocks keep a config reference
+    if rebind is not None:
+        rebind(model)
 
 
 # --- structure: the shape of a smaller model, as JSON ---
@@ -179,6 +187,7 @@ def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") 
             if not (0 <= heads <= gated.attn.num_heads and 0 <= chans <= gated.mlp.hidden):
                 raise HippError(f"structure {tower} layer {i} is larger than the base model")
             resblocks[i] = gated.shrunk(torch.arange(heads), torch.arange(chans)) if kept else _dropped_like(gated)
+    _rebind(base)
     return base
 
 

@@ -225,3 +225,40 @@ def test_bad_hf_input(hf_tiny_dir, tmp_path, capsys):
     (broken / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     assert_bad(*cli(capsys, "eval", "--model", broken), "cannot load the clip weights")
     assert_bad(*cli(capsys, "convert", "--model", hf_tiny_dir, "--out", tmp_path / "x"), "not an open_clip model folder")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_eager_attention_and_per_sample_gates(kind):
+    """With transformers' eager attention the gated model still equals the original (CLIP text stays
+    causal), and a gate with a leading batch dimension gives each sample its own sub-model."""
+    model = tiny_hf(kind)
+    model.hf.set_attn_implementation("eager")
+    x = hf_inputs(model)
+    want = embed(model, x)
+    space = make_prunable(model, channel_group=8)
+    assert max_diff(embed(model, x), want) == pytest.approx(0.0, abs=1e-6)
+    plans = [random_gates(space, seed) for seed in range(3)]
+    batched = (torch.stack([p[0] for p in plans]),
+               [torch.stack([p[1][i] for p in plans]) for i in range(len(space.layers))],
+               [torch.stack([p[2][i] for p in plans]) for i in range(len(space.layers))])
+    set_gates(model, *batched)
+    together = embed(model, x)
+    for j, plan in enumerate(plans):
+        set_gates(model, *plan)
+        alone = embed(model, (x[0][j:j + 1], x[1][j:j + 1]))
+        assert max_diff([t[j:j + 1] for t in together], alone) <= 1e-5
+    clear_gates(model)
+
+
+def test_conversion_refuses_what_transformers_clip_cannot_express(tmp_path, capsys):
+    from conftest import TINY_CFG, TINY_PP
+    import open_clip
+    from hipp.checkpoint import save_model
+
+    cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "ls_init_value": 0.1}}
+    save_model(open_clip.CLIP(**cfg), tmp_path / "ls", cfg, TINY_PP, dtype=torch.float32)
+    assert_bad(*cli(capsys, "convert", "--model", tmp_path / "ls", "--out", tmp_path / "out"), "ls_init_value=0.1")
+    cfg = {**TINY_CFG, "init_logit_bias": -10.0}
+    save_model(open_clip.CLIP(**cfg), tmp_path / "bias", cfg, TINY_PP, dtype=torch.float32)
+    assert_bad(*cli(capsys, "convert", "--model", tmp_path / "bias", "--out", tmp_path / "out"), "init_logit_bias")
+    assert not (tmp_path / "out").exists()

@@ -22,23 +22,38 @@ from .hf import quiet
 
 # open_clip calls its special tokens <start_of_text> / <end_of_text>; transformers' CLIP files use these
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-_UNSUPPORTED = {  # open_clip config keys whose non-default values transformers' CLIP cannot express
-    "vision_cfg": {"ls_init_value": None, "attentional_pool": False, "no_ln_pre": False, "pool_type": "tok",
-                   "final_ln_after_pool": False, "output_tokens": False, "act_kwargs": None, "norm_kwargs": None},
-    "text_cfg": {"ls_init_value": None, "pool_type": "argmax", "proj_bias": False, "no_causal_mask": False,
-                 "embed_cls": False, "pad_id": 0, "final_ln_after_pool": False, "hf_model_name": None},
-}
+# open_clip settings transformers' CLIP can take any value of; every other setting must keep open_clip's
+# default (anything else changes the computation, or the tokenizer, in a way CLIPModel cannot express)
+_FREE = {"vision_cfg": {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout"},
+         "text_cfg": {"context_length", "width", "heads", "layers", "mlp_ratio"}}
+_TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
+
+
+def _check_convertible(model_cfg: dict) -> None:
+    from dataclasses import asdict
+
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    extra = sorted(k for k in model_cfg if k not in _TOP and model_cfg[k] not in (None, False))
+    if extra:
+        raise HippError(f"open_clip model_cfg key {extra[0]!r} has no transformers CLIP equivalent "
+                        "(only plain ViT CLIP models can be converted)")
+    for name, cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+        section, defaults = model_cfg.get(name, {}), asdict(cls())
+        if not isinstance(section, dict):
+            raise HippError(f"open_clip {name} must be a mapping")
+        for key, value in section.items():
+            if key in _FREE[name]:
+                if key in ("layers", "image_size", "patch_size") and not isinstance(value, int):
+                    raise HippError(f"open_clip {name}.{key}={value!r}: only square ViTs convert")
+            elif key not in defaults or value != defaults[key]:
+                raise HippError(f"open_clip {name}.{key}={value!r} has no transformers CLIP equivalent")
 
 
 def clip_config(model_cfg: dict) -> dict:
     """transformers CLIPConfig arguments for an open_clip model_cfg (refusing what would not be equal)."""
+    _check_convertible(model_cfg)
     vision, text = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
-    for name, section in (("vision_cfg", vision), ("text_cfg", text)):
-        for key, default in _UNSUPPORTED[name].items():
-            if section.get(key, default) != default:
-                raise HippError(f"open_clip {name}.{key}={section[key]!r} has no transformers CLIP equivalent")
-    if model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
-        raise HippError("only open_clip CLIP models (no custom text tower, no CoCa) can be converted")
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     vw, tw = vision.get("width", 768), text.get("width", 512)
     return {
@@ -50,7 +65,7 @@ def clip_config(model_cfg: dict) -> dict:
         "text_config": {"hidden_size": tw, "intermediate_size": int(tw * text.get("mlp_ratio", 4.0)),
                         "num_attention_heads": text.get("heads", 8), "num_hidden_layers": text.get("layers", 12),
                         "max_position_embeddings": text.get("context_length", 77),
-                        "vocab_size": text.get("vocab_size", 49408), "hidden_act": act, "layer_norm_eps": 1e-5,
+                        "vocab_size": 49408, "hidden_act": act, "layer_norm_eps": 1e-5,
                         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
     }
 
@@ -93,6 +108,19 @@ def clip_state_dict(state: dict, layers: tuple[int, int]) -> dict:
     return {k: w.detach().clone().contiguous() for k, w in out.items()}
 
 
+def _used(layers: tuple[int, int]) -> set[str]:
+    """Every open_clip key the conversion reads: a tensor outside this set would be dropped."""
+    keys = {"visual.class_embedding", "visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+            "token_embedding.weight", "positional_embedding", "text_projection", "logit_scale"}
+    keys |= {f"{m}.{p}" for m in ("visual.ln_pre", "visual.ln_post", "ln_final") for p in ("weight", "bias")}
+    for prefix, n in (("visual.transformer.resblocks", layers[0]), ("transformer.resblocks", layers[1])):
+        for i in range(n):
+            keys |= {f"{prefix}.{i}.{m}.{p}" for m in ("attn.in_proj", "attn.out_proj", "ln_1", "ln_2", "mlp.c_fc",
+                                                        "mlp.c_proj") for p in ("weight", "bias")}
+    return {k.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias", "attn.in_proj_bias")
+            for k in keys}
+
+
 def to_hf_clip(model: torch.nn.Module, model_cfg: dict):
     """A transformers CLIPModel holding the open_clip model's weights."""
     import transformers
@@ -100,7 +128,14 @@ def to_hf_clip(model: torch.nn.Module, model_cfg: dict):
     config = transformers.CLIPConfig(**clip_config(model_cfg))
     hf = transformers.CLIPModel(config).eval()
     layers = (config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers)
-    state = clip_state_dict({k: w.float() for k, w in model.state_dict().items()}, layers)
+    source = {k: w.float() for k, w in model.state_dict().items() if k != "attn_mask"}  # the causal mask buffer
+    left = sorted(set(source) - _used(layers))
+    if left:
+        raise HippError(f"open_clip tensor {left[0]!r} has no transformers CLIP counterpart; not converted")
+    try:
+        state = clip_state_dict(source, layers)
+    except KeyError as e:
+        raise HippError(f"open_clip tensor {e} missing; only plain ViT CLIP models can be converted") from None
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise HippError(f"conversion left {len(missing)} tensors unset and {len(unexpected)} unused "
@@ -144,8 +179,11 @@ def convert_folder(src, out) -> dict:
         raise HippError(f"--out {out} exists and is not an empty folder")
     if not (src / CONFIG_NAME).is_file():
         raise HippError(f"{src} is not an open_clip model folder (no {CONFIG_NAME})")
+    model_cfg = read_json(src / CONFIG_NAME).get("model_cfg")
+    if not isinstance(model_cfg, dict):
+        raise HippError(f"{src / CONFIG_NAME} has no model_cfg mapping")
+    _check_convertible(model_cfg)  # before any weights are read
     model = load_model(src, expect="open_clip")
-    model_cfg = read_json(src / CONFIG_NAME)["model_cfg"]
     hf = to_hf_clip(model, model_cfg)
     pp = preprocess_cfg(model)
     out.parent.mkdir(parents=True, exist_ok=True)

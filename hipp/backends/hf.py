@@ -28,6 +28,8 @@ class HFVLM(nn.Module):
 
     def __init__(self, hf: nn.Module, preprocess_cfg: dict | None = None):
         super().__init__()
+        if getattr(hf.config, "model_type", None) == "siglip" and not hf.config.vision_config.vision_use_head:
+            raise HippError("SigLIP without its vision pooling head (vision_use_head=False) has no image embedding")
         self.hf = hf
         self.preprocess_cfg = dict(preprocess_cfg or {})
 
@@ -40,12 +42,12 @@ class HFVLM(nn.Module):
         return self.hf.logit_scale
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return _features(self.hf.get_image_features(pixel_values=pixel_values), normalize)
+        return _features(self.hf.get_image_features(pixel_values=pixel_values, return_dict=True), normalize)
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # no attention mask: CLIP text is causal (padding after the end token cannot reach it) and
         # SigLIP was trained on max-length padding without one
-        return _features(self.hf.get_text_features(input_ids=input_ids), normalize)
+        return _features(self.hf.get_text_features(input_ids=input_ids, return_dict=True), normalize)
 
 
 def _features(out, normalize: bool) -> torch.Tensor:
@@ -103,9 +105,13 @@ class HFAttention(HeadGatedAttention):
         return HFAttention(q, k, v, _linear_from(ow, ob, grad), hd, self.config, self.dropout)
 
 
-def _eager(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """transformers' eager attention for when no other implementation is configured."""
+def _eager(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, is_causal=None,
+           **kwargs):
+    """Plain attention for when transformers has no function for the configured implementation."""
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is None and is_causal:
+        t = weights.shape[-1]
+        attention_mask = torch.full((t, t), float("-inf"), device=weights.device, dtype=weights.dtype).triu(1)
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.dropout(weights.softmax(-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
@@ -265,7 +271,7 @@ def load(spec: str, expect: str | None = None) -> HFVLM:
     cls = transformers.CLIPModel if kind == "clip" else transformers.SiglipModel
     try:
         with quiet():
-            hf = cls.from_pretrained(spec, config=config, use_safetensors=True)
+            hf = cls.from_pretrained(spec, config=config, use_safetensors=True, dtype=torch.float32)
     except Exception as e:
         raise HippError(f"cannot load the {kind} weights of {spec!r}: {_first_line(e)}") from None
     return HFVLM(hf, preprocess_from(spec, kind, image_size(HFVLM(hf))))
@@ -295,12 +301,17 @@ def preprocess_from(spec, kind: str, size: int) -> dict:
     import transformers
 
     mean, std = _DEFAULT_STATS[kind]
-    pp = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic", "resize_mode": "shortest"}
+    # CLIP resizes the short side and crops the centre; SigLIP squashes to the square size
+    pp = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic",
+          "resize_mode": "shortest" if kind == "clip" else "squash"}
     try:
         raw = transformers.AutoImageProcessor.from_pretrained(spec).to_dict()
     except Exception:  # none shipped: the family's defaults
         return pp
     pp["mean"], pp["std"] = list(raw.get("image_mean", mean)), list(raw.get("image_std", std))
+    pp["interpolation"] = {2: "bilinear", 3: "bicubic"}.get(raw.get("resample"), pp["interpolation"])
+    if "do_center_crop" in raw:
+        pp["resize_mode"] = "shortest" if raw["do_center_crop"] else "squash"
     return pp
 
 
@@ -316,11 +327,24 @@ class HFTokenizer:
                               return_tensors="pt")["input_ids"]
 
 
-def tokenizer(spec, context: int) -> HFTokenizer:
+def tokenizer(spec, context: int | None = None) -> HFTokenizer:
+    """The tokenizer of a folder or hub id; `context` defaults to the model's max_position_embeddings."""
     import transformers
 
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(spec))
+        if context is None:
+            context = transformers.AutoConfig.from_pretrained(str(spec)).text_config.max_position_embeddings
     except Exception as e:
         raise HippError(f"cannot load the tokenizer of {spec}: {_first_line(e)}") from None
     return HFTokenizer(tok, context)
+
+
+def rebind(model: HFVLM) -> None:
+    """Point every attention at its own model's tower config (slicing copies kept the original's), so
+    the attention implementation chosen on this model is the one its blocks use."""
+    for tower, blocks in tower_blocks(model).items():
+        config = (model.hf.vision_model if tower == "image" else model.hf.text_model).config
+        for block in blocks:
+            if isinstance(block, HFBlock):
+                block.attn.config = config
