@@ -97,7 +97,7 @@ def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
         raise HippError(f"{path / CONFIG_NAME} has no 'model_cfg'")
     model = build(config["model_cfg"])
     _load_state(model, path / WEIGHTS_NAME, "config")
-    open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **config.get("preprocess_cfg", {})})
+    set_preprocess_cfg(model, config.get("preprocess_cfg", {}))
     return model
 
 
