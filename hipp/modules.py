@@ -68,7 +68,28 @@ def _additive_mask(attn_mask: torch.Tensor | None, batch: int, tokens: int, dtyp
     return attn_mask
 
 
-class HeadGatedAttention(nn.Module):
+class PrunableBranch(nn.Module):
+    """A residual branch pruning may empty (no head, no channel left): its output is then its output
+    layer's bias alone, at every position."""
+
+    @property
+    def units(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_layer(self) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def empty(self) -> bool:
+        return self.units == 0
+
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        return self.out_layer.bias
+
+
+class HeadGatedAttention(PrunableBranch):
     """What every backend's attention shares: the head gate, per-head statistics, the empty branch
     and out_proj. A subclass computes the per-head outputs [B, T, H, hd] in `heads_out`."""
 
@@ -84,16 +105,16 @@ class HeadGatedAttention(nn.Module):
         raise NotImplementedError
 
     @property
-    def empty(self) -> bool:
-        return self.num_heads == 0
+    def units(self) -> int:
+        return self.num_heads
 
     @property
-    def out_bias(self) -> torch.Tensor | None:
-        return self.out_proj.bias
+    def out_layer(self) -> nn.Linear:
+        return self.out_proj
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if self.num_heads == 0:  # no head left: the branch is out_proj's bias alone
-            return _bias_only(x, self.out_proj.bias)
+        if self.empty:
+            return _bias_only(x, self.out_bias)
         out = self.heads_out(x, attn_mask, **kwargs)  # [B, T, H, hd]
         batch, tokens = out.shape[:2]
         if self.stats is not None:
@@ -193,7 +214,7 @@ def _out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
     return ow, None if out_proj.bias is None else out_proj.bias.detach()
 
 
-class PrunableMLP(nn.Module):
+class PrunableMLP(PrunableBranch):
     """fc -> activation -> (channel gate) -> proj, with any hidden width (0 included).
 
     NAMES are the submodule names of the backend's MLP, so state-dict keys are unchanged: open_clip's
@@ -227,16 +248,16 @@ class PrunableMLP(nn.Module):
         return self.fc_in.out_features
 
     @property
-    def empty(self) -> bool:
-        return self.hidden == 0
+    def units(self) -> int:
+        return self.hidden
 
     @property
-    def out_bias(self) -> torch.Tensor | None:
-        return self.fc_out.bias
+    def out_layer(self) -> nn.Linear:
+        return self.fc_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hidden == 0:  # no channel left: the branch is fc_out's bias alone
-            return _bias_only(x, self.fc_out.bias)
+        if self.empty:
+            return _bias_only(x, self.out_bias)
         h = self.act(self.fc_in(x))
         if self.stats is not None:
             _accumulate(self.stats, h.detach().float().reshape(-1, self.hidden).sum(0), h.numel() // self.hidden)
@@ -289,7 +310,7 @@ class GatedBlock(nn.Module):
         return self.mlp.fc_in.weight.dtype
 
     @staticmethod
-    def branch(x: torch.Tensor, norm: nn.Module, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+    def branch(x: torch.Tensor, norm: nn.Module, module: PrunableBranch, *args, **kwargs) -> torch.Tensor:
         """module(norm(x)); for an emptied module just its output bias (broadcast over positions), so a
         materialised model spends no time on the norm or the module of a branch it removed."""
         if module.empty:
