@@ -10,6 +10,7 @@ Every random draw (data, preferences, gate noise) comes from a generator seeded 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,22 @@ from .objectives import Embeddings, ObjectiveConfig, Objectives
 from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
 STATE_DIR = "train_state"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """Multiplier of the base learning rate at `step` (0-based). A function of the step alone, so a
+    resumed run needs no scheduler state."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    raise HippError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 @dataclass
@@ -62,6 +79,7 @@ class TrainConfig:
     dirichlet_alpha: float = 0.5
     vertex_prob: float = 0.0   # chance a preference group is a simplex vertex (one objective alone)
     lr: float = 3e-3
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 over the steps (see lr_factor)
     weight_decay: float = 0.0
     temperature_start: float = 1.0
     temperature_end: float = 0.1
@@ -80,7 +98,8 @@ class TrainConfig:
                   "vertex_prob": 0 <= self.vertex_prob <= 1,
                   "data.batch_size": self.data.batch_size >= 2,
                   "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
-                  "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16")}
+                  "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
+                  "lr_schedule": self.lr_schedule in LR_SCHEDULES}
         for key, ok in checks.items():
             if not ok:
                 raise HippError(f"config key '{key}' has an invalid value")
@@ -261,9 +280,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last good "
                                        f"checkpoint in {out} is kept (step {_last_step(out)})")
             acc.backward(total)
+            set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
             opt.step()
             opt.zero_grad()
-        row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step), **terms}
+        row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step),
+               "lr": opt.param_groups[0]["lr"], **terms}
         bar.set_postfix({n: f"{v:.3f}" for n, v in terms.items()})
         if acc.is_main_process:
             with log.open("a") as f:

@@ -197,6 +197,8 @@ def test_unknown_method_bad_input_and_missing_calibration(tiny):
         B.make_plan("fixed_budget", model, space, 0.5, calibration, options={"stepz": 1})
     with pytest.raises(HippError, match="steps >= 1"):
         B.make_plan("fixed_budget", model, space, 0.5, calibration, options={"steps": 0})
+    with pytest.raises(HippError, match="unknown lr schedule"):
+        B.make_plan("fixed_budget", model, space, 0.5, calibration, options={"lr_schedule": "step"})
     with pytest.raises(HippError, match="no option 'depth'"):
         B.make_plan("mope", model, space, 0.5, calibration, options={"depth": 1})
     with pytest.raises(HippError, match="does not match the prune space"):
@@ -299,8 +301,9 @@ def test_fixed_budget_oracle_gets_the_controllers_training_budget():
     from hipp.baselines.fixed_budget import GateTraining, matched_to
     from hipp.trainer import TrainConfig
 
-    cfg = asdict(TrainConfig(steps=600, pref_groups=2))
+    cfg = asdict(TrainConfig(steps=600, pref_groups=2, lr_schedule="cosine"))
     cfg["data"]["batch_size"] = 32
     options = matched_to(cfg)
     assert options["steps"] == 600 and options["batch_size"] == 64  # as many samples a step as the controller
+    assert options["lr_schedule"] == "cosine"
     GateTraining(**options)  # every key is a real setting

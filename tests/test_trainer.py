@@ -1,4 +1,5 @@
 """Controller training: real Accelerate (one and two CPU processes), resume, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from hipp.checkpoint import save_model
 from hipp.errors import HippError
-from hipp.trainer import TrainConfig, TrainingDiverged, train
+from hipp.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
 from conftest import TINY_CFG, TINY_PP
 
@@ -40,7 +41,7 @@ def weights(out):
 
 def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     from hipp.config import load_config
-    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, lr_schedule="cosine"))
     cfg.output = str(tmp_path / "straight")
     train(cfg)
     cfg.output = str(tmp_path / "resumed")
@@ -53,6 +54,16 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     assert any(not torch.equal(a[k], half[k]) for k in a), "the resumed steps changed nothing"
     lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
     assert len(lines) == 4
+    lrs = [json.loads(line)["lr"] for line in lines]  # the cosine schedule carries across the resume
+    assert lrs == pytest.approx([cfg.lr * lr_factor("cosine", s, 4) for s in range(4)])
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.2 * cfg.lr
+
+
+def test_lr_factor():
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("cosine", s, 10) for s in (0, 5, 10, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(HippError, match="unknown lr schedule 'step'"):
+        lr_factor("step", 0, 10)
 
 
 def test_two_processes_on_cpu(tiny_model_dir, tmp_path):
@@ -108,5 +119,7 @@ def test_config_validation_in_process(tiny_model_dir, tmp_path):
     from hipp.config import load_config
     with pytest.raises(HippError, match="'data.batch_size'"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, data={"batch_size": 1}))
+    with pytest.raises(HippError, match="'lr_schedule'"):
+        load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, lr_schedule="linear"))
     with pytest.raises(HippError, match="scalarization"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, objectives={"scalarization": "sum"}))

@@ -58,7 +58,7 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
 
 def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
           out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
-          datasets=DATASETS, n: int = 500, fmnist_limit: int | None = 2000, seed: int = 0,
+          datasets=DATASETS, n: int = 1000, fmnist_limit: int | None = None, seed: int = 0,
           options: dict | None = None, progress: bool = True, controller_planner=None) -> dict:
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
@@ -162,10 +162,14 @@ def rows_csv(rows: list[dict]) -> str:
 
 def markdown(result: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"
-    d = result["dense"]
+    d, settings = result["dense"], result["settings"]
+    limit = settings.get("fmnist_limit")
     lines = ["# Baselines at equal FLOPs budgets", "",
              (f"dense model: utility {f(d['utility'])}, grounding {f(d['grounding'])}; "
-              f"hypervolume of (1 - utility, flops_ratio) vs reference {tuple(result['reference']['point'])}"), "",
+              f"hypervolume of (1 - utility, flops_ratio) vs reference {tuple(result['reference']['point'])}; "
+              f"datasets {', '.join(settings['datasets'])} ({settings['n']} shape scenes, "
+              f"{'every' if limit is None else f'the first {limit}'} Fashion-MNIST test image"
+              f"{'' if limit == 1 else 's'})"), "",
              ("| method | " + " | ".join(f"utility @{b:g}" for b in result["budgets"])
               + " | hypervolume | train s | plan s |"),
              "|---|" + "---|" * (len(result["budgets"]) + 3)]

@@ -26,7 +26,7 @@ from ..gates import TemperatureSchedule, sample_gates
 from ..objectives import ObjectiveConfig, Objectives
 from ..plan import Plan
 from ..space import PruneSpace
-from ..trainer import Distiller
+from ..trainer import Distiller, lr_factor, set_lr
 from .allocate import BudgetError, allocate, width_budget
 from .calibration import Calibration
 from .method import Context
@@ -40,6 +40,7 @@ class GateTraining:
     shape_fraction: float = 0.5
     negatives: int = 2
     lr: float = 0.1
+    lr_schedule: str = "constant"  # as the controller's (trainer.lr_factor); the multipliers' rate stays
     lambda_lr: float = 0.1
     temperature_start: float = 1.0
     temperature_end: float = 0.1
@@ -51,17 +52,20 @@ class GateTraining:
         if not ok:
             raise HippError("fixed_budget options need steps >= 1, batch_size >= 2, 0 < shape_fraction <= 1, "
                             "negatives >= 1 and positive learning rates")
+        lr_factor(self.lr_schedule, 0, self.steps)  # an unknown schedule fails here
 
 
 def matched_to(train_config: dict) -> dict:
     """GateTraining options giving each per-budget run the controller's own training budget: as many
-    steps, as many samples a step (pref_groups x batch), the same data mix and temperature schedule."""
+    steps, as many samples a step (pref_groups x batch), the same data mix, temperature and learning-rate
+    schedules."""
     data = train_config.get("data", {})
     return {"steps": train_config["steps"],
             "batch_size": data.get("batch_size", 64) * train_config.get("pref_groups", 1),
             "shape_fraction": data.get("shape_fraction", 0.5), "negatives": data.get("negatives", 2),
             "temperature_start": train_config.get("temperature_start", 1.0),
-            "temperature_end": train_config.get("temperature_end", 0.1)}
+            "temperature_end": train_config.get("temperature_end", 0.1),
+            "lr_schedule": train_config.get("lr_schedule", "constant")}
 
 
 class FreeGates(nn.Module):
@@ -112,6 +116,7 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
             opt.zero_grad()
             ascent.zero_grad()
             total.backward()
+            set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
             opt.step()
             ascent.step()
             flops = float(losses["flops"].detach())
