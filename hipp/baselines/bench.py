@@ -168,8 +168,7 @@ def markdown(result: dict) -> str:
              (f"dense model: utility {f(d['utility'])}, grounding {f(d['grounding'])}; "
               f"hypervolume of (1 - utility, flops_ratio) vs reference {tuple(result['reference']['point'])}; "
               f"datasets {', '.join(settings['datasets'])} ({settings['n']} shape scenes, "
-              f"{'every' if limit is None else f'the first {limit}'} Fashion-MNIST test image"
-              f"{'' if limit == 1 else 's'})"), "",
+              f"{'all' if limit is None else f'the first {limit}'} Fashion-MNIST test images)"), "",
              ("| method | " + " | ".join(f"utility @{b:g}" for b in result["budgets"])
               + " | hypervolume | train s | plan s |"),
              "|---|" + "---|" * (len(result["budgets"]) + 3)]
