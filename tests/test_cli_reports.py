@@ -23,7 +23,15 @@ def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_
     for row in result["results"]:
         assert row["budget"] == 0.5 and 0.48 <= row["flops_ratio"] <= 0.5
     assert set(result["hypervolume"]) >= {"uniform", "magnitude", "hipp"}
-    assert (tmp_path / "bench" / "bench.md").is_file()
+    utility = {r["method"]: r["utility"] for r in result["results"]}
+    best = max(("uniform", "magnitude"), key=utility.get)
+    assert result["margins"] == {"0.5": {"best_training_free": best,
+                                         "over_training_free": utility["hipp"] - utility[best]}}
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert f"- hipp @0.5: {utility['hipp'] - utility[best]:+.3f} over the best training-free method ({best})" in md
+    detail = md.split("## Every method at every budget")[1]
+    assert [line.split(" | ")[0] for line in detail.splitlines() if line.startswith("| ") and "0.5" in line] == \
+        ["| uniform", "| magnitude", "| hipp"]
 
 
 def test_bench_and_pareto_bad_input(tiny_controller_dir, tmp_path, capsys):  # noqa: F811

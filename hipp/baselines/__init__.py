@@ -41,7 +41,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("flap", flap_plan, "FLAP-style: input fluctuation x weight norm, standardised, global; "
                               "bias compensation", compensate=True),
     Method("fixed_budget", fixed_budget_plan, "Gumbel-sigmoid gates with free logits and a Lagrangian, "
-                                              "one training per budget"),
+                                              "one training per budget", trains=True),
 )}
 
 

@@ -4,7 +4,8 @@ Rows hold method, budget, achieved flops_ratio, metrics, utility, grounding and 
 with several seeds (random) reports the mean over its seeds and lists each seed. Each method's
 hypervolume is that of its (1 - utility, flops_ratio) points against pareto.REFERENCE, and
 train_seconds is the search cost it paid (fixed_budget: one training per budget; the controller:
-its single training, when given).
+its single training, when given). With the controller, `margins` gives per budget its utility minus
+the best training-free method's and minus each training method's (the fixed-budget oracle).
 """
 from __future__ import annotations
 
@@ -125,10 +126,30 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     }
     if CONTROLLER in methods_seen:
         result["train_seconds"][CONTROLLER] = controller_train_seconds
+        result["margins"] = margins(rows)
     result["seconds"] = time.perf_counter() - start
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+def margins(rows: list[dict]) -> dict[str, dict]:
+    """Per budget: the controller's utility minus the best training-free method's (named) and minus
+    the per-budget trained gates' (the oracle), where those were run."""
+    out = {}
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        at = {r["method"]: r["utility"] for r in rows if r["budget"] == budget}
+        if CONTROLLER not in at:
+            continue
+        ours, entry = at[CONTROLLER], {}
+        free = {m: u for m, u in at.items() if m in METHODS and not METHODS[m].trains}
+        if free:
+            best = max(free, key=free.get)
+            entry.update(best_training_free=best, over_training_free=ours - free[best])
+        for m in (m for m in at if m in METHODS and METHODS[m].trains):
+            entry[f"vs_{m}"] = ours - at[m]
+        out[f"{budget:g}"] = entry
+    return out
 
 
 def write_outputs(result: dict, out_dir) -> dict:
@@ -160,6 +181,20 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+# the detail table's columns: header, then where the value sits in a result row
+DETAIL = (("FLOPs", ("flops_ratio",)), ("params", ("params_ratio",)), ("utility", ("utility",)),
+          ("shapes zero-shot", ("metrics", "shapes/zs_mean")), ("Fashion-MNIST", ("metrics", "fmnist/acc")),
+          ("grounding", ("grounding",)), ("i2t R@1", ("metrics", "shapes/i2t_r1")),
+          ("t2i R@1", ("metrics", "shapes/t2i_r1")), ("image ms", ("latency_ms", "image")),
+          ("text ms", ("latency_ms", "text")))
+
+
+def _dig(row: dict, path: tuple):
+    for key in path:
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
+
 def markdown(result: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"
     d, settings = result["dense"], result["settings"]
@@ -178,8 +213,20 @@ def markdown(result: dict) -> str:
         train = result["train_seconds"].get(m)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {f(result['hypervolume'][m])} | "
                      f"{'-' if train is None else f'{train:.0f}'} | {result['plan_seconds'][m]:.1f} |")
+    notes = []
+    for budget, m in result.get("margins", {}).items():
+        parts = [f"{m['over_training_free']:+.3f} over the best training-free method ({m['best_training_free']})"] \
+            if "best_training_free" in m else []
+        parts += [f"{100 * v:+.1f} points vs {k[3:]}" for k, v in m.items() if k.startswith("vs_")]
+        notes += [f"- {CONTROLLER} @{budget}: " + ", ".join(parts)] if parts else []
     oracle = ((result["settings"].get("options") or {}).get("fixed_budget"))
     if oracle and "fixed_budget" in result["methods"]:
-        lines += ["", f"fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
-                      f"{oracle.get('batch_size')} samples each (the controller's own training budget)."]
+        notes.append(f"- fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
+                     f"{oracle.get('batch_size')} samples each (the controller's own training budget).")
+    lines += [""] + notes if notes else []
+    lines += ["", "## Every method at every budget", "",
+              "| method | budget | " + " | ".join(h for h, _ in DETAIL) + " |", "|---|---|" + "---|" * len(DETAIL)]
+    for b in result["budgets"]:
+        for r in (r for r in result["results"] if r["budget"] == b):
+            lines.append(f"| {r['method']} | {b:g} | " + " | ".join(f(_dig(r, path)) for _, path in DETAIL) + " |")
     return "\n".join(lines) + "\n"
