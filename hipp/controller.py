@@ -121,6 +121,13 @@ class Controller(nn.Module):
         logits = (layer_logits, heads, channels)
         return map_gates(lambda x: x.squeeze(0), logits) if single else logits
 
+    def param_groups(self, bias_lr_mult: float = 1.0) -> list[dict]:
+        """Optimiser groups: the per-unit biases (the logit part every preference shares, like the
+        fixed-budget gates' free logits) with their own learning-rate multiplier, the rest at 1."""
+        bias = [p for n, p in self.named_parameters() if n.startswith("bias.")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("bias.")]
+        return [{"params": rest, "lr_mult": 1.0}, {"params": bias, "lr_mult": float(bias_lr_mult)}]
+
     def keep_probs(self, pref: torch.Tensor) -> Gates:
         """Uncoupled keep-probabilities: what PruneSpace.costs expects for expected costs."""
         return map_gates(keep_prob, self(pref))

@@ -46,8 +46,9 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """`lr` times each parameter group's `lr_mult` (1 when it has none)."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     vertex_prob: float = 0.0   # chance a preference group is a simplex vertex (one objective alone)
     lr: float = 3e-3
     lr_schedule: str = "constant"  # or "cosine": decay to 0 over the steps (see lr_factor)
+    bias_lr_mult: float = 1.0  # the per-unit biases learn this many times faster (Controller.param_groups)
     weight_decay: float = 0.0
     temperature_start: float = 1.0
     temperature_end: float = 0.1
@@ -95,7 +97,7 @@ class TrainConfig:
         checks = {"steps": self.steps >= 1, "pref_groups": self.pref_groups >= 1, "lr": self.lr > 0,
                   "channel_group": self.channel_group >= 1, "grad_accum": self.grad_accum >= 1,
                   "save_every": self.save_every >= 1, "dirichlet_alpha": self.dirichlet_alpha > 0,
-                  "vertex_prob": 0 <= self.vertex_prob <= 1,
+                  "vertex_prob": 0 <= self.vertex_prob <= 1, "bias_lr_mult": self.bias_lr_mult > 0,
                   "data.batch_size": self.data.batch_size >= 2,
                   "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
                   "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
@@ -232,7 +234,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     objectives = Objectives(objectives_cfg, space)
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
     controller = Controller(space, objectives.names, **asdict(cfg.controller))
-    opt = torch.optim.AdamW(controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(controller.param_groups(cfg.bias_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     controller, opt = acc.prepare(controller, opt)
     raw = acc.unwrap_model(controller)
     extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "family": cfg.family,

@@ -66,6 +66,26 @@ def test_lr_factor():
         lr_factor("step", 0, 10)
 
 
+def test_bias_lr_mult_speeds_up_only_the_per_unit_biases(tiny_model_dir, tmp_path):
+    from dataclasses import asdict
+
+    from hipp.backends import make_prunable
+    from hipp.checkpoint import load_model
+    from hipp.config import load_config
+    from hipp.controller import Controller
+    from hipp.objectives import ObjectiveConfig
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=1, bias_lr_mult=10.0))
+    train(cfg)
+    space = make_prunable(load_model(str(tiny_model_dir)), cfg.channel_group)
+    torch.manual_seed(cfg.seed)  # the controller as train() initialises it
+    init = Controller(space, ObjectiveConfig.from_dict(cfg.objectives).names, **asdict(cfg.controller)).state_dict()
+    after = weights(tmp_path / "out")
+    step = {k: float((after[k] - init[k]).abs().max()) for k in init}
+    # Adam's first step moves each parameter by about its learning rate
+    assert max(v for k, v in step.items() if k.startswith("bias.")) == pytest.approx(10 * cfg.lr, rel=0.05)
+    assert max(v for k, v in step.items() if not k.startswith("bias.")) == pytest.approx(cfg.lr, rel=0.05)
+
+
 def test_two_processes_on_cpu(tiny_model_dir, tmp_path):
     cfg = write_config(tmp_path, tiny_model_dir, steps=2)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
@@ -119,6 +139,8 @@ def test_config_validation_in_process(tiny_model_dir, tmp_path):
     from hipp.config import load_config
     with pytest.raises(HippError, match="'data.batch_size'"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, data={"batch_size": 1}))
+    with pytest.raises(HippError, match="'bias_lr_mult'"):
+        load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, bias_lr_mult=0.0))
     with pytest.raises(HippError, match="'lr_schedule'"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, lr_schedule="linear"))
     with pytest.raises(HippError, match="scalarization"):
