@@ -6,6 +6,12 @@
                + budget shift:  h -> one scalar per tower and kind   (an overall sparsity level)
                + allocation:    h -> one scalar per layer and kind   (how a layer's width is spent)
 
+With `flops_target`, the trunk also reads a FLOPs target (two more inputs: a flag and the ratio;
+both 0 for a plain preference), trained in some preference groups with the cost weights replaced
+by a penalty that holds the expected FLOPs at the target. A bound query can then ask for a plan
+made for that very cost, as a fixed-budget run would train one, instead of only searching the
+preferences for a plan that happens to land near it.
+
 The budget / allocation terms are the "overall budget x layer allocation" factorisation: a
 preference can move every unit of a kind together with one scalar, which makes the trade-off
 easy to steer, while the low-rank heads choose *which* units go. All preference-dependent
@@ -14,6 +20,7 @@ model (keep-probability sigmoid(3) ~ 0.95).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -41,7 +48,8 @@ def prunable_params(space: PruneSpace) -> float:
 
 class Controller(nn.Module):
     def __init__(self, space: PruneSpace, objective_names=DEFAULT_OBJECTIVES, hidden: int = 256,
-                 rank: int = 32, depth: int = 2, init_bias: float = 3.0, factorised: bool = True):
+                 rank: int = 32, depth: int = 2, init_bias: float = 3.0, factorised: bool = True,
+                 flops_target: bool = False):
         super().__init__()
         names = list(objective_names)
         if not names or len(set(names)) != len(names):
@@ -50,12 +58,14 @@ class Controller(nn.Module):
             raise HippError(f"controller hidden, rank and depth must be >= 1, got {hidden}, {rank}, {depth}")
         self.space = space
         self.objective_names = names
+        if flops_target and "flops" not in names:
+            raise HippError("a controller taking a FLOPs target needs the 'flops' objective")
         self.hparams = {"hidden": hidden, "rank": rank, "depth": depth, "init_bias": init_bias,
-                        "factorised": factorised}
+                        "factorised": factorised, "flops_target": bool(flops_target)}
         self.fingerprint = ""
         self.extra: dict = {}
 
-        layers = [nn.Linear(len(names), hidden), nn.GELU()]
+        layers = [nn.Linear(len(names) + 2 * bool(flops_target), hidden), nn.GELU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.GELU()]
         self.trunk = nn.Sequential(*layers)
@@ -89,8 +99,14 @@ class Controller(nn.Module):
             self.budget = self.allocation = None
 
     # --- the map ---
-    def forward(self, pref: torch.Tensor) -> Gates:
-        """pref [B, K] (or [K]) on the simplex -> logits (layer [B, L], heads [B, h_l], channels [B, c_l])."""
+    @property
+    def takes_target(self) -> bool:
+        return self.hparams["flops_target"]
+
+    def forward(self, pref: torch.Tensor, target: torch.Tensor | None = None) -> Gates:
+        """pref [B, K] (or [K]) on the simplex -> logits (layer [B, L], heads [B, h_l], channels [B, c_l]).
+
+        `target` [B] (or a scalar): FLOPs ratios to plan for, NaN where a row has none."""
         single = pref.dim() == 1
         if single:
             pref = pref.unsqueeze(0)
@@ -98,6 +114,13 @@ class Controller(nn.Module):
             raise HippError(f"controller expects preferences of shape [B, {len(self.objective_names)}], "
                             f"got {tuple(pref.shape)}")
         pref = pref.to(self.trunk[0].weight)
+        if target is not None and not self.takes_target:
+            raise HippError("this controller was trained without FLOPs targets")
+        if self.takes_target:
+            t = torch.full(pref.shape[:1], math.nan) if target is None else torch.as_tensor(target)
+            t = t.to(pref).expand(pref.shape[0])
+            given = torch.isfinite(t)
+            pref = torch.cat([pref, given[:, None].to(pref), torch.where(given, t, 0.0)[:, None]], dim=-1)
         h = self.trunk(pref)
         batch = pref.shape[0]
         n_layers = len(self.space.layers)
@@ -128,9 +151,9 @@ class Controller(nn.Module):
         rest = [p for n, p in self.named_parameters() if not n.startswith("bias.")]
         return [{"params": rest, "lr_mult": 1.0}, {"params": bias, "lr_mult": float(bias_lr_mult)}]
 
-    def keep_probs(self, pref: torch.Tensor) -> Gates:
+    def keep_probs(self, pref: torch.Tensor, target=None) -> Gates:
         """Uncoupled keep-probabilities: what PruneSpace.costs expects for expected costs."""
-        return map_gates(keep_prob, self(pref))
+        return map_gates(keep_prob, self(pref, target))
 
     def sample(self, pref: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
                hard: bool = True) -> Gates:

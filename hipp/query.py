@@ -3,7 +3,9 @@
 A preference query is the controller's own hard plan: no VLM is loaded. A bound query searches:
 
 1. candidates: preferences on sweeps from each quality objective (utility, grounding) to each cost
-   objective, plus a coarse simplex grid, all pushed through the controller in one batch;
+   objective, plus a coarse simplex grid, and, when the controller takes a FLOPs target, quality
+   preferences with targets at and just below a FLOPs bound; all pushed through the controller in
+   one batch;
 2. fit: for each candidate, the largest set of its highest-logit units that meets the bound (a
    global logit offset; cost only grows as units are added, so a binary search finds it);
 3. rank: the few distinct fits that needed the smallest offset (closest to what the controller
@@ -286,6 +288,24 @@ def candidate_preferences(names, points: int = 11) -> torch.Tensor:
     return prefs[keep]
 
 
+TARGET_STEPS = (-0.1, -0.05, -0.025, 0.0)  # the penalty leaves plans a little above their target
+
+
+def target_candidates(names, max_flops: float, points: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quality preferences (sweeps between the quality objectives) x FLOPs targets near the bound."""
+    names = list(names)
+    quality = [n for n in names if n not in COSTS]
+    if len(quality) > 1:
+        prefs = torch.cat([sweep(names, a, b, points, dtype=torch.float64)
+                           for i, a in enumerate(quality) for b in quality[i + 1:]])
+    else:
+        prefs = torch.tensor([[float(n == quality[0]) for n in names]], dtype=torch.float64)
+    prefs = torch.unique(prefs, dim=0)
+    targets = [max_flops + d for d in TARGET_STEPS if max_flops + d > 0]
+    return (prefs.repeat(len(targets), 1),
+            torch.tensor(targets, dtype=torch.float64).repeat_interleave(len(prefs)))
+
+
 def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str, float]:
     bounds = {k: v for k, v in (("flops", max_flops), ("params", max_params)) if v is not None}
     if not bounds:
@@ -307,7 +327,12 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     units = _Units(controller.space)
     names = controller.objective_names
     prefs = candidate_preferences(names, points)
-    logits = controller(prefs.to(controller.trunk[0].weight.dtype))
+    targets = torch.full((len(prefs),), math.nan, dtype=torch.float64)
+    if controller.takes_target and "flops" in bounds:
+        extra, t = target_candidates(names, bounds["flops"])
+        prefs, targets = torch.cat([prefs, extra]), torch.cat([targets, t])
+    dtype = controller.trunk[0].weight.dtype
+    logits = controller(prefs.to(dtype), targets.to(dtype) if controller.takes_target else None)
     fits = []
     for i in range(len(prefs)):
         flat = units.flat(map_gates(lambda t: t[i].detach().cpu(), logits))
@@ -329,7 +354,8 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     for fit, flat in shortlist:
         mask, added = _top_up(units, flat, fit.k, bounds)
         pref = dict(zip(names, prefs[fit.index].tolist()))
-        plan = units.plan(mask, pref)
+        target = float(targets[fit.index])
+        plan = units.plan(mask, pref, {"flops_target": target} if math.isfinite(target) else None)
         key = b"".join(t.bool().numpy().tobytes() for t in (plan.layer_keep, *plan.head_keep, *plan.channel_keep))
         if key in seen:
             continue
@@ -350,7 +376,8 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     for j in order:
         plan, fit, added = candidates[j]
         r = _ratios(plan)
-        table.append({"preference": format_spec(plan.preference), "logit_offset": fit.offset,
+        table.append({"preference": format_spec(plan.preference), "flops_target": plan.meta.get("flops_target"),
+                      "logit_offset": fit.offset,
                       "units_added": added, "flops_ratio": r["flops"], "params_ratio": r["params"],
                       "utility_loss": None if math.isnan(losses[j]) else losses[j]})
     best, fit, added = candidates[order[0]]
@@ -394,6 +421,8 @@ def summary(plan: Plan) -> dict:
 def format_table(plan: Plan) -> str:
     s = summary(plan)
     lines = [f"preference    {s['preference_spec']}"]
+    if "flops_target" in plan.meta:
+        lines.append(f"flops target  {plan.meta['flops_target']:.3f} (the controller's target input)")
     search = plan.meta.get("search")
     if search:
         bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params") if k in plan.meta)

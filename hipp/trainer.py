@@ -4,6 +4,10 @@ Each step: one batch, one teacher pass (the same weights with gates open), then 
 preference group a Dirichlet-sampled preference, Gumbel-sigmoid gates from the controller, a
 gated (student) pass and the scalarised multi-objective loss. Only the controller learns.
 
+With `target_prob` > 0 some preference groups train for a FLOPs target instead: the preference's
+cost weights are dropped and a quadratic penalty holds the expected FLOPs ratio at a target drawn
+from `target_range`, which the controller reads as an input (Controller, flops_target).
+
 Every random draw (data, preferences, gate noise) comes from a generator seeded by
 (seed, step, process), so `--resume` reproduces an uninterrupted run exactly.
 """
@@ -82,6 +86,9 @@ class TrainConfig:
     lr: float = 3e-3
     lr_schedule: str = "constant"  # or "cosine": decay to 0 over the steps (see lr_factor)
     bias_lr_mult: float = 1.0  # the per-unit biases learn this many times faster (Controller.param_groups)
+    target_prob: float = 0.0   # chance a preference group trains for a FLOPs target (module doc)
+    target_range: list = field(default_factory=lambda: [0.2, 0.9])  # targets drawn uniformly in it
+    target_penalty: float = 20.0  # weight of (expected FLOPs ratio - target)^2
     weight_decay: float = 0.0
     temperature_start: float = 1.0
     temperature_end: float = 0.1
@@ -98,6 +105,8 @@ class TrainConfig:
                   "channel_group": self.channel_group >= 1, "grad_accum": self.grad_accum >= 1,
                   "save_every": self.save_every >= 1, "dirichlet_alpha": self.dirichlet_alpha > 0,
                   "vertex_prob": 0 <= self.vertex_prob <= 1, "bias_lr_mult": self.bias_lr_mult > 0,
+                  "target_prob": 0 <= self.target_prob <= 1, "target_penalty": self.target_penalty > 0,
+                  "target_range": _is_range(self.target_range),
                   "data.batch_size": self.data.batch_size >= 2,
                   "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
                   "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
@@ -105,7 +114,18 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 raise HippError(f"config key '{key}' has an invalid value")
-        ObjectiveConfig.from_dict(self.objectives)  # fail at load time, not after the model loads
+        names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
+        if self.target_prob > 0 and "flops" not in names:
+            raise HippError("config key 'target_prob' needs the 'flops' objective")
+        self.target_range = [float(x) for x in self.target_range]
+
+
+def _is_range(r) -> bool:
+    try:
+        lo, hi = (float(x) for x in r)
+    except (TypeError, ValueError):
+        return False
+    return 0 < lo <= hi <= 1
 
 
 class TrainingDiverged(HippError):
@@ -161,6 +181,22 @@ def sample_preferences(cfg: TrainConfig, k: int, g: torch.Generator) -> torch.Te
     vertex = torch.rand(cfg.pref_groups, generator=g) < cfg.vertex_prob
     corners = torch.nn.functional.one_hot(torch.randint(k, (cfg.pref_groups,), generator=g), k).to(prefs)
     return torch.where(vertex[:, None], corners, prefs)
+
+
+def sample_targets(cfg: TrainConfig, prefs: torch.Tensor, names, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLOPs targets for some groups (NaN for the rest); those groups' cost weights are dropped and
+    the quality weights renormalised (equal when all were zero): the target is the cost term."""
+    targets = torch.full((len(prefs),), math.nan)
+    if cfg.target_prob == 0:  # no draws at all, so a run without targets keeps its random stream
+        return prefs, targets
+    lo, hi = cfg.target_range
+    chosen = torch.rand(len(prefs), generator=g) < cfg.target_prob
+    drawn = lo + (hi - lo) * torch.rand(len(prefs), generator=g)
+    quality = torch.tensor([n not in ("flops", "params") for n in names], dtype=prefs.dtype)
+    q = prefs * quality
+    q = torch.where(q.sum(-1, keepdim=True) > 0, q, quality.expand_as(q))
+    q = q / q.sum(-1, keepdim=True)
+    return torch.where(chosen[:, None], q, prefs), torch.where(chosen, drawn, targets)
 
 
 @torch.no_grad()
@@ -233,7 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     pp, tokenizer = preprocess_cfg(model), get_tokenizer(cfg.model)
     objectives = Objectives(objectives_cfg, space)
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
-    controller = Controller(space, objectives.names, **asdict(cfg.controller))
+    controller = Controller(space, objectives.names, **asdict(cfg.controller), flops_target=cfg.target_prob > 0)
     opt = torch.optim.AdamW(controller.param_groups(cfg.bias_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     controller, opt = acc.prepare(controller, opt)
     raw = acc.unwrap_model(controller)
@@ -264,7 +300,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     k = len(objectives.names)
     for step in bar:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + acc.process_index)
-        prefs = sample_preferences(cfg, k, g).to(acc.device)
+        prefs, targets = sample_targets(cfg, sample_preferences(cfg, k, g), objectives.names, g)
+        prefs = prefs.to(acc.device)
         groups = []  # each preference group on a batch of its own
         for i in range(len(prefs)):
             batch = batches((step * acc.num_processes + acc.process_index) * cfg.pref_groups + i)
@@ -272,10 +309,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             groups.append((batch, inputs, distiller.teacher(inputs, batch)))
         with acc.accumulate(controller), acc.autocast():
             total, terms = 0.0, {n: 0.0 for n in objectives.names}
-            for p, (batch, inputs, teacher) in zip(prefs, groups):
-                logits = controller(p)
+            for p, t, (batch, inputs, teacher) in zip(prefs, targets.tolist(), groups):
+                logits = controller(p, t if raw.takes_target else None)
                 losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
-                total = total + objectives.scalarize(losses, p) / len(prefs)
+                loss = objectives.scalarize(losses, p)
+                if math.isfinite(t):
+                    loss = loss + cfg.target_penalty * (losses["flops"] - t) ** 2
+                total = total + loss / len(prefs)
                 for n in objectives.names:
                     terms[n] += float(losses[n].detach()) / len(prefs)
             if not torch.isfinite(total):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -233,3 +234,28 @@ def test_plan_costs_match_the_space_and_bad_plans_are_rejected(tmp_path):
     (tmp_path / "p.json").write_text('{"format": "hipp-plan", "version": 99}')
     with pytest.raises(HippError, match="plan version 99"):
         Plan.load(tmp_path / "p.json")
+
+
+def flat(logits) -> torch.Tensor:
+    layer, heads, chans = logits
+    return torch.cat([layer, *heads, *chans], dim=-1)
+
+
+def test_a_flops_target_is_an_input_only_of_a_controller_trained_with_one(tmp_path):
+    plain = Controller(small_space(), NAMES, hidden=16, rank=4)
+    with pytest.raises(HippError, match="trained without FLOPs targets"):
+        plain(torch.full((4,), 0.25), 0.5)
+    with pytest.raises(HippError, match="needs the 'flops' objective"):
+        Controller(small_space(), ["utility", "params"], flops_target=True)
+    c = scrambled(Controller(small_space(), NAMES, hidden=16, rank=4, flops_target=True))
+    prefs = torch.full((3, 4), 0.25)
+    none = flat(c(prefs))
+    assert torch.equal(none, flat(c(prefs, torch.full((3,), math.nan))))  # NaN = no target
+    mixed = flat(c(prefs, torch.tensor([math.nan, 0.3, 0.7])))
+    assert torch.equal(mixed[0], none[0])
+    assert not torch.allclose(mixed[1], none[1]) and not torch.allclose(mixed[1], mixed[2])
+    assert torch.allclose(flat(c(prefs[1], 0.3)), mixed[1], atol=1e-4)  # one preference, a float target
+    c.save(tmp_path / "c")
+    back = load_controller(tmp_path / "c")
+    assert back.takes_target and torch.equal(flat(back(prefs, torch.tensor([math.nan, 0.3, 0.7]))), mixed)
+    assert not load_controller(plain.save(tmp_path / "p")).takes_target

@@ -13,7 +13,7 @@ from hipp.checkpoint import fingerprint, load_model
 from hipp.cli import main
 from hipp.controller import Controller, load_controller
 from hipp.errors import HippError
-from hipp.query import (calibration, candidate_preferences, load_base, plan_for_budget, resolve_base,
+from hipp.query import (calibration, candidate_preferences, load_base, plan_for_budget, resolve_base, target_candidates,
                         utility_losses)
 from hipp.plan import Plan
 from hipp.space import TOWERS
@@ -292,3 +292,24 @@ def test_search_is_deterministic(loaded):
     a = plan_for_budget(controller, max_flops=0.65, base=base)
     b = plan_for_budget(controller, max_flops=0.65, base=base)
     assert a == b and isinstance(a, Plan)
+
+
+def test_a_controller_taking_a_flops_target_is_also_asked_for_the_bound_itself(loaded):
+    controller, base = loaded
+    g = torch.Generator().manual_seed(0)
+    c = Controller(controller.space, NAMES, hidden=8, rank=4, depth=1, flops_target=True)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    prefs, targets = target_candidates(NAMES, 0.5)
+    assert sorted(set(targets.tolist())) == pytest.approx([0.4, 0.45, 0.475, 0.5])
+    assert bool((prefs[:, 2:] == 0).all()) and len(prefs) == 4 * 5  # utility-grounding sweep x targets
+    plan = plan_for_budget(c, max_flops=0.5, base=base, n_rank=1000)  # every distinct plan is ranked
+    assert 0.48 <= plan.costs()["flops_ratio"] <= 0.5
+    search = plan.meta["search"]
+    assert search["preferences_tried"] == len(candidate_preferences(NAMES)) + len(prefs)
+    asked = {row["flops_target"] for row in search["candidates"]}
+    assert None in asked and asked - {None} and asked - {None} <= set(targets.tolist())
+    assert plan.meta.get("flops_target") == search["candidates"][0]["flops_target"]
+    assert plan_for_budget(c, max_params=0.99, base=base).meta["search"]["preferences_tried"] == \
+        len(candidate_preferences(NAMES))  # a params bound alone has no target to give

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from hipp.checkpoint import save_model
 from hipp.errors import HippError
-from hipp.trainer import TrainConfig, TrainingDiverged, lr_factor, train
+from hipp.trainer import TrainConfig, TrainingDiverged, lr_factor, sample_targets, train
 
 from conftest import TINY_CFG, TINY_PP
 
@@ -145,3 +145,52 @@ def test_config_validation_in_process(tiny_model_dir, tmp_path):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, lr_schedule="linear"))
     with pytest.raises(HippError, match="scalarization"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, objectives={"scalarization": "sum"}))
+
+
+def test_target_groups_drop_the_cost_weights_and_draw_targets_in_range():
+    from hipp.preference import sample_dirichlet
+    names = ("utility", "grounding", "flops", "params")
+    g = torch.Generator().manual_seed(0)
+    prefs = torch.cat([sample_dirichlet(63, 0.5, 4, generator=g), torch.tensor([[0.0, 0.0, 1.0, 0.0]])])
+    plain = TrainConfig(pref_groups=64)
+    state = g.get_state()
+    same, none = sample_targets(plain, prefs, names, g)
+    assert torch.equal(same, prefs) and torch.isnan(none).all()
+    assert torch.equal(g.get_state(), state)  # no target draws: a run without targets keeps its stream
+    cfg = TrainConfig(pref_groups=64, target_prob=0.5, target_range=[0.3, 0.6])
+    assert cfg.target_range == [0.3, 0.6]
+    out, t = sample_targets(cfg, prefs, names, g)
+    on = torch.isfinite(t)
+    assert 10 < int(on.sum()) < 54
+    assert bool(((t[on] >= 0.3) & (t[on] <= 0.6)).all())
+    assert torch.equal(out[~on], prefs[~on])
+    assert bool((out[on][:, 2:] == 0).all()) and torch.allclose(out[on].sum(-1), torch.ones(int(on.sum())))
+    both = on & (prefs[:, :2].sum(-1) > 0)
+    assert torch.allclose(out[both, 0] * prefs[both, 1], out[both, 1] * prefs[both, 0])  # quality ratio kept
+    everything = TrainConfig(pref_groups=64, target_prob=1.0)
+    out, _ = sample_targets(everything, prefs, names, g)
+    assert out[-1].tolist() == [0.5, 0.5, 0.0, 0.0]  # a pure cost preference: equal quality weights
+
+
+def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_dir, tmp_path):
+    from hipp.config import load_config
+    from hipp.controller import Controller, load_controller
+    from hipp.objectives import expected_cost_ratios
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=12, save_every=12, target_prob=1.0,
+                                                target_range=[0.4, 0.4], target_penalty=50.0, bias_lr_mult=20.0))
+    train(cfg)
+    c = load_controller(tmp_path / "out")
+    assert c.takes_target
+    pref = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    fresh = Controller(c.space, c.objective_names, **c.hparams)
+    with torch.no_grad():
+        before = float(expected_cost_ratios(c.space, fresh.keep_probs(pref))["flops"])
+        after = float(expected_cost_ratios(c.space, c.keep_probs(pref, 0.4))["flops"])
+    assert before > 0.8 and abs(after - 0.4) < 0.5 * abs(before - 0.4), (before, after)
+    with pytest.raises(HippError, match="'target_prob' needs the 'flops' objective"):
+        load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name="x.yaml", target_prob=0.5,
+                                              objectives={"names": ["utility", "params"]}))
+    for key, value in (("target_range", [0.5, 0.2]), ("target_range", [0, 0.5]), ("target_prob", 1.5),
+                       ("target_penalty", 0)):
+        with pytest.raises(HippError, match=f"'{key}'"):
+            load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name="y.yaml", **{key: value}))
