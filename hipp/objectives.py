@@ -29,6 +29,7 @@ from .preference import DEFAULT_OBJECTIVES
 from .space import TOWERS, PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params")
+COSTS = ("flops", "params")  # the cost objectives; the others measure quality
 SCALARIZATIONS = ("linear", "chebyshev")
 GROUNDING_MODES = ("hinge", "squared")
 

@@ -29,11 +29,11 @@ import torch
 from .controller import Controller, load_controller
 from .errors import HippError
 from .gates import couple, map_gates
+from .objectives import COSTS
 from .plan import Plan
 from .preference import format_spec, simplex_grid, sweep
 from .space import TOWERS, PruneSpace
 
-COSTS = ("flops", "params")
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
 
 

@@ -32,7 +32,7 @@ from .data.mixed import MixedBatches
 from .errors import HippError
 from .fileio import write_json
 from .gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
-from .objectives import Embeddings, ObjectiveConfig, Objectives
+from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives
 from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
 STATE_DIR = "train_state"
@@ -192,7 +192,7 @@ def sample_targets(cfg: TrainConfig, prefs: torch.Tensor, names, g: torch.Genera
     lo, hi = cfg.target_range
     chosen = torch.rand(len(prefs), generator=g) < cfg.target_prob
     drawn = lo + (hi - lo) * torch.rand(len(prefs), generator=g)
-    quality = torch.tensor([n not in ("flops", "params") for n in names], dtype=prefs.dtype)
+    quality = torch.tensor([n not in COSTS for n in names], dtype=prefs.dtype)
     q = prefs * quality
     q = torch.where(q.sum(-1, keepdim=True) > 0, q, quality.expand_as(q))
     q = q / q.sum(-1, keepdim=True)

@@ -13,8 +13,8 @@ from hipp.checkpoint import fingerprint, load_model
 from hipp.cli import main
 from hipp.controller import Controller, load_controller
 from hipp.errors import HippError
-from hipp.query import (calibration, candidate_preferences, load_base, plan_for_budget, resolve_base, target_candidates,
-                        utility_losses)
+from hipp.query import (calibration, candidate_preferences, load_base, plan_for_budget, resolve_base,
+                        target_candidates, utility_losses)
 from hipp.plan import Plan
 from hipp.space import TOWERS
 
