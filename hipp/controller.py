@@ -29,6 +29,7 @@ from torch import nn
 from .errors import HippError
 from .fileio import load_tensors, read_json, save_tensors, write_json
 from .gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
+from .objectives import check_target_objectives
 from .plan import Plan
 from .preference import DEFAULT_OBJECTIVES, as_dict, sweep
 from .space import TOWERS, PruneSpace
@@ -58,8 +59,8 @@ class Controller(nn.Module):
             raise HippError(f"controller hidden, rank and depth must be >= 1, got {hidden}, {rank}, {depth}")
         self.space = space
         self.objective_names = names
-        if flops_target and "flops" not in names:
-            raise HippError("a controller taking a FLOPs target needs the 'flops' objective")
+        if flops_target:
+            check_target_objectives(names)
         self.hparams = {"hidden": hidden, "rank": rank, "depth": depth, "init_bias": init_bias,
                         "factorised": factorised, "flops_target": bool(flops_target)}
         self.fingerprint = ""

@@ -34,6 +34,12 @@ SCALARIZATIONS = ("linear", "chebyshev")
 GROUNDING_MODES = ("hinge", "squared")
 
 
+def check_target_objectives(names) -> None:
+    """A FLOPs target replaces the cost weights, so it needs 'flops' and something else to trade it for."""
+    if "flops" not in names or all(n in COSTS for n in names):
+        raise HippError(f"a FLOPs target needs the 'flops' objective and a quality objective; got {list(names)}")
+
+
 @dataclass
 class Embeddings:
     """One tower pass over a batch: image [B, D], text [B, D] (the true captions, row i matches

@@ -32,7 +32,7 @@ from .data.mixed import MixedBatches
 from .errors import HippError
 from .fileio import write_json
 from .gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
-from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives
+from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives, check_target_objectives
 from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
 STATE_DIR = "train_state"
@@ -115,8 +115,8 @@ class TrainConfig:
             if not ok:
                 raise HippError(f"config key '{key}' has an invalid value")
         names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
-        if self.target_prob > 0 and "flops" not in names:
-            raise HippError("config key 'target_prob' needs the 'flops' objective")
+        if self.target_prob > 0:
+            check_target_objectives(names)
         self.target_range = [float(x) for x in self.target_range]
 
 

@@ -245,8 +245,9 @@ def test_a_flops_target_is_an_input_only_of_a_controller_trained_with_one(tmp_pa
     plain = Controller(small_space(), NAMES, hidden=16, rank=4)
     with pytest.raises(HippError, match="trained without FLOPs targets"):
         plain(torch.full((4,), 0.25), 0.5)
-    with pytest.raises(HippError, match="needs the 'flops' objective"):
-        Controller(small_space(), ["utility", "params"], flops_target=True)
+    for names in (["utility", "params"], ["flops", "params"]):
+        with pytest.raises(HippError, match="needs the 'flops' objective and a quality objective"):
+            Controller(small_space(), names, flops_target=True)
     c = scrambled(Controller(small_space(), NAMES, hidden=16, rank=4, flops_target=True))
     prefs = torch.full((3, 4), 0.25)
     none = flat(c(prefs))

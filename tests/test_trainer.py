@@ -177,7 +177,7 @@ def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_di
     from hipp.controller import Controller, load_controller
     from hipp.objectives import expected_cost_ratios
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=12, save_every=12, target_prob=1.0,
-                                                target_range=[0.4, 0.4], target_penalty=50.0, bias_lr_mult=20.0))
+                                                target_range=[0.4, 0.4], target_penalty=50.0, bias_lr_mult=10.0))
     train(cfg)
     c = load_controller(tmp_path / "out")
     assert c.takes_target
@@ -186,8 +186,8 @@ def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_di
     with torch.no_grad():
         before = float(expected_cost_ratios(c.space, fresh.keep_probs(pref))["flops"])
         after = float(expected_cost_ratios(c.space, c.keep_probs(pref, 0.4))["flops"])
-    assert before > 0.8 and abs(after - 0.4) < 0.5 * abs(before - 0.4), (before, after)
-    with pytest.raises(HippError, match="'target_prob' needs the 'flops' objective"):
+    assert before > 0.8 and abs(after - 0.4) < 0.1, (before, after)  # measured: 0.911 -> 0.367
+    with pytest.raises(HippError, match="needs the 'flops' objective and a quality objective"):
         load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name="x.yaml", target_prob=0.5,
                                               objectives={"names": ["utility", "params"]}))
     for key, value in (("target_range", [0.5, 0.2]), ("target_range", [0, 0.5]), ("target_prob", 1.5),
