@@ -35,6 +35,10 @@ from .preference import format_spec, simplex_grid, sweep
 from .space import TOWERS, PruneSpace
 
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
+# Ranking: how many distinct fits are run, and on how many val scenes + Fashion-MNIST images each.
+# At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3 (BENCHMARKS.md).
+RANK_CANDIDATES = 16
+CALIB_IMAGES = 128
 
 
 # --- the base model a controller steers -------------------------------------------------------
@@ -318,7 +322,8 @@ def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str,
 
 @torch.no_grad()
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
-                    base: Base | None = None, n_rank: int = 8, calib_n: int = 48, points: int = 11) -> Plan:
+                    base: Base | None = None, n_rank: int = RANK_CANDIDATES, calib_n: int = CALIB_IMAGES,
+                    points: int = 11) -> Plan:
     """The plan that meets the bound(s) with the best utility on a calibration batch (see module doc).
 
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.

@@ -13,7 +13,7 @@ from hipp.checkpoint import fingerprint, load_model
 from hipp.cli import main
 from hipp.controller import Controller, load_controller
 from hipp.errors import HippError
-from hipp.query import (calibration, candidate_preferences, load_base, plan_for_budget, resolve_base,
+from hipp.query import (CALIB_IMAGES, calibration, candidate_preferences, load_base, plan_for_budget, resolve_base,
                         target_candidates, utility_losses)
 from hipp.plan import Plan
 from hipp.space import TOWERS
@@ -193,7 +193,7 @@ def test_the_ranking_measures_utility(loaded):
     assert losses[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < losses[1] and 0 < losses[2]
     plan = plan_for_budget(controller, max_flops=0.5, base=base)
-    chosen = utility_losses(base, [plan], calibration(base, 48, fmnist=48))[0]  # what the search ranks on
+    chosen = utility_losses(base, [plan], calibration(base, CALIB_IMAGES, fmnist=CALIB_IMAGES))[0]  # what it ranks on
     assert chosen == pytest.approx(plan.meta["search"]["utility_loss"], rel=1e-5)
     assert all(chosen <= c["utility_loss"] + 1e-9 for c in plan.meta["search"]["candidates"])
 
