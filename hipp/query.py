@@ -320,22 +320,38 @@ def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str,
     return {k: float(v) for k, v in bounds.items()}
 
 
-@torch.no_grad()
-def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
-                    base: Base | None = None, n_rank: int = RANK_CANDIDATES, calib_n: int = CALIB_IMAGES,
-                    points: int = 11) -> Plan:
-    """The plan that meets the bound(s) with the best utility on a calibration batch (see module doc).
-
-    Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
-    """
-    bounds = check_bounds(max_flops, max_params)
-    units = _Units(controller.space)
+def search_preferences(controller: Controller, bounds: dict, points: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every preference a bound query tries, with its FLOPs target (NaN: none)."""
     names = controller.objective_names
     prefs = candidate_preferences(names, points)
     targets = torch.full((len(prefs),), math.nan, dtype=torch.float64)
     if controller.takes_target and "flops" in bounds:
         extra, t = target_candidates(names, bounds["flops"])
         prefs, targets = torch.cat([prefs, extra]), torch.cat([targets, t])
+    return prefs, targets
+
+
+def plan_key(plan: Plan) -> bytes:
+    """Identity of a plan's hard masks (two preferences often land on the same plan)."""
+    return b"".join(t.bool().numpy().tobytes() for t in (plan.layer_keep, *plan.head_keep, *plan.channel_keep))
+
+
+@dataclass
+class Candidate:
+    plan: Plan     # meets the bound(s)
+    offset: float  # the global logit offset its fit needed
+    added: int     # units the top-up added
+
+
+@torch.no_grad()
+def bound_candidates(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
+                     n_rank: int = RANK_CANDIDATES, points: int = 11) -> list[Candidate]:
+    """Steps 1-2 of the module doc and the top-up: up to `n_rank` distinct plans that meet the bound(s),
+    the smallest logit offset first (then sweep order)."""
+    bounds = check_bounds(max_flops, max_params)
+    units = _Units(controller.space)
+    names = controller.objective_names
+    prefs, targets = search_preferences(controller, bounds, points)
     dtype = controller.trunk[0].weight.dtype
     logits = controller(prefs.to(dtype), targets.to(dtype) if controller.takes_target else None)
     fits = []
@@ -361,36 +377,50 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
         pref = dict(zip(names, prefs[fit.index].tolist()))
         target = float(targets[fit.index])
         plan = units.plan(mask, pref, {"flops_target": target} if math.isfinite(target) else None)
-        key = b"".join(t.bool().numpy().tobytes() for t in (plan.layer_keep, *plan.head_keep, *plan.channel_keep))
+        key = plan_key(plan)
         if key in seen:
             continue
         seen.add(key)
         assert _meets(_ratios(plan), bounds), "top-up crossed the bound"
-        candidates.append((plan, fit, added))
+        candidates.append(Candidate(plan, fit.offset, added))
+    return candidates
+
+
+@torch.no_grad()
+def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
+                    base: Base | None = None, n_rank: int = RANK_CANDIDATES, calib_n: int = CALIB_IMAGES,
+                    points: int = 11) -> Plan:
+    """The plan that meets the bound(s) with the best utility on a calibration batch (see module doc).
+
+    Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
+    """
+    bounds = check_bounds(max_flops, max_params)
+    candidates = bound_candidates(controller, max_flops, max_params, n_rank, points)
     if base is not None:
         # both domains the utility is measured on: val shape scenes and Fashion-MNIST train images
         calib = calibration(base, calib_n, fmnist=calib_n)
-        losses = utility_losses(base, [c[0] for c in candidates], calib)
+        losses = utility_losses(base, [c.plan for c in candidates], calib)
         ranked_by = f"utility loss on {len(calib[0])} calibration images (hard-gated vs ungated)"
     else:
         losses = [math.nan] * len(candidates)
         ranked_by = "smallest logit offset (no base model given)"
     order = sorted(range(len(candidates)),
-                   key=lambda j: (losses[j] if base is not None else 0.0, abs(candidates[j][1].offset), j))
+                   key=lambda j: (losses[j] if base is not None else 0.0, abs(candidates[j].offset), j))
     table = []
     for j in order:
-        plan, fit, added = candidates[j]
-        r = _ratios(plan)
-        table.append({"preference": format_spec(plan.preference), "flops_target": plan.meta.get("flops_target"),
-                      "logit_offset": fit.offset,
-                      "units_added": added, "flops_ratio": r["flops"], "params_ratio": r["params"],
+        c = candidates[j]
+        r = _ratios(c.plan)
+        table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
+                      "logit_offset": c.offset,
+                      "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
                       "utility_loss": None if math.isnan(losses[j]) else losses[j]})
-    best, fit, added = candidates[order[0]]
-    best.meta.update({f"max_{k}": v for k, v in bounds.items()})
-    best.meta["search"] = {"ranked_by": ranked_by, "preferences_tried": len(prefs),
-                           "logit_offset": fit.offset, "units_added": added,
-                           "utility_loss": table[0]["utility_loss"], "candidates": table}
-    return best
+    best = candidates[order[0]]
+    tried = len(search_preferences(controller, bounds, points)[0])
+    best.plan.meta.update({f"max_{k}": v for k, v in bounds.items()})
+    best.plan.meta["search"] = {"ranked_by": ranked_by, "preferences_tried": tried,
+                                "logit_offset": best.offset, "units_added": best.added,
+                                "utility_loss": table[0]["utility_loss"], "candidates": table}
+    return best.plan
 
 
 # --- CLI ---------------------------------------------------------------------------------------
