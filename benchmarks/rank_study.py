@@ -6,7 +6,7 @@ utility on the full test sets (the bench's evaluation), and the plan each rankin
 
 Rules: the search with `n_rank=n` (`--shortlists`), ranking by the loss on `s` val scenes + `s`
 Fashion-MNIST train images (`--sizes`). Resumable: rows already in OUT/candidates.jsonl are kept.
-About 4 min per controller and budget on 2 cores (most of it the test-set evaluation).
+2-4 min per controller and budget on 2 cores (most of it the test-set evaluation).
 """
 import argparse
 import json
@@ -16,21 +16,21 @@ from pathlib import Path
 from hipp.controller import load_controller
 from hipp.fileio import write_text
 from hipp.pareto import evaluate_plan
-from hipp.query import bound_candidates, calibration, format_spec, load_base, plan_key, utility_losses
+from hipp.query import bound_candidates, calibration, format_spec, load_base, utility_losses
 
 
 def measure(folder: str, budget: float, sizes: list[int], shortlists: list[int]) -> list[dict]:
     controller = load_controller(folder)
     base = load_base(controller, folder)
     cands = bound_candidates(controller, max_flops=budget, n_rank=max(shortlists))
-    within = {n: {plan_key(c.plan) for c in bound_candidates(controller, max_flops=budget, n_rank=n)}
+    within = {n: {c.plan.mask_key() for c in bound_candidates(controller, max_flops=budget, n_rank=n)}
               for n in shortlists}
     losses = {s: utility_losses(base, [c.plan for c in cands], calibration(base, s, fmnist=s)) for s in sizes}
     rows = []
     for rank, c in enumerate(cands):
         r = evaluate_plan(base.model, c.plan, base.tokenizer, base.preprocess_cfg, n=1000, fmnist_limit=None)
         rows.append({"controller": folder, "budget": budget, "preference": format_spec(c.plan.preference),
-                     "shortlists": [n for n in shortlists if plan_key(c.plan) in within[n]],
+                     "shortlists": [n for n in shortlists if c.plan.mask_key() in within[n]],
                      "flops_ratio": r["flops_ratio"], "utility": r["utility"],
                      **{f"loss{s}": losses[s][rank] for s in sizes}})
     return rows

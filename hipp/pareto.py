@@ -195,10 +195,6 @@ def prepare(model, controller) -> PruneSpace:
     return space
 
 
-def _plan_key(plan: Plan) -> bytes:
-    return b"".join(t.to(torch.uint8).numpy().tobytes() for t in (plan.layer_keep, *plan.head_keep, *plan.channel_keep))
-
-
 def _loss_of(name: str, row: dict) -> float | None:
     """The achieved value of objective `name` as a loss (lower is better)."""
     if name == "utility":
@@ -235,7 +231,7 @@ def sweep(controller, model, tokenizer, preprocess_cfg: dict, points: int = 20, 
     bar = tqdm(grid, desc="pareto", disable=not progress)
     for p in bar:
         plan = controller.plan(p)
-        key = _plan_key(plan)
+        key = plan.mask_key()
         if key not in measured:
             measured[key] = (len(measured), evaluate_plan(model, plan, tokenizer, preprocess_cfg, datasets, n,
                                                           fmnist_limit, mode=mode))

@@ -65,6 +65,10 @@ class Plan:
         """The (layer, heads, channels) triple a gated model takes."""
         return self.layer_keep, self.head_keep, self.channel_keep
 
+    def mask_key(self) -> bytes:
+        """Identity of the hard masks alone (preferences differ, plans often coincide)."""
+        return b"".join(t.bool().numpy().tobytes() for t in (self.layer_keep, *self.head_keep, *self.channel_keep))
+
     # --- indices, for materialising ---
     def kept_heads(self, i: int) -> list[int]:
         return torch.nonzero(self.head_keep[i]).flatten().tolist()

@@ -239,9 +239,7 @@ def _fit(units: _Units, flat: torch.Tensor, bounds: dict, index: int) -> _Fit:
     low = -float(vals[lo - 1]) if lo > 0 else -math.inf
     high = -float(vals[lo]) if lo < n else math.inf
     offset = 0.0 if low < 0 <= high else (high if high < 0 else low)
-    m = units.plan(mask(lo), {})
-    key = b"".join(t.bool().numpy().tobytes() for t in (m.layer_keep, *m.head_keep, *m.channel_keep))
-    return _Fit(index, lo, offset, key)
+    return _Fit(index, lo, offset, units.plan(mask(lo), {}).mask_key())
 
 
 def _top_up(units: _Units, flat: torch.Tensor, k: int, bounds: dict) -> tuple[torch.Tensor, int]:
@@ -331,11 +329,6 @@ def search_preferences(controller: Controller, bounds: dict, points: int = 11) -
     return prefs, targets
 
 
-def plan_key(plan: Plan) -> bytes:
-    """Identity of a plan's hard masks (two preferences often land on the same plan)."""
-    return b"".join(t.bool().numpy().tobytes() for t in (plan.layer_keep, *plan.head_keep, *plan.channel_keep))
-
-
 @dataclass
 class Candidate:
     plan: Plan     # meets the bound(s)
@@ -377,7 +370,7 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
         pref = dict(zip(names, prefs[fit.index].tolist()))
         target = float(targets[fit.index])
         plan = units.plan(mask, pref, {"flops_target": target} if math.isfinite(target) else None)
-        key = plan_key(plan)
+        key = plan.mask_key()
         if key in seen:
             continue
         seen.add(key)

@@ -1,9 +1,10 @@
-"""Shared test fixtures: a tiny open_clip model saved in the project's folder format."""
+"""Shared test fixtures: a tiny open_clip model saved in the project's folder format; a FLOPs counter."""
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from torch.utils import flop_counter
 
 from hipp.checkpoint import save_model
 
@@ -16,6 +17,21 @@ TINY_CFG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 TINY_PP = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+# Some torch releases (2.14) count the other SDPA kernels but not the one CPUs run; the formula is the same.
+_CPU_FLASH = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
+
+
+def counted_flops(fn, *args) -> int:
+    """torch.utils.flop_counter's total for fn(*args), SDPA on the CPU included."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_FLASH) as fc:
+        fn(*args)
+    return fc.get_total_flops()
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,13 @@ import json
 import open_clip
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from hipp import get_preprocess, get_tokenizer, load_model
 from hipp.backends import describe, image_size
 from hipp.checkpoint import WEIGHTS_NAME, fingerprint
 from hipp.errors import HippError
 
-from conftest import TEACHER_DIR
+from conftest import TEACHER_DIR, counted_flops
 
 
 def test_round_trip_and_open_clip_reads_the_folder(tiny_model_dir):
@@ -61,12 +60,6 @@ def test_unknown_name_is_a_clear_error():
         load_model("ViT-Z-99")
 
 
-def _counted(fn, *args):
-    with FlopCounterMode(display=False) as fc:
-        fn(*args)
-    return fc.get_total_flops()
-
-
 @pytest.mark.parametrize("which", ["tiny", "teacher"])
 def test_analytic_flops_match_the_flop_counter(which, tiny_model_dir):
     path = tiny_model_dir if which == "tiny" else TEACHER_DIR
@@ -77,6 +70,6 @@ def test_analytic_flops_match_the_flop_counter(which, tiny_model_dir):
     x = torch.randn(3, 3, size, size, requires_grad=True)  # grad keeps MHA off its uncounted fast path
     tokens = torch.randint(1, 1000, (3, space.tower_layers("text")[0].tokens))
     with torch.enable_grad():
-        assert _counted(model.encode_image, x) == 3 * costs["flops/image"]
-        assert _counted(model.encode_text, tokens) == 3 * costs["flops/text"]
+        assert counted_flops(model.encode_image, x) == 3 * costs["flops/image"]
+        assert counted_flops(model.encode_text, tokens) == 3 * costs["flops/text"]
     assert costs["params/image"] + costs["params/text"] == sum(p.numel() for p in model.parameters())

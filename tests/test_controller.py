@@ -218,6 +218,9 @@ def test_plan_json_round_trip(tmp_path):
     back = Plan.load(tmp_path / "plan.json")
     assert back == plan and back.summary() == plan.summary()
     assert back.kept_channels(2) == plan.kept_channels(2)
+    same_masks = Plan(plan.space, *plan.gates, preference={"utility": 1.0})
+    assert same_masks != plan and same_masks.mask_key() == plan.mask_key() == back.mask_key()
+    assert Plan.dense(plan.space).mask_key() != plan.mask_key()
 
 
 def test_plan_costs_match_the_space_and_bad_plans_are_rejected(tmp_path):

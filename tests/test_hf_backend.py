@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
 
 from hipp import load_model
 from hipp.backends import clear_gates, describe, make_prunable, set_gates
@@ -18,7 +17,7 @@ from hipp.data import shapes, to_input
 from hipp.errors import HippError
 from hipp.evaluate import shape_metrics
 from hipp.materialize import empty_model, materialize, model_structure
-from conftest import TEACHER_DIR
+from conftest import TEACHER_DIR, counted_flops
 from test_modules import random_gates
 from test_query import PREFS, assert_bad, cli, designed_controller
 
@@ -99,9 +98,9 @@ def test_hard_gated_equals_materialised(kind):
         assert max_diff(embed(small, x), want) <= 1e-4, name
         costs, own = space.costs(*plan), describe(small).dense_costs()
         for tower, run in (("image", lambda m: m.encode_image(x[0][:1])), ("text", lambda m: m.encode_text(x[1][:1]))):
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                run(small)
-            assert counter.get_total_flops() == own[f"flops/{tower}"] == pytest.approx(float(costs[f"flops/{tower}"]))
+            with torch.no_grad():
+                counted = counted_flops(run, small)
+            assert counted == own[f"flops/{tower}"] == pytest.approx(float(costs[f"flops/{tower}"]))
         assert sum(p.numel() for p in small.parameters()) == pytest.approx(
             float(costs["params/image"] + costs["params/text"]))
         rebuilt = empty_model(model.hf.config.to_dict(), model_structure(small), "hf")

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from hipp.backends import clear_gates, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
@@ -12,6 +11,7 @@ from hipp.fileio import load_tensors, save_tensors
 from hipp.materialize import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
                               structure)
 from hipp.modules import DroppedBlock, PrunableBlock
+from conftest import counted_flops
 from test_modules import CUSTOM, TINY, build, embeddings, inputs, random_gates, vitb32  # noqa: F401
 
 
@@ -34,12 +34,6 @@ def tiny_plans(space):
     return out
 
 
-def counted_flops(fn, x):
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        fn(x)
-    return fc.get_total_flops()
-
-
 def check_plan(model, space, plan, batch=2, atol=1e-4, params=True):
     """Hard-gated vs materialised embeddings; flop counter and parameter count vs space.costs."""
     x = inputs(model, batch=batch)
@@ -50,8 +44,9 @@ def check_plan(model, space, plan, batch=2, atol=1e-4, params=True):
     for a, b in zip(embeddings(small, *x), gated):
         assert (a - b).abs().max().item() <= atol
     costs = space.costs(plan[0].double(), [h.double() for h in plan[1]], [c.double() for c in plan[2]])
-    assert counted_flops(small.encode_image, x[0]) == batch * float(costs["flops/image"])
-    assert counted_flops(small.encode_text, x[1]) == batch * float(costs["flops/text"])
+    with torch.no_grad():
+        assert counted_flops(small.encode_image, x[0]) == batch * float(costs["flops/image"])
+        assert counted_flops(small.encode_text, x[1]) == batch * float(costs["flops/text"])
     if params:  # (costs leave LayerScale out, so configs with it skip this)
         assert sum(p.numel() for p in small.parameters()) == float(costs["params/image"] + costs["params/text"])
     assert model_structure(small) == structure(space, *plan)
