@@ -47,7 +47,9 @@ def recall_at(sim: torch.Tensor, match: torch.Tensor, k: int) -> float:
     return float(match.gather(1, top).any(1).float().mean())
 
 
-def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: int = 0) -> dict[str, float]:
+def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: int = 0,
+                  items: dict | None = None) -> dict[str, float]:
+    """`items`, when given, receives each test scene's share of zero-shot attributes right ("shapes/zs_mean")."""
     size = preprocess_cfg["size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
     m: dict[str, float] = {}
@@ -56,13 +58,17 @@ def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: i
     img = embed_images(model, single.images, preprocess_cfg)
     objs = shapes.single_objects()
     prompt_emb = embed_texts(model, tokenizer, [o.phrase() for o in objs])  # once, grouped per attribute
+    hits = []
     for attr, values in shapes.ATTRIBUTES.items():
         # prompt ensemble: each value's class embedding averages every description with that value
         cls = torch.stack([prompt_emb[[getattr(o, attr) == v for o in objs]].mean(0) for v in values])
         pred = (img @ torch.nn.functional.normalize(cls, dim=-1).T).argmax(1)
         truth = torch.tensor([values.index(getattr(o[0], attr)) for o in single.objects])
-        m[f"shapes/zs_{attr}"] = float((pred == truth).float().mean())
+        hits.append((pred == truth).float())
+        m[f"shapes/zs_{attr}"] = float(hits[-1].mean())
     m["shapes/zs_mean"] = sum(m[f"shapes/zs_{a}"] for a in shapes.ATTRIBUTES) / len(shapes.ATTRIBUTES)
+    if items is not None:
+        items["shapes/zs_mean"] = torch.stack(hits).mean(0)
     # retrieval and grounding on multi-object test pairs
     pairs = shapes.make_scenes("test", n, seed=seed, image_size=size)
     img = embed_images(model, pairs.images, preprocess_cfg)
@@ -81,7 +87,9 @@ def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: i
     return m
 
 
-def fmnist_metrics(model, tokenizer, preprocess_cfg: dict, limit: int | None = None) -> dict[str, float]:
+def fmnist_metrics(model, tokenizer, preprocess_cfg: dict, limit: int | None = None,
+                   items: dict | None = None) -> dict[str, float]:
+    """`items`, when given, receives each test image's 0 / 1 ("fmnist/acc")."""
     size = preprocess_cfg["size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
     images, labels = load_fashion_mnist("test")
@@ -90,7 +98,10 @@ def fmnist_metrics(model, tokenizer, preprocess_cfg: dict, limit: int | None = N
     cls = class_embeddings(model, tokenizer, class_prompts())
     pred = torch.cat([(embed_images(model, to_rgb(images[i:i + 1000], size), preprocess_cfg) @ cls.T).argmax(1)
                       for i in range(0, len(images), 1000)])
-    return {"fmnist/acc": float((pred == labels).float().mean())}
+    hit = (pred == labels).float()
+    if items is not None:
+        items["fmnist/acc"] = hit
+    return {"fmnist/acc": float(hit.mean())}
 
 
 @torch.no_grad()
@@ -135,14 +146,16 @@ def check_datasets(datasets) -> None:
 
 
 def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int = 1000,
-             fmnist_limit: int | None = None) -> dict[str, float]:
+             fmnist_limit: int | None = None, items: dict | None = None) -> dict[str, float]:
+    """Flat `dataset/metric` floats. `items`, when given, receives per-test-item scores of the
+    zero-shot metrics (tensors whose means are those metrics), for paired comparisons of two models."""
     check_datasets(datasets)
     metrics: dict[str, float] = {}
     for d in datasets:
         if d == "shapes":
-            metrics.update(shape_metrics(model, tokenizer, preprocess_cfg, n=n))
+            metrics.update(shape_metrics(model, tokenizer, preprocess_cfg, n=n, items=items))
         elif d == "fmnist":
-            metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit))
+            metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit, items=items))
         else:
             metrics.update(user_metrics(model, tokenizer, preprocess_cfg, d))
     return metrics

@@ -62,6 +62,21 @@ def utility_keys(metrics: dict, keys: Sequence[str] = UTILITY_KEYS) -> list[str]
     return [k for k in keys if k in metrics]
 
 
+def utility_difference(a: dict, b: dict, keys: Sequence[str] = UTILITY_KEYS) -> tuple[float, float]:
+    """Utility of model a minus model b from their per-item scores on the same test items (the `items`
+    of hipp.evaluate), and the standard error of that difference. Pairing cancels what the two share:
+    two nearly equal models differ on few items, so a small difference can still be told from noise."""
+    common = [k for k in keys if k in a and k in b]
+    if not common:
+        raise HippError(f"no per-item scores of {', '.join(keys)} measured for both models")
+    diffs = [a[k].double() - b[k].double() for k in common]
+    if any(len(d) < 2 for d in diffs):
+        raise HippError("a paired difference needs at least 2 test items per metric")
+    mean = sum(float(d.mean()) for d in diffs) / len(diffs)
+    var = sum(float(d.var()) / len(d) for d in diffs) / len(diffs) ** 2
+    return mean, math.sqrt(var)
+
+
 def grounding_of(metrics: dict, key: str = GROUNDING_KEY) -> float | None:
     return float(metrics[key]) if key in metrics else None
 
@@ -77,14 +92,15 @@ def calibration_inputs(calibration, preprocess_cfg: dict) -> tuple[torch.Tensor,
 
 def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: Sequence[str] = DATASETS,
                   n: int = 500, fmnist_limit: int | None = 2000, calibration=None, mode: str = "materialize",
-                  latency: bool = False, latency_batch: int = 32) -> dict:
+                  latency: bool = False, latency_batch: int = 32, items: bool = False) -> dict:
     """Metrics and costs of one hard plan on a prunable `model` (left unchanged).
 
     mode "materialize" measures the physically smaller model (the same function as the hard-gated
     one to float tolerance, and 2.5x faster at half the FLOPs on the tiny teacher); "gates" sets
     the plan's hard gates on `model` itself. A plan whose meta asks for compensation (FLAP) is always materialised with
     bias compensation, measured on `calibration`. `latency` adds the smaller model's median
-    milliseconds per image and per caption (always measured materialised).
+    milliseconds per image and per caption (always measured materialised); `items` the per-item
+    scores of the utility metrics (hipp.evaluate's `items`, not JSON), for utility_difference.
     """
     if mode not in MODES:
         raise HippError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
@@ -98,18 +114,22 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
         small = compensate_bias(model, *plan.gates, images=images, texts=texts).eval()
     elif mode == "materialize" or latency:
         small = materialize(model, *plan.gates).eval()
+    per_item = {} if items else None
     if small is not None and (mode == "materialize" or plan.meta.get("compensate")):
-        metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit)
+        metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=per_item)
     else:
         device = next(model.parameters()).device
         set_gates(model, *map_gates(lambda t: t.to(device, torch.float32), plan.gates))
         try:
-            metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit)
+            metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit,
+                               items=per_item)
         finally:
             clear_gates(model)
     costs = plan.costs()
     out = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics),
            **{k: costs[k] for k in ("flops_ratio", "params_ratio", "flops_ratio/image", "flops_ratio/text")}}
+    if items:
+        out["items"] = per_item
     if latency:
         out["latency_ms"] = measure_latency(small, tokenizer, latency_batch)
     return out

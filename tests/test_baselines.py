@@ -308,6 +308,13 @@ def test_margins_name_the_best_training_free_method_and_the_oracle_gap():
     assert got["0.3"]["over_training_free"] == pytest.approx(0.1)
     assert got["0.3"]["vs_fixed_budget"] == pytest.approx(-0.1)
     assert got["0.7"] == {"best_training_free": "ecoflap", "over_training_free": pytest.approx(-0.02)}
+    # with per-item scores, each margin carries its paired standard error
+    scores = {m: {"fmnist/acc": torch.tensor(v)} for m, v in (
+        ("hipp", [1.0, 1.0, 0.0, 1.0]), ("mope", [1.0, 0.0, 0.0, 1.0]), ("fixed_budget", [1.0, 1.0, 1.0, 1.0]))}
+    got = margins(rows, {(m, 0.3): v for m, v in scores.items()})
+    assert got["0.3"]["se"] == {"over_training_free": pytest.approx((0.25 / 4) ** 0.5),  # diffs 0 1 0 0
+                                "vs_fixed_budget": pytest.approx((0.25 / 4) ** 0.5)}  # diffs 0 0 -1 0
+    assert "se" not in got["0.7"]  # no scores measured there
 
 
 def test_fixed_budget_oracle_gets_the_controllers_training_budget():

@@ -25,10 +25,13 @@ def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_
     assert set(result["hypervolume"]) >= {"uniform", "magnitude", "hipp"}
     utility = {r["method"]: r["utility"] for r in result["results"]}
     best = max(("uniform", "magnitude"), key=utility.get)
-    assert result["margins"] == {"0.5": {"best_training_free": best,
-                                         "over_training_free": utility["hipp"] - utility[best]}}
+    margin = result["margins"]["0.5"]
+    se = margin.pop("se")["over_training_free"]
+    assert margin == {"best_training_free": best, "over_training_free": utility["hipp"] - utility[best]}
+    assert 0 <= se < 0.5
     md = (tmp_path / "bench" / "bench.md").read_text()
-    assert f"- hipp @0.5: {utility['hipp'] - utility[best]:+.3f} over the best training-free method ({best})" in md
+    assert (f"- hipp @0.5: {utility['hipp'] - utility[best]:+.3f} ± {se:.3f} over the best training-free method "
+            f"({best})") in md
     detail = md.split("## Every method at every budget")[1]
     assert [line.split(" | ")[0] for line in detail.splitlines() if line.startswith("| ") and "0.5" in line] == \
         ["| uniform", "| magnitude", "| hipp"]

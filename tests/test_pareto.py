@@ -11,7 +11,7 @@ from hipp.backends import make_prunable
 from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.controller import Controller
 from hipp.errors import HippError
-from hipp.pareto import evaluate_plan, hypervolume_2d, non_dominated, spearman, sweep
+from hipp.pareto import evaluate_plan, hypervolume_2d, non_dominated, spearman, sweep, utility_difference, utility_of
 from hipp.space import PruneSpace
 
 
@@ -58,6 +58,20 @@ def test_spearman():
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
 
 
+def test_paired_utility_difference_and_its_standard_error():
+    a = {"shapes/zs_mean": torch.tensor([1.0, 0.75, 0.5, 1.0]), "fmnist/acc": torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])}
+    b = {"shapes/zs_mean": torch.tensor([1.0, 0.5, 0.5, 0.75]), "fmnist/acc": torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])}
+    diff, se = utility_difference(a, b)
+    metrics = lambda m: {k: float(v.mean()) for k, v in m.items()}
+    assert diff == pytest.approx(utility_of(metrics(a)) - utility_of(metrics(b)))
+    # by hand: shapes differences (0, .25, 0, .25), sample var 1/48 over 4 items; fmnist (0, 0, 1, 0, 0), var 1/5 over 5
+    assert se == pytest.approx(0.5 * ((1 / 48) / 4 + (1 / 5) / 5) ** 0.5)
+    assert utility_difference(a, a) == (0.0, 0.0)  # a model against itself: no difference, no noise
+    assert utility_difference(a, {"fmnist/acc": b["fmnist/acc"]}) == pytest.approx((0.2, (0.2 / 5) ** 0.5))
+    with pytest.raises(HippError, match="per-item"):
+        utility_difference(a, {"shapes/ground_mean": torch.ones(4)})
+
+
 # --- a tiny random CLIP and a controller whose plans vary with the preference --------------------
 
 @pytest.fixture(scope="module")
@@ -82,7 +96,11 @@ def test_gated_and_materialised_evaluation_agree(tiny):
     for k in a["metrics"]:
         assert a["metrics"][k] == pytest.approx(b["metrics"][k], abs=0.051), k  # at most one sample flips
     assert a["flops_ratio"] == plan.costs()["flops_ratio"] < 1
-    assert b["latency_ms"]["image"] > 0
+    assert b["latency_ms"]["image"] > 0 and "items" not in b
+    c = evaluate_plan(model, plan, tokenizer, pp, datasets=("shapes",), n=20, items=True)
+    assert c["metrics"] == b["metrics"] and set(c["items"]) == {"shapes/zs_mean"}
+    assert len(c["items"]["shapes/zs_mean"]) == 20
+    assert float(c["items"]["shapes/zs_mean"].mean()) == pytest.approx(c["metrics"]["shapes/zs_mean"])
     with pytest.raises(HippError, match="evaluation mode"):
         evaluate_plan(model, plan, tokenizer, pp, datasets=("shapes",), n=5, mode="hard")
     plan.meta["compensate"] = True

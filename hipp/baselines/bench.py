@@ -5,7 +5,9 @@ with several seeds (random) reports the mean over its seeds and lists each seed.
 hypervolume is that of its (1 - utility, flops_ratio) points against pareto.REFERENCE, and
 train_seconds is the search cost it paid (fixed_budget: one training per budget; the controller:
 its single training, when given). With the controller, `margins` gives per budget its utility minus
-the best training-free method's and minus each training method's (the fixed-budget oracle).
+the best training-free method's and minus each training method's (the fixed-budget oracle), each
+with the standard error of the paired difference over the test items (`se`): about 0.003 of
+utility separates two unrelated draws of these test sets, far less two near-equal models.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..pareto import (
     measure_latency,
     plot_methods,
     prepare,
+    utility_difference,
     utility_of,
 )
 from ..space import PruneSpace
@@ -81,7 +84,7 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     if calibration is None and any(METHODS[m].needs_calibration or METHODS[m].compensate for m in names):
         calibration = make_calibration(model, tokenizer, preprocess_cfg)
     evaluate_args = {"datasets": datasets, "n": n, "fmnist_limit": fmnist_limit, "calibration": calibration,
-                     "latency": True}
+                     "latency": True, "items": controller is not None}
     jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
     if controller is not None:
         jobs += [(CONTROLLER, b, 0) for b in budgets]
@@ -126,28 +129,48 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     }
     if CONTROLLER in methods_seen:
         result["train_seconds"][CONTROLLER] = controller_train_seconds
-        result["margins"] = margins(rows)
+        result["margins"] = margins(rows, {key: _mean_items([r.get("items") for _, r in got])
+                                           for key, got in per.items()})
     result["seconds"] = time.perf_counter() - start
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
 
 
-def margins(rows: list[dict]) -> dict[str, dict]:
+def _mean_items(per_seed: list[dict | None]) -> dict | None:
+    """Per-item scores averaged over a method's seeds (None where any seed lacks them)."""
+    if not per_seed or any(p is None for p in per_seed):
+        return None
+    return {k: sum(p[k] for p in per_seed) / len(per_seed) for k in per_seed[0]}
+
+
+def margins(rows: list[dict], items: dict | None = None) -> dict[str, dict]:
     """Per budget: the controller's utility minus the best training-free method's (named) and minus
-    the per-budget trained gates' (the oracle), where those were run."""
+    the per-budget trained gates' (the oracle), where those were run. With `items` ((method, budget)
+    -> per-item scores), `se` holds each difference's paired standard error."""
+    items = items or {}
     out = {}
     for budget in dict.fromkeys(r["budget"] for r in rows):
         at = {r["method"]: r["utility"] for r in rows if r["budget"] == budget}
         if CONTROLLER not in at:
             continue
-        ours, entry = at[CONTROLLER], {}
+        ours, entry, se = at[CONTROLLER], {}, {}
+        against = {}
         free = {m: u for m, u in at.items() if m in METHODS and not METHODS[m].trains}
         if free:
             best = max(free, key=free.get)
             entry.update(best_training_free=best, over_training_free=ours - free[best])
+            against["over_training_free"] = best
         for m in (m for m in at if m in METHODS and METHODS[m].trains):
             entry[f"vs_{m}"] = ours - at[m]
+            against[f"vs_{m}"] = m
+        mine = items.get((CONTROLLER, budget))
+        for key, m in against.items():
+            theirs = items.get((m, budget))
+            if mine is not None and theirs is not None:
+                se[key] = utility_difference(mine, theirs)[1]
+        if se:
+            entry["se"] = se
         out[f"{budget:g}"] = entry
     return out
 
@@ -215,10 +238,14 @@ def markdown(result: dict) -> str:
                      f"{'-' if train is None else f'{train:.0f}'} | {result['plan_seconds'][m]:.1f} |")
     notes = []
     for budget, m in result.get("margins", {}).items():
-        parts = [f"{m['over_training_free']:+.3f} over the best training-free method ({m['best_training_free']})"] \
-            if "best_training_free" in m else []
-        parts += [f"{100 * v:+.1f} points vs {k[3:]}" for k, v in m.items() if k.startswith("vs_")]
+        se = m.get("se", {})
+        pm = lambda key, scale, digits: f" ± {scale * se[key]:.{digits}f}" if key in se else ""
+        parts = [f"{m['over_training_free']:+.3f}{pm('over_training_free', 1, 3)} over the best training-free "
+                 f"method ({m['best_training_free']})"] if "best_training_free" in m else []
+        parts += [f"{100 * v:+.1f}{pm(k, 100, 1)} points vs {k[3:]}" for k, v in m.items() if k.startswith("vs_")]
         notes += [f"- {CONTROLLER} @{budget}: " + ", ".join(parts)] if parts else []
+    if any("se" in m for m in result.get("margins", {}).values()):
+        notes.append("- ± is the standard error of the paired difference over the same test items.")
     oracle = ((result["settings"].get("options") or {}).get("fixed_budget"))
     if oracle and "fixed_budget" in result["methods"]:
         notes.append(f"- fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
