@@ -4,8 +4,10 @@ utility on the full test sets (the bench's evaluation), and the plan each rankin
 
     python benchmarks/rank_study.py --controllers runs/seeds-b10/controller-seed{0,1,2,3,4} --out runs/rank_study
 
-Rules: the search with `n_rank=n` (`--shortlists`), ranking by the loss on `s` val scenes + `s`
-Fashion-MNIST train images (`--sizes`). Resumable: rows already in OUT/candidates.jsonl are kept.
+Rules: the search with `n_rank=n` (`--shortlists`), ranking on `s` val scenes + `s` Fashion-MNIST
+train images (`--sizes`) by each of `query.RANK_LOSSES`: the caption distillation loss
+(`query.utility_losses`), the zero-shot loss (`query.zero_shot_losses`) or both (their sum).
+Resumable: rows already in OUT/candidates.jsonl are kept.
 2-4 min per controller and budget on 2 cores (most of it the test-set evaluation).
 """
 import argparse
@@ -16,7 +18,8 @@ from pathlib import Path
 from hipp.controller import load_controller
 from hipp.fileio import write_text
 from hipp.pareto import evaluate_plan
-from hipp.query import bound_candidates, calibration, format_spec, load_base, utility_losses
+from hipp.query import (bound_candidates, calibration, format_spec, load_base, utility_losses, zero_shot_calibration,
+                        zero_shot_losses)
 
 
 def measure(folder: str, budget: float, sizes: list[int], shortlists: list[int]) -> list[dict]:
@@ -25,33 +28,41 @@ def measure(folder: str, budget: float, sizes: list[int], shortlists: list[int])
     cands = bound_candidates(controller, max_flops=budget, n_rank=max(shortlists))
     within = {n: {c.plan.mask_key() for c in bound_candidates(controller, max_flops=budget, n_rank=n)}
               for n in shortlists}
-    losses = {s: utility_losses(base, [c.plan for c in cands], calibration(base, s, fmnist=s)) for s in sizes}
+    plans = [c.plan for c in cands]
+    losses = {s: utility_losses(base, plans, calibration(base, s, fmnist=s)) for s in sizes}
+    zs = {s: zero_shot_losses(base, plans, zero_shot_calibration(base, s)) for s in sizes}
     rows = []
     for rank, c in enumerate(cands):
         r = evaluate_plan(base.model, c.plan, base.tokenizer, base.preprocess_cfg, n=1000, fmnist_limit=None)
         rows.append({"controller": folder, "budget": budget, "preference": format_spec(c.plan.preference),
                      "shortlists": [n for n in shortlists if c.plan.mask_key() in within[n]],
                      "flops_ratio": r["flops_ratio"], "utility": r["utility"],
-                     **{f"loss{s}": losses[s][rank] for s in sizes}})
+                     **{f"loss{s}": losses[s][rank] for s in sizes}, **{f"zs{s}": zs[s][rank] for s in sizes}})
     return rows
 
 
-def pick(rows: list[dict], n: int, size: int | None) -> float:
-    """Utility of the plan the search with n_rank=n, ranking on size + size images, picks (size None:
-    the best of those candidates on the test sets, for reference)."""
+# query.RANK_LOSSES from the stored columns: loss{s} caption distillation, zs{s} zero-shot
+LOSSES = {"distillation": lambda r, s: r[f"loss{s}"], "zero_shot": lambda r, s: r[f"zs{s}"],
+          "both": lambda r, s: r[f"loss{s}"] + r[f"zs{s}"]}
+
+
+def pick(rows: list[dict], n: int, size: int | None, loss: str = "distillation") -> float:
+    """Utility of the plan the search with n_rank=n, ranking on size + size images by `loss`, picks
+    (size None: the best of those candidates on the test sets, for reference)."""
     pool = [r for r in rows if n in r["shortlists"]]
     if size is None:
         return max(r["utility"] for r in pool)
-    return min(pool, key=lambda r: r[f"loss{size}"])["utility"]
+    return min(pool, key=lambda r: LOSSES[loss](r, size))["utility"]
 
 
 def table(rows: list[dict], controllers: list[str], budgets: list[float], rules: list[tuple]) -> str:
-    lines = ["| budget | candidates, calibration images | " + " | ".join(Path(c).name for c in controllers)
+    lines = ["| budget | candidates, calibration images, loss | " + " | ".join(Path(c).name for c in controllers)
              + " | mean | sd |", "|---|---|" + "---|" * (len(controllers) + 2)]
     for b in budgets:
-        for n, size in rules:
-            xs = [pick([r for r in rows if r["controller"] == c and r["budget"] == b], n, size) for c in controllers]
-            name = f"best of {n} (test sets)" if size is None else f"{n}, {size} + {size}"
+        for n, size, loss in rules:
+            xs = [pick([r for r in rows if r["controller"] == c and r["budget"] == b], n, size, loss)
+                  for c in controllers]
+            name = f"best of {n} (test sets)" if size is None else f"{n}, {size} + {size}, {loss}"
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
             lines.append(f"| {b} | {name} | " + " | ".join(f"{x:.3f}" for x in xs)
                          + f" | {statistics.mean(xs):.4f} | {sd:.4f} |")
@@ -82,7 +93,7 @@ def main():
             with store.open("a") as f:  # one complete (controller, budget) at a time
                 f.write("".join(json.dumps(r) + "\n" for r in got))
             print(f"{folder} @{b}: {len(got)} candidates", flush=True)
-    rules = [(n, s) for s in sizes for n in shortlists] + [(max(shortlists), None)]
+    rules = [(n, s, loss) for loss in LOSSES for s in sizes for n in shortlists] + [(max(shortlists), None, None)]
     md = table(rows, args.controllers, budgets, rules)
     write_text(out / "rank_study.md", md + "\n")
     print(md)

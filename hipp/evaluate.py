@@ -47,22 +47,35 @@ def recall_at(sim: torch.Tensor, match: torch.Tensor, k: int) -> float:
     return float(match.gather(1, top).any(1).float().mean())
 
 
+def shape_class_embeddings(model, tokenizer) -> dict[str, torch.Tensor]:
+    """Per shape attribute, [values, D]: each value's class embedding is the normalised mean of every
+    single-object description with that value (a prompt ensemble)."""
+    objs = shapes.single_objects()
+    prompt_emb = embed_texts(model, tokenizer, [o.phrase() for o in objs])  # once, grouped per attribute
+    return {attr: torch.nn.functional.normalize(
+                torch.stack([prompt_emb[[getattr(o, attr) == v for o in objs]].mean(0) for v in values]), dim=-1)
+            for attr, values in shapes.ATTRIBUTES.items()}
+
+
+def single_object_scenes(split: str, n: int, preprocess_cfg: dict, seed: int = 0):
+    """The single-object scenes shape zero-shot is measured on (their own index range of `split`)."""
+    size = preprocess_cfg["size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return shapes.make_scenes(split, n, seed=seed, image_size=size, start=10**6, n_objects=1)
+
+
 def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: int = 0,
                   items: dict | None = None) -> dict[str, float]:
     """`items`, when given, receives each test scene's share of zero-shot attributes right ("shapes/zs_mean")."""
     size = preprocess_cfg["size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
     m: dict[str, float] = {}
-    # zero-shot per attribute on single-object test scenes (their own index range)
-    single = shapes.make_scenes("test", n, seed=seed, image_size=size, start=10**6, n_objects=1)
+    single = single_object_scenes("test", n, preprocess_cfg, seed)
     img = embed_images(model, single.images, preprocess_cfg)
-    objs = shapes.single_objects()
-    prompt_emb = embed_texts(model, tokenizer, [o.phrase() for o in objs])  # once, grouped per attribute
     hits = []
-    for attr, values in shapes.ATTRIBUTES.items():
-        # prompt ensemble: each value's class embedding averages every description with that value
-        cls = torch.stack([prompt_emb[[getattr(o, attr) == v for o in objs]].mean(0) for v in values])
-        pred = (img @ torch.nn.functional.normalize(cls, dim=-1).T).argmax(1)
+    for attr, cls in shape_class_embeddings(model, tokenizer).items():
+        pred = (img @ cls.T).argmax(1)
+        values = shapes.ATTRIBUTES[attr]
         truth = torch.tensor([values.index(getattr(o[0], attr)) for o in single.objects])
         hits.append((pred == truth).float())
         m[f"shapes/zs_{attr}"] = float(hits[-1].mean())

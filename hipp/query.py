@@ -12,8 +12,10 @@ A preference query is the controller's own hard plan: no VLM is loaded. A bound 
    itself proposes for this budget) are topped up with the highest-logit heads / channels that
    still fit (one layer or one head alone can be several percent of the cost, so an offset alone
    can stop far below the bound), run hard-gated on a calibration batch (val shape scenes, and
-   Fashion-MNIST train images when installed), and the lowest utility loss (distillation from the
-   same model ungated) wins.
+   Fashion-MNIST train images when installed), and the lowest ranking loss against the same model
+   ungated wins: by default the sum of the zero-shot loss (how far the class distributions over
+   the shape attributes and the Fashion-MNIST classes move) and the caption distillation loss of
+   training; either alone on request (`rank_by`).
 
 The result says which preference it started from, the offset, how many units the top-up added
 and every ranked candidate, so the choice can be checked by hand.
@@ -39,6 +41,11 @@ MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off 
 # At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3 (BENCHMARKS.md).
 RANK_CANDIDATES = 16
 CALIB_IMAGES = 128
+# What the ranking compares with the ungated model: "zero_shot", the class distributions over the shape
+# attributes and Fashion-MNIST classes (what the utility metrics classify); "distillation", the caption
+# similarities the controller trains on; "both", their sum (BENCHMARKS.md compares the three).
+RANK_LOSSES = ("both", "zero_shot", "distillation")
+RANK_BY = "both"
 
 
 # --- the base model a controller steers -------------------------------------------------------
@@ -155,6 +162,56 @@ def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     finally:
         clear_gates(model)
     return out
+
+
+def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Preprocessed single-object val scenes and the first `n` Fashion-MNIST train images (None when
+    the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
+    from .data import to_input
+    from .data.fashion_mnist import load_fashion_mnist, to_rgb
+    from .evaluate import single_object_scenes
+
+    scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
+    try:
+        raw, _ = load_fashion_mnist("train")
+    except HippError:
+        return scenes, None
+    return scenes, to_input(to_rgb(raw[:n], input_size(base.preprocess_cfg)), base.preprocess_cfg)
+
+
+@torch.no_grad()
+def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
+    """Each plan's zero-shot loss: KL(ungated || hard-gated) of the class distributions over the shape
+    attributes and the Fashion-MNIST classes on calibration images (from zero_shot_calibration),
+    weighted as the utility weighs its metrics (the shape attributes share half)."""
+    from .backends import clear_gates, set_gates
+    from .data.fashion_mnist import class_prompts
+    from .evaluate import class_embeddings, shape_class_embeddings
+
+    model, (scenes, fmnist) = base.model, calib
+    scale = model.logit_scale.exp()
+
+    def log_probs(m) -> list[tuple[float, torch.Tensor]]:
+        img = torch.nn.functional.normalize(m.encode_image(scenes), dim=-1)
+        attrs = shape_class_embeddings(m, base.tokenizer)
+        share = 0.5 if fmnist is not None else 1.0
+        out = [(share / len(attrs), (scale * img @ c.T).log_softmax(-1)) for c in attrs.values()]
+        if fmnist is not None:
+            fm = torch.nn.functional.normalize(m.encode_image(fmnist), dim=-1)
+            out.append((0.5, (scale * fm @ class_embeddings(m, base.tokenizer, class_prompts()).T).log_softmax(-1)))
+        return out
+
+    clear_gates(model)
+    teacher = log_probs(model)
+    losses = []
+    try:
+        for plan in plans:
+            set_gates(model, *map_gates(lambda t: t.float(), plan.gates))
+            losses.append(sum(w * float((t.exp() * (t - s)).sum(-1).mean())
+                              for (w, t), (_, s) in zip(teacher, log_probs(model))))
+    finally:
+        clear_gates(model)
+    return losses
 
 
 # --- fitting one candidate to a bound ---------------------------------------------------------
@@ -379,21 +436,41 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     return candidates
 
 
+def check_rank_by(rank_by: str) -> None:
+    if rank_by not in RANK_LOSSES:
+        raise HippError(f"unknown ranking {rank_by!r}; choose from {', '.join(RANK_LOSSES)}")
+
+
+def rank_losses(base: Base, plans: list[Plan], rank_by: str = RANK_BY, calib_n: int = CALIB_IMAGES
+                ) -> tuple[list[float], str]:
+    """Each plan's ranking loss (one of RANK_LOSSES) on `calib_n` val shape scenes + as many
+    Fashion-MNIST train images (the domains the utility is measured on), and what it was."""
+    check_rank_by(rank_by)
+    parts, names = [], []
+    if rank_by in ("zero_shot", "both"):
+        calib = zero_shot_calibration(base, calib_n)
+        parts.append(zero_shot_losses(base, plans, calib))
+        names.append(f"zero-shot loss on {sum(len(x) for x in calib if x is not None)}")
+    if rank_by in ("distillation", "both"):
+        calib = calibration(base, calib_n, fmnist=calib_n)
+        parts.append(utility_losses(base, plans, calib))
+        names.append(f"caption distillation loss on {len(calib[0])}")
+    return [sum(xs) for xs in zip(*parts)], " + ".join(names) + " calibration images (hard-gated vs ungated)"
+
+
 @torch.no_grad()
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
                     base: Base | None = None, n_rank: int = RANK_CANDIDATES, calib_n: int = CALIB_IMAGES,
-                    points: int = 11) -> Plan:
-    """The plan that meets the bound(s) with the best utility on a calibration batch (see module doc).
+                    points: int = 11, rank_by: str = RANK_BY) -> Plan:
+    """The plan that meets the bound(s) with the lowest ranking loss on a calibration batch (see module doc).
 
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
     """
     bounds = check_bounds(max_flops, max_params)
+    check_rank_by(rank_by)  # before the search, not after it
     candidates = bound_candidates(controller, max_flops, max_params, n_rank, points)
     if base is not None:
-        # both domains the utility is measured on: val shape scenes and Fashion-MNIST train images
-        calib = calibration(base, calib_n, fmnist=calib_n)
-        losses = utility_losses(base, [c.plan for c in candidates], calib)
-        ranked_by = f"utility loss on {len(calib[0])} calibration images (hard-gated vs ungated)"
+        losses, ranked_by = rank_losses(base, [c.plan for c in candidates], rank_by, calib_n)
     else:
         losses = [math.nan] * len(candidates)
         ranked_by = "smallest logit offset (no base model given)"
@@ -406,13 +483,14 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
         table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
                       "logit_offset": c.offset,
                       "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
-                      "utility_loss": None if math.isnan(losses[j]) else losses[j]})
+                      "loss": None if math.isnan(losses[j]) else losses[j]})
     best = candidates[order[0]]
     tried = len(search_preferences(controller, bounds, points)[0])
     best.plan.meta.update({f"max_{k}": v for k, v in bounds.items()})
-    best.plan.meta["search"] = {"ranked_by": ranked_by, "preferences_tried": tried,
+    best.plan.meta["search"] = {"rank_by": rank_by if base is not None else None, "ranked_by": ranked_by,
+                                "preferences_tried": tried,
                                 "logit_offset": best.offset, "units_added": best.added,
-                                "utility_loss": table[0]["utility_loss"], "candidates": table}
+                                "loss": table[0]["loss"], "candidates": table}
     return best.plan
 
 
@@ -454,10 +532,10 @@ def format_table(plan: Plan) -> str:
     search = plan.meta.get("search")
     if search:
         bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params") if k in plan.meta)
-        loss = search["utility_loss"]
+        loss = search["loss"]
         lines.append(f"chosen for    {bound}: logit offset {search['logit_offset']:+.3f}, "
                      f"{search['units_added']} units topped up"
-                     + (f", utility loss {loss:.4f}" if loss is not None else "")
+                     + (f", loss {loss:.4f}" if loss is not None else "")
                      + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
     for kind in ("flops", "params"):
         per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in TOWERS)

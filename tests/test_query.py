@@ -13,8 +13,9 @@ from hipp.checkpoint import fingerprint, load_model
 from hipp.cli import main
 from hipp.controller import Controller, load_controller
 from hipp.errors import HippError
-from hipp.query import (CALIB_IMAGES, bound_candidates, calibration, candidate_preferences, load_base, plan_for_budget,
-                        resolve_base, target_candidates, utility_losses)
+from hipp.query import (CALIB_IMAGES, RANK_LOSSES, bound_candidates, calibration, candidate_preferences, load_base,
+                        plan_for_budget, rank_losses, resolve_base, target_candidates, utility_losses, zero_shot_calibration,
+                        zero_shot_losses)
 from hipp.plan import Plan
 from hipp.space import TOWERS
 
@@ -167,8 +168,8 @@ def test_ten_flops_bounds_are_met_just_below(loaded):
         assert bound - 0.02 <= r <= bound, (bound, r)
         assert plan.meta["max_flops"] == bound
         search = plan.meta["search"]
-        losses = [c["utility_loss"] for c in search["candidates"]]
-        assert losses == sorted(losses) and search["utility_loss"] == losses[0]  # the best one was chosen
+        losses = [c["loss"] for c in search["candidates"]]
+        assert losses == sorted(losses) and search["loss"] == losses[0]  # the best one was chosen
         assert plan.preference == pytest.approx(controller.preference(search["candidates"][0]["preference"]),
                                                 abs=1e-4)
 
@@ -192,10 +193,41 @@ def test_the_ranking_measures_utility(loaded):
     losses = utility_losses(base, [dense, partial, heavy], calib)
     assert losses[0] == pytest.approx(0.0, abs=1e-6)
     assert 0 < losses[1] and 0 < losses[2]
-    plan = plan_for_budget(controller, max_flops=0.5, base=base)
-    chosen = utility_losses(base, [plan], calibration(base, CALIB_IMAGES, fmnist=CALIB_IMAGES))[0]  # what it ranks on
-    assert chosen == pytest.approx(plan.meta["search"]["utility_loss"], rel=1e-5)
-    assert all(chosen <= c["utility_loss"] + 1e-9 for c in plan.meta["search"]["candidates"])
+    zero_shot = lambda p: zero_shot_losses(base, [p], zero_shot_calibration(base))[0]  # noqa: E731
+    distillation = lambda p: utility_losses(base, [p], calibration(base, CALIB_IMAGES, fmnist=CALIB_IMAGES))[0]  # noqa: E731
+    for rank_by, measure in (("zero_shot", zero_shot), ("distillation", distillation),
+                             ("both", lambda p: zero_shot(p) + distillation(p))):
+        plan = plan_for_budget(controller, max_flops=0.5, base=base, rank_by=rank_by)
+        chosen = measure(plan)  # what it ranks on, measured again
+        assert plan.meta["search"]["rank_by"] == rank_by
+        assert chosen == pytest.approx(plan.meta["search"]["loss"], rel=1e-5)
+        assert all(chosen <= c["loss"] + 1e-9 for c in plan.meta["search"]["candidates"])
+    with pytest.raises(HippError, match="unknown ranking"):
+        plan_for_budget(controller, max_flops=0.5, base=base, rank_by="accuracy")
+
+
+def test_the_zero_shot_loss_compares_class_distributions(loaded):
+    """0 for the dense plan, > 0 when pruned, and the same KL as the materialised model gives."""
+    import torch.nn.functional as F
+
+    from hipp.evaluate import shape_class_embeddings
+    from hipp.materialize import materialize
+
+    controller, base = loaded
+    scenes, fmnist = zero_shot_calibration(base, 12)
+    assert len(scenes) == 12 and (fmnist is None or len(fmnist) == 12)
+    dense, heavy = (controller.plan(PREFS[k]) for k in ("dense", "drop_layers"))
+    both = zero_shot_losses(base, [dense, heavy], (scenes, fmnist))
+    assert both[0] == pytest.approx(0.0, abs=1e-6) and both[1] > 0
+    shapes_only = zero_shot_losses(base, [heavy], (scenes, None))[0]
+
+    def log_probs(m):  # by hand, on the physically smaller model
+        img = F.normalize(m.encode_image(scenes), dim=-1)
+        return [(m.logit_scale.exp() * img @ c.T).log_softmax(-1) for c in shape_class_embeddings(m, base.tokenizer).values()]
+    with torch.no_grad():
+        small = materialize(base.model, *heavy.gates).eval()
+        kl = [F.kl_div(s, t, log_target=True, reduction="batchmean") for t, s in zip(log_probs(base.model), log_probs(small))]
+    assert shapes_only == pytest.approx(float(sum(kl) / len(kl)), rel=1e-4)
 
 
 def test_bound_query_cli(tiny_controller_dir, capsys):
@@ -214,7 +246,7 @@ def test_without_a_base_model_the_smallest_offset_wins(loaded):
     plan = plan_for_budget(controller, max_flops=0.5)
     assert 0.48 <= plan.costs()["flops_ratio"] <= 0.5
     offsets = [abs(c["logit_offset"]) for c in plan.meta["search"]["candidates"]]
-    assert offsets[0] == min(offsets) and plan.meta["search"]["utility_loss"] is None
+    assert offsets[0] == min(offsets) and plan.meta["search"]["loss"] is None
 
 
 def test_impossible_and_invalid_bounds(loaded, tiny_controller_dir, capsys):
@@ -295,9 +327,10 @@ def test_candidates_are_distinct_plans_within_the_bound_and_the_search_ranks_the
     assert len(set(keys)) == len(keys) > len(short)
     assert keys[:len(short)] == [c.plan.mask_key() for c in short]  # a longer list extends a shorter one
     assert all(c.plan.costs()["flops_ratio"] <= 0.55 for c in cands)
-    plan = plan_for_budget(controller, max_flops=0.55, base=base, n_rank=1000)
-    losses = utility_losses(base, [c.plan for c in cands], calibration(base, CALIB_IMAGES, fmnist=CALIB_IMAGES))
-    assert plan.mask_key() == keys[min(range(len(cands)), key=lambda j: (losses[j], abs(cands[j].offset), j))]
+    for rank_by in RANK_LOSSES:
+        plan = plan_for_budget(controller, max_flops=0.55, base=base, n_rank=1000, rank_by=rank_by)
+        losses = rank_losses(base, [c.plan for c in cands], rank_by)[0]
+        assert plan.mask_key() == keys[min(range(len(cands)), key=lambda j: (losses[j], abs(cands[j].offset), j))]
 
 
 def test_search_is_deterministic(loaded):
