@@ -51,7 +51,7 @@ class Embeddings:
 
 # --- utility -------------------------------------------------------------------------------
 
-def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(softmax(teacher) || softmax(student))."""
     t = F.log_softmax(teacher_logits, dim=-1)
     s = F.log_softmax(student_logits, dim=-1)
@@ -66,8 +66,8 @@ def utility_terms(student: Embeddings, teacher: Embeddings, logit_scale) -> dict
     s_logits, t_logits = scale * si @ st.T, scale * ti @ tt.T
     norm = math.log(max(si.shape[0], 2))
     cosine = 0.5 * ((1 - (si * ti).sum(-1)).mean() + (1 - (st * tt).sum(-1)).mean())
-    return {"kl_i2t": _kl_rows(t_logits, s_logits) / norm,
-            "kl_t2i": _kl_rows(t_logits.T, s_logits.T) / norm,
+    return {"kl_i2t": kl_rows(t_logits, s_logits) / norm,
+            "kl_t2i": kl_rows(t_logits.T, s_logits.T) / norm,
             "cosine": cosine}
 
 

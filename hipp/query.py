@@ -126,20 +126,27 @@ def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0) -> tupl
     evaluated on), plus up to `fmnist` Fashion-MNIST train images with a class caption when the
     dataset is installed (it is optional: compensation then runs on shapes alone)."""
     from .data import shapes, to_input
+    from .data.fashion_mnist import CLASSES
 
     size = input_size(base.preprocess_cfg)
     scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
     images, texts = [scenes.images], list(scenes.captions)
-    if fmnist:
-        from .data.fashion_mnist import CLASSES, load_fashion_mnist, to_rgb
-        try:
-            raw, labels = load_fashion_mnist("train")
-        except HippError:
-            raw = None
-        if raw is not None:
-            images.append(to_rgb(raw[:fmnist], size))
-            texts += [f"a photo of a {CLASSES[int(y)]}." for y in labels[:fmnist]]
+    train = _fmnist_train(base, fmnist) if fmnist else None
+    if train is not None:
+        images.append(train[0])
+        texts += [f"a photo of a {CLASSES[int(y)]}." for y in train[1]]
     return to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
+
+
+def _fmnist_train(base: Base, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first `n` Fashion-MNIST train images (uint8 RGB at model size) and labels; None when the
+    optional dataset is not installed."""
+    from .data.fashion_mnist import load_fashion_mnist, to_rgb
+    try:
+        raw, labels = load_fashion_mnist("train")
+    except HippError:
+        return None
+    return to_rgb(raw[:n], input_size(base.preprocess_cfg)), labels[:n]
 
 
 @torch.no_grad()
@@ -168,15 +175,11 @@ def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0) -> tuple[torc
     """Preprocessed single-object val scenes and the first `n` Fashion-MNIST train images (None when
     the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
     from .data import to_input
-    from .data.fashion_mnist import load_fashion_mnist, to_rgb
     from .evaluate import single_object_scenes
 
     scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
-    try:
-        raw, _ = load_fashion_mnist("train")
-    except HippError:
-        return scenes, None
-    return scenes, to_input(to_rgb(raw[:n], input_size(base.preprocess_cfg)), base.preprocess_cfg)
+    train = _fmnist_train(base, n)
+    return scenes, None if train is None else to_input(train[0], base.preprocess_cfg)
 
 
 @torch.no_grad()
@@ -187,28 +190,28 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     from .backends import clear_gates, set_gates
     from .data.fashion_mnist import class_prompts
     from .evaluate import class_embeddings, shape_class_embeddings
+    from .objectives import kl_rows
 
     model, (scenes, fmnist) = base.model, calib
     scale = model.logit_scale.exp()
+    share = 0.5 if fmnist is not None else 1.0  # of the weight that goes to the shape attributes
 
-    def log_probs(m) -> list[tuple[float, torch.Tensor]]:
+    def logits(m) -> list[tuple[float, torch.Tensor]]:  # (weight, class logits) per zero-shot task
         img = torch.nn.functional.normalize(m.encode_image(scenes), dim=-1)
         attrs = shape_class_embeddings(m, base.tokenizer)
-        share = 0.5 if fmnist is not None else 1.0
-        out = [(share / len(attrs), (scale * img @ c.T).log_softmax(-1)) for c in attrs.values()]
+        out = [(share / len(attrs), scale * img @ c.T) for c in attrs.values()]
         if fmnist is not None:
             fm = torch.nn.functional.normalize(m.encode_image(fmnist), dim=-1)
-            out.append((0.5, (scale * fm @ class_embeddings(m, base.tokenizer, class_prompts()).T).log_softmax(-1)))
+            out.append((0.5, scale * fm @ class_embeddings(m, base.tokenizer, class_prompts()).T))
         return out
 
     clear_gates(model)
-    teacher = log_probs(model)
+    teacher = logits(model)
     losses = []
     try:
         for plan in plans:
             set_gates(model, *map_gates(lambda t: t.float(), plan.gates))
-            losses.append(sum(w * float((t.exp() * (t - s)).sum(-1).mean())
-                              for (w, t), (_, s) in zip(teacher, log_probs(model))))
+            losses.append(sum(w * float(kl_rows(t, s)) for (w, t), (_, s) in zip(teacher, logits(model))))
     finally:
         clear_gates(model)
     return losses
