@@ -78,7 +78,7 @@ def main():
         common = dict(model=base.model, tokenizer=base.tokenizer, preprocess_cfg=base.preprocess_cfg,
                       space=controller.space, progress=False)
         runs = {"hipp": dict(methods=[], controller=controller,
-                             controller_planner=lambda b: plan_for_budget(controller, max_flops=b, base=base)),
+                             planners={"hipp": lambda b: plan_for_budget(controller, max_flops=b, base=base)}),
                 ORACLE: dict(methods=[ORACLE], seed=seed,
                              options={ORACLE: matched_to(controller.extra["train_config"])})}
         for method, how in runs.items():

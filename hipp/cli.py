@@ -95,11 +95,13 @@ def _cmd_bench(args) -> int:
     from pathlib import Path
 
     from .baselines.allocate import check_target
-    from .baselines.bench import bench
+    from .baselines.bench import CONTROLLER, POLISHED, bench
     from .baselines.fixed_budget import matched_to
+    from .polish import check_steps, polish
     from .query import plan_for_budget
 
     budgets = [check_target(b) for b in args.budgets.split(",")]
+    check_steps(args.polish)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
         from .baselines import get_method
@@ -111,9 +113,12 @@ def _cmd_bench(args) -> int:
     seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
     train_config = controller.extra.get("train_config")
     options = {"fixed_budget": matched_to(train_config)} if train_config else None  # the controller's budget each
+    planners = {CONTROLLER: lambda b: plan_for_budget(controller, max_flops=b, base=base)}
+    if args.polish:  # its own search, so its plan seconds are the whole query's
+        planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
     result = bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                    controller=controller, controller_train_seconds=seconds, options=options,
-                   controller_planner=lambda b: plan_for_budget(controller, max_flops=b, base=base))
+                   planners=planners)
     return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
                                  "(bench.md, bench.json, bench.csv, bench.png)")
 
@@ -139,6 +144,16 @@ def _add_plan_args(p) -> None:
     p.add_argument("--pref", help="preference SPEC: name=value,... or positional values")
     p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
     p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
+    _add_polish_arg(p, 0)
+
+
+POLISH_STEPS = 120  # hipp.polish.POLISH.steps, without importing torch to build the parser
+
+
+def _add_polish_arg(p, default: int) -> None:
+    p.add_argument("--polish", type=int, default=default, metavar="N",
+                   help=f"polish each FLOPs-bound plan with N free-gate steps at the bound (default {default}; "
+                        "about 0.6 s a step on the embedded teacher, 2 CPU cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
+    _add_polish_arg(b, POLISH_STEPS)
     b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")
     c.add_argument("--model", required=True, help="open_clip model folder (e.g. checkpoints/teacher-tiny)")

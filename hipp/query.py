@@ -509,6 +509,12 @@ def plan_from_args(args, need_base: bool = False):
         raise HippError("give --pref SPEC, --max-flops R or --max-params R")
     if given:
         check_bounds(bounds["max_flops"], bounds["max_params"])
+    polish_steps = getattr(args, "polish", 0)
+    if polish_steps:
+        from .polish import check_steps  # it builds on this module
+        check_steps(polish_steps)
+    if polish_steps and bounds["max_flops"] is None:
+        raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
     controller = load_controller(args.controller)
     base = None
     if args.pref is not None:
@@ -517,7 +523,11 @@ def plan_from_args(args, need_base: bool = False):
             base = load_base(controller, args.controller, args.base_model)
         return controller, controller.plan(pref), base
     base = load_base(controller, args.controller, args.base_model)
-    return controller, plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base), base
+    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base)
+    if polish_steps:
+        from .polish import polish
+        plan = polish(base, controller, plan, polish_steps)
+    return controller, plan, base
 
 
 def summary(plan: Plan) -> dict:
@@ -540,6 +550,11 @@ def format_table(plan: Plan) -> str:
                      f"{search['units_added']} units topped up"
                      + (f", loss {loss:.4f}" if loss is not None else "")
                      + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
+    polished = plan.meta.get("polish")
+    if polished:
+        lines.append(f"polished      {polished['steps']} steps: loss {polished['loss_before']:.4f} -> "
+                     f"{polished['loss_after']:.4f}, {'kept' if polished['kept'] else 'not kept (worse)'}, "
+                     f"{polished['seconds']:.0f} s")
     for kind in ("flops", "params"):
         per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in TOWERS)
         lines.append(f"{kind + '_ratio':13s} {s[f'{kind}_ratio']:.4f}  ({per})")

@@ -16,25 +16,28 @@ def test_pareto_writes_the_front(tiny_controller_dir, tmp_path, capsys):  # noqa
 
 def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
     code, out, err = cli(capsys, "bench", "--controller", tiny_controller_dir, "--budgets", "0.5",
-                         "--methods", "uniform,magnitude", "--out", tmp_path / "bench", "--json")
+                         "--methods", "uniform,magnitude", "--polish", 2, "--out", tmp_path / "bench", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert {r["method"] for r in result["results"]} == {"uniform", "magnitude", "hipp"}
+    ours = ("hipp", "hipp+polish")
+    assert [r["method"] for r in result["results"]] == ["uniform", "magnitude", *ours]
     for row in result["results"]:
         assert row["budget"] == 0.5 and 0.48 <= row["flops_ratio"] <= 0.5
-    assert set(result["hypervolume"]) >= {"uniform", "magnitude", "hipp"}
+    assert set(result["hypervolume"]) == {"uniform", "magnitude", *ours}
+    assert result["train_seconds"]["hipp"] == result["train_seconds"]["hipp+polish"]
     utility = {r["method"]: r["utility"] for r in result["results"]}
     best = max(("uniform", "magnitude"), key=utility.get)
-    margin = result["margins"]["0.5"]
-    se = margin.pop("se")["over_training_free"]
-    assert margin == {"best_training_free": best, "over_training_free": utility["hipp"] - utility[best]}
-    assert 0 <= se < 0.5
     md = (tmp_path / "bench" / "bench.md").read_text()
-    assert (f"- hipp @0.5: {utility['hipp'] - utility[best]:+.3f} ± {se:.3f} over the best training-free method "
-            f"({best})") in md
+    for row in ours:
+        margin = result["margins"][row]["0.5"]
+        se = margin.pop("se")["over_training_free"]
+        assert margin == {"best_training_free": best, "over_training_free": utility[row] - utility[best]}
+        assert 0 <= se < 0.5
+        assert (f"- {row} @0.5: {utility[row] - utility[best]:+.3f} ± {se:.3f} over the best training-free method "
+                f"({best})") in md
     detail = md.split("## Every method at every budget")[1]
     assert [line.split(" | ")[0] for line in detail.splitlines() if line.startswith("| ") and "0.5" in line] == \
-        ["| uniform", "| magnitude", "| hipp"]
+        ["| uniform", "| magnitude", "| hipp", "| hipp+polish"]
 
 
 def test_bench_and_pareto_bad_input(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
@@ -44,6 +47,7 @@ def test_bench_and_pareto_bad_input(tiny_controller_dir, tmp_path, capsys):  # n
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--budgets", "0", "--out", tmp_path / "b"), "(0, 1]")
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--methods", "pruneall", "--out", tmp_path / "b"),
                "pruneall")
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--polish", -1, "--out", tmp_path / "b"), "whole number")
     (tmp_path / "file").write_text("keep me")
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--out", tmp_path / "file"), "is a file")
     assert_bad(*cli(capsys, "pareto", "--controller", ctrl, "--out", tmp_path / "file" / "sub"), "is a file")

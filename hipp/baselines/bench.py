@@ -4,10 +4,12 @@ Rows hold method, budget, achieved flops_ratio, metrics, utility, grounding and 
 with several seeds (random) reports the mean over its seeds and lists each seed. Each method's
 hypervolume is that of its (1 - utility, flops_ratio) points against pareto.REFERENCE, and
 train_seconds is the search cost it paid (fixed_budget: one training per budget; the controller:
-its single training, when given). With the controller, `margins` gives per budget its utility minus
-the best training-free method's and minus each training method's (the fixed-budget oracle), each
-with the standard error of the paired difference over the test items (`se`): about 0.003 of
-utility separates two unrelated draws of these test sets, far less two near-equal models.
+its single training, when given). The controller can answer each budget in more than one way (the
+bound query alone: "hipp"; polished: "hipp+polish"), each its own row. With the controller,
+`margins[row][budget]` gives that row's utility minus the best training-free method's and minus
+each training method's (the fixed-budget oracle), each with the standard error of the paired
+difference over the test items (`se`): about 0.003 of utility separates two unrelated draws of
+these test sets, far less two near-equal models.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .allocate import BudgetError, check_target
 from .calibration import make_calibration
 
 CONTROLLER = "hipp"
+POLISHED = "hipp+polish"
 
 
 def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> dict:
@@ -63,11 +66,12 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
 def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
           out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
           datasets=DATASETS, n: int = 1000, fmnist_limit: int | None = None, seed: int = 0,
-          options: dict | None = None, progress: bool = True, controller_planner=None) -> dict:
+          options: dict | None = None, progress: bool = True, planners: dict | None = None) -> dict:
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
-    With `controller`, its plan for each budget joins as method "hipp": `controller_planner(budget)`
-    when given (the CLI passes hipp.query's bound search), else controller.plan_within. `options` maps a
+    With `controller`, its plans join as one row per entry of `planners` (row name -> planner(budget);
+    the CLI passes hipp.query's bound search as "hipp" and it polished as "hipp+polish"), by default
+    controller.plan_within as "hipp". `options` maps a
     method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). Returns the bench object
     (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
     written as bench.json, bench.csv, bench.md and bench.png.
@@ -87,7 +91,9 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
                      "latency": True, "items": controller is not None}
     jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
     if controller is not None:
-        jobs += [(CONTROLLER, b, 0) for b in budgets]
+        planners = planners or {CONTROLLER: lambda b: controller.plan_within(max_flops=b)}
+        jobs += [(row, b, 0) for row in planners for b in budgets]
+    planners = planners if controller is not None else {}
     if controller is not None and prepare(model, controller) != space:
         raise HippError("the controller's prune space differs from the one the baselines are given")
     cache: dict = {}
@@ -97,15 +103,14 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     for name, budget, s in bar:
         bar.set_postfix(method=name, budget=budget)
         try:
-            if name == CONTROLLER:
+            if name in planners:
                 t0 = time.perf_counter()
-                plan = (controller_planner(budget) if controller_planner is not None
-                        else controller.plan_within(max_flops=budget))
-                plan.meta.update({"method": CONTROLLER, "seconds": time.perf_counter() - t0})
+                plan = planners[name](budget)
+                plan.meta.update({"method": name, "seconds": time.perf_counter() - t0})
             else:
                 plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))
         except HippError as e:  # a budget out of reach is reported; the other methods and budgets still run
-            if name != CONTROLLER and not isinstance(e, BudgetError):
+            if name not in planners and not isinstance(e, BudgetError):
                 raise
             failures.append({"method": name, "budget": budget, "seed": seed + s, "error": str(e)})
             continue
@@ -127,10 +132,12 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed, "options": options,
                      "calibration_size": calibration.size if calibration is not None else 0},
     }
-    if CONTROLLER in methods_seen:
-        result["train_seconds"][CONTROLLER] = controller_train_seconds
-        result["margins"] = margins(rows, {key: _mean_items([r.get("items") for _, r in got])
-                                           for key, got in per.items()})
+    ours = [m for m in planners if m in methods_seen]
+    if ours:
+        items = {key: _mean_items([r.get("items") for _, r in got]) for key, got in per.items()}
+        for m in ours:
+            result["train_seconds"][m] = controller_train_seconds
+        result["margins"] = {m: margins(rows, items, m) for m in ours}
     result["seconds"] = time.perf_counter() - start
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
@@ -144,27 +151,27 @@ def _mean_items(per_seed: list[dict | None]) -> dict | None:
     return {k: sum(p[k] for p in per_seed) / len(per_seed) for k in per_seed[0]}
 
 
-def margins(rows: list[dict], items: dict | None = None) -> dict[str, dict]:
-    """Per budget: the controller's utility minus the best training-free method's (named) and minus
+def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER) -> dict[str, dict]:
+    """Per budget: the utility of row `ours` minus the best training-free method's (named) and minus
     the per-budget trained gates' (the oracle), where those were run. With `items` ((method, budget)
     -> per-item scores), `se` holds each difference's paired standard error."""
     items = items or {}
     out = {}
     for budget in dict.fromkeys(r["budget"] for r in rows):
         at = {r["method"]: r["utility"] for r in rows if r["budget"] == budget}
-        if CONTROLLER not in at:
+        if ours not in at:
             continue
-        ours, entry, se = at[CONTROLLER], {}, {}
+        mine, entry, se = items.get((ours, budget)), {}, {}
+        utility = at[ours]
         against = {}
         free = {m: u for m, u in at.items() if m in METHODS and not METHODS[m].trains}
         if free:
             best = max(free, key=free.get)
-            entry.update(best_training_free=best, over_training_free=ours - free[best])
+            entry.update(best_training_free=best, over_training_free=utility - free[best])
             against["over_training_free"] = best
         for m in (m for m in at if m in METHODS and METHODS[m].trains):
-            entry[f"vs_{m}"] = ours - at[m]
+            entry[f"vs_{m}"] = utility - at[m]
             against[f"vs_{m}"] = m
-        mine = items.get((CONTROLLER, budget))
         for key, m in against.items():
             theirs = items.get((m, budget))
             if mine is not None and theirs is not None:
@@ -183,7 +190,7 @@ def write_outputs(result: dict, out_dir) -> dict:
     write_text(paths["md"], markdown(result))
     series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
               for m in result["methods"]}
-    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets", highlight=(CONTROLLER,),
+    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets", highlight=tuple(result.get("margins", ())),
                  dense=(1.0, result["dense"]["utility"]))
     files = {k: str(v) for k, v in paths.items()}
     write_json(paths["json"], {**result, "files": files})
@@ -237,14 +244,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {f(result['hypervolume'][m])} | "
                      f"{'-' if train is None else f'{train:.0f}'} | {result['plan_seconds'][m]:.1f} |")
     notes = []
-    for budget, m in result.get("margins", {}).items():
+    every = [(row, budget, m) for row, per in result.get("margins", {}).items() for budget, m in per.items()]
+    for row, budget, m in every:
         se = m.get("se", {})
         pm = lambda key, scale, digits: f" ± {scale * se[key]:.{digits}f}" if key in se else ""
         parts = [f"{m['over_training_free']:+.3f}{pm('over_training_free', 1, 3)} over the best training-free "
                  f"method ({m['best_training_free']})"] if "best_training_free" in m else []
         parts += [f"{100 * v:+.1f}{pm(k, 100, 1)} points vs {k[3:]}" for k, v in m.items() if k.startswith("vs_")]
-        notes += [f"- {CONTROLLER} @{budget}: " + ", ".join(parts)] if parts else []
-    if any("se" in m for m in result.get("margins", {}).values()):
+        notes += [f"- {row} @{budget}: " + ", ".join(parts)] if parts else []
+    if any("se" in m for _, _, m in every):
         notes.append("- ± is the standard error of the paired difference over the same test items.")
     oracle = ((result["settings"].get("options") or {}).get("fixed_budget"))
     if oracle and "fixed_budget" in result["methods"]:

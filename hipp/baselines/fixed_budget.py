@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..backends import clear_gates, image_size
 from ..data.mixed import MixedBatches
@@ -82,16 +83,27 @@ class FreeGates(nn.Module):
     def forward(self):
         return self.layer, list(self.heads), list(self.channels)
 
+    @torch.no_grad()
+    def load(self, logits) -> "FreeGates":
+        """Start from given gate logits (a controller's, for polishing one of its plans)."""
+        layer, heads, chans = logits
+        self.layer.copy_(layer)
+        for p, v in zip([*self.heads, *self.channels], [*heads, *chans]):
+            p.copy_(v)
+        return self
+
 
 def train_gates(model, space: PruneSpace, calibration: Calibration, target: float, seed: int = 0,
-                cfg: GateTraining | None = None) -> tuple[FreeGates, dict]:
-    """Train free gates for one FLOPs ratio; returns them and {train_seconds, expected_flops, ...}."""
+                cfg: GateTraining | None = None, init=None, progress: bool = False) -> tuple[FreeGates, dict]:
+    """Train free gates for one FLOPs ratio, from `init` logits if given (else layers kept, widths at the
+    target's share); returns them and {train_seconds, expected_flops, ...}."""
     cfg = cfg or GateTraining()
     device = next(model.parameters()).device
     grads = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # only the gates learn; no gradient buffers for the VLM
     share = min(max(width_budget(space, target) / width_budget(space, 1.0), 0.05), 0.95)
-    gates = FreeGates(space, cfg.layer_init, math.log(share / (1 - share))).to(device)
+    gates = FreeGates(space, cfg.layer_init, math.log(share / (1 - share)))
+    gates = (gates if init is None else gates.load(init)).to(device)
     lambdas = torch.zeros(2, device=device, requires_grad=True)
     opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
     ascent = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, maximize=True)
@@ -105,7 +117,7 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     start = time.perf_counter()
     flops = float("nan")
     try:
-        for step in range(cfg.steps):
+        for step in tqdm(range(cfg.steps), desc="gates", disable=not progress, leave=False):
             batch = batches(step)
             inputs = distiller.inputs(batch)
             teacher = distiller.teacher(inputs, batch)

@@ -1,0 +1,75 @@
+"""Polishing a bound query's plan: a short fixed-budget gate run that starts from the controller.
+
+The controller answers any budget at once; the per-budget gate training (baselines.fixed_budget,
+the oracle) answers one budget with a full training run. Polishing sits in between: the bound
+search's winner becomes the starting point of a short run of those free gates at the FLOPs bound
+(a fifth of the oracle's steps, at a low temperature since the plan is already nearly hard). The
+result is fitted to the bound by the search's own top-k + top-up, and replaces the plan only if its
+ranking loss on the calibration batch is lower, so polishing never returns a plan the search
+would have ranked worse. Measured in BENCHMARKS.md ("Polishing").
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from .baselines.calibration import make_calibration
+from .baselines.fixed_budget import GateTraining, train_gates
+from .controller import Controller
+from .errors import HippError
+from .gates import Gates, map_gates
+from .plan import Plan
+from .query import RANK_BY, Base, _fit, _top_up, _Units, rank_losses
+
+# measured on the embedded teacher at 0.3 / 0.5 / 0.7 (BENCHMARKS.md): a higher learning rate or
+# temperature undoes what the controller learned before the run can settle
+POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
+
+
+def check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise HippError(f"polish steps must be a whole number >= 0, got {steps!r}")
+    return steps
+
+
+@torch.no_grad()
+def plan_logits(controller: Controller, plan: Plan) -> Gates:
+    """The controller's gate logits behind a bound-query plan, shifted by the search's offset so that
+    the plan's own units are the ones with logit > 0."""
+    names = controller.objective_names
+    pref = torch.tensor([[plan.preference.get(n, 0.0) for n in names]], dtype=torch.float64)
+    target = plan.meta.get("flops_target")
+    dtype = controller.trunk[0].weight.dtype
+    targets = torch.tensor([math.nan if target is None else target], dtype=dtype) if controller.takes_target else None
+    offset = plan.meta["search"]["logit_offset"]
+    return map_gates(lambda t: t[0].detach().float().cpu() + offset, controller(pref.to(dtype), targets))
+
+
+def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.steps, seed: int = 0,
+           rank_by: str = RANK_BY) -> Plan:
+    """`plan` (from query.plan_for_budget with a max_flops bound) after `steps` polishing steps, or
+    `plan` itself when the polished plan ranks worse; meta["polish"] says what happened."""
+    check_steps(steps)
+    if "search" not in plan.meta or "max_flops" not in plan.meta:
+        raise HippError("polishing needs a plan from a --max-flops query")
+    if steps == 0:
+        return plan
+    bounds = {k: plan.meta[f"max_{k}"] for k in ("flops", "params") if f"max_{k}" in plan.meta}
+    start = time.perf_counter()
+    calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
+    gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed,
+                              replace(POLISH, steps=steps), init=plan_logits(controller, plan), progress=True)
+    units = _Units(controller.space)
+    flat = units.flat(map_gates(lambda t: t.detach().double().cpu(), gates()))
+    fit = _fit(units, flat, bounds, 0)
+    mask, _ = _top_up(units, flat, fit.k, bounds)
+    polished = units.plan(mask, plan.preference, dict(plan.meta))
+    (before, after), _ = rank_losses(base, [plan, polished], rank_by)
+    chosen = polished if after < before else plan
+    chosen.meta = dict(chosen.meta)
+    chosen.meta["polish"] = {"steps": steps, "kept": chosen is polished, "loss_before": before, "loss_after": after,
+                             "expected_flops": info["expected_flops"], "seconds": time.perf_counter() - start}
+    return chosen

@@ -1,0 +1,72 @@
+"""Polishing a bound query's plan: starts from the controller's logits, holds the bound, never ranks worse."""
+import json
+
+import pytest
+import torch
+
+from hipp.baselines.fixed_budget import FreeGates
+from hipp.errors import HippError
+from hipp.gates import map_gates
+from hipp.polish import plan_logits, polish
+from hipp.query import _Units, plan_for_budget, rank_losses
+from test_query import assert_bad, cli, loaded, tiny_controller_dir  # noqa: F401
+
+BOUND = 0.45
+
+
+def keep_vector(plan) -> torch.Tensor:
+    return torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep])
+
+
+def test_polishing_starts_from_the_plans_own_logits(loaded):  # noqa: F811
+    controller, base = loaded
+    plan = plan_for_budget(controller, max_flops=BOUND, base=base)
+    units = _Units(controller.space)
+    flat = units.flat(map_gates(lambda t: t.double(), plan_logits(controller, plan)))
+    positive = keep_vector(units.plan((flat > 0).double(), {}))
+    assert positive.sum() > 0
+    # the shifted logits keep the search's top-k (but for a unit the offset leaves at exactly 0); the
+    # plan adds only its top-up to them
+    assert bool((keep_vector(plan) >= positive).all())
+    assert int((keep_vector(plan) - positive).sum()) <= plan.meta["search"]["units_added"] + 1
+    gates = FreeGates(controller.space, 0.0, 0.0).load(plan_logits(controller, plan))
+    assert torch.equal(units.flat(map_gates(lambda t: t.detach().double(), gates())), flat)
+
+
+def test_polished_plan_holds_the_bound_and_never_ranks_worse(loaded):  # noqa: F811
+    controller, base = loaded
+    plan = plan_for_budget(controller, max_flops=BOUND, base=base)
+    before = rank_losses(base, [plan])[0][0]
+    out = polish(base, controller, plan, steps=4)
+    info = out.meta["polish"]
+    assert info["steps"] == 4 and info["loss_before"] == pytest.approx(before)
+    assert out.costs()["flops_ratio"] <= BOUND
+    assert rank_losses(base, [out])[0][0] == pytest.approx(min(info["loss_before"], info["loss_after"]))
+    if not info["kept"]:
+        assert out.mask_key() == plan.mask_key()
+    assert out.meta["max_flops"] == BOUND and out.meta["search"] == plan.meta["search"]
+
+
+def test_polish_input_is_checked(loaded):  # noqa: F811
+    controller, base = loaded
+    bound_plan = plan_for_budget(controller, max_flops=BOUND, base=base)
+    assert polish(base, controller, bound_plan, steps=0) is bound_plan
+    for bad in (-1, 2.5, True):
+        with pytest.raises(HippError, match="whole number >= 0"):
+            polish(base, controller, bound_plan, steps=bad)
+    with pytest.raises(HippError, match="needs a plan from a --max-flops query"):
+        polish(base, controller, controller.plan(controller.preference("utility=1")), steps=2)
+
+
+def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F811
+    code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", BOUND,
+                         "--polish", 2, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["flops_ratio"] <= BOUND and got["meta"]["polish"]["steps"] == 2
+    code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", BOUND, "--polish", 2)
+    assert code == 0 and "polished      2 steps: loss" in out
+    ctrl = str(tiny_controller_dir)
+    assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-flops", BOUND, "--polish", -3), "whole number >= 0")
+    assert_bad(*cli(capsys, "query", "--controller", ctrl, "--pref", "utility=1", "--polish", 2), "needs --max-flops")
+    assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-params", 0.9, "--polish", 2), "needs --max-flops")
