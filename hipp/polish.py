@@ -48,25 +48,31 @@ def plan_logits(controller: Controller, plan: Plan) -> Gates:
     return map_gates(lambda t: t[0].detach().float().cpu() + offset, controller(pref.to(dtype), targets))
 
 
+def polished_plan(base: Base, controller: Controller, plan: Plan, training: GateTraining = POLISH, seed: int = 0
+                  ) -> tuple[Plan, dict]:
+    """`plan` after a gate run with `training` from its logits, fitted to its bounds (not yet compared
+    with `plan`), and that run's {train_seconds, expected_flops, ...}."""
+    if "search" not in plan.meta or "max_flops" not in plan.meta:
+        raise HippError("polishing needs a plan from a --max-flops query")
+    bounds = {k: plan.meta[f"max_{k}"] for k in ("flops", "params") if f"max_{k}" in plan.meta}
+    calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
+    gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed, training,
+                              init=plan_logits(controller, plan), progress=True)
+    units = _Units(controller.space)
+    flat = units.flat(map_gates(lambda t: t.detach().double().cpu(), gates()))
+    mask, _ = _top_up(units, flat, _fit(units, flat, bounds, 0).k, bounds)
+    return units.plan(mask, plan.preference, dict(plan.meta)), info
+
+
 def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.steps, seed: int = 0,
            rank_by: str = RANK_BY) -> Plan:
     """`plan` (from query.plan_for_budget with a max_flops bound) after `steps` polishing steps, or
     `plan` itself when the polished plan ranks worse; meta["polish"] says what happened."""
     check_steps(steps)
-    if "search" not in plan.meta or "max_flops" not in plan.meta:
-        raise HippError("polishing needs a plan from a --max-flops query")
     if steps == 0:
         return plan
-    bounds = {k: plan.meta[f"max_{k}"] for k in ("flops", "params") if f"max_{k}" in plan.meta}
     start = time.perf_counter()
-    calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
-    gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed,
-                              replace(POLISH, steps=steps), init=plan_logits(controller, plan), progress=True)
-    units = _Units(controller.space)
-    flat = units.flat(map_gates(lambda t: t.detach().double().cpu(), gates()))
-    fit = _fit(units, flat, bounds, 0)
-    mask, _ = _top_up(units, flat, fit.k, bounds)
-    polished = units.plan(mask, plan.preference, dict(plan.meta))
+    polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed)
     (before, after), _ = rank_losses(base, [plan, polished], rank_by)
     chosen = polished if after < before else plan
     chosen.meta = dict(chosen.meta)
