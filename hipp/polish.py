@@ -24,8 +24,8 @@ from .gates import Gates, map_gates
 from .plan import Plan
 from .query import RANK_BY, Base, _fit, _top_up, _Units, rank_losses
 
-# measured on the embedded teacher at 0.3 / 0.5 / 0.7 (BENCHMARKS.md): a higher learning rate or
-# temperature undoes what the controller learned before the run can settle
+# measured on the embedded teacher (BENCHMARKS.md, "Polishing"): at 0.3 a higher learning rate or
+# temperature undoes what the controller learned before the run settles, a lower one moves nothing
 POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
 
 
@@ -73,7 +73,9 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
         return plan
     start = time.perf_counter()
     polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed)
-    (before, after), _ = rank_losses(base, [plan, polished], rank_by)
+    (after,), how = rank_losses(base, [polished], rank_by)
+    search = plan.meta["search"]  # the search ranked `plan` already, unless on other terms
+    before = search["loss"] if how == search["ranked_by"] else rank_losses(base, [plan], rank_by)[0][0]
     chosen = polished if after < before else plan
     chosen.meta = dict(chosen.meta)
     chosen.meta["polish"] = {"steps": steps, "kept": chosen is polished, "loss_before": before, "loss_after": after,

@@ -59,6 +59,9 @@ def test_polish_input_is_checked(loaded):  # noqa: F811
 
 
 def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F811
+    from hipp.cli import POLISH_STEPS
+    from hipp.polish import POLISH
+    assert POLISH_STEPS == POLISH.steps  # the parser's copy, kept so that building it imports no torch
     code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", BOUND,
                          "--polish", 2, "--json")
     assert code == 0, err

@@ -90,10 +90,9 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     evaluate_args = {"datasets": datasets, "n": n, "fmnist_limit": fmnist_limit, "calibration": calibration,
                      "latency": True, "items": controller is not None}
     jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
-    if controller is not None:
-        planners = planners or {CONTROLLER: lambda b: controller.plan_within(max_flops=b)}
-        jobs += [(row, b, 0) for row in planners for b in budgets]
-    planners = planners if controller is not None else {}
+    planners = ((planners or {CONTROLLER: lambda b: controller.plan_within(max_flops=b)})
+                if controller is not None else {})
+    jobs += [(row, b, 0) for row in planners for b in budgets]
     if controller is not None and prepare(model, controller) != space:
         raise HippError("the controller's prune space differs from the one the baselines are given")
     cache: dict = {}
