@@ -16,25 +16,17 @@ import time
 import torch
 
 from hipp.controller import load_controller
-from hipp.data import to_input
-from hipp.data.fashion_mnist import CLASSES, load_fashion_mnist, to_rgb
-from hipp.data import shapes
-from hipp.evaluate import single_object_scenes
 from hipp.pareto import evaluate_plan
 from hipp.polish import plan_logits
-from hipp.query import _ratios, _Units, input_size, load_base, plan_for_budget, rank_losses, utility_losses, \
-    zero_shot_losses
+from hipp.query import (_meets, _ratios, _Units, calibration, load_base, plan_for_budget, rank_losses,
+                        utility_losses, zero_shot_calibration, zero_shot_losses)
 
 
-def search_set(base, n, start):
-    cfg = base.preprocess_cfg
-    size = input_size(cfg)
-    raw, labels = load_fashion_mnist("train")
-    fm = to_rgb(raw[start:start + n], size)
-    zs = (to_input(single_object_scenes("val", n, cfg, seed=1).images, cfg), to_input(fm, cfg))
-    scenes = shapes.make_scenes("val", n, seed=1, image_size=size)
-    texts = list(scenes.captions) + [f"a photo of a {CLASSES[int(y)]}." for y in labels[start:start + n]]
-    dist = (to_input(torch.cat([scenes.images, fm]), cfg), base.tokenizer(texts))
+def search_set(base, n, fmnist_start):
+    """The ranking loss (zero-shot + distillation) on val scenes of another seed and later Fashion-MNIST
+    train images than the query's own ranking set, built once for every evaluation of the search."""
+    zs = zero_shot_calibration(base, n, seed=1, fmnist_start=fmnist_start)
+    dist = calibration(base, n, seed=1, fmnist=n, fmnist_start=fmnist_start)
     return lambda plans: [a + b for a, b in zip(zero_shot_losses(base, plans, zs), utility_losses(base, plans, dist))]
 
 
@@ -59,27 +51,23 @@ def refine(units, plan, logits, bounds, loss, rounds, pool):
         gain = {u: cur - d for u, d in zip(free, deltas[len(kept):])}
         adds = sorted((u for u in free if gain[u] > 0), key=lambda u: -gain[u])
         removes = sorted(kept, key=lambda u: damage[u])
+        start, saved = eff.clone(), 0.0
+        for u in kept:  # units whose removal lowers the loss go anyway
+            if damage[u] < 0:
+                start[u], saved = 0, saved - damage[u]
         best = None
         for n_add in range(len(adds), -1, -1):  # most additions first, fewer when they do not pay
-            m = eff.clone()
+            m, predicted = start.clone(), saved + sum(gain[u] for u in adds[:n_add])
             for u in adds[:n_add]:
                 m[u] = 1
-            predicted = sum(gain[u] for u in adds[:n_add])
-            for u in removes:  # units whose removal lowers the loss go anyway
-                if damage[u] < 0:
-                    m[u] = 0
-                    predicted -= damage[u]
-            for u in removes:
-                if m[u] == 0:
-                    continue
-                if all(v <= bounds[k] for k, v in _ratios(units.plan(m, {})).items() if k in bounds):
+            for u in removes:  # pay for the additions with the least damaging removals
+                if _meets(_ratios(units.plan(m, {})), bounds):
                     break
-                m[u] = 0
-                predicted -= damage[u]
-            if predicted <= 0 or not all(v <= bounds[k] for k, v in _ratios(units.plan(m, {})).items() if k in bounds):
+                if m[u]:
+                    m[u], predicted = 0, predicted - damage[u]
+            if predicted <= 0 or not _meets(_ratios(units.plan(m, {})), bounds):
                 continue
-            trial = units.plan(m, {})
-            got = loss([trial])[0]
+            got = loss([units.plan(m, {})])[0]
             evals += 1
             if got < cur:
                 best = (m, got)
@@ -102,7 +90,7 @@ def main():
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     units = _Units(controller.space)
-    loss = search_set(base, args.n, start=1000)
+    loss = search_set(base, args.n, fmnist_start=1000)
     utility = lambda p: evaluate_plan(base.model, p, base.tokenizer, base.preprocess_cfg, n=1000,
                                       fmnist_limit=None)["utility"]
     for budget in (float(b) for b in args.budgets.split(",")):

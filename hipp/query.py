@@ -121,32 +121,33 @@ def input_size(preprocess_cfg: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_start: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed images and caption tokens: `n` shape scenes from the val split (never trained or
-    evaluated on), plus up to `fmnist` Fashion-MNIST train images with a class caption when the
-    dataset is installed (it is optional: compensation then runs on shapes alone)."""
+    evaluated on), plus up to `fmnist` Fashion-MNIST train images from `fmnist_start` on, with a class
+    caption, when the dataset is installed (it is optional: compensation then runs on shapes alone)."""
     from .data import shapes, to_input
     from .data.fashion_mnist import CLASSES
 
     size = input_size(base.preprocess_cfg)
     scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
     images, texts = [scenes.images], list(scenes.captions)
-    train = _fmnist_train(base, fmnist) if fmnist else None
+    train = _fmnist_train(base, fmnist, fmnist_start) if fmnist else None
     if train is not None:
         images.append(train[0])
         texts += [f"a photo of a {CLASSES[int(y)]}." for y in train[1]]
     return to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
 
 
-def _fmnist_train(base: Base, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The first `n` Fashion-MNIST train images (uint8 RGB at model size) and labels; None when the
-    optional dataset is not installed."""
+def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`n` Fashion-MNIST train images from `start` on (uint8 RGB at model size) and their labels; None
+    when the optional dataset is not installed."""
     from .data.fashion_mnist import load_fashion_mnist, to_rgb
     try:
         raw, labels = load_fashion_mnist("train")
     except HippError:
         return None
-    return to_rgb(raw[:n], input_size(base.preprocess_cfg)), labels[:n]
+    return to_rgb(raw[start:start + n], input_size(base.preprocess_cfg)), labels[start:start + n]
 
 
 @torch.no_grad()
@@ -171,14 +172,15 @@ def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     return out
 
 
-def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Preprocessed single-object val scenes and the first `n` Fashion-MNIST train images (None when
-    the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
+def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0, fmnist_start: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Preprocessed single-object val scenes and `n` Fashion-MNIST train images from `fmnist_start` on
+    (None when the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
     from .data import to_input
     from .evaluate import single_object_scenes
 
     scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
-    train = _fmnist_train(base, n)
+    train = _fmnist_train(base, n, fmnist_start)
     return scenes, None if train is None else to_input(train[0], base.preprocess_cfg)
 
 

@@ -230,6 +230,18 @@ def test_the_zero_shot_loss_compares_class_distributions(loaded):
     assert shapes_only == pytest.approx(float(sum(kl) / len(kl)), rel=1e-4)
 
 
+def test_calibration_sets_can_start_further_into_fashion_mnist(loaded):
+    """An offset gives the matching slice of the train images, so a second set need not overlap the first."""
+    _, base = loaded
+    _, first = zero_shot_calibration(base, 8)
+    if first is None:
+        pytest.skip("Fashion-MNIST is not installed")
+    _, later = zero_shot_calibration(base, 4, fmnist_start=4)
+    assert torch.equal(later, first[4:])
+    images, tokens = calibration(base, 2, fmnist=4, fmnist_start=4)
+    assert torch.equal(images[2:], later) and len(tokens) == 6
+
+
 def test_bound_query_cli(tiny_controller_dir, capsys):
     code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", "0.45", "--json")
     assert code == 0, err
