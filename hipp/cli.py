@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import HippError
 
@@ -18,9 +19,9 @@ def _cmd_eval(args) -> int:
     from .evaluate import DATASETS, check_datasets, report
 
     datasets = DATASETS if args.data is None else tuple(d.strip() for d in args.data.split(","))
-    check_datasets(datasets)  # before loading anything
+    check_datasets(datasets, args.allow_outside)  # before loading anything
     model = load_model(args.model)
-    rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets)
+    rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets, allow_outside=args.allow_outside)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -41,7 +42,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(TrainConfig, args.config)
     if args.output:
         cfg.output = args.output
-    info = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    info = train(cfg, resume=args.resume, max_steps=args.max_steps, overwrite=args.overwrite)
     print(f"controller saved in {info['output']} ({info['steps']} steps, {info['train_seconds']:.0f} s)",
           file=sys.stderr)
     return 0
@@ -57,14 +58,13 @@ def _cmd_export(args) -> int:
     return run(args)
 
 
-def _out_dir(path: str):
-    """An output folder for reports: must not be a file, nor lie under one."""
-    from pathlib import Path
-    out = Path(path)
-    for part in (out, *out.parents):
-        if part.exists() and not part.is_dir():
-            raise HippError(f"output {out} is not a folder ({part} is a file)")
-    return out
+def _claim(args, command: str, names: tuple[str, ...]):
+    """Hold --out for a report command (hipp.outputs.claim); a folder from before output markers that
+    holds only the command's `names` counts as its own."""
+    import os
+
+    from .outputs import claim
+    return claim(args.out, command, args.overwrite, legacy=lambda out: set(os.listdir(out)) <= set(names))
 
 
 def _controller_and_base(args):
@@ -84,21 +84,16 @@ def _report(args, result: dict, line: str) -> int:
 def _cmd_pareto(args) -> int:
     from .pareto import sweep
 
-    out = _out_dir(args.out)
-    controller, base = _controller_and_base(args)
-    result = sweep(controller, base.model, base.tokenizer, base.preprocess_cfg, points=args.points, out_dir=out)
+    with _claim(args, "pareto", PARETO_FILES) as out:
+        controller, base = _controller_and_base(args)
+        result = sweep(controller, base.model, base.tokenizer, base.preprocess_cfg, points=args.points, out_dir=out)
     return _report(args, result, f"{len(result['rows'])} preferences, utility hypervolume "
                                  f"{result['hypervolume']['utility']:.3f}; outputs in {out}")
 
 
 def _cmd_bench(args) -> int:
-    from pathlib import Path
-
     from .baselines.allocate import check_target
-    from .baselines.bench import CONTROLLER, POLISHED, bench
-    from .baselines.fixed_budget import matched_to
-    from .polish import check_steps, polish
-    from .query import plan_for_budget
+    from .polish import check_steps
 
     budgets = [check_target(b) for b in args.budgets.split(",")]
     check_steps(args.polish)
@@ -107,7 +102,18 @@ def _cmd_bench(args) -> int:
         from .baselines import get_method
         for m in methods:
             get_method(m)  # unknown names fail before anything loads
-    out = _out_dir(args.out)
+    with _claim(args, "bench", BENCH_FILES) as out:
+        result = _bench(args, budgets, methods, out)
+    return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
+                                 "(bench.md, bench.json, bench.csv, bench.png)")
+
+
+def _bench(args, budgets, methods, out) -> dict:
+    from .baselines.bench import CONTROLLER, POLISHED, bench
+    from .baselines.fixed_budget import matched_to
+    from .polish import polish
+    from .query import plan_for_budget
+
     controller, base = _controller_and_base(args)
     summary = Path(args.controller) / "training_summary.json"
     seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
@@ -116,17 +122,14 @@ def _cmd_bench(args) -> int:
     planners = {CONTROLLER: lambda b: plan_for_budget(controller, max_flops=b, base=base)}
     if args.polish:  # its own search, so its plan seconds are the whole query's
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
-    result = bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
-                   controller=controller, controller_train_seconds=seconds, options=options,
-                   planners=planners)
-    return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
-                                 "(bench.md, bench.json, bench.csv, bench.png)")
+    return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
+                 controller=controller, controller_train_seconds=seconds, options=options, planners=planners)
 
 
 def _cmd_convert(args) -> int:
     from .backends.convert import convert_folder
 
-    result = convert_folder(args.model, args.out)
+    result = convert_folder(args.model, args.out, args.overwrite)
     return _report(args, result, f"transformers CLIPModel folder written to {result['out']} "
                                  f"({result['num_params']:,} parameters)")
 
@@ -147,6 +150,8 @@ def _add_plan_args(p) -> None:
     _add_polish_arg(p, 0)
 
 
+PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png", "pareto.md")
+BENCH_FILES = ("bench.json", "bench.csv", "bench.md", "bench.png")
 POLISH_STEPS = 120  # hipp.polish.POLISH.steps, without importing torch to build the parser
 
 
@@ -156,6 +161,12 @@ def _add_polish_arg(p, default: int) -> None:
                         "about 0.6 s a step on the embedded teacher, 2 CPU cores)")
 
 
+def _add_overwrite_arg(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder this command did not write (its own files are replaced, "
+                        "other files are kept)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hipp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -163,22 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model folder (teacher or exported)")
     e.add_argument("--data", help="comma-separated: shapes, fmnist, csv:FILE, folder:DIR (default: shapes,fmnist)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--allow-outside", action="store_true",
+                   help="let a csv:FILE name images outside its own folder (absolute paths, '..', symlinks out)")
     e.set_defaults(func=_cmd_eval)
     pa = sub.add_parser("pareto", help="sweep preferences, measure every hard plan, draw the front")
     _add_controller_args(pa)
     pa.add_argument("--points", type=int, default=20, help="about this many preferences on a simplex grid")
     pa.add_argument("--out", required=True, help="output folder for CSV, JSON, PNG and markdown")
+    _add_overwrite_arg(pa)
     pa.set_defaults(func=_cmd_pareto)
     b = sub.add_parser("bench", help="every baseline and the controller at every FLOPs budget")
     _add_controller_args(b)
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
+    _add_overwrite_arg(b)
     _add_polish_arg(b, POLISH_STEPS)
     b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")
     c.add_argument("--model", required=True, help="open_clip model folder (e.g. checkpoints/teacher-tiny)")
     c.add_argument("--out", required=True, help="new or empty output folder")
+    _add_overwrite_arg(c)
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     c.set_defaults(func=_cmd_convert)
     t = sub.add_parser("train", help="train a controller (also under `accelerate launch -m hipp train`)")
@@ -186,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="output folder (overrides the config)")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans the config's)")
     t.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    _add_overwrite_arg(t)
     t.set_defaults(func=_cmd_train)
     q = sub.add_parser("query", help="the plan for a preference or a cost bound (--max-flops / --max-params)")
     _add_plan_args(q)
@@ -193,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="materialise a plan into a smaller model folder")
     _add_plan_args(x)
     x.add_argument("--out", required=True, help="output folder (new, empty or a previous export)")
+    _add_overwrite_arg(x)
     x.add_argument("--onnx", action="store_true", help="also write ONNX image / text encoders, checked vs onnxruntime")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
     x.set_defaults(func=_cmd_export)
@@ -209,6 +227,10 @@ def run_guarded(fn, *args) -> int:
     except KeyboardInterrupt:
         print("hipp: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the user's environment (permissions, a full disk, a vanished file), not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"hipp: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> int:

@@ -11,15 +11,12 @@
 `hipp.load_model(folder)` rebuilds the model from model_cfg + structure with the project's module
 classes and loads model.safetensors strictly; no controller and no base weights are needed.
 
-The folder is built in a hidden sibling and renamed into place. Over a previous export the files
-are moved in one by one, the old pruned_config.json removed first and the new one moved last, so
-a folder that has a pruned_config.json is always a complete export.
+The folder is built in a hidden sibling and swapped into place (hipp.outputs): a kill at any moment
+leaves the earlier export or the new one, never a mix.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch
 from .backends.hf import TOKENIZER_FILES
 from .checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME,
                          family)
+from . import outputs
 from .errors import HippError
 from .fileio import read_json, save_tensors, write_json
 from .plan import Plan
@@ -35,50 +33,19 @@ from .plan import Plan
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values(), *TOKENIZER_FILES)
 ONNX_ATOL = 1e-4
+COMMAND = "export"
 
 
-def check_out(out) -> Path:
-    """--out must be a new path, an empty folder or a previous export; anything else is refused."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HippError(f"--out {out} is a file; give a folder (new, empty or a previous export)")
-    blocker = next((p for p in out.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise HippError(f"--out {out} lies under {blocker}, which is a file")
-    if out.is_dir():
-        names = sorted(os.listdir(out))
-        unknown = [n for n in names if n not in EXPORT_FILES]
-        if unknown:
-            raise HippError(f"--out {out} is not empty and not a previous HiPP export (it holds {unknown[0]!r}); "
-                            f"choose a new or empty folder")
-        if PRUNED_CONFIG_NAME in names and read_json(out / PRUNED_CONFIG_NAME).get("format") != PRUNED_FORMAT:
-            raise HippError(f"--out {out} holds a {PRUNED_CONFIG_NAME} that HiPP did not write; choose another folder")
-    return out
+def _earlier_export(out: Path) -> bool:
+    """A folder from before output markers that holds only export files, with HiPP's pruned config."""
+    names = os.listdir(out)
+    return (all(n in EXPORT_FILES for n in names) and PRUNED_CONFIG_NAME in names
+            and read_json(out / PRUNED_CONFIG_NAME).get("format") == PRUNED_FORMAT)
 
 
-def _share(stage: Path, files) -> None:
-    """mkdtemp / mkstemp create owner-only entries; an export gets the permissions the umask gives."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(stage, 0o777 & ~mask)
-    for name in files:
-        os.chmod(stage / name, 0o666 & ~mask)
-
-
-def _publish(stage: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(stage, out)
-        return
-    new = set(os.listdir(stage))
-    marker = out / PRUNED_CONFIG_NAME
-    if marker.exists():
-        marker.unlink()  # from here until the last move the folder reads as incomplete, never as a mix
-    for name in EXPORT_FILES:
-        if name not in new and (out / name).exists():
-            (out / name).unlink()  # e.g. ONNX files of an earlier --onnx export: they would not match
-    for name in sorted(new - {PRUNED_CONFIG_NAME}) + [PRUNED_CONFIG_NAME]:
-        os.replace(stage / name, out / name)
-    stage.rmdir()
+def check_out(out, overwrite: bool = False) -> Path:
+    """--out must be new, empty or an earlier export (or --overwrite given): outputs.check."""
+    return outputs.check(out, COMMAND, overwrite, legacy=_earlier_export)
 
 
 class _Encoder(torch.nn.Module):
@@ -123,7 +90,8 @@ def export_onnx(model, folder: Path, images: torch.Tensor, tokens: torch.Tensor,
     return diffs
 
 
-def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64) -> dict:
+def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64,
+                  overwrite: bool = False) -> dict:
     """Materialise `plan` on `base` (hipp.query.Base) and write the export folder; returns a summary.
 
     compensate: FLAP-style bias compensation (materialize.compensate_bias) measured on `calib_n`
@@ -134,7 +102,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     from .materialize import compensate_bias, materialize, model_structure, structure
     from .query import calibration, summary
 
-    out = check_out(out)
+    out = check_out(out, overwrite)
     gates = plan.gates
     compensated = None
     if compensate:
@@ -162,12 +130,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         "base": {"model": base.spec, "pretrained": base.pretrained, "fingerprint": base.fingerprint},
         "compensated": compensated, "plan": plan.to_dict(),
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.parent))
-    except OSError as e:
-        raise HippError(f"cannot create the export folder {out}: {e.strerror or e}") from None
-    try:
+    with outputs.claim(out, COMMAND, overwrite, legacy=_earlier_export), outputs.staged(out, COMMAND) as stage:
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
         if backend == "open_clip":  # what open_clip's local-dir tokenizer / transform read
             write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
@@ -181,12 +144,6 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
                               "outputs": "unnormalised embeddings"}
         write_json(stage / PRUNED_CONFIG_NAME, config)
         files = sorted(os.listdir(stage))
-        _share(stage, files)
-        _publish(stage, out)
-    except OSError as e:  # disk full, permissions: the user's environment, not a bug
-        raise HippError(f"cannot write the export to {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     result = summary(plan)
     result.update({"out": str(out), "files": files, "num_params": num_params, "compensated": compensated,
                    "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint})
@@ -199,9 +156,10 @@ def run(args) -> int:
 
     from .query import plan_from_args
 
-    check_out(args.out)  # before anything is loaded: a bad --out costs nothing
+    check_out(args.out, args.overwrite)  # before anything is loaded: a bad --out costs nothing
     _, plan, base = plan_from_args(args, need_base=True)
-    result = export_pruned(base, plan, args.out, onnx=args.onnx, compensate=args.compensate)
+    result = export_pruned(base, plan, args.out, onnx=args.onnx, compensate=args.compensate,
+                           overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result))
     else:

@@ -33,6 +33,7 @@ from .data import to_input
 from .errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
 from .fileio import atomic_path, write_json, write_text
+from .outputs import staged
 from .gates import map_gates
 from .materialize import compensate_bias, materialize
 from .plan import Plan
@@ -292,15 +293,15 @@ def summarise(rows: list[dict], names: Sequence[str], reference=REFERENCE) -> di
 # --- outputs -----------------------------------------------------------------------------------
 
 def write_outputs(result: dict, out_dir) -> dict:
+    """pareto.json / .csv / .png / .md, built aside and swapped in together (hipp.outputs.staged)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "pareto.json", "csv": out / "pareto.csv", "png": out / "pareto.png",
-             "md": out / "pareto.md"}
-    write_text(paths["csv"], rows_csv(result["rows"], result["objective_names"]))
-    plot_front(result["rows"], paths["png"], result["hypervolume"]["utility"], result.get("dense"))
-    write_text(paths["md"], markdown(result))
-    files = {k: str(v) for k, v in paths.items()}
-    write_json(paths["json"], {**result, "files": files})
+    names = {"json": "pareto.json", "csv": "pareto.csv", "png": "pareto.png", "md": "pareto.md"}
+    files = {k: str(out / v) for k, v in names.items()}
+    with staged(out, "pareto") as stage:
+        write_text(stage / names["csv"], rows_csv(result["rows"], result["objective_names"]))
+        plot_front(result["rows"], stage / names["png"], result["hypervolume"]["utility"], result.get("dense"))
+        write_text(stage / names["md"], markdown(result))
+        write_json(stage / names["json"], {**result, "files": files})
     return files
 
 

@@ -13,9 +13,10 @@ Every random draw (data, preferences, gate noise) comes from a generator seeded 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,16 +27,18 @@ from tqdm.auto import tqdm
 
 from .backends import clear_gates, image_size, make_prunable, set_gates
 from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
-from .controller import CONFIG_NAME, Controller, load_controller
+from .controller import CONFIG_NAME, Controller
 from .data import to_input
 from .data.mixed import MixedBatches
 from .errors import HippError
-from .fileio import write_json
+from . import outputs
+from . import resume as resume_state
+from .fileio import write_json, write_text
 from .gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
 from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives, check_target_objectives
 from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
-STATE_DIR = "train_state"
+LOG_NAME = "train_log.jsonl"
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -101,19 +104,30 @@ class TrainConfig:
     objectives: dict = field(default_factory=lambda: {"names": list(DEFAULT_OBJECTIVES)})
 
     def __post_init__(self):
-        checks = {"steps": self.steps >= 1, "pref_groups": self.pref_groups >= 1, "lr": self.lr > 0,
-                  "channel_group": self.channel_group >= 1, "grad_accum": self.grad_accum >= 1,
-                  "save_every": self.save_every >= 1, "dirichlet_alpha": self.dirichlet_alpha > 0,
-                  "vertex_prob": 0 <= self.vertex_prob <= 1, "bias_lr_mult": self.bias_lr_mult > 0,
-                  "target_prob": 0 <= self.target_prob <= 1, "target_penalty": self.target_penalty > 0,
-                  "target_range": _is_range(self.target_range),
-                  "data.batch_size": self.data.batch_size >= 2,
-                  "data.shape_fraction": 0 < self.data.shape_fraction <= 1,
-                  "mixed_precision": self.mixed_precision in ("no", "bf16", "fp16"),
-                  "lr_schedule": self.lr_schedule in LR_SCHEDULES}
-        for key, ok in checks.items():
-            if not ok:
-                raise HippError(f"config key '{key}' has an invalid value")
+        from .config import above, at_least, check_values, finite, one_of, within
+
+        # Python callers skip load_config's type checks, so every rule also refuses NaN / inf itself.
+        check_values({
+            "steps": (self.steps, at_least(1)), "pref_groups": (self.pref_groups, at_least(1)),
+            "lr": (self.lr, above(0)), "channel_group": (self.channel_group, at_least(1)),
+            "grad_accum": (self.grad_accum, at_least(1)), "save_every": (self.save_every, at_least(1)),
+            "seed": (self.seed, within(-2**32, 2**32)),  # per-step seeds multiply it by about 2**26
+            "dirichlet_alpha": (self.dirichlet_alpha, above(0)), "vertex_prob": (self.vertex_prob, within(0, 1)),
+            "bias_lr_mult": (self.bias_lr_mult, above(0)), "target_prob": (self.target_prob, within(0, 1)),
+            "target_penalty": (self.target_penalty, above(0)),
+            "target_range": (self.target_range, (_is_range, "[low, high] with 0 < low <= high <= 1")),
+            "weight_decay": (self.weight_decay, at_least(0)),
+            "temperature_start": (self.temperature_start, above(0)),
+            "temperature_end": (self.temperature_end, above(0)),
+            "data.batch_size": (self.data.batch_size, at_least(2)),
+            "data.shape_fraction": (self.data.shape_fraction, within(0, 1, open_low=True)),
+            "data.negatives": (self.data.negatives, at_least(0)),
+            "controller.hidden": (self.controller.hidden, at_least(1)),
+            "controller.rank": (self.controller.rank, at_least(1)),
+            "controller.depth": (self.controller.depth, at_least(1)),
+            "controller.init_bias": (self.controller.init_bias, finite()),
+            "mixed_precision": (self.mixed_precision, one_of(("no", "bf16", "fp16"))),
+            "lr_schedule": (self.lr_schedule, one_of(LR_SCHEDULES))})
         names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
         if self.target_prob > 0:
             check_target_objectives(names)
@@ -220,50 +234,70 @@ def hard_vs_sampled(distiller: Distiller, controller: Controller, batches: Mixed
     return {f"{n}_{kind}": mean(rows, n) for n in names for kind, rows in (("hard", hard), ("sampled", sampled))}
 
 
-def _save_state(acc: Accelerator, out: Path, step: int, seconds: float) -> None:
-    """Accelerate's save_state into a fresh folder, swapped in only once it is complete."""
-    final, tmp, old = out / STATE_DIR, out / f"{STATE_DIR}.tmp", out / f"{STATE_DIR}.old"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    if acc.is_main_process:
-        write_json(tmp / "progress.json", {"step": step, "seconds": seconds})
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+COMMAND = "train"
 
 
-def _resume_dir(out: Path) -> Path | None:
-    for name in (STATE_DIR, f"{STATE_DIR}.old"):  # .old survives a crash between the two renames
-        if (out / name / "progress.json").is_file():
-            return out / name
-    return None
+def _earlier_run(out: Path) -> bool:
+    """A training folder from before output markers: it holds a controller."""
+    return (out / CONFIG_NAME).is_file()
 
 
-def _last_step(out: Path) -> int:
-    state = _resume_dir(out)
-    return json.loads((state / "progress.json").read_text())["step"] if state else 0
-
-
-def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict:
-    out = Path(cfg.output)
-    objectives_cfg = ObjectiveConfig.from_dict(cfg.objectives)
-    model = load_model(cfg.model, cfg.pretrained, expect=cfg.family)
-    base_print = fingerprint(model)
-    if out.exists() and not out.is_dir():
-        raise HippError(f"output {out} is a file")
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Read-only checks of --output, made on every process before anything loads."""
+    outputs.check(out, COMMAND, overwrite, legacy=_earlier_run)
     if resume:
-        if not (out / CONFIG_NAME).is_file():
-            raise HippError(f"nothing to resume in {out} (no {CONFIG_NAME})")
-        load_controller(out, fingerprint=base_print)  # refuses a folder trained on another model
-    elif out.is_dir() and any(out.iterdir()):
-        raise HippError(f"output folder {out} is not empty; pass --resume or choose another --output")
+        if not (out / resume_state.STATE_NAME).is_file():
+            legacy = " (its state is an earlier release's pickled one, which HiPP no longer loads)" \
+                if (out / resume_state.LEGACY_STATE_DIR).is_dir() else ""
+            raise HippError(f"nothing to resume in {out}: no {resume_state.STATE_NAME}{legacy}; "
+                            "choose a new --output")
+    elif not overwrite and out.is_dir() and any(n != outputs.MARKER for n in os.listdir(out)):
+        raise HippError(f"output folder {out} is not empty; pass --resume to continue its run, "
+                        "--overwrite to start over in it, or choose another --output")
 
+
+def _run_identity(cfg: TrainConfig, base_print: str, processes: int) -> dict:
+    """What a resumed run must share with the run it continues (hipp.resume.check_same_run)."""
+    return {**asdict(cfg), "base_fingerprint": base_print, "num_processes": processes}
+
+
+def _gradients_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)
+
+
+def _start_output(out: Path, raw: Controller, opt, identity: dict, base_print: str, extra: dict,
+                  start: int) -> None:
+    """Main process: mark the folder as training's; a new run writes its step-0 state, initial
+    controller and an empty log (replacing an earlier run's, when --overwrite started over), a
+    resumed run cuts its log back to the state's step."""
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.mark(out, COMMAND)
+    log = out / LOG_NAME
+    if start == 0:  # a state at step 0 too, so a run killed before its first save still resumes
+        resume_state.save(out / resume_state.STATE_NAME, raw, opt, {"step": 0, "seconds": 0.0, "run": identity})
+        raw.save(out, fingerprint=base_print, extra=extra)
+        write_text(log, "")
+    else:
+        resume_state.truncate_log(log, start)
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, overwrite: bool = False) -> dict:
+    out = Path(cfg.output)
+    if max_steps is not None and max_steps < 1:
+        raise HippError(f"--max-steps must be at least 1, got {max_steps}")
+    objectives_cfg = ObjectiveConfig.from_dict(cfg.objectives)
+    _check_output(out, resume, overwrite)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
+    with contextlib.ExitStack() as held:
+        if acc.is_main_process:  # one lock for the run; the other processes never write the folder
+            held.enter_context(outputs.claim(out, COMMAND, overwrite, legacy=_earlier_run))
+        return _train(cfg, acc, out, objectives_cfg, resume, max_steps)
+
+
+def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume: bool, max_steps) -> dict:
+    model = load_model(cfg.model, cfg.pretrained, expect=cfg.family, seed=cfg.seed)
+    base_print = fingerprint(model)
     space = make_prunable(model, cfg.channel_group)
     model.to(acc.device)
     pp, tokenizer = preprocess_cfg(model), get_tokenizer(cfg.model)
@@ -271,7 +305,20 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
     controller = Controller(space, objectives.names, **asdict(cfg.controller), flops_target=cfg.target_prob > 0)
     opt = torch.optim.AdamW(controller.param_groups(cfg.bias_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    identity = _run_identity(cfg, base_print, acc.num_processes)
+    start, elapsed = 0, 0.0
+    if resume:
+        state_path = out / resume_state.STATE_NAME
+        weights, opt_state, info = resume_state.load(state_path)
+        resume_state.check_same_run(out, info, identity)
+        try:
+            controller.load_state_dict(weights, strict=True)
+            opt.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise HippError(f"{state_path} does not fit this run's controller ({str(e).splitlines()[0]})") from None
+        start, elapsed = int(info["step"]), float(info["seconds"])
     controller, opt = acc.prepare(controller, opt)
+    acc.step = start  # gradient accumulation counts from the resumed step, as the uninterrupted run did
     raw = acc.unwrap_model(controller)
     extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "family": cfg.family,
              "channel_group": cfg.channel_group,
@@ -280,21 +327,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     batches = MixedBatches(cfg.seed + 1, cfg.data.batch_size, cfg.data.shape_fraction, cfg.data.negatives,
                            image_size(model))
     distiller = Distiller(model, objectives, tokenizer, pp, acc.device)
-
-    start, elapsed = 0, 0.0
-    state = _resume_dir(out) if resume else None
-    if state is not None:
-        acc.load_state(str(state))
-        progress = json.loads((state / "progress.json").read_text())
-        start, elapsed = progress["step"], progress["seconds"]
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if start == 0:
-            raw.save(out, fingerprint=base_print, extra=extra)
+        _start_output(out, raw, opt, identity, base_print, extra, start)
+    acc.wait_for_everyone()
+    last_saved = start
     if cfg.tensorboard:
         acc.init_trackers("hipp", config={"steps": cfg.steps, "lr": cfg.lr})
     stop = min(cfg.steps, max_steps) if max_steps else cfg.steps
-    log = out / "train_log.jsonl"
+    log = out / LOG_NAME
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="controller", disable=not acc.is_main_process)
     t0 = time.time() - elapsed
     k = len(objectives.names)
@@ -320,8 +360,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                     terms[n] += float(losses[n].detach()) / len(prefs)
             if not torch.isfinite(total):
                 raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last good "
-                                       f"checkpoint in {out} is kept (step {_last_step(out)})")
+                                       f"checkpoint in {out} is kept (step {last_saved})")
             acc.backward(total)
+            if not _gradients_finite(raw):
+                raise TrainingDiverged(f"gradients became non-finite at step {step + 1}; stopped, the last good "
+                                       f"checkpoint in {out} is kept (step {last_saved})")
             set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
             opt.step()
             opt.zero_grad()
@@ -334,9 +377,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         if cfg.tensorboard:
             acc.log(row, step=step + 1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == stop:
-            _save_state(acc, out, step + 1, time.time() - t0)
-            if acc.is_main_process:
+            if acc.is_main_process:  # the state first: the controller files then never run ahead of it
+                resume_state.save(out / resume_state.STATE_NAME, raw, opt,
+                                  {"step": step + 1, "seconds": time.time() - t0, "run": identity})
                 raw.save(out, fingerprint=base_print, extra=extra)
+            last_saved = step + 1
+            acc.wait_for_everyone()
     seconds = time.time() - t0
     if cfg.tensorboard:
         acc.end_training()

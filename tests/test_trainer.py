@@ -131,7 +131,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tiny_model_dir, tmp_path):
     torch.manual_seed(1)
     import open_clip
     save_model(open_clip.CLIP(**TINY_CFG), other, TINY_CFG, TINY_PP, dtype=torch.float32)
-    bad(hipp("train", "--config", str(write_config(tmp_path, other, name="o.yaml")), "--resume"), "trained for base model")
+    bad(hipp("train", "--config", str(write_config(tmp_path, other, name="o.yaml")), "--resume"), "settings changed, base_fingerprint")
     assert (tmp_path / "out" / "controller.safetensors").read_bytes() == before
 
 

@@ -5,14 +5,12 @@ argmax / end-token text pooling, pre-norm blocks without layer scale); anything 
 rather than converted approximately. The folder holds what `CLIPModel.from_pretrained` and
 `AutoTokenizer.from_pretrained` read: config.json, model.safetensors, preprocessor_config.json and
 the tokenizer (open_clip's BPE vocabulary and merges, under transformers' special-token names).
-It is written in a hidden sibling and renamed into place.
+It is written in a hidden sibling and swapped into place (hipp.outputs).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # default (anything else changes the computation, or the tokenizer, in a way CLIPModel cannot express)
 _FREE = {"vision_cfg": {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout"},
          "text_cfg": {"context_length", "width", "heads", "layers", "mlp_ratio"}}
+COMMAND = "convert"
 _TOP = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
 
 
@@ -169,14 +168,14 @@ def _preprocessor(folder: Path, pp: dict, size: int) -> None:
         "image_mean": list(pp["mean"]), "image_std": list(pp["std"]), "do_convert_rgb": True}, indent=1))
 
 
-def convert_folder(src, out) -> dict:
+def convert_folder(src, out, overwrite: bool = False) -> dict:
     """Convert an open_clip model folder (the teacher's layout) into a transformers CLIP folder at `out`."""
+    from .. import outputs
     from ..checkpoint import CONFIG_NAME, load_model, preprocess_cfg
     from ..fileio import read_json
 
     src, out = Path(src), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HippError(f"--out {out} exists and is not an empty folder")
+    outputs.check(out, COMMAND, overwrite)
     if not (src / CONFIG_NAME).is_file():
         raise HippError(f"{src} is not an open_clip model folder (no {CONFIG_NAME})")
     model_cfg = read_json(src / CONFIG_NAME).get("model_cfg")
@@ -186,19 +185,11 @@ def convert_folder(src, out) -> dict:
     model = load_model(src, expect="open_clip")
     hf = to_hf_clip(model, model_cfg)
     pp = preprocess_cfg(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".convert-tmp", dir=out.parent))
-    try:
+    with outputs.claim(out, COMMAND, overwrite), outputs.staged(out, COMMAND) as stage:
         with quiet():
             hf.save_pretrained(str(stage))
         _tokenizer(stage, hf.config.text_config.max_position_embeddings)
         _preprocessor(stage, pp, hf.config.vision_config.image_size)
-        if out.exists():
-            out.rmdir()
-        os.rename(stage, out)
-    except OSError as e:
-        raise HippError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return {"out": str(out), "files": sorted(os.listdir(out)),
+        files = sorted(os.listdir(stage))
+    return {"out": str(out), "files": files,
             "num_params": sum(p.numel() for p in hf.parameters())}

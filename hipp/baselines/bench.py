@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import HippError
 from ..evaluate import check_datasets, evaluate
 from ..fileio import write_json, write_text
+from ..outputs import staged
 from ..pareto import (
     DATASETS,
     REFERENCE,
@@ -182,17 +183,18 @@ def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER)
 
 
 def write_outputs(result: dict, out_dir) -> dict:
+    """bench.json / .csv / .md / .png, built aside and swapped in together (hipp.outputs.staged)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench.json", "csv": out / "bench.csv", "md": out / "bench.md", "png": out / "bench.png"}
-    write_text(paths["csv"], rows_csv(result["results"]))
-    write_text(paths["md"], markdown(result))
+    names = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "png": "bench.png"}
+    files = {k: str(out / v) for k, v in names.items()}
     series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
               for m in result["methods"]}
-    plot_methods(series, paths["png"], "utility vs FLOPs at equal budgets", highlight=tuple(result.get("margins", ())),
-                 dense=(1.0, result["dense"]["utility"]))
-    files = {k: str(v) for k, v in paths.items()}
-    write_json(paths["json"], {**result, "files": files})
+    with staged(out, "bench") as stage:
+        write_text(stage / names["csv"], rows_csv(result["results"]))
+        write_text(stage / names["md"], markdown(result))
+        plot_methods(series, stage / names["png"], "utility vs FLOPs at equal budgets",
+                     highlight=tuple(result.get("margins", ())), dense=(1.0, result["dense"]["utility"]))
+        write_json(stage / names["json"], {**result, "files": files})
     return files
 
 
