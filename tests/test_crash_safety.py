@@ -1,0 +1,289 @@
+"""Crash safety and ownership of outputs: kill -9 at random moments and inside saves, a full disk,
+non-finite gradients, Ctrl-C, two runs on one folder, leftovers of killed saves, --overwrite."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hipp import outputs
+from hipp.config import load_config
+from hipp.errors import HippError
+from hipp.resume import STATE_NAME
+from hipp.trainer import TrainConfig, TrainingDiverged, train
+from test_trainer import write_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEPS = 12
+LONG = 40
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "hipp", *map(str, args)]
+
+
+def _weights(out: Path) -> dict:
+    return load_file(str(out / "controller.safetensors"))
+
+
+def _log_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _assert_consistent(out: Path) -> None:
+    """What a kill leaves must load: the controller a query would read, the state a resume would."""
+    from hipp.controller import load_controller
+    from hipp.resume import load
+    if (out / "controller.json").exists():
+        load_controller(out)
+    if (out / STATE_NAME).exists():
+        load(out / STATE_NAME)
+
+
+def _finish(cfg_path: Path, out: Path) -> None:
+    """Resume after a kill (or start, when the kill came before the run had written anything)."""
+    args = ["train", "--config", cfg_path] + (["--resume"] if (out / STATE_NAME).exists() else [])
+    r = subprocess.run(_cmd(*args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce, tensor for tensor."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = load_config(TrainConfig, write_config(tmp, tiny_model_dir, steps=STEPS, save_every=2, lr_schedule="cosine"))
+    train(cfg)
+    return Path(cfg.output)
+
+
+def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "train_log.jsonl").exists() and len(_log_steps_so_far(out)) >= step:
+            return
+        time.sleep(0.02)
+
+
+def _log_steps_so_far(out: Path) -> list[str]:
+    return [line for line in (out / "train_log.jsonl").read_text().split("\n")[:-1]]
+
+
+@pytest.fixture(scope="module")
+def long_straight(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("long")
+    cfg = load_config(TrainConfig, write_config(tmp, tiny_model_dir, steps=LONG, save_every=3, lr_schedule="cosine"))
+    train(cfg)
+    return Path(cfg.output)
+
+
+def test_kill_9_at_five_random_moments_then_resume_equals_an_uninterrupted_run(long_straight, tiny_model_dir,
+                                                                               tmp_path):
+    """One kill during start-up, four at random steps (a random fraction of a step after one ends), each
+    followed by --resume; saves come every 3 steps, so most kills lose steps that must be redone."""
+    cfg_path = write_config(tmp_path, tiny_model_dir, steps=LONG, save_every=3, lr_schedule="cosine")
+    out = tmp_path / "out"
+    rng, reached = random.Random(17), []
+    targets = [None] + sorted(rng.sample(range(2, LONG - 2), 4))
+    for target in targets:
+        resume = ["--resume"] if (out / STATE_NAME).exists() else []
+        proc = subprocess.Popen(_cmd("train", "--config", cfg_path, *resume),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        if target is None:
+            time.sleep(rng.uniform(0.5, 2.5))  # while it imports and loads
+        else:
+            _wait_for_step(out, target, proc)
+            time.sleep(rng.uniform(0.0, 0.1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _assert_consistent(out)
+        reached.append(len(_log_steps_so_far(out)) if (out / "train_log.jsonl").exists() else None)
+    assert sum(1 for r in reached if r is not None and 0 < r < LONG) >= 3, reached  # kills came mid-training
+    _finish(cfg_path, out)
+    a, b = _weights(long_straight), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_steps(out) == list(range(1, LONG + 1))  # each step once, whatever the kills cut
+
+
+_KILL_AT_REPLACE = """
+import os, signal, sys
+n, seen = int(sys.argv[1]), [0]
+real = os.replace
+def replace(src, dst):
+    seen[0] += 1
+    if seen[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+from hipp.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("nth", [3, 5, 6, 9])
+def test_kill_9_inside_a_save_then_resume_equals_an_uninterrupted_run(straight, tiny_model_dir, tmp_path, nth):
+    """The process kills itself at the nth rename of a save: before a state file, between the state and
+    the controller's weights, between the weights and controller.json."""
+    cfg_path = write_config(tmp_path, tiny_model_dir, steps=STEPS, save_every=2, lr_schedule="cosine")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _KILL_AT_REPLACE, str(nth), "train", "--config", str(cfg_path)],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == -signal.SIGKILL
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the killed write left its temp file
+    _assert_consistent(out)
+    _finish(cfg_path, out)
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # and the resumed run removed it
+    a, b = _weights(straight), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_steps(out) == list(range(1, STEPS + 1))
+
+
+def test_kill_9_inside_an_export_swap_leaves_the_old_export(tmp_path):
+    """A kill between moving the old folder aside and moving the new one in: the next claim puts the old
+    folder back, and a leftover temp folder is removed."""
+    out = tmp_path / "export"
+    with outputs.claim(out, "export"), outputs.staged(out, "export") as stage:
+        (stage / "model.safetensors").write_bytes(b"old")
+    script = ("import os, signal, sys\nfrom hipp import outputs\nreal = os.rename\nn = [0]\n"
+              "def rename(a, b):\n    n[0] += 1\n    real(a, b)\n"
+              "    if n[0] == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "os.rename = rename\nout = sys.argv[1]\n"
+              "with outputs.claim(out, 'export'), outputs.staged(out, 'export') as s:\n"
+              "    open(os.path.join(s, 'model.safetensors'), 'wb').write(b'new')\n")
+    r = subprocess.run([sys.executable, "-c", script, str(out)], env=ENV, timeout=120)
+    assert r.returncode == -signal.SIGKILL and not out.exists()
+    with outputs.claim(out, "export"):
+        assert (out / "model.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no lock, .old or temp folder left
+
+
+def test_non_finite_gradients_stop_training_and_keep_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from hipp.objectives import Objectives
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    train(cfg, max_steps=2)
+    good, state = _weights(tmp_path / "out"), (tmp_path / "out" / STATE_NAME).read_bytes()
+    real = Objectives.scalarize
+    # sqrt at 0 has an infinite slope: a finite loss (the same value) whose gradient is NaN
+    monkeypatch.setattr(Objectives, "scalarize", lambda self, losses, pref: real(self, losses, pref)
+                        + torch.sqrt(losses["flops"] * 0))
+    with pytest.raises(TrainingDiverged, match=r"gradients became non-finite at step 3.*step 2"):
+        train(cfg, resume=True)
+    after = _weights(tmp_path / "out")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert (tmp_path / "out" / STATE_NAME).read_bytes() == state
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), where root may mount one; skipped elsewhere."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_state(tiny_model_dir, tmp_path, small_disk):
+    cfg_path = write_config(tmp_path, tiny_model_dir, steps=40, save_every=2, output=str(small_disk / "out"))
+    r = subprocess.run(_cmd("train", "--config", cfg_path, "--max-steps", 2), capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = small_disk / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave less room than one more state file needs
+        try:
+            f.write(b"\0" * (2 << 20))
+        except OSError:
+            pass
+    r = subprocess.run(_cmd("train", "--config", cfg_path, "--resume"), capture_output=True, text=True,
+                       env=ENV, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "disk is full" in lines[0], r.stderr
+    for name in ("controller.safetensors", "controller.json", STATE_NAME):
+        assert (out / name).read_bytes() == before[name]
+    filler.unlink()
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tiny_model_dir, tmp_path):
+    cfg_path = write_config(tmp_path, tiny_model_dir, steps=400, save_every=50)
+    proc = subprocess.Popen(_cmd("train", "--config", cfg_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    log = tmp_path / "out" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "hipp: interrupted"
+
+
+def test_resume_refuses_changed_settings_and_a_folder_without_state(tiny_model_dir, tmp_path):
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    train(cfg, max_steps=2)
+    out = Path(cfg.output)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for key, value in (("seed", 1), ("lr", 0.5), ("steps", 8)):
+        changed = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name=f"{key}.yaml", **{key: value}))
+        with pytest.raises(HippError, match=f"settings changed, {key}: "):
+            train(changed, resume=True)
+    changed = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name="d.yaml",
+                                                    data={"batch_size": 4, "shape_fraction": 1.0, "negatives": 2}))
+    with pytest.raises(HippError, match="settings changed, data.batch_size: 8 -> 4"):
+        train(changed, resume=True)
+    (out / STATE_NAME).unlink()  # a finished controller whose state is gone: --resume must not start over
+    with pytest.raises(HippError, match="nothing to resume"):
+        train(cfg, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v for k, v in before.items() if k != STATE_NAME}
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(tiny_model_dir, tmp_path):
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    with outputs.claim(cfg.output, "train"):
+        with pytest.raises(HippError, match="another hipp run is writing"):
+            train(cfg)
+    assert not Path(cfg.output).exists()
+    train(cfg, max_steps=1)  # the lock is gone with its holder
+
+
+def test_leftovers_of_killed_saves_never_block(tiny_model_dir, tmp_path):
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    train(cfg, max_steps=1)
+    out = Path(cfg.output)
+    (out / ".controller.json.x1y2.tmp").write_text("torn")
+    (tmp_path / ".out.hipp-tmp-abc").mkdir()
+    (tmp_path / ".out.hipp-lock").write_text("")  # a killed run's lock file, not held by anyone
+    train(cfg, resume=True, max_steps=2)
+    assert not (out / ".controller.json.x1y2.tmp").exists() and not (tmp_path / ".out.hipp-tmp-abc").exists()
+    assert _log_steps(out) == [1, 2]
+
+
+def test_overwrite_is_needed_for_a_folder_another_command_or_the_user_wrote(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(HippError, match="not empty and was not written by this command"):
+        outputs.check(mine, "pareto")
+    with outputs.claim(mine, "pareto", overwrite=True), outputs.staged(mine, "pareto") as stage:
+        (stage / "pareto.csv").write_text("a")
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "pareto.csv").read_text() == "a"
+    assert outputs.written_by(mine) == "pareto"
+    with pytest.raises(HippError, match="was written by 'hipp pareto'"):
+        outputs.check(mine, "bench")
+    report = tmp_path / "report"
+    for text in ("first", "second"):  # a command's own folder is replaced whole, without --overwrite
+        with outputs.claim(report, "bench"), outputs.staged(report, "bench") as stage:
+            (stage / "bench.md").write_text(text)
+    assert (report / "bench.md").read_text() == "second"
+    assert sorted(os.listdir(report)) == [outputs.MARKER, "bench.md"]
