@@ -21,6 +21,7 @@ from .checkpoint import save_model
 from .data import to_input
 from .data.mixed import MixedBatches
 from .evaluate import evaluate
+from . import resume as resume_state
 from .fileio import write_json
 
 
@@ -84,15 +85,19 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
     model, opt = acc.prepare(model, opt)
     batches = MixedBatches(cfg.seed, cfg.batch_size, cfg.shape_fraction, cfg.negatives_per_image,
                            pp["size"] if isinstance(pp["size"], int) else pp["size"][0], cfg.required_negatives)
-    state_dir, start, elapsed = out / "train_state", 0, 0.0
-    if resume and (state_dir / "progress.json").is_file():
-        acc.load_state(str(state_dir))
-        progress = json.loads((state_dir / "progress.json").read_text())
-        start, elapsed = progress["step"], progress["seconds"]
+    state_path, start, elapsed = out / resume_state.STATE_NAME, 0, 0.0
+    run = {**asdict(cfg), "num_processes": acc.num_processes}
+    if resume and state_path.is_file():
+        weights, opt_state, info = resume_state.load(state_path)
+        resume_state.check_same_run(out, info, run)
+        acc.unwrap_model(model).load_state_dict(weights, strict=True)
+        opt.load_state_dict(opt_state)
+        start, elapsed = int(info["step"]), float(info["seconds"])
     out.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
     if start == 0 and log.exists():
         log.unlink()  # a fresh run starts a fresh log
+    resume_state.truncate_log(log, start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="teacher", disable=not acc.is_main_process)
     t0 = time.time() - elapsed
     for step in bar:
@@ -117,10 +122,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
         if acc.is_main_process:
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            acc.save_state(str(state_dir))
-            if acc.is_main_process:
-                write_json(state_dir / "progress.json", {"step": step + 1, "seconds": time.time() - t0})
+        if ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and acc.is_main_process:
+            resume_state.save(state_path, acc.unwrap_model(model), opt,
+                              {"step": step + 1, "seconds": time.time() - t0, "run": run})
     seconds = time.time() - t0
     raw = acc.unwrap_model(model).eval()
     if acc.is_main_process:

@@ -20,7 +20,7 @@ STATE_NAME = "train_state.safetensors"
 LEGACY_STATE_DIR = "train_state"  # Accelerate's pickled save_state of earlier releases: never loaded
 FORMAT, VERSION = "hipp-train-state", 1
 # config keys a resumed run may change: they alter no number the run computes
-FREE_KEYS = ("output", "save_every", "tensorboard")
+FREE_KEYS = ("output", "save_every", "tensorboard", "eval_every")
 
 
 def save(path, controller: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:

@@ -287,3 +287,34 @@ def test_overwrite_is_needed_for_a_folder_another_command_or_the_user_wrote(tmp_
             (stage / "bench.md").write_text(text)
     assert (report / "bench.md").read_text() == "second"
     assert sorted(os.listdir(report)) == [outputs.MARKER, "bench.md"]
+
+
+def test_teacher_pretraining_resumes_exactly_from_its_safetensors_state(tmp_path, monkeypatch):
+    from conftest import TINY_CFG
+    from hipp import pretrain
+    from hipp.checkpoint import WEIGHTS_NAME
+
+    def cfg(out, **over):
+        return pretrain.TeacherConfig(model={**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 64}},
+                                      output=str(tmp_path / out), steps=4, batch_size=8, warmup_steps=1,
+                                      eval_every=0, save_every=2, **over)
+
+    class Killed(Exception):
+        pass
+    pretrain.train_teacher(cfg("straight"))
+    real = pretrain.resume_state.save
+
+    def save_then_die(path, module, opt, meta):
+        real(path, module, opt, meta)
+        if meta["step"] == 2:
+            raise Killed
+    monkeypatch.setattr(pretrain.resume_state, "save", save_then_die)
+    with pytest.raises(Killed):
+        pretrain.train_teacher(cfg("resumed"))
+    monkeypatch.setattr(pretrain.resume_state, "save", real)
+    with pytest.raises(HippError, match="settings changed, lr: "):
+        pretrain.train_teacher(cfg("resumed", lr=0.5), resume=True)
+    pretrain.train_teacher(cfg("resumed"), resume=True)
+    a, b = (load_file(str(tmp_path / d / WEIGHTS_NAME)) for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_steps(tmp_path / "resumed") == [1, 2, 3, 4]
