@@ -1,5 +1,6 @@
 """Controller training: real Accelerate (one and two CPU processes), resume, bad input."""
 import json
+from dataclasses import asdict
 import os
 import subprocess
 import sys
@@ -194,3 +195,22 @@ def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_di
                        ("target_penalty", 0)):
         with pytest.raises(HippError, match=f"'{key}'"):
             load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name="y.yaml", **{key: value}))
+
+
+def test_an_architecture_without_weights_is_rebuilt_with_the_training_seed(tmp_path):
+    """`model: ViT-B-32, pretrained: null` builds random weights from the config's seed, so the query
+    and export of its controller rebuild the same base (same fingerprint) instead of refusing it."""
+    from hipp.backends import make_prunable
+    from hipp.checkpoint import fingerprint, load_model
+    from hipp.controller import Controller, load_controller
+    from hipp.query import load_base
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    model = load_model("ViT-B-32", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    print_ = fingerprint(model)
+    assert fingerprint(load_model("ViT-B-32", seed=6)) != print_
+    Controller(make_prunable(model, 64), hidden=8, rank=2).save(
+        tmp_path, fingerprint=print_, extra={"base_model": "ViT-B-32", "pretrained": None, "channel_group": 64,
+                                             "train_config": asdict(TrainConfig(model="ViT-B-32", seed=5))})
+    assert load_base(load_controller(tmp_path), tmp_path).fingerprint == print_
