@@ -6,6 +6,10 @@ with a transformers `config.json` (model_type clip or siglip) loads through tran
 folder with `pruned_config.json` is a HiPP export of either. Any other string is an open_clip
 model name, loaded by open_clip with `pretrained` as given (a tag such as "openai" or a local
 weights file), or a transformers hub id ("openai/clip-vit-base-patch32").
+
+A folder is data, never code: its configs are checked (hipp/untrusted.py) before open_clip or
+transformers is handed anything from it, and refused in one line when they ask for remote code, a
+download or a file elsewhere.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from . import untrusted
 from .backends.open_clip import build
 from .errors import HippError
 from .fileio import load_tensors, read_json, save_tensors, write_json
@@ -46,16 +51,22 @@ def is_hub_id(spec) -> bool:
 
 
 def load_model(spec: str | Path, pretrained: str | None = None, device: str = "cpu",
-               expect: str | None = None) -> torch.nn.Module:
+               expect: str | None = None, seed: int | None = None) -> torch.nn.Module:
     """A frozen, eval-mode model with encode_image / encode_text, from a folder or a model name.
 
     Folders: the project's open_clip layout, a transformers CLIP / SigLIP folder, or a HiPP export.
     Names: an open_clip model name (with `pretrained`), or a transformers hub id such as
     "openai/clip-vit-base-patch32" (the local cache first). `expect` (open_clip / clip / siglip)
-    refuses a model of another family.
+    refuses a model of another family. `seed` fixes the initial weights of a model built without
+    pretrained weights (an architecture name with `pretrained: null`), so a later run rebuilds the
+    same base, with the same fingerprint; the caller's random stream is left as it was.
     """
     from .backends import hf
 
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return load_model(spec, pretrained, device, expect)
     if expect is not None and expect not in FAMILIES:
         raise HippError(f"unknown model family {expect!r}; expected one of {FAMILIES}")
     path = Path(spec)
@@ -74,31 +85,81 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str = "c
             raise HippError(f"pretrained={pretrained!r} applies to open_clip names; {spec} is a transformers hub id")
         model = hf.load(str(spec), expect)
     else:
-        raise HippError(f"{spec} is neither a model folder (none there), an open_clip model name nor a "
-                        "transformers hub id (org/name)")
+        raise _not_a_model(spec)
     if expect is not None and family(model) != expect:
         raise HippError(f"{spec} is a {family(model)} model, but {expect} was asked for")
     model.to(device).eval().requires_grad_(False)
     return model
 
 
+def _not_a_model(spec) -> HippError:
+    return HippError(f"{spec} is neither a model folder (none there), an open_clip model name nor a "
+                     "transformers hub id (org/name)")
+
+
 def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
     from .backends import hf
 
-    if (path / PRUNED_CONFIG_NAME).is_file():
-        return _load_pruned(path)
-    if (path / hf.HF_CONFIG).is_file() and not (path / CONFIG_NAME).is_file():
+    configs = checked_folder(path)
+    if PRUNED_CONFIG_NAME in configs:
+        return _load_pruned(path, configs[PRUNED_CONFIG_NAME])
+    if CONFIG_NAME not in configs and (path / hf.HF_CONFIG).is_file():
         return hf.load(str(path), expect)
-    if not (path / CONFIG_NAME).is_file():
+    if CONFIG_NAME not in configs:
         raise HippError(f"{path} is not a model folder: no {CONFIG_NAME} (open_clip), {hf.HF_CONFIG} "
                         f"(transformers CLIP / SigLIP) or {PRUNED_CONFIG_NAME} (HiPP export)")
-    config = read_json(path / CONFIG_NAME)
-    if "model_cfg" not in config:
-        raise HippError(f"{path / CONFIG_NAME} has no 'model_cfg'")
+    config = configs[CONFIG_NAME]
     model = build(config["model_cfg"])
     _load_state(model, path / WEIGHTS_NAME, "config")
-    set_preprocess_cfg(model, config.get("preprocess_cfg", {}))
+    set_preprocess_cfg(model, config.get("preprocess_cfg") or {})
     return model
+
+
+def checked_folder(path: Path) -> dict:
+    """The folder's configs by file name, each checked (hipp/untrusted.py) before anything is built or
+    tokenized from it: no file in it may make open_clip or transformers run code, download or read
+    outside it. A folder is accepted or refused as a whole, by every entry point alike."""
+    from .backends import hf
+
+    configs = {}
+    if (path / PRUNED_CONFIG_NAME).is_file():
+        configs[PRUNED_CONFIG_NAME] = _checked_pruned(path / PRUNED_CONFIG_NAME)
+    if (path / CONFIG_NAME).is_file():  # an export's copy too: its tokenizer and base_config read it
+        configs[CONFIG_NAME] = _checked_open_clip(path / CONFIG_NAME)
+    if configs.get(PRUNED_CONFIG_NAME, {}).get("backend") == "hf":  # its tokenizer files
+        untrusted.transformers_folder(path, need_config=False)
+    elif not configs and (path / hf.HF_CONFIG).is_file():
+        untrusted.transformers_folder(path)
+    return configs
+
+
+def _checked_open_clip(where: Path) -> dict:
+    config = read_json(where)
+    if "model_cfg" not in config:
+        raise HippError(f"{where} has no 'model_cfg'")
+    untrusted.open_clip_cfg(config["model_cfg"], where)
+    untrusted.preprocess_cfg(config.get("preprocess_cfg"), where)
+    return config
+
+
+def _checked_pruned(where: Path) -> dict:
+    config = read_json(where)
+    if config.get("format") != PRUNED_FORMAT:
+        raise HippError(f"{where} is not a HiPP pruned-model config (format {config.get('format')!r})")
+    if config.get("version") != PRUNED_VERSION:
+        raise HippError(f"{where} has version {config.get('version')!r}; this HiPP reads {PRUNED_VERSION}")
+    for key, kind in (("model_cfg", dict), ("structure", dict), ("num_params", int)):
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise HippError(f"{where} needs {key!r} ({kind.__name__})")
+    backend = config.get("backend", "open_clip")
+    if backend == "open_clip":
+        untrusted.open_clip_cfg(config["model_cfg"], where)
+    elif backend == "hf":
+        untrusted.transformers_config(config["model_cfg"], where)
+    else:
+        raise HippError(f"{where}: unknown backend {backend!r}; expected open_clip or hf")
+    untrusted.preprocess_cfg(config.get("preprocess_cfg"), where)
+    return config
 
 
 def _load_state(model: torch.nn.Module, weights: Path, config_name: str) -> None:
@@ -118,26 +179,18 @@ def _load_state(model: torch.nn.Module, weights: Path, config_name: str) -> None
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
-def _load_pruned(path: Path) -> torch.nn.Module:
-    """An exported model: open_clip's model from model_cfg, resized to the recorded structure with the
-    project's module classes (no controller, no base weights), then a strict load."""
+def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
+    """An exported model (its checked pruned_config.json): the backend's model from model_cfg, resized
+    to the recorded structure with the project's module classes (no controller, no base weights), then
+    a strict load."""
     from .materialize import empty_model
 
-    where = path / PRUNED_CONFIG_NAME
-    config = read_json(where)
-    if config.get("format") != PRUNED_FORMAT:
-        raise HippError(f"{where} is not a HiPP pruned-model config (format {config.get('format')!r})")
-    if config.get("version") != PRUNED_VERSION:
-        raise HippError(f"{where} has version {config.get('version')!r}; this HiPP reads {PRUNED_VERSION}")
-    for key, kind in (("model_cfg", dict), ("structure", dict), ("num_params", int)):
-        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
-            raise HippError(f"{where} needs {key!r} ({kind.__name__})")
     model = empty_model(config["model_cfg"], config["structure"], config.get("backend", "open_clip"))
     _load_state(model, path / PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME)
     n = sum(p.numel() for p in model.parameters())
     if n != config["num_params"]:
         raise HippError(f"{path} holds {n:,} parameters; {PRUNED_CONFIG_NAME} says {config['num_params']:,}")
-    set_preprocess_cfg(model, config.get("preprocess_cfg", {}))
+    set_preprocess_cfg(model, config.get("preprocess_cfg") or {})
     return model
 
 
@@ -163,41 +216,61 @@ def preprocess_cfg(model: torch.nn.Module) -> dict:
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
-def _pruned_config(path: Path) -> dict | None:
-    return read_json(path / PRUNED_CONFIG_NAME) if (path / PRUNED_CONFIG_NAME).is_file() else None
-
-
 def get_tokenizer(spec: str | Path):
     """texts -> [N, context_length] token ids, as the model at `spec` expects them."""
     from .backends import hf
 
     path = Path(spec)
     if path.is_dir():
-        pruned = _pruned_config(path)
+        configs = checked_folder(path)
+        pruned = configs.get(PRUNED_CONFIG_NAME)
         if pruned is not None and pruned.get("backend") == "hf":
-            return hf.tokenizer(path, pruned["model_cfg"]["text_config"]["max_position_embeddings"])
-        if pruned is None and hf.folder_model_type(path) is not None and not (path / CONFIG_NAME).is_file():
+            return hf.tokenizer(path, _text_context(pruned, path / PRUNED_CONFIG_NAME))
+        if pruned is None and CONFIG_NAME not in configs and (path / hf.HF_CONFIG).is_file():
             return hf.tokenizer(path)
-        if not (path / CONFIG_NAME).is_file():
+        if CONFIG_NAME not in configs:
             raise HippError(f"{path} has no {CONFIG_NAME} or {hf.HF_CONFIG}; not a model folder")
-        return open_clip.get_tokenizer(f"local-dir:{path}")
-    if str(spec) not in open_clip.list_models() and is_hub_id(spec):
+        return _open_clip_tokenizer(configs[CONFIG_NAME]["model_cfg"])
+    if str(spec) in open_clip.list_models():
+        return open_clip.get_tokenizer(str(spec))
+    if is_hub_id(spec):
         return hf.tokenizer(spec)
-    return open_clip.get_tokenizer(str(spec))
+    # anything else would reach open_clip's own schemes (hf-hub:, local-dir:) past the folder checks
+    raise _not_a_model(spec)
+
+
+def _open_clip_tokenizer(model_cfg: dict):
+    """open_clip's tokenizer for a checked model_cfg, made here: open_clip.get_tokenizer("local-dir:...")
+    would read the config again, after it was checked."""
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, SimpleTokenizer
+
+    text = model_cfg.get("text_cfg") or {}
+    return SimpleTokenizer(context_length=text.get("context_length", DEFAULT_CONTEXT_LENGTH),
+                           **(text.get("tokenizer_kwargs") or {}))
+
+
+def _text_context(pruned: dict, where: Path) -> int:
+    text = pruned["model_cfg"].get("text_config")
+    context = text.get("max_position_embeddings") if isinstance(text, dict) else None
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        raise HippError(f"{where} needs model_cfg.text_config.max_position_embeddings (a positive int)")
+    return context
 
 
 def get_preprocess(spec: str | Path):
     """The eval-time PIL -> tensor transform the model expects."""
     path = Path(spec)
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and _pruned_config(path) is None:
-        cfg = read_json(path / CONFIG_NAME).get("preprocess_cfg", {})
-    elif path.is_dir() and _pruned_config(path) is not None:
-        cfg = _pruned_config(path).get("preprocess_cfg", {})
-    elif path.is_dir() or (str(spec) not in open_clip.list_models() and is_hub_id(spec)):
-        cfg = preprocess_cfg(load_model(spec))
-    else:
+    if path.is_dir():
+        configs = checked_folder(path)
+        own = configs.get(PRUNED_CONFIG_NAME) or configs.get(CONFIG_NAME)
+        cfg = (own.get("preprocess_cfg") or {}) if own is not None else preprocess_cfg(load_model(spec))
+    elif str(spec) in open_clip.list_models():
         _, _, preprocess = open_clip.create_model_and_transforms(str(spec))
         return preprocess
+    elif is_hub_id(spec):
+        cfg = preprocess_cfg(load_model(spec))
+    else:
+        raise _not_a_model(spec)
     return image_transform_v2(PreprocessCfg(**{**PreprocessCfg().__dict__, **cfg}), is_train=False)
 
 

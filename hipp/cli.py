@@ -82,8 +82,9 @@ def _report(args, result: dict, line: str) -> int:
 
 
 def _cmd_pareto(args) -> int:
-    from .pareto import sweep
+    from .pareto import check_points, sweep
 
+    check_points(args.points)  # before the folder is claimed and the model loads
     with _claim(args, "pareto", PARETO_FILES) as out:
         controller, base = _controller_and_base(args)
         result = sweep(controller, base.model, base.tokenizer, base.preprocess_cfg, points=args.points, out_dir=out)

@@ -130,8 +130,10 @@ def latency_ms(fn, x, repeats: int = 10, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2] * 1000.0 / len(x)
 
 
-def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str) -> dict[str, float]:
-    """csv:FILE -> retrieval R@1/R@5 both ways; folder:DIR -> zero-shot accuracy."""
+def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str, allow_outside: bool = False) -> dict[str, float]:
+    """csv:FILE -> retrieval R@1/R@5 both ways; folder:DIR -> zero-shot accuracy.
+
+    `allow_outside`: a CSV may name images outside its own folder."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     from .data.user import read_csv_pairs, read_image_folder
@@ -139,7 +141,7 @@ def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str) -> dict[str,
     kind, _, path = spec.partition(":")
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     if kind == "csv":
-        images, captions = read_csv_pairs(path, preprocess)
+        images, captions = read_csv_pairs(path, preprocess, allow_outside=allow_outside)
         sim = embed_images(model, images, preprocess_cfg) @ embed_texts(model, tokenizer, captions).T
         same = torch.tensor([[a == b for b in captions] for a in captions])
         k5 = min(5, len(captions))
@@ -151,18 +153,28 @@ def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str) -> dict[str,
     return {"folder/acc": float((pred == labels).float().mean())}
 
 
-def check_datasets(datasets) -> None:
+def check_datasets(datasets, allow_outside: bool = False) -> None:
+    """Known names, and user data whose files are all there (CSV rows, image folders; no pixel is
+    decoded): a mistake there is reported before a model is loaded."""
+    from .data.user import csv_items, folder_items
+
     for d in datasets:
         kind, sep, path = d.partition(":")
         if not (d in DATASETS or (kind in USER_DATASETS and sep and path)):
             raise HippError(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)}, csv:FILE, folder:DIR")
+        if kind == "csv":
+            csv_items(path, allow_outside=allow_outside)
+        elif kind == "folder":
+            folder_items(path)
 
 
 def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int = 1000,
-             fmnist_limit: int | None = None, items: dict | None = None) -> dict[str, float]:
+             fmnist_limit: int | None = None, items: dict | None = None,
+             allow_outside: bool = False) -> dict[str, float]:
     """Flat `dataset/metric` floats. `items`, when given, receives per-test-item scores of the
-    zero-shot metrics (tensors whose means are those metrics), for paired comparisons of two models."""
-    check_datasets(datasets)
+    zero-shot metrics (tensors whose means are those metrics), for paired comparisons of two models.
+    `allow_outside`: a csv:FILE may name images outside its own folder."""
+    check_datasets(datasets, allow_outside)
     metrics: dict[str, float] = {}
     for d in datasets:
         if d == "shapes":
@@ -170,11 +182,12 @@ def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int =
         elif d == "fmnist":
             metrics.update(fmnist_metrics(model, tokenizer, preprocess_cfg, limit=fmnist_limit, items=items))
         else:
-            metrics.update(user_metrics(model, tokenizer, preprocess_cfg, d))
+            metrics.update(user_metrics(model, tokenizer, preprocess_cfg, d, allow_outside))
     return metrics
 
 
-def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int = 32) -> dict:
+def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int = 32,
+           allow_outside: bool = False) -> dict:
     """The eval object of the interface contract: metrics, params, flops, latency_ms."""
     from .backends import context_length, dense_flops, image_size, num_params
 
@@ -185,7 +198,7 @@ def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int
     assert tokens.shape[1] == context_length(model)
     flops = dense_flops(model)
     return {
-        "metrics": evaluate(model, tokenizer, preprocess_cfg, datasets),
+        "metrics": evaluate(model, tokenizer, preprocess_cfg, datasets, allow_outside=allow_outside),
         "params": num_params(model),
         "flops": {"image": flops["flops/image"], "text": flops["flops/text"]},
         "latency_ms": {"image": latency_ms(model.encode_image, images),

@@ -28,6 +28,12 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def disk_error(path, e: OSError) -> HippError:
     """An OSError met while writing, as the one line the user sees."""
     why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
@@ -47,6 +53,7 @@ def atomic_path(path: str | os.PathLike):
         raise disk_error(path, e) from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes owner-only files; a saved file gets the usual mode
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import HippError
-from .fileio import clean_temp_files, fsync_path, write_json
+from .fileio import current_umask, clean_temp_files, fsync_path, write_json
 
 MARKER = ".hipp-output.json"
 
@@ -158,12 +158,8 @@ def staged(out, command: str):
 
 
 def _share(stage: Path) -> None:
-    """mkdtemp / mkstemp create owner-only entries; an output gets the permissions the umask gives."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(stage, 0o777 & ~mask)
-    for name in os.listdir(stage):
-        os.chmod(stage / name, 0o666 & ~mask)
+    """mkdtemp creates an owner-only folder; an output gets the permissions the umask gives."""
+    os.chmod(stage, 0o777 & ~current_umask())
 
 
 def _publish(stage: Path, out: Path, command: str) -> None:

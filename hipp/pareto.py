@@ -227,6 +227,16 @@ def _loss_of(name: str, row: dict) -> float | None:
     return None
 
 
+MAX_POINTS = 10_000  # each distinct plan is measured: a larger grid is a typo, not a sweep
+
+
+def check_points(points) -> int:
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= MAX_POINTS:
+        shown = repr(points) if len(repr(points)) <= 40 else repr(points)[:37] + "..."
+        raise HippError(f"a sweep needs at least one point and at most {MAX_POINTS} (a whole number), got {shown}")
+    return points
+
+
 def sweep(controller, model, tokenizer, preprocess_cfg: dict, points: int = 20, out_dir=None,
           datasets: Sequence[str] = DATASETS, n: int = 500, fmnist_limit: int | None = 2000,
           reference=REFERENCE, mode: str = "materialize", include_dense: bool = True,
@@ -239,8 +249,7 @@ def sweep(controller, model, tokenizer, preprocess_cfg: dict, points: int = 20, 
     front), hypervolume of (1 - utility, flops_ratio) and of (1 - grounding, flops_ratio) against
     `reference`, and the rank correlation between each preference weight and its achieved loss.
     """
-    if points < 1:
-        raise HippError(f"a sweep needs at least one point, got {points}")
+    check_points(points)
     check_datasets(datasets)
     start = time.perf_counter()
     names = list(controller.objective_names)

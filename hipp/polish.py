@@ -29,9 +29,13 @@ from .query import RANK_BY, Base, _fit, _top_up, _Units, rank_losses
 POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
 
 
+MAX_STEPS = 10_000  # 80 times POLISH.steps, hours on a CPU: more is a typo, not a plan
+
+
 def check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise HippError(f"polish steps must be a whole number >= 0, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        shown = repr(steps) if len(repr(steps)) <= 40 else repr(steps)[:37] + "..."
+        raise HippError(f"polish steps must be a whole number >= 0 and at most {MAX_STEPS}, got {shown}")
     return steps
 
 

@@ -64,6 +64,9 @@ def normalize(values: Sequence[float], names: Sequence[str]) -> list[float]:
         if v < 0:
             raise HippError(f"preference value for {n!r} must be >= 0, got {v:g}")
     total = sum(values)
+    if not math.isfinite(total):  # each value finite, yet e.g. 1e308 + 1e308 overflows
+        raise HippError(f"preference weights {', '.join(f'{v:g}' for v in values)} add up beyond the largest "
+                        "float; only their ratios matter, so give smaller values")
     if total <= 0:
         raise HippError(f"preference weights sum to 0; at least one of {', '.join(names)} must be positive")
     return [v / total for v in values]

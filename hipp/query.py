@@ -84,7 +84,9 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
 
     spec = resolve_base(controller, controller_dir, base_model)
     pretrained = controller.extra.get("pretrained")
-    model = load_model(spec, pretrained=pretrained, expect=controller.extra.get("family"))
+    seed = (controller.extra.get("train_config") or {}).get("seed")  # training built the base with it
+    model = load_model(spec, pretrained=pretrained, expect=controller.extra.get("family"),
+                       seed=seed if isinstance(seed, int) else None)
     fp = fingerprint(model)
     if controller.fingerprint and fp != controller.fingerprint:
         raise HippError(f"base model {spec} has weights fingerprint {fp}; the controller was trained for "
@@ -375,7 +377,7 @@ def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str,
     if not bounds:
         raise HippError("give max_flops and/or max_params")
     for k, v in bounds.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
             raise HippError(f"max_{k} must be a ratio in (0, 1], got {v}")
     return {k: float(v) for k, v in bounds.items()}
 

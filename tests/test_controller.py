@@ -13,6 +13,7 @@ from hipp.preference import sample_dirichlet, simplex_grid, sweep
 from hipp.space import LayerSpec, PruneSpace
 
 NAMES = ["utility", "grounding", "flops", "params"]
+FP = "0123456789abcdef"  # a saved controller names its base model's weights fingerprint
 
 
 def small_space() -> PruneSpace:
@@ -171,14 +172,27 @@ def test_save_load_round_trip_gives_identical_plans(tmp_path):
         load_controller(tmp_path, fingerprint="other")
 
 
+def test_a_controller_without_a_fingerprint_is_neither_saved_nor_loaded(tmp_path):
+    c = Controller(small_space(), NAMES, hidden=8, rank=2)
+    with pytest.raises(HippError, match="weights fingerprint of its base model"):
+        c.save(tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    c.save(tmp_path / "c", fingerprint=FP)
+    cfg = json.loads((tmp_path / "c" / CONFIG_NAME).read_text())
+    for bad in ("", None, 7):
+        (tmp_path / "c" / CONFIG_NAME).write_text(json.dumps({**cfg, "fingerprint": bad}))
+        with pytest.raises(HippError, match="a controller must say which base model"):
+            load_controller(tmp_path / "c")
+
+
 def test_unfactorised_controller_round_trips(tmp_path):
     c = scrambled(Controller(small_space(), NAMES, hidden=8, rank=2, depth=1, factorised=False))
-    c.save(tmp_path)
+    c.save(tmp_path, fingerprint=FP)
     assert load_controller(tmp_path).plan("1,1,1,1") == c.plan("1,1,1,1")
 
 
 def _saved(tmp_path):
-    Controller(small_space(), NAMES, hidden=8, rank=2).save(tmp_path)
+    Controller(small_space(), NAMES, hidden=8, rank=2).save(tmp_path, fingerprint=FP)
     return tmp_path
 
 
@@ -198,7 +212,7 @@ def test_damaged_controller_files_raise_hipp_error(tmp_path, damage, message):
 
 def test_weights_that_do_not_match_the_config_raise_hipp_error(tmp_path):
     d = _saved(tmp_path / "a")
-    Controller(small_space(), NAMES, hidden=8, rank=3).save(tmp_path / "b")
+    Controller(small_space(), NAMES, hidden=8, rank=3).save(tmp_path / "b", fingerprint=FP)
     (tmp_path / "b" / WEIGHTS_NAME).replace(d / WEIGHTS_NAME)
     with pytest.raises(HippError, match="has shape"):
         load_controller(d)
@@ -259,7 +273,7 @@ def test_a_flops_target_is_an_input_only_of_a_controller_trained_with_one(tmp_pa
     assert torch.equal(mixed[0], none[0])
     assert not torch.allclose(mixed[1], none[1]) and not torch.allclose(mixed[1], mixed[2])
     assert torch.allclose(flat(c(prefs[1], 0.3)), mixed[1], atol=1e-4)  # one preference, a float target
-    c.save(tmp_path / "c")
+    c.save(tmp_path / "c", fingerprint=FP)
     back = load_controller(tmp_path / "c")
     assert back.takes_target and torch.equal(flat(back(prefs, torch.tensor([math.nan, 0.3, 0.7]))), mixed)
-    assert not load_controller(plain.save(tmp_path / "p")).takes_target
+    assert not load_controller(plain.save(tmp_path / "p", fingerprint=FP)).takes_target

@@ -16,6 +16,7 @@ from hipp.controller import Controller, load_controller
 from hipp.errors import HippError
 from hipp.export import ONNX_FILES, export_pruned
 from hipp.fileio import load_tensors, save_tensors
+from hipp.outputs import MARKER
 from hipp.query import Base, load_base
 from test_modules import embeddings, inputs, vitb32  # noqa: F401
 from test_query import PREFS, assert_bad, cli, tiny_controller_dir  # noqa: F401
@@ -92,7 +93,7 @@ def test_a_fresh_process_loads_identical_embeddings(exported, tmp_path):
 
 def test_export_folder_contents(exported, loaded):
     controller, base = loaded
-    assert sorted(os.listdir(exported)) == sorted([PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME,
+    assert sorted(os.listdir(exported)) == sorted([MARKER, PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME,
                                                    *ONNX_FILES.values()])
     cfg = json.loads((exported / PRUNED_CONFIG_NAME).read_text())
     plan = controller.plan(PREFS["empty_branches"])
@@ -142,7 +143,7 @@ def test_bound_export_and_reexport_over_a_previous_one(tiny_controller_dir, expo
     # again without --onnx: allowed over a previous export, and the stale ONNX files go
     code, _, err = cli(capsys, "export", "--controller", tiny_controller_dir, "--pref", "utility=1", "--out", out)
     assert code == 0, err
-    assert sorted(os.listdir(out)) == sorted([PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME])
+    assert sorted(os.listdir(out)) == sorted([MARKER, PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME])
     assert json.loads((out / PRUNED_CONFIG_NAME).read_text())["costs"]["flops_ratio"] == 1.0
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left behind
 
@@ -207,7 +208,7 @@ def test_bad_export_input_touches_nothing(tiny_controller_dir, tmp_path, capsys)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.md").write_text("mine")
-    assert_bad(*cli(capsys, *c, "--pref", "utility=1", "--out", busy), "not a previous HiPP export")
+    assert_bad(*cli(capsys, *c, "--pref", "utility=1", "--out", busy), "not empty and was not written by this command")
     assert os.listdir(busy) == ["notes.md"] and (busy / "notes.md").read_text() == "mine"
     for args, needle in ((["--pref", "utility=1,flops"], "mixes name=value pairs"),
                          (["--pref", "utility=x"], "not a number"),
@@ -217,6 +218,23 @@ def test_bad_export_input_touches_nothing(tiny_controller_dir, tmp_path, capsys)
         assert not (tmp_path / "new").exists()
     assert_bad(*cli(capsys, "export", "--controller", tiny_controller_dir, "--pref", "utility=1"), "--out")
     assert sorted(os.listdir(tmp_path)) == ["busy", "file.txt"]
+    # --overwrite writes the export's files into the user's folder and keeps theirs
+    code, _, err = cli(capsys, *c, "--pref", "utility=1", "--out", busy, "--overwrite")
+    assert code == 0, err
+    assert (busy / "notes.md").read_text() == "mine" and (busy / PRUNED_CONFIG_NAME).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["busy", "file.txt"]  # no lock, temp or .old folder left
+
+
+def test_an_export_from_before_output_markers_is_replaced_without_overwrite(tiny_controller_dir, exported, tmp_path,
+                                                                            capsys):  # noqa: F811
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in os.listdir(exported):
+        if name != MARKER:
+            (old / name).write_bytes((exported / name).read_bytes())
+    code, _, err = cli(capsys, "export", "--controller", tiny_controller_dir, "--pref", "utility=1", "--out", old)
+    assert code == 0, err
+    assert sorted(os.listdir(old)) == sorted([MARKER, PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME])
 
 
 def test_cli_process_reports_bad_export_in_one_line(tiny_controller_dir, tmp_path):  # noqa: F811

@@ -160,7 +160,7 @@ def test_empty_model_rejects_bad_structures():
         empty_model(TINY, too_big)
     with pytest.raises(HippError, match="kept / heads / channels"):
         empty_model(TINY, {**struct, "image": [{}] * 3})
-    with pytest.raises(HippError, match="cannot build"):
+    with pytest.raises(HippError, match="model_cfg key 'bogus' is not one HiPP builds"):
         empty_model({**TINY, "bogus": 1}, struct)
 
 

@@ -35,6 +35,9 @@ def test_positional_spec_in_name_order():
     ("utility=1,0.5", "mixes name=value pairs and positional"),
     ("utility=1,utility=2", "'utility' appears twice"),
     ("utility=1,,flops=1", "empty item"),
+    ("utility=1e999", "'utility' must be finite"),
+    ("utility=1e308,flops=1e308", "add up beyond the largest float"),
+    ("utility=1=2", "'utility' is not a number: '1=2'"),
 ])
 def test_bad_specs_raise_one_clear_line(spec, message):
     with pytest.raises(HippError) as err:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import untrusted
 from ..errors import HippError
 from ..modules import GatedBlock, HeadGatedAttention, PrunableMLP, _linear_from, _out_columns
 
@@ -224,6 +225,7 @@ def build(model_cfg: dict) -> HFVLM:
     kind = model_cfg.get("model_type")
     if kind not in MODEL_TYPES:
         raise HippError(f"transformers model_type {kind!r} is not supported; expected one of {MODEL_TYPES}")
+    untrusted.transformers_config(model_cfg, "the transformers config")
     config_cls, model_cls = ((transformers.CLIPConfig, transformers.CLIPModel) if kind == "clip"
                              else (transformers.SiglipConfig, transformers.SiglipModel))
     try:
@@ -254,24 +256,43 @@ def folder_model_type(path) -> str | None:
     return read_json(cfg).get("model_type") if cfg.is_file() else None
 
 
+def load_options(spec) -> dict:
+    """from_pretrained keywords: never code from the checkpoint, and a local folder never reaches the hub
+    (a hub id the user names is still taken from the cache, else the hub)."""
+    from pathlib import Path
+
+    return {"trust_remote_code": False, **({"local_files_only": True} if Path(str(spec)).is_dir() else {})}
+
+
+def _check_folder(spec, need_config: bool = True) -> None:
+    """A local folder's files checked before transformers reads any of them (hipp/untrusted.py)."""
+    from pathlib import Path
+
+    if Path(str(spec)).is_dir():
+        untrusted.transformers_folder(Path(str(spec)), need_config)
+
+
 def load(spec: str, expect: str | None = None) -> HFVLM:
     """A CLIPModel / SiglipModel from a local folder or a hub id (local cache, else the hub), safetensors only."""
     import transformers
 
+    _check_folder(spec)
+    options = load_options(spec)
     try:
-        config = transformers.AutoConfig.from_pretrained(spec)
+        config = transformers.AutoConfig.from_pretrained(spec, **options)
     except Exception as e:  # unreachable hub, missing cache, bad JSON: one line for the user
         raise HippError(f"cannot load the transformers config of {spec!r} (no local copy and the hub is "
                         f"unreachable, or not a model): {_first_line(e)}") from None
     kind = config.model_type
     if kind not in MODEL_TYPES:
         raise HippError(f"{spec} is a transformers {kind!r} model; HiPP prunes clip and siglip")
+    untrusted.loaded_attention(config, spec)  # a hub id's config.json was not checked as a file
     if expect is not None and kind != expect:
         raise HippError(f"{spec} is a {kind} checkpoint, but {expect} was asked for")
     cls = transformers.CLIPModel if kind == "clip" else transformers.SiglipModel
     try:
         with quiet():
-            hf = cls.from_pretrained(spec, config=config, use_safetensors=True, dtype=torch.float32)
+            hf = cls.from_pretrained(spec, config=config, use_safetensors=True, dtype=torch.float32, **options)
     except Exception as e:
         raise HippError(f"cannot load the {kind} weights of {spec!r}: {_first_line(e)}") from None
     return HFVLM(hf, preprocess_from(spec, kind, image_size(HFVLM(hf))))
@@ -305,7 +326,7 @@ def preprocess_from(spec, kind: str, size: int) -> dict:
     pp = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic",
           "resize_mode": "shortest" if kind == "clip" else "squash"}
     try:
-        raw = transformers.AutoImageProcessor.from_pretrained(spec).to_dict()
+        raw = transformers.AutoImageProcessor.from_pretrained(spec, **load_options(spec)).to_dict()
     except Exception:  # none shipped: the family's defaults
         return pp
     pp["mean"], pp["std"] = list(raw.get("image_mean", mean)), list(raw.get("image_std", std))
@@ -331,10 +352,12 @@ def tokenizer(spec, context: int | None = None) -> HFTokenizer:
     """The tokenizer of a folder or hub id; `context` defaults to the model's max_position_embeddings."""
     import transformers
 
+    _check_folder(spec, need_config=context is None)  # an export has no config.json, only tokenizer files
+    options = load_options(spec)
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(spec))
+        tok = transformers.AutoTokenizer.from_pretrained(str(spec), **options)
         if context is None:
-            context = transformers.AutoConfig.from_pretrained(str(spec)).text_config.max_position_embeddings
+            context = transformers.AutoConfig.from_pretrained(str(spec), **options).text_config.max_position_embeddings
     except Exception as e:
         raise HippError(f"cannot load the tokenizer of {spec}: {_first_line(e)}") from None
     return HFTokenizer(tok, context)

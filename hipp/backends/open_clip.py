@@ -72,12 +72,16 @@ def gated_block(block: nn.Module, channel_group: int) -> PrunableBlock:
 
 
 def build(model_cfg: dict) -> nn.Module:
-    """An open_clip model from its config dict (`custom_text` or an hf text tower: CustomTextCLIP)."""
+    """An open_clip model from its config dict (`custom_text`: CustomTextCLIP). Only open_clip's own towers:
+    a transformers text tower or a timm vision tower is refused before open_clip could fetch it."""
     import open_clip
+
+    from .. import untrusted
 
     cfg = dict(model_cfg)
     if "multimodal_cfg" in cfg:
         raise HippError("CoCa models are not supported")
+    untrusted.open_clip_cfg(cfg, "the open_clip model_cfg")  # for callers that did not check it already
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     try:
         return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
