@@ -30,7 +30,7 @@ from hipp.backends import context_length, image_size, make_prunable
 from hipp.baselines import make_plan
 from hipp.controller import load_controller
 from hipp.errors import HippError
-from hipp.materialize import materialize
+from hipp.slicing import materialize
 from hipp.plan import Plan
 from hipp.query import load_base, plan_for_budget
 

@@ -6,7 +6,7 @@
 
 It trains the embedded recipe (configs/hipp_tiny.yaml) for --steps steps and records, as hashes:
 every controller tensor; the hard plan for a grid of preferences; the candidate plans of bound
-queries (FLOPs 0.3 / 0.5 / 0.7, params 0.5) and the plan each ranks first; every training-free
+queries (FLOPs 0.3 / 0.5 / 0.7, params 0.85) and the plan each ranks first; every training-free
 baseline at 0.3 / 0.5 / 0.7; the prune space and dense costs of the teacher. The CPU changes
 training's random draws (see BENCHMARKS.md), so the two files must come from one machine.
 """
@@ -52,7 +52,7 @@ def measure(steps: int) -> dict:
     out["dense_costs"] = controller.space.dense_costs()
     prefs = candidate_preferences(controller.objective_names, points=6)
     out["plans"] = [_hash(controller.plan(p).mask_key()) for p in prefs]
-    bounds = [{"max_flops": b} for b in BUDGETS] + [{"max_params": 0.5}]
+    bounds = [{"max_flops": b} for b in BUDGETS] + [{"max_params": 0.85}]
     out["bound_candidates"] = {json.dumps(b): [_hash(c.plan.mask_key()) for c in bound_candidates(controller, **b)]
                                for b in bounds}
     out["bound_query"] = {json.dumps(b): _hash(plan_for_budget(controller, base=base, **b).mask_key())

@@ -1,17 +1,14 @@
 """HiPP: preference-conditioned hierarchical pruning of CLIP-style vision-language models."""
 from .errors import HippError
-# Eager, unlike the names below: the function shares its name with the submodule, and importing the
-# submodule anywhere would otherwise leave `hipp.materialize` bound to the module. (It needs torch
-# but not open_clip.)
-from .materialize import materialize
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "materialize", "HippError"]
 
-# Imported on first use (PEP 562): open_clip alone takes seconds to import, and `hipp query --pref`
-# needs only torch and the controller.
+# Imported on first use (PEP 562): open_clip alone takes seconds to import, `hipp query --pref` needs
+# only torch and the controller, and importing the package imports no torch at all, so a Ctrl-C while
+# the CLI starts is caught by its handler instead of printing a traceback.
 _LAZY = {"load_model": "checkpoint", "get_tokenizer": "checkpoint", "get_preprocess": "checkpoint",
-         "load_controller": "controller"}
+         "load_controller": "controller", "materialize": "slicing"}
 
 
 def __getattr__(name):

@@ -183,7 +183,7 @@ def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
     """An exported model (its checked pruned_config.json): the backend's model from model_cfg, resized
     to the recorded structure with the project's module classes (no controller, no base weights), then
     a strict load."""
-    from .materialize import empty_model
+    from .slicing import empty_model
 
     model = empty_model(config["model_cfg"], config["structure"], config.get("backend", "open_clip"))
     _load_state(model, path / PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME)

@@ -94,12 +94,12 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
                   overwrite: bool = False) -> dict:
     """Materialise `plan` on `base` (hipp.query.Base) and write the export folder; returns a summary.
 
-    compensate: FLAP-style bias compensation (materialize.compensate_bias) measured on `calib_n`
+    compensate: FLAP-style bias compensation (slicing.compensate_bias) measured on `calib_n`
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
     """
     from . import __version__
     from .backends import describe
-    from .materialize import compensate_bias, materialize, model_structure, structure
+    from .slicing import compensate_bias, materialize, model_structure, structure
     from .query import calibration, summary
 
     out = check_out(out, overwrite)

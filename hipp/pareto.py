@@ -35,7 +35,7 @@ from .evaluate import check_datasets, evaluate, latency_ms
 from .fileio import atomic_path, write_json, write_text
 from .outputs import staged
 from .gates import map_gates
-from .materialize import compensate_bias, materialize
+from .slicing import compensate_bias, materialize
 from .plan import Plan
 from .preference import format_spec, simplex_grid
 from .space import PruneSpace

@@ -18,7 +18,7 @@ from hipp.baselines.units import Scores, unit_flops
 from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.errors import HippError
 from hipp.evaluate import evaluate
-from hipp.materialize import compensate_bias, materialize, model_structure, structure
+from hipp.slicing import compensate_bias, materialize, model_structure, structure
 from hipp.pareto import calibration_inputs, evaluate_plan
 from hipp.plan import Plan
 from hipp.space import LayerSpec, PruneSpace

@@ -16,7 +16,7 @@ from hipp.controller import load_controller
 from hipp.data import shapes, to_input
 from hipp.errors import HippError
 from hipp.evaluate import shape_metrics
-from hipp.materialize import empty_model, materialize, model_structure
+from hipp.slicing import empty_model, materialize, model_structure
 from conftest import TEACHER_DIR, counted_flops
 from test_modules import random_gates
 from test_query import PREFS, assert_bad, cli, designed_controller

@@ -8,7 +8,7 @@ import torch
 from hipp.backends import clear_gates, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
 from hipp.fileio import load_tensors, save_tensors
-from hipp.materialize import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
+from hipp.slicing import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
                               structure)
 from hipp.modules import DroppedBlock, PrunableBlock
 from conftest import counted_flops

@@ -211,7 +211,7 @@ def test_the_zero_shot_loss_compares_class_distributions(loaded):
     import torch.nn.functional as F
 
     from hipp.evaluate import shape_class_embeddings
-    from hipp.materialize import materialize
+    from hipp.slicing import materialize
 
     controller, base = loaded
     scenes, fmnist = zero_shot_calibration(base, 12)

@@ -111,7 +111,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
-def test_bad_input_is_one_line_and_overwrites_nothing(tiny_model_dir, tmp_path):
+def test_bad_input_is_one_line_and_overwrites_nothing(tiny_model_dir, tmp_path, capsys):
+    """In-process through the CLI's main (tests/test_fuzz.py shows real processes exit the same way)."""
+    from hipp.cli import main
+
+    def hipp(*args):
+        code = main(list(args))
+        return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+
     def bad(r, needle):
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()

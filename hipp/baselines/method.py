@@ -43,7 +43,7 @@ class Method:
     summary: str
     needs_calibration: bool = True
     seeds: int = 1            # plans per budget the evaluation averages over (random: 3)
-    compensate: bool = False  # evaluate with FLAP-style bias compensation (hipp.materialize.compensate_bias)
+    compensate: bool = False  # evaluate with FLAP-style bias compensation (hipp.slicing.compensate_bias)
     trains: bool = False      # learns gates per budget (not training-free): fixed_budget
 
     def __call__(self, model, space: PruneSpace, budget: float, calibration: Calibration | None = None,
