@@ -18,7 +18,8 @@ import torch
 from hipp.controller import load_controller
 from hipp.pareto import evaluate_plan
 from hipp.polish import plan_logits
-from hipp.query import (_meets, _ratios, _Units, calibration, load_base, plan_for_budget, rank_losses,
+from hipp.budget import Units, meets, ratios
+from hipp.query import (calibration, load_base, plan_for_budget, rank_losses,
                         utility_losses, zero_shot_calibration, zero_shot_losses)
 
 
@@ -61,11 +62,11 @@ def refine(units, plan, logits, bounds, loss, rounds, pool):
             for u in adds[:n_add]:
                 m[u] = 1
             for u in removes:  # pay for the additions with the least damaging removals
-                if _meets(_ratios(units.plan(m, {})), bounds):
+                if meets(ratios(units.plan(m, {})), bounds):
                     break
                 if m[u]:
                     m[u], predicted = 0, predicted - damage[u]
-            if predicted <= 0 or not _meets(_ratios(units.plan(m, {})), bounds):
+            if predicted <= 0 or not meets(ratios(units.plan(m, {})), bounds):
                 continue
             got = loss([units.plan(m, {})])[0]
             evals += 1
@@ -89,7 +90,7 @@ def main():
     args = ap.parse_args()
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
-    units = _Units(controller.space)
+    units = Units(controller.space)
     loss = search_set(base, args.n, fmnist_start=1000)
     utility = lambda p: evaluate_plan(base.model, p, base.tokenizer, base.preprocess_cfg, n=1000,
                                       fmnist_limit=None)["utility"]
@@ -101,7 +102,7 @@ def main():
         seconds = time.perf_counter() - t0
         held = rank_losses(base, [plan, refined])[0]
         print(json.dumps({"budget": budget, "utility_before": utility(plan), "utility_after": utility(refined),
-                          "held_out_before": held[0], "held_out_after": held[1], "flops": _ratios(refined)["flops"],
+                          "held_out_before": held[0], "held_out_after": held[1], "flops": ratios(refined)["flops"],
                           "evals": evals, "seconds": seconds}), flush=True)
 
 

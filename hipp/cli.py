@@ -49,7 +49,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_query(args) -> int:
-    from .query import run
+    from .query_cli import run
     return run(args)
 
 

@@ -100,7 +100,8 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     from . import __version__
     from .backends import describe
     from .slicing import compensate_bias, materialize, model_structure, structure
-    from .query import calibration, summary
+    from .query import calibration
+    from .query_cli import summary
 
     out = check_out(out, overwrite)
     gates = plan.gates
@@ -154,7 +155,7 @@ def run(args) -> int:
     """`hipp export`."""
     import json
 
-    from .query import plan_from_args
+    from .query_cli import plan_from_args
 
     check_out(args.out, args.overwrite)  # before anything is loaded: a bad --out costs nothing
     _, plan, base = plan_from_args(args, need_base=True)

@@ -22,13 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import (
-    clear_gates,
-    describe,
-    image_size,
-    make_prunable,
-    set_gates,
-)
+from .backends import describe, gated, image_size, make_prunable
 from .data import to_input
 from .errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
@@ -120,12 +114,9 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
         metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=per_item)
     else:
         device = next(model.parameters()).device
-        set_gates(model, *map_gates(lambda t: t.to(device, torch.float32), plan.gates))
-        try:
+        with gated(model, map_gates(lambda t: t.to(device, torch.float32), plan.gates)):
             metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit,
                                items=per_item)
-        finally:
-            clear_gates(model)
     costs = plan.costs()
     out = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics),
            **{k: costs[k] for k in ("flops_ratio", "params_ratio", "flops_ratio/image", "flops_ratio/text")}}

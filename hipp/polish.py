@@ -22,7 +22,8 @@ from .controller import Controller
 from .errors import HippError
 from .gates import Gates, map_gates
 from .plan import Plan
-from .query import RANK_BY, Base, _fit, _top_up, _Units, rank_losses
+from .budget import Units, fit, top_up
+from .query import RANK_BY, Base, rank_losses
 
 # measured on the embedded teacher (BENCHMARKS.md, "Polishing"): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
@@ -62,9 +63,9 @@ def polished_plan(base: Base, controller: Controller, plan: Plan, training: Gate
     calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
     gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed, training,
                               init=plan_logits(controller, plan), progress=True)
-    units = _Units(controller.space)
+    units = Units(controller.space)
     flat = units.flat(map_gates(lambda t: t.detach().double().cpu(), gates()))
-    mask, _ = _top_up(units, flat, _fit(units, flat, bounds, 0).k, bounds)
+    mask, _ = top_up(units, flat, fit(units, flat, bounds, 0).k, bounds)
     return units.plan(mask, plan.preference, dict(plan.meta)), info
 
 

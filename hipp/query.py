@@ -28,15 +28,14 @@ from pathlib import Path
 
 import torch
 
-from .controller import Controller, load_controller
+from .budget import Units, check_bounds, fit, meets, ratios, top_up
+from .gates import map_gates
+from .controller import Controller
 from .errors import HippError
-from .gates import couple, map_gates
 from .objectives import COSTS
 from .plan import Plan
 from .preference import format_spec, simplex_grid, sweep
-from .space import TOWERS, PruneSpace
 
-MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
 # Ranking: how many distinct fits are run, and on how many val scenes + Fashion-MNIST images each.
 # At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3 (BENCHMARKS.md).
 RANK_CANDIDATES = 16
@@ -155,7 +154,7 @@ def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Utility loss of each plan's hard-gated model against the same model ungated (lower is better)."""
-    from .backends import clear_gates, set_gates
+    from .backends import clear_gates, gated
     from .objectives import Embeddings, utility_loss
 
     model = base.model
@@ -164,13 +163,10 @@ def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     teacher = Embeddings(model.encode_image(images), model.encode_text(tokens))
     scale = model.logit_scale.exp()
     out = []
-    try:
-        for plan in plans:
-            set_gates(model, *map_gates(lambda t: t.float(), plan.gates))
+    for plan in plans:
+        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
             student = Embeddings(model.encode_image(images), model.encode_text(tokens))
-            out.append(float(utility_loss(student, teacher, scale)))
-    finally:
-        clear_gates(model)
+        out.append(float(utility_loss(student, teacher, scale)))
     return out
 
 
@@ -191,7 +187,7 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Each plan's zero-shot loss: KL(ungated || hard-gated) of the class distributions over the shape
     attributes and the Fashion-MNIST classes on calibration images (from zero_shot_calibration),
     weighted as the utility weighs its metrics (the shape attributes share half)."""
-    from .backends import clear_gates, set_gates
+    from .backends import clear_gates, gated
     from .data.fashion_mnist import class_prompts
     from .evaluate import class_embeddings, shape_class_embeddings
     from .objectives import kl_rows
@@ -212,126 +208,11 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     clear_gates(model)
     teacher = logits(model)
     losses = []
-    try:
-        for plan in plans:
-            set_gates(model, *map_gates(lambda t: t.float(), plan.gates))
-            losses.append(sum(w * float(kl_rows(t, s)) for (w, t), (_, s) in zip(teacher, logits(model))))
-    finally:
-        clear_gates(model)
+    for plan in plans:
+        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
+            student = logits(model)
+        losses.append(sum(w * float(kl_rows(t, s)) for (w, t), (_, s) in zip(teacher, student)))
     return losses
-
-
-# --- fitting one candidate to a bound ---------------------------------------------------------
-
-class _Units:
-    """Every gate of a space as one flat vector: layers, then each layer's heads, then channel groups,
-    with what each unit adds to the FLOPs / params ratios when its layer is kept (PruneSpace.costs terms)."""
-
-    def __init__(self, space: PruneSpace):
-        self.space = space
-        dense = space.dense_costs()
-        df = sum(dense[f"flops/{t}"] for t in TOWERS)
-        dp = sum(dense[f"params/{t}"] for t in TOWERS)
-        L = len(space.layers)
-        self.sizes = [L] + [l.num_heads for l in space.layers] + [l.num_channel_gates for l in space.layers]
-        self.kind, self.layer, self.dflops, self.dparams = [], [], [], []
-
-        def add(kind: str, i: int, flops: float, params: float) -> None:
-            self.kind.append(kind)
-            self.layer.append(i)
-            self.dflops.append(flops / df)
-            self.dparams.append(params / dp)
-
-        for i, l in enumerate(space.layers):
-            add("layer", i, 0.0, l.layer_params)
-        for i, l in enumerate(space.layers):
-            for _ in range(l.num_heads):
-                add("head", i, l.head_flops, l.head_params)
-        for i, l in enumerate(space.layers):
-            for size in l.channel_sizes().tolist():
-                add("channel", i, size * l.channel_flops, size * l.channel_params)
-
-    def flat(self, logits) -> torch.Tensor:
-        layer, heads, chans = logits
-        return torch.cat([layer, *heads, *chans]).double()
-
-    def plan(self, mask: torch.Tensor, preference: dict, meta: dict | None = None) -> Plan:
-        """A flat 0/1 mask -> a Plan (the hierarchy applied: heads of a dropped layer do not count)."""
-        parts = list(mask.double().split(self.sizes))
-        L = len(self.space.layers)
-        gates = couple((parts[0], parts[1:1 + L], parts[1 + L:]))
-        return Plan.from_gates(self.space, gates, preference, meta)
-
-
-def _ratios(plan: Plan) -> dict[str, float]:
-    c = plan.costs()
-    return {"flops": c["flops_ratio"], "params": c["params_ratio"]}
-
-
-def _meets(r: dict, bounds: dict) -> bool:
-    return all(r[k] <= v for k, v in bounds.items())
-
-
-@dataclass
-class _Fit:
-    index: int        # candidate preference row
-    k: int            # its top-k highest-logit units are kept
-    offset: float     # the global logit offset that keeps exactly those (closest to 0)
-    key: bytes        # identity of the resulting plan
-
-
-def _fit(units: _Units, flat: torch.Tensor, bounds: dict, index: int) -> _Fit:
-    order = torch.sort(flat, descending=True, stable=True).indices
-    n = len(flat)
-
-    def mask(k: int) -> torch.Tensor:
-        m = torch.zeros(n, dtype=torch.float64)
-        m[order[:k]] = 1.0
-        return m
-
-    lo, hi = 0, n  # cost grows with k (nested sets), so binary-search the largest feasible k
-    if not _meets(_ratios(units.plan(mask(0), {})), bounds):
-        return _Fit(index, -1, math.inf, b"")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _meets(_ratios(units.plan(mask(mid), {})), bounds):
-            lo = mid
-        else:
-            hi = mid - 1
-    vals = flat[order]
-    # logit + offset > 0 keeps exactly the first k units for offset in (-vals[k-1], -vals[k]]
-    low = -float(vals[lo - 1]) if lo > 0 else -math.inf
-    high = -float(vals[lo]) if lo < n else math.inf
-    offset = 0.0 if low < 0 <= high else (high if high < 0 else low)
-    return _Fit(index, lo, offset, units.plan(mask(lo), {}).mask_key())
-
-
-def _top_up(units: _Units, flat: torch.Tensor, k: int, bounds: dict) -> tuple[torch.Tensor, int]:
-    """From the top-k plan, add the highest-logit units that still fit, one at a time.
-
-    Works on the *effective* (hierarchy-applied) mask: a layer added here starts with no heads or
-    channels (its own cost is only norms and biases), and a second pass reaches the units of layers
-    added during the first one.
-    """
-    order = torch.sort(flat, descending=True, stable=True).indices.tolist()
-    plan = units.plan(torch.zeros(len(flat)).index_fill_(0, torch.tensor(order[:k], dtype=torch.long), 1.0)
-                      if k > 0 else torch.zeros(len(flat)), {})
-    eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
-    cur = _ratios(plan)
-    room = {key: bounds.get(key, math.inf) - MARGIN for key in COSTS}
-    added = 0
-    for _ in range(2):
-        for u in order:
-            if eff[u]:
-                continue
-            layer = units.layer[u]
-            if units.kind[u] != "layer" and not eff[layer]:
-                continue
-            f, p = cur["flops"] + units.dflops[u], cur["params"] + units.dparams[u]
-            if f <= room["flops"] and p <= room["params"]:
-                eff[u], cur["flops"], cur["params"] = 1.0, f, p
-                added += 1
-    return torch.tensor(eff, dtype=torch.float64), added
 
 
 def candidate_preferences(names, points: int = 11) -> torch.Tensor:
@@ -372,16 +253,6 @@ def target_candidates(names, max_flops: float, points: int = 5) -> tuple[torch.T
             torch.tensor(targets, dtype=torch.float64).repeat_interleave(len(prefs)))
 
 
-def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str, float]:
-    bounds = {k: v for k, v in (("flops", max_flops), ("params", max_params)) if v is not None}
-    if not bounds:
-        raise HippError("give max_flops and/or max_params")
-    for k, v in bounds.items():
-        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
-            raise HippError(f"max_{k} must be a ratio in (0, 1], got {v}")
-    return {k: float(v) for k, v in bounds.items()}
-
-
 def search_preferences(controller: Controller, bounds: dict, points: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
     """Every preference a bound query tries, with its FLOPs target (NaN: none)."""
     names = controller.objective_names
@@ -406,7 +277,7 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     """Steps 1-2 of the module doc and the top-up: up to `n_rank` distinct plans that meet the bound(s),
     the smallest logit offset first (then sweep order)."""
     bounds = check_bounds(max_flops, max_params)
-    units = _Units(controller.space)
+    units = Units(controller.space)
     names = controller.objective_names
     prefs, targets = search_preferences(controller, bounds, points)
     dtype = controller.trunk[0].weight.dtype
@@ -414,32 +285,32 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     fits = []
     for i in range(len(prefs)):
         flat = units.flat(map_gates(lambda t: t[i].detach().cpu(), logits))
-        fits.append((_fit(units, flat, bounds, i), flat))
+        fits.append((fit(units, flat, bounds, i), flat))
     if fits[0][0].k < 0:  # even the plan with no layer at all is over the bound: impossible
-        least = _ratios(units.plan(torch.zeros(len(fits[0][1])), {}))
+        least = ratios(units.plan(torch.zeros(len(fits[0][1])), {}))
         raise HippError(f"no plan meets {', '.join(f'max_{k}={v:g}' for k, v in bounds.items())}: the smallest "
                         f"possible plan (every layer dropped) has "
                         f"{', '.join(f'{k}_ratio {least[k]:.4f}' for k in bounds)}")
     # the controller's own proposals for this budget first: smallest offset, then sweep order
     shortlist, seen = [], set()
-    for fit, flat in sorted(fits, key=lambda ff: (abs(ff[0].offset), ff[0].index)):
-        if fit.key not in seen:
-            seen.add(fit.key)
-            shortlist.append((fit, flat))
+    for found, flat in sorted(fits, key=lambda ff: (abs(ff[0].offset), ff[0].index)):
+        if found.key not in seen:
+            seen.add(found.key)
+            shortlist.append((found, flat))
         if len(shortlist) == n_rank:
             break
     candidates, seen = [], set()
-    for fit, flat in shortlist:
-        mask, added = _top_up(units, flat, fit.k, bounds)
-        pref = dict(zip(names, prefs[fit.index].tolist()))
-        target = float(targets[fit.index])
+    for found, flat in shortlist:
+        mask, added = top_up(units, flat, found.k, bounds)
+        pref = dict(zip(names, prefs[found.index].tolist()))
+        target = float(targets[found.index])
         plan = units.plan(mask, pref, {"flops_target": target} if math.isfinite(target) else None)
         key = plan.mask_key()
         if key in seen:
             continue
         seen.add(key)
-        assert _meets(_ratios(plan), bounds), "top-up crossed the bound"
-        candidates.append(Candidate(plan, fit.offset, added))
+        assert meets(ratios(plan), bounds), "top-up crossed the bound"
+        candidates.append(Candidate(plan, found.offset, added))
     return candidates
 
 
@@ -486,7 +357,7 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     table = []
     for j in order:
         c = candidates[j]
-        r = _ratios(c.plan)
+        r = ratios(c.plan)
         table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
                       "logit_offset": c.offset,
                       "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
@@ -499,82 +370,3 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
                                 "logit_offset": best.offset, "units_added": best.added,
                                 "loss": table[0]["loss"], "candidates": table}
     return best.plan
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-def plan_from_args(args, need_base: bool = False):
-    """(controller, plan, base or None) for --pref / --max-flops / --max-params; bad input is a HippError."""
-    bounds = {"max_flops": getattr(args, "max_flops", None), "max_params": getattr(args, "max_params", None)}
-    given = [k for k, v in bounds.items() if v is not None]
-    if args.pref is not None and given:
-        raise HippError("give either --pref or a bound (--max-flops / --max-params), not both")
-    if args.pref is None and not given:
-        raise HippError("give --pref SPEC, --max-flops R or --max-params R")
-    if given:
-        check_bounds(bounds["max_flops"], bounds["max_params"])
-    polish_steps = getattr(args, "polish", 0)
-    if polish_steps:
-        from .polish import check_steps  # it builds on this module
-        check_steps(polish_steps)
-    if polish_steps and bounds["max_flops"] is None:
-        raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
-    controller = load_controller(args.controller)
-    base = None
-    if args.pref is not None:
-        pref = controller.preference(args.pref)  # validates before anything heavy is loaded
-        if need_base:
-            base = load_base(controller, args.controller, args.base_model)
-        return controller, controller.plan(pref), base
-    base = load_base(controller, args.controller, args.base_model)
-    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base)
-    if polish_steps:
-        from .polish import polish
-        plan = polish(base, controller, plan, polish_steps)
-    return controller, plan, base
-
-
-def summary(plan: Plan) -> dict:
-    """Plan.summary() plus the preference as a SPEC string (what `--pref` would take)."""
-    out = plan.summary()
-    out["preference_spec"] = format_spec(plan.preference)
-    return out
-
-
-def format_table(plan: Plan) -> str:
-    s = summary(plan)
-    lines = [f"preference    {s['preference_spec']}"]
-    if "flops_target" in plan.meta:
-        lines.append(f"flops target  {plan.meta['flops_target']:.3f} (the controller's target input)")
-    search = plan.meta.get("search")
-    if search:
-        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params") if k in plan.meta)
-        loss = search["loss"]
-        lines.append(f"chosen for    {bound}: logit offset {search['logit_offset']:+.3f}, "
-                     f"{search['units_added']} units topped up"
-                     + (f", loss {loss:.4f}" if loss is not None else "")
-                     + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
-    polished = plan.meta.get("polish")
-    if polished:
-        lines.append(f"polished      {polished['steps']} steps: loss {polished['loss_before']:.4f} -> "
-                     f"{polished['loss_after']:.4f}, {'kept' if polished['kept'] else 'not kept (worse)'}, "
-                     f"{polished['seconds']:.0f} s")
-    for kind in ("flops", "params"):
-        per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in TOWERS)
-        lines.append(f"{kind + '_ratio':13s} {s[f'{kind}_ratio']:.4f}  ({per})")
-    lines.append(f"{'tower':6s} {'layer':>5s}  {'kept':4s}  {'heads':>7s}  {'channels':>11s}")
-    for t in TOWERS:
-        specs = plan.space.tower_layers(t)
-        for spec, kept, h, c in zip(specs, s[t]["layers_kept"], s[t]["heads_kept"], s[t]["channels_kept"]):
-            lines.append(f"{t:6s} {spec.index:5d}  {'yes' if kept else 'no':4s}  {f'{h}/{spec.num_heads}':>7s}  "
-                         f"{f'{c}/{spec.mlp_hidden}':>11s}")
-    return "\n".join(lines)
-
-
-def run(args) -> int:
-    """`hipp query`."""
-    import json
-
-    _, plan, _ = plan_from_args(args)
-    print(json.dumps(summary(plan)) if args.json else format_table(plan))
-    return 0

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .backends import clear_gates, image_size, make_prunable, set_gates
+from .backends import clear_gates, gated, image_size, make_prunable
 from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 from .controller import CONFIG_NAME, Controller
 from .data import to_input
@@ -177,9 +177,8 @@ class Distiller:
 
     def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
         """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
-        set_gates(self.model, *gates)
-        student = self.encode(inputs, batch)
-        clear_gates(self.model)
+        with gated(self.model, gates):
+            student = self.encode(inputs, batch)
 
         def views(img, txt, neg):  # utility sees the whole batch; grounding the scenes with negatives
             n = batch.n_shapes

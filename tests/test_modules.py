@@ -247,3 +247,19 @@ def test_gradients_reach_every_soft_gate_and_no_weight(cfg):
     for t in gates:
         assert t.grad is not None and bool((t.grad != 0).all())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_gated_restores_the_gates_the_model_had_even_when_the_block_raises():
+    import open_clip
+    from hipp.backends import gated, make_prunable, prunable_blocks, set_gates
+    from conftest import TINY_CFG
+    model = open_clip.CLIP(**TINY_CFG)
+    space = make_prunable(model)
+    half = (torch.full((len(space.layers),), 0.5), [torch.ones(l.num_heads) for l in space.layers],
+            [torch.ones(l.num_channel_gates) for l in space.layers])
+    set_gates(model, *half)
+    with pytest.raises(RuntimeError):
+        with gated(model, space.all_kept()):
+            assert all(b.layer_gate == 1 for b in prunable_blocks(model))
+            raise RuntimeError
+    assert all(b.layer_gate == 0.5 for b in prunable_blocks(model))

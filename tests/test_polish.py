@@ -8,7 +8,8 @@ from hipp.baselines.fixed_budget import FreeGates
 from hipp.errors import HippError
 from hipp.gates import map_gates
 from hipp.polish import plan_logits, polish
-from hipp.query import _Units, plan_for_budget, rank_losses
+from hipp.budget import Units
+from hipp.query import plan_for_budget, rank_losses
 from test_query import assert_bad, cli, loaded, tiny_controller_dir  # noqa: F401
 
 BOUND = 0.45
@@ -21,7 +22,7 @@ def keep_vector(plan) -> torch.Tensor:
 def test_polishing_starts_from_the_plans_own_logits(loaded):  # noqa: F811
     controller, base = loaded
     plan = plan_for_budget(controller, max_flops=BOUND, base=base)
-    units = _Units(controller.space)
+    units = Units(controller.space)
     flat = units.flat(map_gates(lambda t: t.double(), plan_logits(controller, plan)))
     positive = keep_vector(units.plan((flat > 0).double(), {}))
     assert positive.sum() > 0

@@ -7,6 +7,7 @@ swap to prunable blocks, attaching gates — work the same for every backend on 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import ModuleType
 
 from torch import nn
@@ -130,6 +131,20 @@ def set_gates(model: nn.Module, layer_keep=None, head_keep=None, channel_keep=No
         if chans is not None and chans.shape[-1:] != (groups,):
             raise HippError(f"channel_keep[{i}] must end in {groups}, got {tuple(chans.shape)}")
         block.set_gates(layer_keep[..., i] if layer_keep is not None else None, heads, chans)
+
+
+@contextmanager
+def gated(model: nn.Module, gates):
+    """Run `model` under `gates` (the triple set_gates takes, e.g. a Plan's `.gates`) inside the block;
+    whatever gates the blocks held before come back on exit, also when the block raises."""
+    blocks = prunable_blocks(model)
+    saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]
+    set_gates(model, *gates)
+    try:
+        yield model
+    finally:
+        for block, before in zip(blocks, saved):
+            block.set_gates(*before)
 
 
 def clear_gates(model: nn.Module) -> None:

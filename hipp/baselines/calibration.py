@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import clear_gates, image_size, set_gates, tower_blocks
+from ..backends import gated, image_size, tower_blocks
 from ..data.mixed import Batch, MixedBatches
 from ..gates import Gates, map_gates
 from ..modules import DroppedBlock
@@ -74,11 +74,8 @@ class Damage:
         """Damage of one unbatched gate set on both towers (None: the dense model, ~0)."""
         if gates is None:
             return self._loss(*self.teacher)
-        set_gates(self.model, *map_gates(lambda t: t.to(self.distiller.device, torch.float32), gates))
-        try:
+        with gated(self.model, map_gates(lambda t: t.to(self.distiller.device, torch.float32), gates)):
             return self._loss(*self.distiller.encode(self.inputs, self.batch))
-        finally:
-            clear_gates(self.model)
 
     def _tower_input(self, tower: str) -> torch.Tensor:
         images, tokens, neg_tokens = self.inputs
@@ -145,15 +142,12 @@ class Damage:
             heads = [rep([s[1][i] for s in sets]) for i in range(len(sets[0][1]))]
             chans = [rep([s[2][i] for s in sets]) for i in range(len(sets[0][2]))]
             xs = x.repeat(k, *([1] * (x.dim() - 1)))
-            set_gates(self.model, layer, heads, chans)
-            try:
+            with gated(self.model, (layer, heads, chans)):
                 if state is not None:
                     with self._from_layer(tower, start, state.repeat(k, *([1] * (state.dim() - 1)))):
                         emb = self._encode(tower, xs)
                 else:
                     emb = self._encode(tower, xs)
-            finally:
-                clear_gates(self.model)
             for e in emb.view(k, per, -1):
                 if tower == "image":
                     out.append(self._loss(e, t_txt, t_neg))

@@ -1,0 +1,88 @@
+"""`hipp query` and the plan behind `hipp export`: a preference or a cost bound from the command line,
+the answer as JSON or as a table."""
+from __future__ import annotations
+
+from .budget import check_bounds
+from .controller import load_controller
+from .errors import HippError
+from .plan import Plan
+from .preference import format_spec
+from .query import load_base, plan_for_budget
+from .space import TOWERS
+
+
+def plan_from_args(args, need_base: bool = False):
+    """(controller, plan, base or None) for --pref / --max-flops / --max-params; bad input is a HippError."""
+    bounds = {"max_flops": getattr(args, "max_flops", None), "max_params": getattr(args, "max_params", None)}
+    given = [k for k, v in bounds.items() if v is not None]
+    if args.pref is not None and given:
+        raise HippError("give either --pref or a bound (--max-flops / --max-params), not both")
+    if args.pref is None and not given:
+        raise HippError("give --pref SPEC, --max-flops R or --max-params R")
+    if given:
+        check_bounds(bounds["max_flops"], bounds["max_params"])
+    polish_steps = getattr(args, "polish", 0)
+    if polish_steps:
+        from .polish import check_steps  # lazily: polishing needs open_clip, a preference query does not
+        check_steps(polish_steps)
+    if polish_steps and bounds["max_flops"] is None:
+        raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
+    controller = load_controller(args.controller)
+    base = None
+    if args.pref is not None:
+        pref = controller.preference(args.pref)  # validates before anything heavy is loaded
+        if need_base:
+            base = load_base(controller, args.controller, args.base_model)
+        return controller, controller.plan(pref), base
+    base = load_base(controller, args.controller, args.base_model)
+    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base)
+    if polish_steps:
+        from .polish import polish
+        plan = polish(base, controller, plan, polish_steps)
+    return controller, plan, base
+
+
+def summary(plan: Plan) -> dict:
+    """Plan.summary() plus the preference as a SPEC string (what `--pref` would take)."""
+    out = plan.summary()
+    out["preference_spec"] = format_spec(plan.preference)
+    return out
+
+
+def format_table(plan: Plan) -> str:
+    s = summary(plan)
+    lines = [f"preference    {s['preference_spec']}"]
+    if "flops_target" in plan.meta:
+        lines.append(f"flops target  {plan.meta['flops_target']:.3f} (the controller's target input)")
+    search = plan.meta.get("search")
+    if search:
+        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params") if k in plan.meta)
+        loss = search["loss"]
+        lines.append(f"chosen for    {bound}: logit offset {search['logit_offset']:+.3f}, "
+                     f"{search['units_added']} units topped up"
+                     + (f", loss {loss:.4f}" if loss is not None else "")
+                     + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
+    polished = plan.meta.get("polish")
+    if polished:
+        lines.append(f"polished      {polished['steps']} steps: loss {polished['loss_before']:.4f} -> "
+                     f"{polished['loss_after']:.4f}, {'kept' if polished['kept'] else 'not kept (worse)'}, "
+                     f"{polished['seconds']:.0f} s")
+    for kind in ("flops", "params"):
+        per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in TOWERS)
+        lines.append(f"{kind + '_ratio':13s} {s[f'{kind}_ratio']:.4f}  ({per})")
+    lines.append(f"{'tower':6s} {'layer':>5s}  {'kept':4s}  {'heads':>7s}  {'channels':>11s}")
+    for t in TOWERS:
+        specs = plan.space.tower_layers(t)
+        for spec, kept, h, c in zip(specs, s[t]["layers_kept"], s[t]["heads_kept"], s[t]["channels_kept"]):
+            lines.append(f"{t:6s} {spec.index:5d}  {'yes' if kept else 'no':4s}  {f'{h}/{spec.num_heads}':>7s}  "
+                         f"{f'{c}/{spec.mlp_hidden}':>11s}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`hipp query`."""
+    import json
+
+    _, plan, _ = plan_from_args(args)
+    print(json.dumps(summary(plan)) if args.json else format_table(plan))
+    return 0
