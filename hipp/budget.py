@@ -13,7 +13,7 @@ from .errors import HippError
 from .gates import couple
 from .objectives import COSTS
 from .plan import Plan
-from .space import TOWERS, PruneSpace
+from .space import PruneSpace
 
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
 
@@ -36,8 +36,8 @@ class Units:
     def __init__(self, space: PruneSpace):
         self.space = space
         dense = space.dense_costs()
-        df = sum(dense[f"flops/{t}"] for t in TOWERS)
-        dp = sum(dense[f"params/{t}"] for t in TOWERS)
+        df = sum(dense[f"flops/{t}"] for t in space.stages)
+        dp = sum(dense[f"params/{t}"] for t in space.stages)
         L = len(space.layers)
         self.sizes = [L] + [l.num_heads for l in space.layers] + [l.num_channel_gates for l in space.layers]
         self.kind, self.layer, self.dflops, self.dparams = [], [], [], []

@@ -30,7 +30,7 @@ def _cmd_eval(args) -> int:
         print(f"{'params':28s} {rep['params']:,}")
         for t, f in rep["flops"].items():
             print(f"{'flops/' + t:28s} {f / 1e6:.2f} M")
-        for t in ("image", "text"):
+        for t in rep["flops"]:  # the model's stages
             print(f"{'latency_ms/' + t:28s} {rep['latency_ms'][t]:.3f} (batch {rep['latency_ms']['batch']})")
     return 0
 

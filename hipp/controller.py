@@ -33,7 +33,7 @@ from .gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
 from .objectives import check_target_objectives
 from .plan import Plan
 from .preference import DEFAULT_OBJECTIVES, as_dict, sweep
-from .space import TOWERS, PruneSpace
+from .space import PruneSpace
 
 CONFIG_NAME = "controller.json"
 WEIGHTS_NAME = "controller.safetensors"
@@ -45,7 +45,7 @@ KINDS = ("layer", "head", "channel")
 def prunable_params(space: PruneSpace) -> float:
     """Parameters inside the prunable blocks of the dense model (everything but embeddings etc.)."""
     dense = space.dense_costs()
-    return sum(dense[f"params/{t}"] - space.fixed_params.get(t, 0.0) for t in TOWERS)
+    return sum(dense[f"params/{t}"] - space.fixed_params.get(t, 0.0) for t in space.stages)
 
 
 class Controller(nn.Module):
@@ -73,8 +73,7 @@ class Controller(nn.Module):
         self.trunk = nn.Sequential(*layers)
 
         # Groups are (tower, kind); each owns a contiguous slice of units in PruneSpace layer order.
-        towers = [t for t in TOWERS if space.tower_layers(t)]
-        towers += sorted({l.tower for l in space.layers} - set(towers))
+        towers = [t for t in space.stages if space.tower_layers(t)]
         self.groups: list[tuple[str, str, list[int], list[int]]] = []  # tower, kind, layer indices, sizes
         for t in towers:
             idx = [i for i, l in enumerate(space.layers) if l.tower == t]

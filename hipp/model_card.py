@@ -30,10 +30,10 @@ this project from scratch, offline, as the frozen VLM that HiPP's tests, demo an
 - Architecture: `{cfg.model}`
 - Weights: `open_clip_model.safetensors`, fp16, {size_mb:.1f} MiB; {rep['params']:,} parameters.
   Also loadable with `open_clip.create_model("local-dir:checkpoints/teacher-tiny")`.
-- FLOPs per sample: image {rep['flops']['image'] / 1e6:.1f} M, text {rep['flops']['text'] / 1e6:.1f} M
+- FLOPs per sample: {', '.join(f"{s} {f / 1e6:.1f} M" for s, f in rep['flops'].items())}
   (analytic, checked against torch.utils.flop_counter in the tests).
 - Latency (batch {rep['latency_ms']['batch']}, {torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}):
-  image {rep['latency_ms']['image']:.3f} ms, text {rep['latency_ms']['text']:.3f} ms per item.
+  {', '.join(f"{s} {rep['latency_ms'][s]:.3f} ms" for s in rep['flops'])} per item.
 
 ## Data
 - Procedural shape scenes (`hipp.data.shapes`): 64x64, 1-3 objects with colour (6), shape (5),

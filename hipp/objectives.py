@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .errors import HippError
 from .gates import Gates
 from .preference import DEFAULT_OBJECTIVES
-from .space import TOWERS, PruneSpace
+from .space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params")
 COSTS = ("flops", "params")  # the cost objectives; the others measure quality
@@ -105,15 +105,15 @@ def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge"
 # --- costs ----------------------------------------------------------------------------------
 
 def expected_cost_ratios(space: PruneSpace, probs: Gates) -> dict[str, torch.Tensor]:
-    """Expected FLOPs / params over both towers as a fraction of dense, from *uncoupled*
-    keep-probabilities (PruneSpace.costs applies the hierarchy). Also per tower ("flops/image")."""
+    """Expected FLOPs / params over every stage as a fraction of dense, from *uncoupled*
+    keep-probabilities (PruneSpace.costs applies the hierarchy). Also per stage ("flops/<stage>")."""
     got = space.costs(*probs)
     dense = space.dense_costs()
     out = {}
     for kind in ("flops", "params"):
-        total = sum(got[f"{kind}/{t}"] for t in TOWERS)
-        out[kind] = total / sum(dense[f"{kind}/{t}"] for t in TOWERS)
-        for t in TOWERS:
+        total = sum(got[f"{kind}/{t}"] for t in space.stages)
+        out[kind] = total / sum(dense[f"{kind}/{t}"] for t in space.stages)
+        for t in space.stages:
             if dense[f"{kind}/{t}"]:
                 out[f"{kind}/{t}"] = got[f"{kind}/{t}"] / dense[f"{kind}/{t}"]
     return out

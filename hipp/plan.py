@@ -14,7 +14,7 @@ import torch
 from .errors import HippError
 from .fileio import read_json, write_json
 from .gates import Gates, couple
-from .space import TOWERS, PruneSpace
+from .space import PruneSpace
 
 FORMAT = "hipp-plan"
 VERSION = 1
@@ -89,10 +89,11 @@ class Plan:
         dense = self.space.dense_costs()
         out = dict(got)
         for kind in ("flops", "params"):
-            total, dense_total = sum(got[f"{kind}/{t}"] for t in TOWERS), sum(dense[f"{kind}/{t}"] for t in TOWERS)
+            stages = self.space.stages
+            total, dense_total = sum(got[f"{kind}/{t}"] for t in stages), sum(dense[f"{kind}/{t}"] for t in stages)
             out[kind] = total
             out[f"{kind}_ratio"] = total / dense_total
-            for t in TOWERS:
+            for t in stages:
                 out[f"{kind}_ratio/{t}"] = got[f"{kind}/{t}"] / dense[f"{kind}/{t}"] if dense[f"{kind}/{t}"] else 1.0
         return out
 
@@ -102,7 +103,7 @@ class Plan:
         out = {"preference": dict(self.preference),
                "flops_ratio": c["flops_ratio"], "params_ratio": c["params_ratio"],
                "flops": c["flops"], "params": c["params"]}
-        for t in TOWERS:
+        for t in self.space.stages:
             idx = [i for i, l in enumerate(self.space.layers) if l.tower == t]
             out[t] = {
                 "layers_kept": [bool(self.layer_keep[i]) for i in idx],

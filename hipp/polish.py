@@ -6,7 +6,7 @@ search's winner becomes the starting point of a short run of those free gates at
 (a fifth of the oracle's steps, at a low temperature since the plan is already nearly hard). The
 result is fitted to the bound by the search's own top-k + top-up, and replaces the plan only if its
 ranking loss on the calibration batch is lower, so polishing never returns a plan the search
-would have ranked worse. Measured in BENCHMARKS.md ("Polishing").
+would have ranked worse. Measured in docs/studies/polishing.md.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .plan import Plan
 from .budget import Units, fit, top_up
 from .query import RANK_BY, Base, rank_losses
 
-# measured on the embedded teacher (BENCHMARKS.md, "Polishing"): at 0.3 a higher learning rate or
+# measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
 POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
 

@@ -37,12 +37,14 @@ from .plan import Plan
 from .preference import format_spec, simplex_grid, sweep
 
 # Ranking: how many distinct fits are run, and on how many val scenes + Fashion-MNIST images each.
-# At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3 (BENCHMARKS.md).
+# At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3
+# (docs/studies/bound-search-ranking.md).
 RANK_CANDIDATES = 16
 CALIB_IMAGES = 128
 # What the ranking compares with the ungated model: "zero_shot", the class distributions over the shape
 # attributes and Fashion-MNIST classes (what the utility metrics classify); "distillation", the caption
-# similarities the controller trains on; "both", their sum (BENCHMARKS.md compares the three).
+# similarities the controller trains on; "both", their sum (docs/studies/bound-search-ranking.md compares
+# the three).
 RANK_LOSSES = ("both", "zero_shot", "distillation")
 RANK_BY = "both"
 

@@ -8,7 +8,6 @@ from .errors import HippError
 from .plan import Plan
 from .preference import format_spec
 from .query import load_base, plan_for_budget
-from .space import TOWERS
 
 
 def plan_from_args(args, need_base: bool = False):
@@ -68,10 +67,10 @@ def format_table(plan: Plan) -> str:
                      f"{polished['loss_after']:.4f}, {'kept' if polished['kept'] else 'not kept (worse)'}, "
                      f"{polished['seconds']:.0f} s")
     for kind in ("flops", "params"):
-        per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in TOWERS)
+        per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in plan.space.stages)
         lines.append(f"{kind + '_ratio':13s} {s[f'{kind}_ratio']:.4f}  ({per})")
     lines.append(f"{'tower':6s} {'layer':>5s}  {'kept':4s}  {'heads':>7s}  {'channels':>11s}")
-    for t in TOWERS:
+    for t in plan.space.stages:
         specs = plan.space.tower_layers(t)
         for spec, kept, h, c in zip(specs, s[t]["layers_kept"], s[t]["heads_kept"], s[t]["channels_kept"]):
             lines.append(f"{t:6s} {spec.index:5d}  {'yes' if kept else 'no':4s}  {f'{h}/{spec.num_heads}':>7s}  "

@@ -24,7 +24,7 @@ from torch import nn
 from .backends import backend, prunable_blocks, set_gates, tower_blocks
 from .errors import HippError
 from .modules import DroppedBlock, GatedBlock
-from .space import TOWERS, PruneSpace
+from .space import PruneSpace
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _rebind(model: nn.Module) -> None:
 def structure(space: PruneSpace, layer_keep, head_keep, channel_keep) -> dict:
     """Per tower, per original layer: {"kept", "heads", "channels"} of the model a hard plan gives."""
     layers = _hard(layer_keep, "layer_keep")
-    out = {t: [] for t in TOWERS}
+    out = {t: [] for t in space.stages}
     for n, spec in enumerate(space.layers):
         heads, chans = _hard(head_keep[n], f"head_keep[{n}]"), _hard(channel_keep[n], f"channel_keep[{n}]")
         kept = bool(layers[n])

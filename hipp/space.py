@@ -1,4 +1,7 @@
-"""The prune space: towers -> layers -> heads and MLP channel groups, with analytic unit costs.
+"""The prune space: stages -> layers -> heads and MLP channel groups, with analytic unit costs.
+
+The stages and their names are the backend's (CLIP-style models: two parallel towers, image and
+text); nothing here or in the code that prices, plans or fits budgets knows them.
 
 FLOPs follow torch.utils.flop_counter's convention: 2 per multiply-accumulate of every matmul
 (linear layers, patch embedding, attention scores and mixing); norms, softmax and activations
@@ -10,9 +13,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-
-TOWERS = ("image", "text")
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -67,6 +67,12 @@ class PruneSpace:
     fixed_flops: dict = field(default_factory=dict)   # tower -> FLOPs outside the blocks
     fixed_params: dict = field(default_factory=dict)  # tower -> params outside the blocks
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The backend's stages, in its order (fixed costs are declared per stage, stage by stage; a
+        stage may have no prunable layer)."""
+        return tuple(dict.fromkeys([*self.fixed_flops, *self.fixed_params, *(l.tower for l in self.layers)]))
+
     def tower_layers(self, tower: str) -> list[LayerSpec]:
         return [l for l in self.layers if l.tower == tower]
 
@@ -83,7 +89,7 @@ class PruneSpace:
         per layer, with an optional leading batch dimension throughout. Hierarchy applies here:
         a head or channel costs only as much as its layer is kept.
         """
-        out = {f"{kind}/{t}": 0.0 for kind in ("flops", "params") for t in TOWERS}
+        out = {f"{kind}/{t}": 0.0 for kind in ("flops", "params") for t in self.stages}
         for i, spec in enumerate(self.layers):
             z = layer_keep[..., i]
             heads = head_keep[i].sum(-1)
@@ -92,7 +98,7 @@ class PruneSpace:
             params = z * (heads * spec.head_params + chans * spec.channel_params + spec.layer_params)
             out[f"flops/{spec.tower}"] = out[f"flops/{spec.tower}"] + flops
             out[f"params/{spec.tower}"] = out[f"params/{spec.tower}"] + params
-        for t in TOWERS:
+        for t in self.stages:
             out[f"flops/{t}"] = out[f"flops/{t}"] + self.fixed_flops.get(t, 0.0)
             out[f"params/{t}"] = out[f"params/{t}"] + self.fixed_params.get(t, 0.0)
         return out

@@ -143,3 +143,23 @@ def test_hierarchy_in_costs_a_dropped_layer_costs_nothing_whatever_its_heads():
 def test_map_gates_keeps_structure():
     g = map_gates(lambda x: x * 2, (torch.ones(2), [torch.ones(3)], [torch.ones(4)]))
     assert g[0].tolist() == [2, 2] and g[1][0].shape == (3,) and g[2][0].shape == (4,)
+
+
+def test_no_stage_name_outside_the_backends_and_the_clip_task_code():
+    """Stages are the backend's data: the core (space, plans, costs, controller, budget fitting,
+    slicing, queries, baselines' allocation) never names one. The modules listed still hold the CLIP
+    task's encode_image / encode_text calls (evaluation, ONNX export, latency, calibration damage)
+    until tasks become plug-ins; the list may only shrink."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "hipp"
+    task_code = {"export.py", "evaluate.py", "pareto.py", "baselines/calibration.py", "data/user.py"}
+    named = set()
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("backends/"):
+            continue
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        if re.search(r"""["'](image|text)["']|\bTOWERS\b""", code):
+            named.add(rel)
+    assert named <= task_code, sorted(named - task_code)

@@ -17,7 +17,7 @@ from hipp.query import (CALIB_IMAGES, RANK_LOSSES, bound_candidates, calibration
                         plan_for_budget, rank_losses, resolve_base, target_candidates, utility_losses, zero_shot_calibration,
                         zero_shot_losses)
 from hipp.plan import Plan
-from hipp.space import TOWERS
+
 
 NAMES = ["utility", "grounding", "flops", "params"]
 CHANNEL_GROUP = 8
@@ -124,7 +124,7 @@ def test_pref_query_json_is_the_plan_summary(tiny_controller_dir, loaded, capsys
     assert got["preference_spec"] == "utility=0.5,grounding=0,flops=0.5,params=0"
     for key in ("flops_ratio", "params_ratio"):
         assert got[key] == pytest.approx(want[key]) and 0 < got[key] < 1
-    for t in TOWERS:
+    for t in controller.space.stages:
         for key in ("layers_kept", "heads_kept", "channels_kept"):
             assert got[t][key] == want[t][key]
             assert len(got[t][key]) == 2

@@ -20,7 +20,7 @@ import torch
 from ..errors import HippError
 from ..gates import topk_mask
 from ..plan import Plan
-from ..space import TOWERS, PruneSpace
+from ..space import PruneSpace
 from .units import Scores, unit_flops
 
 TOLERANCE = 0.02  # an allocated plan's FLOPs ratio lies in [target - TOLERANCE, target]
@@ -41,8 +41,10 @@ def check_target(target: float) -> float:
     return t
 
 
-def width_budget(space: PruneSpace, target: float, towers=TOWERS) -> float:
-    """Prunable FLOPs allowed in `towers` so that their total (fixed costs included) is target * dense."""
+def width_budget(space: PruneSpace, target: float, towers=None) -> float:
+    """Prunable FLOPs allowed in `towers` (default: every stage) so that their total (fixed costs
+    included) is target * dense."""
+    towers = space.stages if towers is None else towers
     return target * _dense(space, towers) - sum(space.fixed_flops.get(t, 0.0) for t in towers)
 
 
@@ -144,7 +146,7 @@ def allocate(space: PruneSpace, target: float, scores: Scores, *, key: str = "de
     lk = torch.ones(n_layers, dtype=torch.float64) if layer_keep is None else \
         torch.as_tensor(layer_keep, dtype=torch.float64).clone()
     h_cost, c_cost = unit_flops(space)
-    groups = {t: [t] for t in TOWERS} if per_tower else {"all": list(TOWERS)}  # budget group -> its towers
+    groups = {t: [t] for t in space.stages} if per_tower else {"all": list(space.stages)}  # budget group -> stages
     group_of = {i: (l.tower if per_tower else "all") for i, l in enumerate(space.layers)}
     spent = {g: 0.0 for g in groups}
     layer_spent = [0.0] * n_layers
@@ -166,7 +168,7 @@ def allocate(space: PruneSpace, target: float, scores: Scores, *, key: str = "de
     order = sorted(range(len(units)), key=lambda n: units[n].key)  # stable: ties in space order
     units = [units[n] for n in order]
     kept = [True] * len(units)
-    eps = 1e-9 * max(_dense(space, TOWERS), 1.0)
+    eps = 1e-9 * max(_dense(space, space.stages), 1.0)
     half = 0.5 * tolerance
 
     if layer_budgets is not None:
@@ -233,7 +235,7 @@ def uniform(space: PruneSpace, target: float, scores: Scores, tolerance: float =
         lo, hi = (mid, hi) if channel_cost(counts(mid)) <= room else (lo, mid - 1)
     k = counts(lo)
     # one more group for single layers while it fits; further rounds only if still short of the window
-    dense = _dense(space, TOWERS)
+    dense = _dense(space, space.stages)
     for _ in range(most):
         added = False
         for i, l in enumerate(layers):

@@ -57,7 +57,8 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
             "metrics": {m: mean([r["metrics"][m] for r in results]) for m in metric_keys},
             "utility": mean([r["utility"] for r in results]),
             "grounding": None if None in grounding else mean(grounding),
-            "latency_ms": {t: mean([r["latency_ms"][t] for r in results]) for t in ("image", "text")},
+            "latency_ms": {t: mean([r["latency_ms"][t] for r in results]) for t in results[0]["latency_ms"]
+                           if t != "batch"},
             "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
             "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
             "seeds": [{"seed": p.meta.get("seed", 0), "flops_ratio": r["flops_ratio"], "utility": r["utility"],
@@ -200,15 +201,15 @@ def write_outputs(result: dict, out_dir) -> dict:
 
 def rows_csv(rows: list[dict]) -> str:
     metric_keys = sorted({k for r in rows for k in r["metrics"]})
+    stages = _stages(rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", "budget", "flops_ratio", "params_ratio", "utility", "grounding", "latency_image_ms",
-                "latency_text_ms", "plan_seconds", "train_seconds", *metric_keys])
+    w.writerow(["method", "budget", "flops_ratio", "params_ratio", "utility", "grounding",
+                *(f"latency_{s}_ms" for s in stages), "plan_seconds", "train_seconds", *metric_keys])
     for r in rows:
         w.writerow([r["method"], r["budget"], r["flops_ratio"], r["params_ratio"], r["utility"],
-                    "" if r["grounding"] is None else r["grounding"], r["latency_ms"]["image"],
-                    r["latency_ms"]["text"], r["plan_seconds"], r["train_seconds"],
-                    *(r["metrics"].get(k, "") for k in metric_keys)])
+                    "" if r["grounding"] is None else r["grounding"], *(r["latency_ms"][s] for s in stages),
+                    r["plan_seconds"], r["train_seconds"], *(r["metrics"].get(k, "") for k in metric_keys)])
     return buf.getvalue()
 
 
@@ -216,8 +217,12 @@ def rows_csv(rows: list[dict]) -> str:
 DETAIL = (("FLOPs", ("flops_ratio",)), ("params", ("params_ratio",)), ("utility", ("utility",)),
           ("shapes zero-shot", ("metrics", "shapes/zs_mean")), ("Fashion-MNIST", ("metrics", "fmnist/acc")),
           ("grounding", ("grounding",)), ("i2t R@1", ("metrics", "shapes/i2t_r1")),
-          ("t2i R@1", ("metrics", "shapes/t2i_r1")), ("image ms", ("latency_ms", "image")),
-          ("text ms", ("latency_ms", "text")))
+          ("t2i R@1", ("metrics", "shapes/t2i_r1")))
+
+
+def _stages(rows: list[dict]) -> list[str]:
+    """The model's stages, as its latency rows name them."""
+    return [s for s in (rows[0]["latency_ms"] if rows else {}) if s != "batch"]
 
 
 def _dig(row: dict, path: tuple):
@@ -260,9 +265,10 @@ def markdown(result: dict) -> str:
         notes.append(f"- fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
                      f"{oracle.get('batch_size')} samples each (the controller's own training budget).")
     lines += [""] + notes if notes else []
+    detail = DETAIL + tuple((f"{s} ms", ("latency_ms", s)) for s in _stages(result["results"]))
     lines += ["", "## Every method at every budget", "",
-              "| method | budget | " + " | ".join(h for h, _ in DETAIL) + " |", "|---|---|" + "---|" * len(DETAIL)]
+              "| method | budget | " + " | ".join(h for h, _ in detail) + " |", "|---|---|" + "---|" * len(detail)]
     for b in result["budgets"]:
         for r in (r for r in result["results"] if r["budget"] == b):
-            lines.append(f"| {r['method']} | {b:g} | " + " | ".join(f(_dig(r, path)) for _, path in DETAIL) + " |")
+            lines.append(f"| {r['method']} | {b:g} | " + " | ".join(f(_dig(r, path)) for _, path in detail) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import Plan
-from ..space import TOWERS, PruneSpace
+from ..space import PruneSpace
 from .allocate import BudgetError, allocate
 from .calibration import Damage
 from .ecoflap import layer_importance
@@ -44,8 +44,8 @@ def ablation_scores(damage: Damage, space: PruneSpace) -> Scores:
 
 def _droppable(space: PruneSpace, layer_keep: torch.Tensor) -> list[int]:
     """Kept layers whose tower would still keep another layer."""
-    kept = {t: [i for i, l in enumerate(space.layers) if l.tower == t and layer_keep[i]] for t in TOWERS}
-    return [i for t in TOWERS for i in kept[t] if len(kept[t]) > 1]
+    kept = {t: [i for i, l in enumerate(space.layers) if l.tower == t and layer_keep[i]] for t in space.stages}
+    return [i for t in space.stages for i in kept[t] if len(kept[t]) > 1]
 
 
 def mope_plan(ctx: Context, budget: float, max_rounds: int | None = None, screen: int = SCREEN) -> Plan:
