@@ -34,19 +34,29 @@ def _sibling(out: Path, what: str) -> Path:
     return out.parent / f".{out.name}.hipp-{what}"
 
 
+def _marker(out: Path) -> dict:
+    try:
+        found = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def written_by(out: Path) -> str | None:
     """The command whose marker the folder holds (None without a readable one)."""
-    try:
-        return json.loads((out / MARKER).read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _marker(out).get("command")
+
+
+def _real(out) -> Path:
+    """One name per folder: `.` and symlinks resolved, so the lock and the swap act on the folder itself."""
+    return Path(os.path.realpath(out))
 
 
 def check(out, command: str, overwrite: bool = False, legacy: Callable[[Path], bool] | None = None) -> Path:
     """Refuse an output path the command must not write; reads only, so it can run before any work.
 
     `legacy(out)` says whether a folder without a marker is an earlier output of this command."""
-    out = Path(out)
+    out = _real(out)
     for part in (out, *out.parents):
         if part.exists() and not part.is_dir():
             where = "is a file" if part == out else f"lies under {part}, which is a file"
@@ -108,7 +118,7 @@ def recover(out: Path) -> None:
 def claim(out, command: str, overwrite: bool = False, legacy: Callable[[Path], bool] | None = None):
     """Hold `out` for `command`: lock it, repair a killed run's leftovers, check ownership again under
     the lock. Yields the folder path; creates nothing in it (the command decides when to write)."""
-    out = Path(out)
+    out = _real(out)
     check(out, command, overwrite, legacy)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,25 +130,29 @@ def claim(out, command: str, overwrite: bool = False, legacy: Callable[[Path], b
         recover(out)
         check(out, command, overwrite, legacy)  # the folder may have changed before we held the lock
         if out.is_dir() and written_by(out) is None and legacy is not None and legacy(out):
-            mark(out, command)  # an earlier output of this command from before markers: adopt it
+            mark(out, command, os.listdir(out))  # an earlier output from before markers: adopt it
         yield out
     finally:
         os.unlink(lock)
         os.close(fd)
 
 
-def mark(folder: Path, command: str) -> None:
-    """Write the marker that says `command` owns `folder`."""
+def mark(folder: Path, command: str, files=None) -> None:
+    """Write the marker that says `command` owns `folder` (and, for a folder written whole, which files
+    it wrote: only a folder holding nothing else is ever swapped out and removed)."""
     from . import __version__
 
-    if written_by(folder) != command:
-        write_json(folder / MARKER, {"command": command, "hipp_version": __version__})
+    entry = {"command": command, "hipp_version": __version__}
+    if files is not None:
+        entry["files"] = sorted(set(files) - {MARKER})
+    if _marker(folder) != entry:
+        write_json(folder / MARKER, entry)
 
 
 @contextmanager
 def staged(out, command: str):
     """Yield a hidden sibling folder to build the output in; on success it becomes `out` (module doc)."""
-    out = Path(out)
+    out = _real(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.hipp-tmp-", dir=out.parent))
@@ -146,7 +160,7 @@ def staged(out, command: str):
         raise HippError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     try:
         yield stage
-        mark(stage, command)
+        mark(stage, command, os.listdir(stage))
         _share(stage)
         for name in os.listdir(stage):
             fsync_path(stage / name)
@@ -167,16 +181,29 @@ def _publish(stage: Path, out: Path, command: str) -> None:
         out.rmdir()
     if not out.exists():
         os.rename(stage, out)
-    elif written_by(out) == command:
+    elif _only_ours(out, command):
         old = _sibling(out, "old")
         os.rename(out, old)
-        os.rename(stage, out)
+        try:
+            os.rename(stage, out)
+        except OSError:
+            os.rename(old, out)
+            raise
         fsync_path(out.parent)
         shutil.rmtree(old)
-    else:  # someone else's folder, and --overwrite was given: replace our files, keep theirs
+    else:  # files someone else wrote are there (--overwrite was given, or the user added some): replace
+        ours = written_by(out) == command  # our files one by one and keep theirs
         for name in sorted(os.listdir(stage)):
-            os.replace(stage / name, out / name)
+            if name != MARKER or ours:  # a folder that was not ours does not become ours
+                os.replace(stage / name, out / name)
         fsync_path(out)
         return
     fsync_path(out.parent)
+
+
+def _only_ours(out: Path, command: str) -> bool:
+    """The folder holds the command's marker and nothing but the files that marker lists."""
+    entry = _marker(out)
+    return (entry.get("command") == command and isinstance(entry.get("files"), list)
+            and set(os.listdir(out)) <= set(entry["files"]) | {MARKER})
 

@@ -51,15 +51,21 @@ def load(path) -> tuple[dict, dict, dict]:
     if not isinstance(info.get("version"), int) or info["version"] > VERSION:
         raise HippError(f"{path} was written by a newer HiPP (state version {info.get('version')!r}); "
                         f"this HiPP reads up to {VERSION}")
-    controller = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("controller.")}
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
+    try:
+        controller = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("controller.")}
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in info.get("optimizer_scalars", {}).items():
+            index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
-    for key, value in info.get("optimizer_scalars", {}).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        info["step"], info["seconds"] = int(info["step"]), float(info["seconds"])
+        if not isinstance(info["param_groups"], list) or not isinstance(info.get("run", {}), dict):
+            raise TypeError("malformed")
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise HippError(f"{path} holds no valid HiPP training state") from None
     return controller, {"state": state, "param_groups": info["param_groups"]}, info
 
 

@@ -313,7 +313,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
         try:
             controller.load_state_dict(weights, strict=True)
             opt.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise HippError(f"{state_path} does not fit this run's controller ({str(e).splitlines()[0]})") from None
         start, elapsed = int(info["step"]), float(info["seconds"])
     controller, opt = acc.prepare(controller, opt)
@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
                 raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last good "
                                        f"checkpoint in {out} is kept (step {last_saved})")
             acc.backward(total)
-            if not _gradients_finite(raw):
+            if acc.scaler is None and not _gradients_finite(raw):  # fp16's scaler skips overflowing steps itself
                 raise TrainingDiverged(f"gradients became non-finite at step {step + 1}; stopped, the last good "
                                        f"checkpoint in {out} is kept (step {last_saved})")
             set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
@@ -376,11 +376,14 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
         if cfg.tensorboard:
             acc.log(row, step=step + 1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == stop:
+            # gradients accumulated in the middle of a window are not in the state: it is saved at sync steps
+            synced = (step + 1) % cfg.grad_accum == 0
             if acc.is_main_process:  # the state first: the controller files then never run ahead of it
-                resume_state.save(out / resume_state.STATE_NAME, raw, opt,
-                                  {"step": step + 1, "seconds": time.time() - t0, "run": identity})
+                if synced:
+                    resume_state.save(out / resume_state.STATE_NAME, raw, opt,
+                                      {"step": step + 1, "seconds": time.time() - t0, "run": identity})
                 raw.save(out, fingerprint=base_print, extra=extra)
-            last_saved = step + 1
+            last_saved = step + 1 if synced else last_saved
             acc.wait_for_everyone()
     seconds = time.time() - t0
     if cfg.tensorboard:

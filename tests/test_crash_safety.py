@@ -329,3 +329,67 @@ def test_teacher_pretraining_resumes_exactly_from_its_safetensors_state(tmp_path
     a, b = (load_file(str(tmp_path / d / WEIGHTS_NAME)) for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _log_steps(tmp_path / "resumed") == [1, 2, 3, 4]
+
+
+def test_a_plain_rerun_after_overwrite_keeps_the_users_files(tmp_path):
+    """--overwrite writes into a user's folder without making it the command's: the next run without
+    --overwrite is refused, and no run removes a file the command did not write."""
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with outputs.claim(mine, "export", overwrite=True), outputs.staged(mine, "export") as stage:
+        (stage / "model.safetensors").write_text("a")
+    assert outputs.written_by(mine) is None and (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(HippError, match="not empty"):
+        outputs.check(mine, "export")
+    own = tmp_path / "own"  # the command's own folder, to which the user later added a file
+    with outputs.claim(own, "export"), outputs.staged(own, "export") as stage:
+        (stage / "model.safetensors").write_text("a")
+    (own / "notes.txt").write_text("keep me too")
+    with outputs.claim(own, "export"), outputs.staged(own, "export") as stage:
+        (stage / "model.safetensors").write_text("b")
+    assert (own / "notes.txt").read_text() == "keep me too" and (own / "model.safetensors").read_text() == "b"
+
+
+def test_dot_and_a_symlink_name_the_folder_itself(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    for _ in range(2):
+        with outputs.claim(tmp_path / "link", "pareto"), outputs.staged(tmp_path / "link", "pareto") as stage:
+            (stage / "pareto.md").write_text("x")
+    assert (tmp_path / "link").is_symlink() and (real / "pareto.md").read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    with outputs.claim(".", "bench"), outputs.staged(".", "bench") as stage:
+        (stage / "bench.md").write_text("y")
+    assert sorted(os.listdir(empty)) == [outputs.MARKER, "bench.md"]
+
+
+def test_resume_is_exact_when_a_run_stopped_inside_a_gradient_accumulation_window(tiny_model_dir, tmp_path):
+    """With grad_accum 2 a run stopped at step 3 has half a window of gradients that no state holds: the
+    state stays at step 2, and the resumed run equals an uninterrupted one."""
+    def cfg(name):
+        return load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, name=f"{name}.yaml", steps=6,
+                                                     save_every=2, grad_accum=2, output=str(tmp_path / name)))
+    train(cfg("straight"))
+    train(cfg("resumed"), max_steps=3)
+    from hipp.resume import load
+    assert load(tmp_path / "resumed" / STATE_NAME)[2]["step"] == 2
+    train(cfg("resumed"), resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_malformed_state_file_is_one_line(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+    cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
+    train(cfg, max_steps=1)
+    state = Path(cfg.output) / STATE_NAME
+    for meta in ({"hipp": json.dumps({"format": "hipp-train-state", "version": 1, "step": "x"})},
+                 {"hipp": json.dumps({"format": "hipp-train-state", "version": 1, "step": 1, "seconds": 0,
+                                      "param_groups": [], "optimizer_scalars": []})},
+                 {"hipp": "[1, 2]"}, {}):
+        save_file({"optimizer.x": torch.zeros(1)}, str(state), metadata=meta)
+        with pytest.raises(HippError, match="holds no (valid )?HiPP training state"):
+            train(cfg, resume=True)

@@ -139,8 +139,8 @@ def gated(model: nn.Module, gates):
     whatever gates the blocks held before come back on exit, also when the block raises."""
     blocks = prunable_blocks(model)
     saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]
-    set_gates(model, *gates)
     try:
+        set_gates(model, *gates)  # inside: a shape refused at block i leaves blocks before it gated
         yield model
     finally:
         for block, before in zip(blocks, saved):
