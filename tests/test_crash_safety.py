@@ -289,9 +289,12 @@ def test_overwrite_is_needed_for_a_folder_another_command_or_the_user_wrote(tmp_
     with outputs.claim(mine, "pareto", overwrite=True), outputs.staged(mine, "pareto") as stage:
         (stage / "pareto.csv").write_text("a")
     assert (mine / "notes.txt").read_text() == "keep me" and (mine / "pareto.csv").read_text() == "a"
-    assert outputs.written_by(mine) == "pareto"
+    assert outputs.written_by(mine) is None  # still the user's: the next run needs --overwrite again
+    front = tmp_path / "front"
+    with outputs.claim(front, "pareto"), outputs.staged(front, "pareto") as stage:
+        (stage / "pareto.csv").write_text("a")
     with pytest.raises(HippError, match="was written by 'hipp pareto'"):
-        outputs.check(mine, "bench")
+        outputs.check(front, "bench")
     report = tmp_path / "report"
     for text in ("first", "second"):  # a command's own folder is replaced whole, without --overwrite
         with outputs.claim(report, "bench"), outputs.staged(report, "bench") as stage:
