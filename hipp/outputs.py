@@ -111,7 +111,6 @@ def recover(out: Path) -> None:
             os.rename(old, out)
     for p in out.parent.glob(f".{out.name}.hipp-tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
-    clean_temp_files(out)
 
 
 @contextmanager
@@ -129,6 +128,8 @@ def claim(out, command: str, overwrite: bool = False, legacy: Callable[[Path], b
     try:
         recover(out)
         check(out, command, overwrite, legacy)  # the folder may have changed before we held the lock
+        if written_by(out) == command:  # only in the command's own folder are .*.tmp files its leftovers
+            clean_temp_files(out)
         if out.is_dir() and written_by(out) is None and legacy is not None and legacy(out):
             mark(out, command, os.listdir(out))  # an earlier output from before markers: adopt it
         yield out

@@ -93,11 +93,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
         acc.unwrap_model(model).load_state_dict(weights, strict=True)
         opt.load_state_dict(opt_state)
         start, elapsed = int(info["step"]), float(info["seconds"])
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "train_log.jsonl"
-    if start == 0 and log.exists():
-        log.unlink()  # a fresh run starts a fresh log
-    resume_state.truncate_log(log, start)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if start == 0 and log.exists():
+            log.unlink()  # a fresh run starts a fresh log
+        resume_state.truncate_log(log, start)
+    acc.wait_for_everyone()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="teacher", disable=not acc.is_main_process)
     t0 = time.time() - elapsed
     for step in bar:
