@@ -54,13 +54,18 @@ def _finish(cfg_path: Path, out: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_model_dir, tmp_path_factory):
+def _uninterrupted(tiny_model_dir, tmp_path_factory, steps: int, save_every: int) -> Path:
     """The uninterrupted run every interrupted one must reproduce, tensor for tensor."""
     tmp = tmp_path_factory.mktemp("straight")
-    cfg = load_config(TrainConfig, write_config(tmp, tiny_model_dir, steps=STEPS, save_every=2, lr_schedule="cosine"))
+    cfg = load_config(TrainConfig, write_config(tmp, tiny_model_dir, steps=steps, save_every=save_every,
+                                                lr_schedule="cosine"))
     train(cfg)
     return Path(cfg.output)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    return _uninterrupted(tiny_model_dir, tmp_path_factory, STEPS, 2)
 
 
 def _wait_for_step(out: Path, step: int, proc, timeout: float = 300) -> None:
@@ -77,10 +82,7 @@ def _log_steps_so_far(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def long_straight(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("long")
-    cfg = load_config(TrainConfig, write_config(tmp, tiny_model_dir, steps=LONG, save_every=3, lr_schedule="cosine"))
-    train(cfg)
-    return Path(cfg.output)
+    return _uninterrupted(tiny_model_dir, tmp_path_factory, LONG, 3)
 
 
 def test_kill_9_at_five_random_moments_then_resume_equals_an_uninterrupted_run(long_straight, tiny_model_dir,
