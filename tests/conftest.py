@@ -42,3 +42,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_model(model, path, TINY_CFG, TINY_PP, dtype=torch.float32)
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as `hipp convert` writes it (transformers config, weights, tokenizer, preprocessor);
+    tests read it, never change it."""
+    from hipp.backends.convert import convert_folder
+    out = tmp_path_factory.mktemp("hf-tiny") / "model"
+    convert_folder(tiny_model_dir, out)
+    return out

@@ -147,13 +147,6 @@ def test_converted_teacher_materialises_exactly(converted_teacher):
 # --- the whole path through the CLI on a converted tiny model ---
 
 @pytest.fixture(scope="module")
-def hf_tiny_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf-tiny") / "model"
-    convert_folder(tiny_model_dir, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def hf_controller_dir(hf_tiny_dir, tmp_path_factory):
     model = load_model(hf_tiny_dir)
     base_print = fingerprint(model)

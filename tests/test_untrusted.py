@@ -20,7 +20,6 @@ import torch
 from hipp import get_preprocess, get_tokenizer, load_model
 from hipp.backends import hf as hf_backend
 from hipp.backends import make_prunable
-from hipp.backends.convert import convert_folder
 from hipp.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, fingerprint
 from hipp.cli import main
 from hipp.errors import HippError
@@ -60,11 +59,9 @@ def watched(decoy: Path):
 # --- the legitimate folders every malicious one starts from ---
 
 @pytest.fixture(scope="module")
-def hf_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny open_clip model as `hipp convert` writes it: config, weights, tokenizer, preprocessor."""
-    out = tmp_path_factory.mktemp("untrusted-hf") / "model"
-    convert_folder(tiny_model_dir, out)
-    return out
+def hf_dir(hf_tiny_dir):
+    """The tiny open_clip model as `hipp convert` writes it (conftest): every transformers decoy starts here."""
+    return hf_tiny_dir
 
 
 @pytest.fixture(scope="module")
