@@ -28,11 +28,11 @@ import torch
 
 from hipp.backends import context_length, image_size, make_prunable
 from hipp.baselines import make_plan
-from hipp.controller import load_controller
+from hipp.controller.network import load_controller
 from hipp.errors import HippError
-from hipp.slicing import materialize
-from hipp.plan import Plan
-from hipp.query import load_base, plan_for_budget
+from hipp.export.slicing import materialize
+from hipp.core.plan import Plan
+from hipp.query.bound import load_base, plan_for_budget
 
 
 def random_model(spec: str) -> torch.nn.Module:
@@ -48,7 +48,7 @@ def random_model(spec: str) -> torch.nn.Module:
         hf = (transformers.CLIPModel(transformers.CLIPConfig()) if kind == "clip"
               else transformers.SiglipModel(transformers.SiglipConfig()))
         return HFVLM(hf).eval().requires_grad_(False)
-    from hipp.checkpoint import load_model
+    from hipp.storage.checkpoint import load_model
 
     return load_model(spec)
 

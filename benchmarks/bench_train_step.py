@@ -15,13 +15,13 @@ import time
 import torch
 
 from hipp.backends import clear_gates, image_size, make_prunable
-from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
-from hipp.controller import Controller
+from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
+from hipp.controller.network import Controller
 from hipp.data.mixed import MixedBatches
-from hipp.gates import sample_gates
-from hipp.objectives import ObjectiveConfig, Objectives
-from hipp.pretrain import contrastive_loss
-from hipp.trainer import Distiller
+from hipp.core.gates import sample_gates
+from hipp.training.objectives import ObjectiveConfig, Objectives
+from train.teacher import contrastive_loss
+from hipp.training.trainer import Distiller
 
 
 def main():

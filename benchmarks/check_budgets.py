@@ -7,8 +7,8 @@ import argparse
 import json
 import time
 
-from hipp.controller import load_controller
-from hipp.query import load_base, plan_for_budget
+from hipp.controller.network import load_controller
+from hipp.query.bound import load_base, plan_for_budget
 
 
 def main():

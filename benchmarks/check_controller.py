@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 
 from hipp.backends import clear_gates, set_gates
-from hipp.checkpoint import fingerprint
-from hipp.controller import load_controller
-from hipp.evaluate import evaluate
-from hipp.fileio import write_json
-from hipp.pareto import spearman
-from hipp.preference import sweep
-from hipp.query import load_base, plan_for_budget
+from hipp.storage.checkpoint import fingerprint
+from hipp.controller.network import load_controller
+from hipp.evaluation.evaluate import evaluate
+from hipp.storage.fileio import write_json
+from hipp.evaluation.pareto import spearman
+from hipp.core.preference import sweep
+from hipp.query.bound import load_base, plan_for_budget
 
 
 def main():

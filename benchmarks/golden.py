@@ -35,9 +35,9 @@ def measure(steps: int) -> dict:
 
     from hipp.baselines import make_calibration, make_plans
     from hipp.config import load_config
-    from hipp.controller import load_controller
-    from hipp.query import bound_candidates, candidate_preferences, load_base, plan_for_budget
-    from hipp.trainer import TrainConfig, train
+    from hipp.controller.network import load_controller
+    from hipp.query.bound import bound_candidates, candidate_preferences, load_base, plan_for_budget
+    from hipp.training.trainer import TrainConfig, train
 
     cfg = load_config(TrainConfig, ROOT / "configs" / "hipp_tiny.yaml")
     cfg.model = str(ROOT / cfg.model)
@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--compare", help="an earlier output of this script: print every difference")
     args = ap.parse_args()
-    from hipp.fileio import write_json
+    from hipp.storage.fileio import write_json
     result = measure(args.steps)
     write_json(args.out, result)
     if not args.compare:

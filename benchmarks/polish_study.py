@@ -1,12 +1,12 @@
 """What does polishing buy, and with which settings? For each FLOPs bound: the bound query's plan, then
-for each setting a polished plan (`hipp.polish.polished_plan`, before the keep-if-better check), each
+for each setting a polished plan (`hipp.query.polish.polished_plan`, before the keep-if-better check), each
 with its ranking loss (what `polish` compares) and its utility on the full test sets (the bench's
 evaluation).
 
     python benchmarks/polish_study.py --controller runs/hipp-tiny --budgets 0.3,0.5,0.7 \
         --settings '[{}, {"lr": 0.02}, {"lambda_lr": 0.5}]' --out runs/polish_study
 
-Each setting overrides fields of `hipp.polish.POLISH`. About 2 min per bound and setting on 2 cores.
+Each setting overrides fields of `hipp.query.polish.POLISH`. About 2 min per bound and setting on 2 cores.
 """
 import argparse
 import dataclasses
@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from hipp.controller import load_controller
-from hipp.fileio import write_json, write_text
-from hipp.pareto import evaluate_plan
-from hipp.polish import POLISH, polished_plan
-from hipp.query import load_base, plan_for_budget, rank_losses
+from hipp.controller.network import load_controller
+from hipp.storage.fileio import write_json, write_text
+from hipp.evaluation.pareto import evaluate_plan
+from hipp.query.polish import POLISH, polished_plan
+from hipp.query.bound import load_base, plan_for_budget, rank_losses
 
 
 def main():

@@ -15,10 +15,10 @@ import json
 import statistics
 from pathlib import Path
 
-from hipp.controller import load_controller
-from hipp.fileio import write_text
-from hipp.pareto import evaluate_plan
-from hipp.query import (bound_candidates, calibration, format_spec, load_base, utility_losses, zero_shot_calibration,
+from hipp.controller.network import load_controller
+from hipp.storage.fileio import write_text
+from hipp.evaluation.pareto import evaluate_plan
+from hipp.query.bound import (bound_candidates, calibration, format_spec, load_base, utility_losses, zero_shot_calibration,
                         zero_shot_losses)
 
 

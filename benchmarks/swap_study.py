@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from hipp.controller import load_controller
-from hipp.pareto import evaluate_plan
-from hipp.polish import plan_logits
-from hipp.budget import Units, meets, ratios
-from hipp.query import (calibration, load_base, plan_for_budget, rank_losses,
+from hipp.controller.network import load_controller
+from hipp.evaluation.pareto import evaluate_plan
+from hipp.query.polish import plan_logits
+from hipp.core.budget import Units, meets, ratios
+from hipp.query.bound import (calibration, load_base, plan_for_budget, rank_losses,
                         utility_losses, zero_shot_calibration, zero_shot_losses)
 
 

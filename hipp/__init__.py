@@ -7,8 +7,9 @@ __all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "
 # Imported on first use (PEP 562): open_clip alone takes seconds to import, `hipp query --pref` needs
 # only torch and the controller, and importing the package imports no torch at all, so a Ctrl-C while
 # the CLI starts is caught by its handler instead of printing a traceback.
-_LAZY = {"load_model": "checkpoint", "get_tokenizer": "checkpoint", "get_preprocess": "checkpoint",
-         "load_controller": "controller", "materialize": "slicing"}
+_LAZY = {"load_model": "storage.checkpoint", "get_tokenizer": "storage.checkpoint",
+         "get_preprocess": "storage.checkpoint", "load_controller": "controller.network",
+         "materialize": "export.slicing"}
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
 """Shared test fixtures: a tiny open_clip model saved in the project's folder format; a FLOPs counter."""
+import sys
 from pathlib import Path
 
 import open_clip
@@ -6,9 +7,10 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
-from hipp.checkpoint import save_model
+from hipp.storage.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train/ (the embedded teacher's builder) is not installed
 TEACHER_DIR = ROOT / "checkpoints" / "teacher-tiny"
 
 TINY_CFG = {

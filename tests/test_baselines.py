@@ -15,13 +15,13 @@ from hipp.baselines.ecoflap import layer_budgets
 from hipp.baselines.magnitude import magnitude_scores
 from hipp.baselines.mope import _without, ablation_scores
 from hipp.baselines.units import Scores, unit_flops
-from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
+from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.errors import HippError
-from hipp.evaluate import evaluate
-from hipp.slicing import compensate_bias, materialize, model_structure, structure
-from hipp.pareto import calibration_inputs, evaluate_plan
-from hipp.plan import Plan
-from hipp.space import LayerSpec, PruneSpace
+from hipp.evaluation.evaluate import evaluate
+from hipp.export.slicing import compensate_bias, materialize, model_structure, structure
+from hipp.evaluation.pareto import calibration_inputs, evaluate_plan
+from hipp.core.plan import Plan
+from hipp.core.space import LayerSpec, PruneSpace
 
 BUDGETS = (0.3, 0.5, 0.7)
 GROUP = 8  # 256 MLP channels -> 32 channel gates per layer
@@ -283,7 +283,7 @@ def test_fixed_budget_reports_training_time_and_leaves_the_vlm_frozen(tiny):
 
 
 def test_bench_object_holds_the_contract_keys(tiny, tmp_path):
-    from hipp.baselines.bench import bench
+    from hipp.evaluation.bench import bench
     model, space, calibration, _ = tiny
     tokenizer = calibration.tokenizer
     out = bench(model, tokenizer, calibration.preprocess_cfg, space, budgets=[0.5], methods=["uniform", "random", "flap"],
@@ -298,7 +298,7 @@ def test_bench_object_holds_the_contract_keys(tiny, tmp_path):
 
 
 def test_margins_name_the_best_training_free_method_and_the_oracle_gap():
-    from hipp.baselines.bench import margins
+    from hipp.evaluation.bench import margins
     rows = [{"method": m, "budget": b, "utility": u} for m, b, u in (
         ("uniform", 0.3, 0.5), ("mope", 0.3, 0.7), ("fixed_budget", 0.3, 0.9), ("hipp", 0.3, 0.8),
         ("mope", 0.7, 0.85), ("ecoflap", 0.7, 0.86), ("hipp", 0.7, 0.84), ("uniform", 0.5, 0.6))]
@@ -319,7 +319,7 @@ def test_margins_name_the_best_training_free_method_and_the_oracle_gap():
 
 def test_fixed_budget_oracle_gets_the_controllers_training_budget():
     from hipp.baselines.fixed_budget import GateTraining, matched_to
-    from hipp.trainer import TrainConfig
+    from hipp.training.trainer import TrainConfig
 
     cfg = asdict(TrainConfig(steps=600, pref_groups=2, lr_schedule="cosine"))
     cfg["data"]["batch_size"] = 32

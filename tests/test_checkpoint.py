@@ -5,7 +5,7 @@ import torch
 
 from hipp import get_preprocess, get_tokenizer, load_model
 from hipp.backends import describe, image_size
-from hipp.checkpoint import WEIGHTS_NAME, fingerprint
+from hipp.storage.checkpoint import WEIGHTS_NAME, fingerprint
 from hipp.errors import HippError
 
 from conftest import TEACHER_DIR, counted_flops

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-from hipp.checkpoint import WEIGHTS_NAME
+from hipp.storage.checkpoint import WEIGHTS_NAME
 
 
 def hipp(*args, env=None):

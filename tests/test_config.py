@@ -5,7 +5,7 @@ import pytest
 
 from hipp.config import check_numbers, load_config
 from hipp.errors import HippError
-from hipp.trainer import TrainConfig
+from hipp.training.trainer import TrainConfig
 
 
 def test_numbers_written_the_yaml_1_1_way_load(tmp_path):

@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
-from hipp.controller import CONFIG_NAME, WEIGHTS_NAME, Controller, load_controller, prunable_params
+from hipp.controller.network import CONFIG_NAME, WEIGHTS_NAME, Controller, load_controller, prunable_params
 from hipp.errors import HippError
-from hipp.objectives import expected_cost_ratios
-from hipp.plan import Plan
-from hipp.preference import sample_dirichlet, simplex_grid, sweep
-from hipp.space import LayerSpec, PruneSpace
+from hipp.training.objectives import expected_cost_ratios
+from hipp.core.plan import Plan
+from hipp.core.preference import sample_dirichlet, simplex_grid, sweep
+from hipp.core.space import LayerSpec, PruneSpace
 
 NAMES = ["utility", "grounding", "flops", "params"]
 FP = "0123456789abcdef"  # a saved controller names its base model's weights fingerprint

@@ -1,4 +1,4 @@
-"""hipp.costs against torch.utils.flop_counter on real transformers blocks (CLIP, Llama, Qwen2)."""
+"""hipp.core.costs against torch.utils.flop_counter on real transformers blocks (CLIP, Llama, Qwen2)."""
 import pytest
 import torch
 import transformers
@@ -7,8 +7,8 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from hipp.costs import AttentionCost, BlockCost, Load, MLPCost, NormCost, decode, prefill
-from hipp.space import LayerSpec
+from hipp.core.costs import AttentionCost, BlockCost, Load, MLPCost, NormCost, decode, prefill
+from hipp.core.space import LayerSpec
 from conftest import counted_flops
 
 WIDTH = 64

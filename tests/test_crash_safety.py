@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hipp import outputs
+from hipp.storage import outputs
 from hipp.config import load_config
 from hipp.errors import HippError
-from hipp.resume import STATE_NAME
-from hipp.trainer import TrainConfig, TrainingDiverged, train
+from hipp.training.resume import STATE_NAME
+from hipp.training.trainer import TrainConfig, TrainingDiverged, train
 from test_trainer import write_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -39,8 +39,8 @@ def _log_steps(out: Path) -> list[int]:
 
 def _assert_consistent(out: Path) -> None:
     """What a kill leaves must load: the controller a query would read, the state a resume would."""
-    from hipp.controller import load_controller
-    from hipp.resume import load
+    from hipp.controller.network import load_controller
+    from hipp.training.resume import load
     if (out / "controller.json").exists():
         load_controller(out)
     if (out / STATE_NAME).exists():
@@ -123,7 +123,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 os.replace = replace
-from hipp.cli import main
+from hipp.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -152,7 +152,7 @@ def test_kill_9_inside_an_export_swap_leaves_the_old_export(tmp_path):
     out = tmp_path / "export"
     with outputs.claim(out, "export"), outputs.staged(out, "export") as stage:
         (stage / "model.safetensors").write_bytes(b"old")
-    script = ("import os, signal, sys\nfrom hipp import outputs\nreal = os.rename\nn = [0]\n"
+    script = ("import os, signal, sys\nfrom hipp.storage import outputs\nreal = os.rename\nn = [0]\n"
               "def rename(a, b):\n    n[0] += 1\n    real(a, b)\n"
               "    if n[0] == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
               "os.rename = rename\nout = sys.argv[1]\n"
@@ -166,7 +166,7 @@ def test_kill_9_inside_an_export_swap_leaves_the_old_export(tmp_path):
 
 
 def test_non_finite_gradients_stop_training_and_keep_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    from hipp.objectives import Objectives
+    from hipp.training.objectives import Objectives
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
     train(cfg, max_steps=2)
     good, state = _weights(tmp_path / "out"), (tmp_path / "out" / STATE_NAME).read_bytes()
@@ -307,8 +307,8 @@ def test_overwrite_is_needed_for_a_folder_another_command_or_the_user_wrote(tmp_
 
 def test_teacher_pretraining_resumes_exactly_from_its_safetensors_state(tmp_path, monkeypatch):
     from conftest import TINY_CFG
-    from hipp import pretrain
-    from hipp.checkpoint import WEIGHTS_NAME
+    from train import teacher as pretrain
+    from hipp.storage.checkpoint import WEIGHTS_NAME
 
     def cfg(out, **over):
         return pretrain.TeacherConfig(model={**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 64}},
@@ -379,7 +379,7 @@ def test_resume_is_exact_when_a_run_stopped_inside_a_gradient_accumulation_windo
                                                      save_every=2, grad_accum=2, output=str(tmp_path / name)))
     train(cfg("straight"))
     train(cfg("resumed"), max_steps=3)
-    from hipp.resume import load
+    from hipp.training.resume import load
     assert load(tmp_path / "resumed" / STATE_NAME)[2]["step"] == 2
     train(cfg("resumed"), resume=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")

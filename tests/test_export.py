@@ -10,14 +10,14 @@ import torch
 import hipp
 from hipp import load_model
 from hipp.backends import clear_gates, describe, make_prunable, set_gates
-from hipp.cli import main
-from hipp.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME, get_preprocess, get_tokenizer
-from hipp.controller import Controller, load_controller
+from hipp.cli.main import main
+from hipp.storage.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME, get_preprocess, get_tokenizer
+from hipp.controller.network import Controller, load_controller
 from hipp.errors import HippError
-from hipp.export import ONNX_FILES, export_pruned
-from hipp.fileio import load_tensors, save_tensors
-from hipp.outputs import MARKER
-from hipp.query import Base, load_base
+from hipp.export.pruned import ONNX_FILES, export_pruned
+from hipp.storage.fileio import load_tensors, save_tensors
+from hipp.storage.outputs import MARKER
+from hipp.query.bound import Base, load_base
 from test_modules import embeddings, inputs, vitb32  # noqa: F401
 from test_query import PREFS, assert_bad, cli, tiny_controller_dir  # noqa: F401
 
@@ -77,7 +77,7 @@ def test_a_fresh_process_loads_identical_embeddings(exported, tmp_path):
     script = (  # only hipp.load_model: no controller, no base model folder needed
         "import sys, torch\n"
         "from hipp import load_model\n"
-        "from hipp.fileio import load_tensors, save_tensors\n"
+        "from hipp.storage.fileio import load_tensors, save_tensors\n"
         "m = load_model(sys.argv[1]); x = load_tensors(sys.argv[2])\n"
         "with torch.no_grad():\n"
         "    save_tensors(sys.argv[3], {'image': m.encode_image(x['images']), 'text': m.encode_text(x['tokens'])})\n")
@@ -251,7 +251,7 @@ def test_vit_b_32_export_round_trip(vitb32, tmp_path):  # noqa: F811
     strict reload: two images and captions (batch 2)."""
     import copy
     model = copy.deepcopy(vitb32)
-    from hipp.checkpoint import fingerprint, preprocess_cfg
+    from hipp.storage.checkpoint import fingerprint, preprocess_cfg
     import open_clip
     space = make_prunable(model, channel_group=256)
     c = Controller(space, ["utility", "flops"], hidden=8, rank=2)

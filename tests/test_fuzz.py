@@ -1,7 +1,7 @@
 """Fuzz: bad input to every command is one `hipp: error: ...` line on stderr and exit status 2, never a
 traceback, and leaves every file the user has (the fixture folders, the repository checkout) as it was.
 
-Each case builds its bad input in its own folder and runs `hipp.cli.main` in-process (fast); a few run as
+Each case builds its bad input in its own folder and runs `hipp.cli.main.main` in-process (fast); a few run as
 real `python -m hipp` processes to show the exit status, and the permission cases run in a forked child
 that drops root (chmod means nothing to root).
 """
@@ -29,7 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from hipp.cli import main
+from hipp.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE_SECONDS = 60  # a case that blocks (a FIFO opened, a huge grid) fails instead of hanging the suite
@@ -652,7 +652,7 @@ def open_world(world) -> World:
     and every command's modules imported here: the child may not be allowed to read the interpreter's own
     library (under root's home), and importing is not what these cases test."""
     import encodings.utf_8_sig  # noqa: F401
-    import hipp.checkpoint, hipp.evaluate, hipp.export, hipp.pareto, hipp.query, hipp.trainer  # noqa: E401, F401
+    import hipp.storage.checkpoint, hipp.evaluation.evaluate, hipp.export.pruned, hipp.evaluation.pareto, hipp.query.bound, hipp.training.trainer  # noqa: E401, F401
     base = Path(tempfile.mkdtemp(prefix="hipp-fuzz-"))
     for src, name in ((world.model, "model"), (world.controller, "controller")):
         shutil.copytree(src, base / name)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hipp.errors import HippError
-from hipp.gates import (TemperatureSchedule, couple, gumbel_sigmoid, hard_gates, hard_plan, keep_prob, map_gates,
+from hipp.core.gates import (TemperatureSchedule, couple, gumbel_sigmoid, hard_gates, hard_plan, keep_prob, map_gates,
                         sample_gates, straight_through, topk_mask)
-from hipp.space import LayerSpec, PruneSpace
+from hipp.core.space import LayerSpec, PruneSpace
 
 
 def small_space() -> PruneSpace:
@@ -153,7 +153,8 @@ def test_no_stage_name_outside_the_backends_and_the_clip_task_code():
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "hipp"
-    task_code = {"export.py", "evaluate.py", "pareto.py", "baselines/calibration.py", "data/user.py"}
+    task_code = {"export/pruned.py", "evaluation/evaluate.py", "evaluation/pareto.py", "baselines/calibration.py",
+                 "data/user.py"}
     named = set()
     for path in root.rglob("*.py"):
         rel = path.relative_to(root).as_posix()

@@ -11,12 +11,12 @@ from hipp import load_model
 from hipp.backends import clear_gates, describe, make_prunable, set_gates
 from hipp.backends.convert import convert_folder
 from hipp.backends.hf import HFBlock, HFVLM
-from hipp.checkpoint import PRUNED_CONFIG_NAME, fingerprint, get_tokenizer
-from hipp.controller import load_controller
+from hipp.storage.checkpoint import PRUNED_CONFIG_NAME, fingerprint, get_tokenizer
+from hipp.controller.network import load_controller
 from hipp.data import shapes, to_input
 from hipp.errors import HippError
-from hipp.evaluate import shape_metrics
-from hipp.slicing import empty_model, materialize, model_structure
+from hipp.evaluation.evaluate import shape_metrics
+from hipp.export.slicing import empty_model, materialize, model_structure
 from conftest import TEACHER_DIR, counted_flops
 from test_modules import random_gates
 from test_query import PREFS, assert_bad, cli, designed_controller
@@ -245,7 +245,7 @@ def test_eager_attention_and_per_sample_gates(kind):
 def test_conversion_refuses_what_transformers_clip_cannot_express(tmp_path, capsys):
     from conftest import TINY_CFG, TINY_PP
     import open_clip
-    from hipp.checkpoint import save_model
+    from hipp.storage.checkpoint import save_model
 
     cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "ls_init_value": 0.1}}
     save_model(open_clip.CLIP(**cfg), tmp_path / "ls", cfg, TINY_PP, dtype=torch.float32)

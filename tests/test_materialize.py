@@ -7,10 +7,10 @@ import torch
 
 from hipp.backends import clear_gates, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
-from hipp.fileio import load_tensors, save_tensors
-from hipp.slicing import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
+from hipp.storage.fileio import load_tensors, save_tensors
+from hipp.export.slicing import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
                               structure)
-from hipp.modules import DroppedBlock, PrunableBlock
+from hipp.backends.modules import DroppedBlock, PrunableBlock
 from conftest import counted_flops
 from test_modules import CUSTOM, TINY, build, embeddings, inputs, random_gates, vitb32  # noqa: F401
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hipp.errors import HippError
-from hipp.objectives import (Embeddings, ObjectiveConfig, Objectives, chebyshev_scalarize, expected_cost_ratios,
+from hipp.training.objectives import (Embeddings, ObjectiveConfig, Objectives, chebyshev_scalarize, expected_cost_ratios,
                              grounding_loss, linear_scalarize, margins, utility_loss, utility_terms)
-from hipp.space import LayerSpec, PruneSpace
+from hipp.core.space import LayerSpec, PruneSpace
 
 
 def small_space() -> PruneSpace:

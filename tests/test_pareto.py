@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from hipp.backends import make_prunable
-from hipp.checkpoint import get_tokenizer, load_model, preprocess_cfg
-from hipp.controller import Controller
+from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
+from hipp.controller.network import Controller
 from hipp.errors import HippError
-from hipp.pareto import evaluate_plan, hypervolume_2d, non_dominated, spearman, sweep, utility_difference, utility_of
-from hipp.space import PruneSpace
+from hipp.evaluation.pareto import evaluate_plan, hypervolume_2d, non_dominated, spearman, sweep, utility_difference, utility_of
+from hipp.core.space import PruneSpace
 
 
 def test_hypervolume_of_hand_computed_sets():

@@ -6,10 +6,10 @@ import torch
 
 from hipp.baselines.fixed_budget import FreeGates
 from hipp.errors import HippError
-from hipp.gates import map_gates
-from hipp.polish import plan_logits, polish
-from hipp.budget import Units
-from hipp.query import plan_for_budget, rank_losses
+from hipp.core.gates import map_gates
+from hipp.query.polish import plan_logits, polish
+from hipp.core.budget import Units
+from hipp.query.bound import plan_for_budget, rank_losses
 from test_query import assert_bad, cli, loaded, tiny_controller_dir  # noqa: F401
 
 BOUND = 0.45
@@ -60,8 +60,8 @@ def test_polish_input_is_checked(loaded):  # noqa: F811
 
 
 def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F811
-    from hipp.cli import POLISH_STEPS
-    from hipp.polish import POLISH
+    from hipp.cli.main import POLISH_STEPS
+    from hipp.query.polish import POLISH
     assert POLISH_STEPS == POLISH.steps  # the parser's copy, kept so that building it imports no torch
     code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", BOUND,
                          "--polish", 2, "--json")

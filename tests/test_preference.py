@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hipp.errors import HippError
-from hipp.preference import (as_dict, as_tensor, format_spec, grid_size, parse_spec, sample_dirichlet,
+from hipp.core.preference import (as_dict, as_tensor, format_spec, grid_size, parse_spec, sample_dirichlet,
                              simplex_grid, sweep)
 
 NAMES = ["utility", "grounding", "flops", "params"]

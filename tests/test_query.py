@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from hipp.backends import make_prunable
-from hipp.checkpoint import fingerprint, load_model
-from hipp.cli import main
-from hipp.controller import Controller, load_controller
+from hipp.storage.checkpoint import fingerprint, load_model
+from hipp.cli.main import main
+from hipp.controller.network import Controller, load_controller
 from hipp.errors import HippError
-from hipp.query import (CALIB_IMAGES, RANK_LOSSES, bound_candidates, calibration, candidate_preferences, load_base,
+from hipp.query.bound import (CALIB_IMAGES, RANK_LOSSES, bound_candidates, calibration, candidate_preferences, load_base,
                         plan_for_budget, rank_losses, resolve_base, target_candidates, utility_losses, zero_shot_calibration,
                         zero_shot_losses)
-from hipp.plan import Plan
+from hipp.core.plan import Plan
 
 
 NAMES = ["utility", "grounding", "flops", "params"]
@@ -145,7 +145,7 @@ def test_pref_query_is_fast_and_never_loads_the_vlm(tiny_controller_dir):
     script = (
         "import sys, time, io, contextlib\n"
         "import torch\n"
-        "from hipp.cli import main\n"
+        "from hipp.cli.main import main\n"
         "t = time.perf_counter()\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    code = main(['query', '--controller', {str(tiny_controller_dir)!r}, '--pref', 'flops=1', '--json'])\n"
@@ -210,8 +210,8 @@ def test_the_zero_shot_loss_compares_class_distributions(loaded):
     """0 for the dense plan, > 0 when pruned, and the same KL as the materialised model gives."""
     import torch.nn.functional as F
 
-    from hipp.evaluate import shape_class_embeddings
-    from hipp.slicing import materialize
+    from hipp.evaluation.evaluate import shape_class_embeddings
+    from hipp.export.slicing import materialize
 
     controller, base = loaded
     scenes, fmnist = zero_shot_calibration(base, 12)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hipp import get_tokenizer, load_model
-from hipp.checkpoint import WEIGHTS_NAME, preprocess_cfg
-from hipp.evaluate import evaluate
+from hipp.storage.checkpoint import WEIGHTS_NAME, preprocess_cfg
+from hipp.evaluation.evaluate import evaluate
 
 from conftest import TEACHER_DIR
 

@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hipp.checkpoint import save_model
+from hipp.storage.checkpoint import save_model
 from hipp.errors import HippError
-from hipp.trainer import TrainConfig, TrainingDiverged, lr_factor, sample_targets, train
+from hipp.training.trainer import TrainConfig, TrainingDiverged, lr_factor, sample_targets, train
 
 from conftest import TINY_CFG, TINY_PP
 
@@ -71,10 +71,10 @@ def test_bias_lr_mult_speeds_up_only_the_per_unit_biases(tiny_model_dir, tmp_pat
     from dataclasses import asdict
 
     from hipp.backends import make_prunable
-    from hipp.checkpoint import load_model
+    from hipp.storage.checkpoint import load_model
     from hipp.config import load_config
-    from hipp.controller import Controller
-    from hipp.objectives import ObjectiveConfig
+    from hipp.controller.network import Controller
+    from hipp.training.objectives import ObjectiveConfig
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=1, bias_lr_mult=10.0))
     train(cfg)
     space = make_prunable(load_model(str(tiny_model_dir)), cfg.channel_group)
@@ -93,14 +93,14 @@ def test_two_processes_on_cpu(tiny_model_dir, tmp_path):
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     r = hipp("train", "--config", str(cfg), launcher=accelerate)
     assert r.returncode == 0, r.stderr[-3000:]
-    from hipp.controller import load_controller
+    from hipp.controller.network import load_controller
     ctrl = load_controller(tmp_path / "out")
     assert ctrl.plan("utility=1").costs()["flops_ratio"] > 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from hipp.config import load_config
-    from hipp.objectives import Objectives
+    from hipp.training.objectives import Objectives
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir))
     train(cfg, max_steps=2)
     good = weights(tmp_path / "out")
@@ -113,7 +113,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
 
 def test_bad_input_is_one_line_and_overwrites_nothing(tiny_model_dir, tmp_path, capsys):
     """In-process through the CLI's main (tests/test_fuzz.py shows real processes exit the same way)."""
-    from hipp.cli import main
+    from hipp.cli.main import main
 
     def hipp(*args):
         code = main(list(args))
@@ -156,7 +156,7 @@ def test_config_validation_in_process(tiny_model_dir, tmp_path):
 
 
 def test_target_groups_drop_the_cost_weights_and_draw_targets_in_range():
-    from hipp.preference import sample_dirichlet
+    from hipp.core.preference import sample_dirichlet
     names = ("utility", "grounding", "flops", "params")
     g = torch.Generator().manual_seed(0)
     prefs = torch.cat([sample_dirichlet(63, 0.5, 4, generator=g), torch.tensor([[0.0, 0.0, 1.0, 0.0]])])
@@ -182,8 +182,8 @@ def test_target_groups_drop_the_cost_weights_and_draw_targets_in_range():
 
 def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_dir, tmp_path):
     from hipp.config import load_config
-    from hipp.controller import Controller, load_controller
-    from hipp.objectives import expected_cost_ratios
+    from hipp.controller.network import Controller, load_controller
+    from hipp.training.objectives import expected_cost_ratios
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=12, save_every=12, target_prob=1.0,
                                                 target_range=[0.4, 0.4], target_penalty=50.0, bias_lr_mult=10.0))
     train(cfg)
@@ -208,9 +208,9 @@ def test_an_architecture_without_weights_is_rebuilt_with_the_training_seed(tmp_p
     """`model: ViT-B-32, pretrained: null` builds random weights from the config's seed, so the query
     and export of its controller rebuild the same base (same fingerprint) instead of refusing it."""
     from hipp.backends import make_prunable
-    from hipp.checkpoint import fingerprint, load_model
-    from hipp.controller import Controller, load_controller
-    from hipp.query import load_base
+    from hipp.storage.checkpoint import fingerprint, load_model
+    from hipp.controller.network import Controller, load_controller
+    from hipp.query.bound import load_base
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
     model = load_model("ViT-B-32", seed=5)

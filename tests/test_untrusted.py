@@ -20,8 +20,8 @@ import torch
 from hipp import get_preprocess, get_tokenizer, load_model
 from hipp.backends import hf as hf_backend
 from hipp.backends import make_prunable
-from hipp.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, fingerprint
-from hipp.cli import main
+from hipp.storage.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, fingerprint
+from hipp.cli.main import main
 from hipp.errors import HippError
 from conftest import TEACHER_DIR
 from test_query import PREFS, assert_bad, cli, designed_controller, tiny_controller_dir  # noqa: F401

@@ -160,7 +160,7 @@ def test_image_folder_ignores_dot_entries(tmp_path):
 def test_eval_cli_reads_odd_image_modes_and_outside_paths_only_when_allowed(tiny_model_dir, tmp_path, capsys):
     import json
 
-    from hipp.cli import main
+    from hipp.cli.main import main
 
     data = tmp_path / "data"
     data.mkdir()

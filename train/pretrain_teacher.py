@@ -5,11 +5,14 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from hipp.cli import run_guarded
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: train/ is not installed
+
+from hipp.cli.main import run_guarded
 from hipp.config import load_config
-from hipp.model_card import write_card
-from hipp.pretrain import TeacherConfig, train_teacher
+from hipp.evaluation.model_card import write_card
+from train.teacher import TeacherConfig, train_teacher
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ from types import ModuleType
 from torch import nn
 
 from ..errors import HippError
-from ..modules import DroppedBlock, GatedBlock
-from ..space import LayerSpec, PruneSpace
+from .modules import DroppedBlock, GatedBlock
+from ..core.space import LayerSpec, PruneSpace
 
 
 def backend(model: nn.Module) -> ModuleType:

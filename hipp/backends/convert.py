@@ -5,7 +5,7 @@ argmax / end-token text pooling, pre-norm blocks without layer scale); anything 
 rather than converted approximately. The folder holds what `CLIPModel.from_pretrained` and
 `AutoTokenizer.from_pretrained` read: config.json, model.safetensors, preprocessor_config.json and
 the tokenizer (open_clip's BPE vocabulary and merges, under transformers' special-token names).
-It is written in a hidden sibling and swapped into place (hipp.outputs).
+It is written in a hidden sibling and swapped into place (hipp.storage.outputs).
 """
 from __future__ import annotations
 
@@ -170,9 +170,9 @@ def _preprocessor(folder: Path, pp: dict, size: int) -> None:
 
 def convert_folder(src, out, overwrite: bool = False) -> dict:
     """Convert an open_clip model folder (the teacher's layout) into a transformers CLIP folder at `out`."""
-    from .. import outputs
-    from ..checkpoint import CONFIG_NAME, load_model, preprocess_cfg
-    from ..fileio import read_json
+    from ..storage import outputs
+    from ..storage.checkpoint import CONFIG_NAME, load_model, preprocess_cfg
+    from ..storage.fileio import read_json
 
     src, out = Path(src), Path(out)
     outputs.check(out, COMMAND, overwrite)

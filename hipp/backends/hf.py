@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import untrusted
+from ..storage import untrusted
 from ..errors import HippError
-from ..modules import GatedBlock, HeadGatedAttention, PrunableMLP, _linear_from, _out_columns
+from .modules import GatedBlock, HeadGatedAttention, PrunableMLP, _linear_from, _out_columns
 
 MODEL_TYPES = ("clip", "siglip")
 
@@ -250,7 +250,7 @@ def folder_model_type(path) -> str | None:
     """model_type of a transformers folder (config.json), or None when the folder is not one."""
     from pathlib import Path
 
-    from ..fileio import read_json
+    from ..storage.fileio import read_json
 
     cfg = Path(path) / HF_CONFIG
     return read_json(cfg).get("model_type") if cfg.is_file() else None

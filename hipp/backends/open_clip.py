@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import HippError
-from ..modules import PrunableBlock
+from .modules import PrunableBlock
 
 
 def owns(model: nn.Module) -> bool:
@@ -76,7 +76,7 @@ def build(model_cfg: dict) -> nn.Module:
     a transformers text tower or a timm vision tower is refused before open_clip could fetch it."""
     import open_clip
 
-    from .. import untrusted
+    from ..storage import untrusted
 
     cfg = dict(model_cfg)
     if "multimodal_cfg" in cfg:

@@ -15,8 +15,8 @@ the plan is evaluated with FLAP-style bias compensation.
 from __future__ import annotations
 
 from ..errors import HippError
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .allocate import TOLERANCE, BudgetError, allocate, uniform
 from .calibration import Calibration, Damage, make_calibration
 from .ecoflap import ecoflap_plan

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HippError
-from ..gates import topk_mask
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.gates import topk_mask
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .units import Scores, unit_flops
 
 TOLERANCE = 0.02  # an allocated plan's FLOPs ratio lies in [target - TOLERANCE, target]

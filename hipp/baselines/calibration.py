@@ -20,11 +20,11 @@ import torch
 
 from ..backends import gated, image_size, tower_blocks
 from ..data.mixed import Batch, MixedBatches
-from ..gates import Gates, map_gates
-from ..modules import DroppedBlock
-from ..objectives import Embeddings, ObjectiveConfig, Objectives
-from ..space import PruneSpace
-from ..trainer import Distiller
+from ..core.gates import Gates, map_gates
+from ..backends.modules import DroppedBlock
+from ..training.objectives import Embeddings, ObjectiveConfig, Objectives
+from ..core.space import PruneSpace
+from ..training.trainer import Distiller
 
 CALIBRATION_SEED = 7919  # the controller trains on seed + 1 of its config (1 by default)
 

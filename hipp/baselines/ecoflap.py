@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .allocate import allocate, width_budget
 from .calibration import Damage
 from .method import Context

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from ..backends import clear_gates, image_size
 from ..data.mixed import MixedBatches
 from ..errors import HippError
-from ..gates import TemperatureSchedule, sample_gates
-from ..objectives import ObjectiveConfig, Objectives
-from ..plan import Plan
-from ..space import PruneSpace
-from ..trainer import Distiller, lr_factor, set_lr
+from ..core.gates import TemperatureSchedule, sample_gates
+from ..training.objectives import ObjectiveConfig, Objectives
+from ..core.plan import Plan
+from ..core.space import PruneSpace
+from ..training.trainer import Distiller, lr_factor, set_lr
 from .allocate import BudgetError, allocate, width_budget
 from .calibration import Calibration
 from .method import Context

@@ -5,7 +5,7 @@ calibration tokens times the energy of the column it writes with; a head sums th
 out_proj input dimensions. Scores are standardised per layer and kind (zero mean, unit spread),
 which makes them comparable across layers, and units are then removed globally by standardised
 score (one structure over both towers). Removed units' mean output is folded into the output
-biases when the plan is evaluated (Method.compensate -> hipp.slicing.compensate_bias), so an
+biases when the plan is evaluated (Method.compensate -> hipp.export.slicing.compensate_bias), so an
 emptied branch is kept as a bias rather than its layer dropped.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..backends import prunable_blocks
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .activations import BlockStats
 from .allocate import allocate
 from .method import Context

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import prunable_blocks
-from ..space import PruneSpace
+from ..core.space import PruneSpace
 from .units import Scores, group_sum, head_sum
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from ..backends import describe, make_prunable
 from ..errors import HippError
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .allocate import check_target
 from .calibration import Calibration, Damage
 
@@ -43,7 +43,7 @@ class Method:
     summary: str
     needs_calibration: bool = True
     seeds: int = 1            # plans per budget the evaluation averages over (random: 3)
-    compensate: bool = False  # evaluate with FLAP-style bias compensation (hipp.slicing.compensate_bias)
+    compensate: bool = False  # evaluate with FLAP-style bias compensation (hipp.export.slicing.compensate_bias)
     trains: bool = False      # learns gates per budget (not training-free): fixed_budget
 
     def __call__(self, model, space: PruneSpace, budget: float, calibration: Calibration | None = None,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .allocate import BudgetError, allocate
 from .calibration import Damage
 from .ecoflap import layer_importance

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..backends import prunable_blocks
-from ..plan import Plan
-from ..space import PruneSpace
+from ..core.plan import Plan
+from ..core.space import PruneSpace
 from .activations import BlockStats, activation_stats
 from .allocate import allocate
 from .method import Context

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import Plan
+from ..core.plan import Plan
 from .allocate import allocate, uniform
 from .magnitude import magnitude_scores
 from .method import Context

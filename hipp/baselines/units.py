@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..space import LayerSpec, PruneSpace
+from ..core.space import LayerSpec, PruneSpace
 
 
 @dataclass

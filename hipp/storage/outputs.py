@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import HippError
+from ..errors import HippError
 from .fileio import current_umask, clean_temp_files, fsync_path, write_json
 
 MARKER = ".hipp-output.json"
@@ -141,7 +141,7 @@ def claim(out, command: str, overwrite: bool = False, legacy: Callable[[Path], b
 def mark(folder: Path, command: str, files=None) -> None:
     """Write the marker that says `command` owns `folder` (and, for a folder written whole, which files
     it wrote: only a folder holding nothing else is ever swapped out and removed)."""
-    from . import __version__
+    from .. import __version__
 
     entry = {"command": command, "hipp_version": __version__}
     if files is not None:

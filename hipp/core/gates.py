@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import HippError
+from ..errors import HippError
 
 Gates = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import HippError
-from .fileio import read_json, write_json
+from ..errors import HippError
+from ..storage.fileio import read_json, write_json
 from .gates import Gates, couple
 from .space import PruneSpace
 

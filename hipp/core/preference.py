@@ -12,7 +12,7 @@ from itertools import combinations
 
 import torch
 
-from .errors import HippError
+from ..errors import HippError
 
 DEFAULT_OBJECTIVES = ("utility", "grounding", "flops", "params")
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .budget import Units, check_bounds, fit, meets, ratios, top_up
-from .gates import map_gates
-from .controller import Controller
-from .errors import HippError
-from .objectives import COSTS
-from .plan import Plan
-from .preference import format_spec, simplex_grid, sweep
+from ..core.budget import Units, check_bounds, fit, meets, ratios, top_up
+from ..core.gates import map_gates
+from ..controller.network import Controller
+from ..errors import HippError
+from ..training.objectives import COSTS
+from ..core.plan import Plan
+from ..core.preference import format_spec, simplex_grid, sweep
 
 # Ranking: how many distinct fits are run, and on how many val scenes + Fashion-MNIST images each.
 # At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3
@@ -80,8 +80,8 @@ def resolve_base(controller: Controller, controller_dir=None, base_model: str | 
 
 def load_base(controller: Controller, controller_dir=None, base_model: str | None = None) -> Base:
     """Load the frozen VLM, check it is the controller's (weights fingerprint, prune space), make it prunable."""
-    from .backends import make_prunable
-    from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+    from ..backends import make_prunable
+    from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 
     spec = resolve_base(controller, controller_dir, base_model)
     pretrained = controller.extra.get("pretrained")
@@ -104,8 +104,8 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
 
 def base_config(model: torch.nn.Module, spec: str) -> dict:
     """The config an export records to rebuild its model: open_clip's model_cfg or transformers' config."""
-    from .checkpoint import CONFIG_NAME, family
-    from .fileio import read_json
+    from ..storage.checkpoint import CONFIG_NAME, family
+    from ..storage.fileio import read_json
 
     if family(model) != "open_clip":
         return model.hf.config.to_dict()
@@ -129,8 +129,8 @@ def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_
     """Preprocessed images and caption tokens: `n` shape scenes from the val split (never trained or
     evaluated on), plus up to `fmnist` Fashion-MNIST train images from `fmnist_start` on, with a class
     caption, when the dataset is installed (it is optional: compensation then runs on shapes alone)."""
-    from .data import shapes, to_input
-    from .data.fashion_mnist import CLASSES
+    from ..data import shapes, to_input
+    from ..data.fashion_mnist import CLASSES
 
     size = input_size(base.preprocess_cfg)
     scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
@@ -145,7 +145,7 @@ def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_
 def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`n` Fashion-MNIST train images from `start` on (uint8 RGB at model size) and their labels; None
     when the optional dataset is not installed."""
-    from .data.fashion_mnist import load_fashion_mnist, to_rgb
+    from ..data.fashion_mnist import load_fashion_mnist, to_rgb
     try:
         raw, labels = load_fashion_mnist("train")
     except HippError:
@@ -156,8 +156,8 @@ def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Utility loss of each plan's hard-gated model against the same model ungated (lower is better)."""
-    from .backends import clear_gates, gated
-    from .objectives import Embeddings, utility_loss
+    from ..backends import clear_gates, gated
+    from ..training.objectives import Embeddings, utility_loss
 
     model = base.model
     images, tokens = calib
@@ -176,8 +176,8 @@ def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0, fmnist_start:
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Preprocessed single-object val scenes and `n` Fashion-MNIST train images from `fmnist_start` on
     (None when the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
-    from .data import to_input
-    from .evaluate import single_object_scenes
+    from ..data import to_input
+    from ..evaluation.evaluate import single_object_scenes
 
     scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
     train = _fmnist_train(base, n, fmnist_start)
@@ -189,10 +189,10 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Each plan's zero-shot loss: KL(ungated || hard-gated) of the class distributions over the shape
     attributes and the Fashion-MNIST classes on calibration images (from zero_shot_calibration),
     weighted as the utility weighs its metrics (the shape attributes share half)."""
-    from .backends import clear_gates, gated
-    from .data.fashion_mnist import class_prompts
-    from .evaluate import class_embeddings, shape_class_embeddings
-    from .objectives import kl_rows
+    from ..backends import clear_gates, gated
+    from ..data.fashion_mnist import class_prompts
+    from ..evaluation.evaluate import class_embeddings, shape_class_embeddings
+    from ..training.objectives import kl_rows
 
     model, (scenes, fmnist) = base.model, calib
     scale = model.logit_scale.exp()

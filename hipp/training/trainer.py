@@ -25,18 +25,18 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .backends import clear_gates, gated, image_size, make_prunable
-from .checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
-from .controller import CONFIG_NAME, Controller
-from .data import to_input
-from .data.mixed import MixedBatches
-from .errors import HippError
-from . import outputs
+from ..backends import clear_gates, gated, image_size, make_prunable
+from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+from ..controller.network import CONFIG_NAME, Controller
+from ..data import to_input
+from ..data.mixed import MixedBatches
+from ..errors import HippError
+from ..storage import outputs
 from . import resume as resume_state
-from .fileio import write_json, write_text
-from .gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
+from ..storage.fileio import write_json, write_text
+from ..core.gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
 from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives, check_target_objectives
-from .preference import DEFAULT_OBJECTIVES, sample_dirichlet
+from ..core.preference import DEFAULT_OBJECTIVES, sample_dirichlet
 
 LOG_NAME = "train_log.jsonl"
 LR_SCHEDULES = ("constant", "cosine")
@@ -104,7 +104,7 @@ class TrainConfig:
     objectives: dict = field(default_factory=lambda: {"names": list(DEFAULT_OBJECTIVES)})
 
     def __post_init__(self):
-        from .config import above, at_least, check_values, finite, one_of, within
+        from ..config import above, at_least, check_values, finite, one_of, within
 
         # Python callers skip load_config's type checks, so every rule also refuses NaN / inf itself.
         check_values({
@@ -256,7 +256,7 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _run_identity(cfg: TrainConfig, base_print: str, processes: int) -> dict:
-    """What a resumed run must share with the run it continues (hipp.resume.check_same_run)."""
+    """What a resumed run must share with the run it continues (hipp.training.resume.check_same_run)."""
     return {**asdict(cfg), "base_fingerprint": base_print, "num_processes": processes}
 
 

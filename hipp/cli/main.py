@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .errors import HippError
+from ..errors import HippError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,8 +16,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_eval(args) -> int:
-    from .checkpoint import get_tokenizer, load_model, preprocess_cfg
-    from .evaluate import DATASETS, check_datasets, report
+    from ..storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
+    from ..evaluation.evaluate import DATASETS, check_datasets, report
 
     datasets = DATASETS if args.data is None else tuple(d.strip() for d in args.data.split(","))
     check_datasets(datasets, args.allow_outside)  # before loading anything
@@ -36,8 +37,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
-    from .trainer import TrainConfig, train
+    from ..config import load_config
+    from ..training.trainer import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config)
     if args.output:
@@ -49,27 +50,27 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_query(args) -> int:
-    from .query_cli import run
+    from .query import run
     return run(args)
 
 
 def _cmd_export(args) -> int:
-    from .export import run
+    from ..export.pruned import run
     return run(args)
 
 
 def _claim(args, command: str, names: tuple[str, ...]):
-    """Hold --out for a report command (hipp.outputs.claim); a folder from before output markers that
+    """Hold --out for a report command (hipp.storage.outputs.claim); a folder from before output markers that
     holds only the command's `names` counts as its own."""
     import os
 
-    from .outputs import claim
+    from ..storage.outputs import claim
     return claim(args.out, command, args.overwrite, legacy=lambda out: set(os.listdir(out)) <= set(names))
 
 
 def _controller_and_base(args):
-    from .controller import load_controller
-    from .query import load_base
+    from ..controller.network import load_controller
+    from ..query.bound import load_base
 
     controller = load_controller(args.controller)
     return controller, load_base(controller, args.controller, args.base_model)
@@ -82,7 +83,7 @@ def _report(args, result: dict, line: str) -> int:
 
 
 def _cmd_pareto(args) -> int:
-    from .pareto import check_points, sweep
+    from ..evaluation.pareto import check_points, sweep
 
     check_points(args.points)  # before the folder is claimed and the model loads
     with _claim(args, "pareto", PARETO_FILES) as out:
@@ -93,14 +94,14 @@ def _cmd_pareto(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .baselines.allocate import check_target
-    from .polish import check_steps
+    from ..baselines.allocate import check_target
+    from ..query.polish import check_steps
 
     budgets = [check_target(b) for b in args.budgets.split(",")]
     check_steps(args.polish)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
-        from .baselines import get_method
+        from ..baselines import get_method
         for m in methods:
             get_method(m)  # unknown names fail before anything loads
     with _claim(args, "bench", BENCH_FILES) as out:
@@ -110,10 +111,10 @@ def _cmd_bench(args) -> int:
 
 
 def _bench(args, budgets, methods, out) -> dict:
-    from .baselines.bench import CONTROLLER, POLISHED, bench
-    from .baselines.fixed_budget import matched_to
-    from .polish import polish
-    from .query import plan_for_budget
+    from ..evaluation.bench import CONTROLLER, POLISHED, bench
+    from ..baselines.fixed_budget import matched_to
+    from ..query.polish import polish
+    from ..query.bound import plan_for_budget
 
     controller, base = _controller_and_base(args)
     summary = Path(args.controller) / "training_summary.json"
@@ -128,7 +129,7 @@ def _bench(args, budgets, methods, out) -> dict:
 
 
 def _cmd_convert(args) -> int:
-    from .backends.convert import convert_folder
+    from ..backends.convert import convert_folder
 
     result = convert_folder(args.model, args.out, args.overwrite)
     return _report(args, result, f"transformers CLIPModel folder written to {result['out']} "
@@ -153,7 +154,7 @@ def _add_plan_args(p) -> None:
 
 PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png", "pareto.md")
 BENCH_FILES = ("bench.json", "bench.csv", "bench.md", "bench.png")
-POLISH_STEPS = 120  # hipp.polish.POLISH.steps, without importing torch to build the parser
+POLISH_STEPS = 120  # hipp.query.polish.POLISH.steps, without importing torch to build the parser
 
 
 def _add_polish_arg(p, default: int) -> None:
@@ -241,5 +242,18 @@ def main(argv=None) -> int:
     return run_guarded(_run)
 
 
+def entry() -> None:
+    """The `hipp` command. After a Ctrl-C it leaves without the interpreter's shutdown: a Ctrl-C that
+    lands inside torch's import leaves its extension half-initialised, and tearing that down can
+    kill the process with the signal after our one line was printed. Files are atomic and locks
+    are the kernel's, so skipping the shutdown loses nothing."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from .errors import HippError
-from .gates import Gates
-from .preference import DEFAULT_OBJECTIVES
-from .space import PruneSpace
+from ..errors import HippError
+from ..core.gates import Gates
+from ..core.preference import DEFAULT_OBJECTIVES
+from ..core.space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params")
 COSTS = ("flops", "params")  # the cost objectives; the others measure quality

@@ -11,7 +11,7 @@
 `hipp.load_model(folder)` rebuilds the model from model_cfg + structure with the project's module
 classes and loads model.safetensors strictly; no controller and no base weights are needed.
 
-The folder is built in a hidden sibling and swapped into place (hipp.outputs): a kill at any moment
+The folder is built in a hidden sibling and swapped into place (hipp.storage.outputs): a kill at any moment
 leaves the earlier export or the new one, never a mix.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .backends.hf import TOKENIZER_FILES
-from .checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME,
+from ..backends.hf import TOKENIZER_FILES
+from ..storage.checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME,
                          family)
-from . import outputs
-from .errors import HippError
-from .fileio import read_json, save_tensors, write_json
-from .plan import Plan
+from ..storage import outputs
+from ..errors import HippError
+from ..storage.fileio import read_json, save_tensors, write_json
+from ..core.plan import Plan
 
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values(), *TOKENIZER_FILES)
@@ -92,16 +92,16 @@ def export_onnx(model, folder: Path, images: torch.Tensor, tokens: torch.Tensor,
 
 def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64,
                   overwrite: bool = False) -> dict:
-    """Materialise `plan` on `base` (hipp.query.Base) and write the export folder; returns a summary.
+    """Materialise `plan` on `base` (hipp.query.bound.Base) and write the export folder; returns a summary.
 
     compensate: FLAP-style bias compensation (slicing.compensate_bias) measured on `calib_n`
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
     """
-    from . import __version__
-    from .backends import describe
+    from .. import __version__
+    from ..backends import describe
     from .slicing import compensate_bias, materialize, model_structure, structure
-    from .query import calibration
-    from .query_cli import summary
+    from ..query.bound import calibration
+    from ..cli.query import summary
 
     out = check_out(out, overwrite)
     gates = plan.gates
@@ -155,7 +155,7 @@ def run(args) -> int:
     """`hipp export`."""
     import json
 
-    from .query_cli import plan_from_args
+    from ..cli.query import plan_from_args
 
     check_out(args.out, args.overwrite)  # before anything is loaded: a bad --out costs nothing
     _, plan, base = plan_from_args(args, need_base=True)

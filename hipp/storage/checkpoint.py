@@ -22,8 +22,8 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from . import untrusted
-from .backends.open_clip import build
-from .errors import HippError
+from ..backends.open_clip import build
+from ..errors import HippError
 from .fileio import load_tensors, read_json, save_tensors, write_json
 
 CONFIG_NAME = "open_clip_config.json"
@@ -61,7 +61,7 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str = "c
     pretrained weights (an architecture name with `pretrained: null`), so a later run rebuilds the
     same base, with the same fingerprint; the caller's random stream is left as it was.
     """
-    from .backends import hf
+    from ..backends import hf
 
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
@@ -98,7 +98,7 @@ def _not_a_model(spec) -> HippError:
 
 
 def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
-    from .backends import hf
+    from ..backends import hf
 
     configs = checked_folder(path)
     if PRUNED_CONFIG_NAME in configs:
@@ -119,7 +119,7 @@ def checked_folder(path: Path) -> dict:
     """The folder's configs by file name, each checked (hipp/untrusted.py) before anything is built or
     tokenized from it: no file in it may make open_clip or transformers run code, download or read
     outside it. A folder is accepted or refused as a whole, by every entry point alike."""
-    from .backends import hf
+    from ..backends import hf
 
     configs = {}
     if (path / PRUNED_CONFIG_NAME).is_file():
@@ -183,7 +183,7 @@ def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
     """An exported model (its checked pruned_config.json): the backend's model from model_cfg, resized
     to the recorded structure with the project's module classes (no controller, no base weights), then
     a strict load."""
-    from .slicing import empty_model
+    from ..export.slicing import empty_model
 
     model = empty_model(config["model_cfg"], config["structure"], config.get("backend", "open_clip"))
     _load_state(model, path / PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME)
@@ -218,7 +218,7 @@ def preprocess_cfg(model: torch.nn.Module) -> dict:
 
 def get_tokenizer(spec: str | Path):
     """texts -> [N, context_length] token ids, as the model at `spec` expects them."""
-    from .backends import hf
+    from ..backends import hf
 
     path = Path(spec)
     if path.is_dir():

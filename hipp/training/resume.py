@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import HippError
-from .fileio import load_tensors, save_tensors, write_text
+from ..errors import HippError
+from ..storage.fileio import load_tensors, save_tensors, write_text
 
 STATE_NAME = "train_state.safetensors"
 LEGACY_STATE_DIR = "train_state"  # Accelerate's pickled save_state of earlier releases: never loaded

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import HippError
+from ..errors import HippError
 
 TMP_SUFFIX = ".tmp"  # temp files are ".<name>.<random>.tmp" beside their target (see clean_temp_files)
 

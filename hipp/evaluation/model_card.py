@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .data.fashion_mnist import TEMPLATES
-from .data.shapes import HELD_OUT_PAIRS
-from .checkpoint import get_tokenizer, load_model, preprocess_cfg
+from ..data.fashion_mnist import TEMPLATES
+from ..data.shapes import HELD_OUT_PAIRS
+from ..storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from .evaluate import report
-from .fileio import write_json, write_text
+from ..storage.fileio import write_json, write_text
 
 
 def write_card(cfg, config_path: str, train_seconds: float) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import HippError
+from ..errors import HippError
 from .fileio import read_json
 
 # --- refusals ---

@@ -16,14 +16,14 @@ from dataclasses import replace
 
 import torch
 
-from .baselines.calibration import make_calibration
-from .baselines.fixed_budget import GateTraining, train_gates
-from .controller import Controller
-from .errors import HippError
-from .gates import Gates, map_gates
-from .plan import Plan
-from .budget import Units, fit, top_up
-from .query import RANK_BY, Base, rank_losses
+from ..baselines.calibration import make_calibration
+from ..baselines.fixed_budget import GateTraining, train_gates
+from ..controller.network import Controller
+from ..errors import HippError
+from ..core.gates import Gates, map_gates
+from ..core.plan import Plan
+from ..core.budget import Units, fit, top_up
+from .bound import RANK_BY, Base, rank_losses
 
 # measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing

@@ -4,7 +4,7 @@ FLOPs follow torch.utils.flop_counter so that analytic equals counted exactly: 2
 of every matmul; bias adds, norms, softmax, rotary embeddings and activations count nothing; a causal
 mask saves nothing. Each prunable kind splits as whole == num_units * unit + layer (the part that
 stays while the layer stays). Sums are exact integers turned into floats on return, so a CLIP block is
-bit-identical to hipp.space.LayerSpec's float formulas.
+bit-identical to hipp.core.space.LayerSpec's float formulas.
 
 Attention work needs two numbers per sample, held by a `Load`: query tokens (every projection runs on
 them) and query-key pairs scored. prefill(t) is self-attention over t tokens; prefill(t, context=c) is

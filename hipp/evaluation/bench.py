@@ -21,10 +21,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import HippError
-from ..evaluate import check_datasets, evaluate
-from ..fileio import write_json, write_text
-from ..outputs import staged
-from ..pareto import (
+from .evaluate import check_datasets, evaluate
+from ..storage.fileio import write_json, write_text
+from ..storage.outputs import staged
+from .pareto import (
     DATASETS,
     REFERENCE,
     evaluate_plan,
@@ -36,10 +36,10 @@ from ..pareto import (
     utility_difference,
     utility_of,
 )
-from ..space import PruneSpace
-from . import METHODS, get_method
-from .allocate import BudgetError, check_target
-from .calibration import make_calibration
+from ..core.space import PruneSpace
+from ..baselines import METHODS, get_method
+from ..baselines.allocate import BudgetError, check_target
+from ..baselines.calibration import make_calibration
 
 CONTROLLER = "hipp"
 POLISHED = "hipp+polish"
@@ -72,7 +72,7 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
     With `controller`, its plans join as one row per entry of `planners` (row name -> planner(budget);
-    the CLI passes hipp.query's bound search as "hipp" and it polished as "hipp+polish"), by default
+    the CLI passes hipp.query.bound's bound search as "hipp" and it polished as "hipp+polish"), by default
     controller.plan_within as "hipp". `options` maps a
     method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). Returns the bench object
     (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
@@ -184,7 +184,7 @@ def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER)
 
 
 def write_outputs(result: dict, out_dir) -> dict:
-    """bench.json / .csv / .md / .png, built aside and swapped in together (hipp.outputs.staged)."""
+    """bench.json / .csv / .md / .png, built aside and swapped in together (hipp.storage.outputs.staged)."""
     out = Path(out_dir)
     names = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "png": "bench.png"}
     files = {k: str(out / v) for k, v in names.items()}

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import backend, prunable_blocks, set_gates, tower_blocks
-from .errors import HippError
-from .modules import DroppedBlock, GatedBlock
-from .space import PruneSpace
+from ..backends import backend, prunable_blocks, set_gates, tower_blocks
+from ..errors import HippError
+from ..backends.modules import DroppedBlock, GatedBlock
+from ..core.space import PruneSpace
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") 
     `custom_text` selecting CustomTextCLIP); for hf, the transformers config as a dict. The blocks
     are resized by slicing the freshly built ones: their values are placeholders the load replaces.
     """
-    from . import backends
+    from .. import backends
 
     b = getattr(backends, backend_name, None) if backend_name in ("open_clip", "hf") else None
     if b is None:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import HippError
+from ..errors import HippError
 from .gates import couple
-from .objectives import COSTS
+from ..training.objectives import COSTS
 from .plan import Plan
 from .space import PruneSpace
 

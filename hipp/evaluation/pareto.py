@@ -4,7 +4,7 @@ A front is a set of (utility loss, cost) points, here (1 - utility, flops_ratio)
 minimised; its hypervolume is the area it dominates up to a declared reference point (default
 (1, 1): zero utility at the dense model's cost), computed exactly. Utility is the mean of the
 zero-shot metrics in UTILITY_KEYS that were measured; grounding is the hard-negative accuracy
-GROUNDING_KEY. Every plan is measured by hipp.evaluate, the code that measures any model, so
+GROUNDING_KEY. Every plan is measured by hipp.evaluation.evaluate, the code that measures any model, so
 controller plans, baselines and exported models are comparable.
 
 `sweep` writes pareto.json, pareto.csv, pareto.png (utility vs FLOPs, coloured by grounding) and
@@ -22,17 +22,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .backends import describe, gated, image_size, make_prunable
-from .data import to_input
-from .errors import HippError
+from ..backends import describe, gated, image_size, make_prunable
+from ..data import to_input
+from ..errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
-from .fileio import atomic_path, write_json, write_text
-from .outputs import staged
-from .gates import map_gates
-from .slicing import compensate_bias, materialize
-from .plan import Plan
-from .preference import format_spec, simplex_grid
-from .space import PruneSpace
+from ..storage.fileio import atomic_path, write_json, write_text
+from ..storage.outputs import staged
+from ..core.gates import map_gates
+from ..export.slicing import compensate_bias, materialize
+from ..core.plan import Plan
+from ..core.preference import format_spec, simplex_grid
+from ..core.space import PruneSpace
 
 UTILITY_KEYS = ("shapes/zs_mean", "fmnist/acc")
 GROUNDING_KEY = "shapes/ground_mean"
@@ -59,7 +59,7 @@ def utility_keys(metrics: dict, keys: Sequence[str] = UTILITY_KEYS) -> list[str]
 
 def utility_difference(a: dict, b: dict, keys: Sequence[str] = UTILITY_KEYS) -> tuple[float, float]:
     """Utility of model a minus model b from their per-item scores on the same test items (the `items`
-    of hipp.evaluate), and the standard error of that difference. Pairing cancels what the two share:
+    of hipp.evaluation.evaluate), and the standard error of that difference. Pairing cancels what the two share:
     two nearly equal models differ on few items, so a small difference can still be told from noise."""
     common = [k for k in keys if k in a and k in b]
     if not common:
@@ -95,7 +95,7 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
     the plan's hard gates on `model` itself. A plan whose meta asks for compensation (FLAP) is always materialised with
     bias compensation, measured on `calibration`. `latency` adds the smaller model's median
     milliseconds per image and per caption (always measured materialised); `items` the per-item
-    scores of the utility metrics (hipp.evaluate's `items`, not JSON), for utility_difference.
+    scores of the utility metrics (hipp.evaluation.evaluate's `items`, not JSON), for utility_difference.
     """
     if mode not in MODES:
         raise HippError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
@@ -200,7 +200,7 @@ def prepare(model, controller) -> PruneSpace:
         raise HippError("the controller was trained on a different model: the prune spaces differ")
     space = make_prunable(model, group)
     if controller.fingerprint:
-        from .checkpoint import fingerprint
+        from ..storage.checkpoint import fingerprint
         if fingerprint(model) != controller.fingerprint:
             raise HippError(f"the controller was trained on base model {controller.fingerprint!r}, "
                             "not on this one (weights differ)")
@@ -293,7 +293,7 @@ def summarise(rows: list[dict], names: Sequence[str], reference=REFERENCE) -> di
 # --- outputs -----------------------------------------------------------------------------------
 
 def write_outputs(result: dict, out_dir) -> dict:
-    """pareto.json / .csv / .png / .md, built aside and swapped in together (hipp.outputs.staged)."""
+    """pareto.json / .csv / .png / .md, built aside and swapped in together (hipp.storage.outputs.staged)."""
     out = Path(out_dir)
     names = {"json": "pareto.json", "csv": "pareto.csv", "png": "pareto.png", "md": "pareto.md"}
     files = {k: str(out / v) for k, v in names.items()}

@@ -2,12 +2,12 @@
 the answer as JSON or as a table."""
 from __future__ import annotations
 
-from .budget import check_bounds
-from .controller import load_controller
-from .errors import HippError
-from .plan import Plan
-from .preference import format_spec
-from .query import load_base, plan_for_budget
+from ..core.budget import check_bounds
+from ..controller.network import load_controller
+from ..errors import HippError
+from ..core.plan import Plan
+from ..core.preference import format_spec
+from ..query.bound import load_base, plan_for_budget
 
 
 def plan_from_args(args, need_base: bool = False):
@@ -22,7 +22,7 @@ def plan_from_args(args, need_base: bool = False):
         check_bounds(bounds["max_flops"], bounds["max_params"])
     polish_steps = getattr(args, "polish", 0)
     if polish_steps:
-        from .polish import check_steps  # lazily: polishing needs open_clip, a preference query does not
+        from ..query.polish import check_steps  # lazily: polishing needs open_clip, a preference query does not
         check_steps(polish_steps)
     if polish_steps and bounds["max_flops"] is None:
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
@@ -36,7 +36,7 @@ def plan_from_args(args, need_base: bool = False):
     base = load_base(controller, args.controller, args.base_model)
     plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base)
     if polish_steps:
-        from .polish import polish
+        from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)
     return controller, plan, base
 

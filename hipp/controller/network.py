@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HippError
-from .fileio import load_tensors, read_json, save_tensors, write_json
-from .gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
-from .objectives import check_target_objectives
-from .plan import Plan
-from .preference import DEFAULT_OBJECTIVES, as_dict, sweep
-from .space import PruneSpace
+from ..errors import HippError
+from ..storage.fileio import load_tensors, read_json, save_tensors, write_json
+from ..core.gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
+from ..training.objectives import check_target_objectives
+from ..core.plan import Plan
+from ..core.preference import DEFAULT_OBJECTIVES, as_dict, sweep
+from ..core.space import PruneSpace
 
 CONFIG_NAME = "controller.json"
 WEIGHTS_NAME = "controller.safetensors"
@@ -264,7 +264,7 @@ def _present(path: Path) -> bool:
 
 
 def _read_config(directory: Path) -> dict:
-    from .data.user import check_regular
+    from ..data.user import check_regular
 
     try:
         is_dir = directory.is_dir()
@@ -360,7 +360,7 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header, without reading the tensors."""
     from safetensors import SafetensorError, safe_open
 
-    from .data.user import check_regular
+    from ..data.user import check_regular
 
     if not _present(path):
         raise HippError(f"missing weights file: {path}")

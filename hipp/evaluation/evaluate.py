@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from .data import shapes, to_input
-from .errors import HippError
-from .data.fashion_mnist import class_prompts, load_fashion_mnist, to_rgb
+from ..data import shapes, to_input
+from ..errors import HippError
+from ..data.fashion_mnist import class_prompts, load_fashion_mnist, to_rgb
 
 DATASETS = ("shapes", "fmnist")
 USER_DATASETS = ("csv", "folder")  # given as csv:FILE or folder:DIR
@@ -136,7 +136,7 @@ def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str, allow_outsid
     `allow_outside`: a CSV may name images outside its own folder."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from .data.user import read_csv_pairs, read_image_folder
+    from ..data.user import read_csv_pairs, read_image_folder
 
     kind, _, path = spec.partition(":")
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
@@ -156,7 +156,7 @@ def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str, allow_outsid
 def check_datasets(datasets, allow_outside: bool = False) -> None:
     """Known names, and user data whose files are all there (CSV rows, image folders; no pixel is
     decoded): a mistake there is reported before a model is loaded."""
-    from .data.user import csv_items, folder_items
+    from ..data.user import csv_items, folder_items
 
     for d in datasets:
         kind, sep, path = d.partition(":")
@@ -189,7 +189,7 @@ def evaluate(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, n: int =
 def report(model, tokenizer, preprocess_cfg: dict, datasets=DATASETS, batch: int = 32,
            allow_outside: bool = False) -> dict:
     """The eval object of the interface contract: metrics, params, flops, latency_ms."""
-    from .backends import context_length, dense_flops, image_size, num_params
+    from ..backends import context_length, dense_flops, image_size, num_params
 
     size = image_size(model)
     images = to_input(torch.randint(0, 256, (batch, 3, size, size), generator=torch.Generator().manual_seed(0),

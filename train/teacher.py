@@ -16,13 +16,13 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .backends.open_clip import build
-from .checkpoint import save_model
-from .data import to_input
-from .data.mixed import MixedBatches
-from .evaluate import evaluate
-from . import resume as resume_state
-from .fileio import write_json
+from hipp.backends.open_clip import build
+from hipp.storage.checkpoint import save_model
+from hipp.data import to_input
+from hipp.data.mixed import MixedBatches
+from hipp.evaluation.evaluate import evaluate
+from hipp.training import resume as resume_state
+from hipp.storage.fileio import write_json
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The `hipp` command line."""

@@ -1,0 +1,1 @@
+"""Measuring models and plans: metrics, Pareto sweeps, the bench against baselines, model cards."""

@@ -1,0 +1,1 @@
+"""From a plan to a physically smaller model: slicing and the exported, hardened checkpoint."""

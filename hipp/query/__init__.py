@@ -1,0 +1,1 @@
+"""Answering a preference or a bound with a plan: the bound search and its optional polishing."""

@@ -1,0 +1,1 @@
+"""Files in and out: loading and saving models, checked input folders, atomic writes, output folders."""

@@ -1,0 +1,1 @@
+"""Training the controller on a frozen model: objectives, the Accelerate loop, resumable state."""

@@ -1,0 +1,1 @@
+"""Building the embedded teacher (not part of the installed library)."""
