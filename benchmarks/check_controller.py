@@ -18,7 +18,7 @@ from hipp.storage.checkpoint import fingerprint
 from hipp.controller.network import load_controller
 from hipp.evaluation.evaluate import evaluate
 from hipp.storage.fileio import write_json
-from hipp.evaluation.pareto import spearman
+from hipp.evaluation.front import spearman
 from hipp.core.preference import sweep
 from hipp.query.bound import load_base, plan_for_budget
 

@@ -18,7 +18,8 @@ from hipp.controller.network import load_controller
 from hipp.storage.fileio import write_json, write_text
 from hipp.evaluation.pareto import evaluate_plan
 from hipp.query.polish import POLISH, polished_plan
-from hipp.query.bound import load_base, plan_for_budget, rank_losses
+from hipp.query.bound import load_base, plan_for_budget
+from hipp.query.ranking import rank_losses
 
 
 def main():

@@ -18,8 +18,8 @@ from pathlib import Path
 from hipp.controller.network import load_controller
 from hipp.storage.fileio import write_text
 from hipp.evaluation.pareto import evaluate_plan
-from hipp.query.bound import (bound_candidates, calibration, format_spec, load_base, utility_losses, zero_shot_calibration,
-                        zero_shot_losses)
+from hipp.query.bound import bound_candidates, format_spec, load_base
+from hipp.query.ranking import calibration, utility_losses, zero_shot_calibration, zero_shot_losses
 
 
 def measure(folder: str, budget: float, sizes: list[int], shortlists: list[int]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""How much of the controller-vs-oracle comparison is the training seed? Trains one controller per
+"""How much of the controller-vs-fixed-budget comparison is the training seed? Trains one controller per
 seed from a config and one fixed-budget gate run per seed and budget (the controller's training
 budget, as in `hipp bench`), measures each plan with the bench's evaluation (full test sets), and
 prints both methods per seed with mean and standard deviation.
@@ -22,7 +22,7 @@ from hipp.storage.fileio import read_json, write_json, write_text
 from hipp.query.bound import load_base, plan_for_budget
 from hipp.training.trainer import TrainConfig, train
 
-ORACLE = "fixed_budget"
+FIXED = "fixed_budget"
 
 
 def controller_for(cfg: TrainConfig, seed: int, out: Path) -> Path:
@@ -44,14 +44,14 @@ def table(results: dict, seeds: list[int], budgets: list[float]) -> str:
              "|---|---|" + "---|" * (len(seeds) + 2)]
     for b in budgets:
         means = {}
-        for method in ("hipp", ORACLE):
+        for method in ("hipp", FIXED):
             xs = [results[f"{method}/{s}"][str(b)]["utility"] for s in seeds]
             means[method] = statistics.mean(xs)
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
             lines.append(f"| {b} | {method} | " + " | ".join(f"{x:.3f}" for x in xs)
                          + f" | {means[method]:.3f} | {sd:.3f} |")
         lines.append(f"| {b} | gap of means | | " + " | " * (len(seeds) - 1)
-                     + f"{100 * (means['hipp'] - means[ORACLE]):+.1f} pts | |")
+                     + f"{100 * (means['hipp'] - means[FIXED]):+.1f} pts | |")
     return "\n".join(lines)
 
 
@@ -79,8 +79,8 @@ def main():
                       space=controller.space, progress=False)
         runs = {"hipp": dict(methods=[], controller=controller,
                              planners={"hipp": lambda b: plan_for_budget(controller, max_flops=b, base=base)}),
-                ORACLE: dict(methods=[ORACLE], seed=seed,
-                             options={ORACLE: matched_to(controller.extra["train_config"])})}
+                FIXED: dict(methods=[FIXED], seed=seed,
+                             options={FIXED: matched_to(controller.extra["train_config"])})}
         for method, how in runs.items():
             key = f"{method}/{seed}"
             missing = [b for b in budgets if str(b) not in results.get(key, {})]
@@ -89,7 +89,7 @@ def main():
                 results[key] = {**results.get(key, {}), **rows_of(got, method)}
                 write_json(store, results)
         print(f"seed {seed}: " + ", ".join(f"{m} @{b} {results[f'{m}/{seed}'][str(b)]['utility']:.4f}"
-                                           for m in ("hipp", ORACLE) for b in budgets), flush=True)
+                                           for m in ("hipp", FIXED) for b in budgets), flush=True)
     md = table(results, seeds, budgets)
     write_text(out / "seeds.md", md + "\n")
     print(md)

@@ -19,8 +19,8 @@ from hipp.controller.network import load_controller
 from hipp.evaluation.pareto import evaluate_plan
 from hipp.query.polish import plan_logits
 from hipp.core.budget import Units, meets, ratios
-from hipp.query.bound import (calibration, load_base, plan_for_budget, rank_losses,
-                        utility_losses, zero_shot_calibration, zero_shot_losses)
+from hipp.query.bound import load_base, plan_for_budget
+from hipp.query.ranking import calibration, rank_losses, utility_losses, zero_shot_calibration, zero_shot_losses
 
 
 def search_set(base, n, fmnist_start):

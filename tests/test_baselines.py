@@ -297,14 +297,14 @@ def test_bench_object_holds_the_contract_keys(tiny, tmp_path):
     assert all((tmp_path / f"bench.{ext}").is_file() for ext in ("json", "csv", "md", "png"))
 
 
-def test_margins_name_the_best_training_free_method_and_the_oracle_gap():
+def test_margins_name_the_best_training_free_method_and_the_fixed_budget_gap():
     from hipp.evaluation.bench import margins
     rows = [{"method": m, "budget": b, "utility": u} for m, b, u in (
         ("uniform", 0.3, 0.5), ("mope", 0.3, 0.7), ("fixed_budget", 0.3, 0.9), ("hipp", 0.3, 0.8),
         ("mope", 0.7, 0.85), ("ecoflap", 0.7, 0.86), ("hipp", 0.7, 0.84), ("uniform", 0.5, 0.6))]
     got = margins(rows)
     assert set(got) == {"0.3", "0.7"}  # no controller row at 0.5: no margin there
-    assert got["0.3"]["best_training_free"] == "mope"  # the oracle trains: not a training-free method
+    assert got["0.3"]["best_training_free"] == "mope"  # the fixed-budget gates train: not a training-free method
     assert got["0.3"]["over_training_free"] == pytest.approx(0.1)
     assert got["0.3"]["vs_fixed_budget"] == pytest.approx(-0.1)
     assert got["0.7"] == {"best_training_free": "ecoflap", "over_training_free": pytest.approx(-0.02)}
@@ -317,7 +317,7 @@ def test_margins_name_the_best_training_free_method_and_the_oracle_gap():
     assert "se" not in got["0.7"]  # no scores measured there
 
 
-def test_fixed_budget_oracle_gets_the_controllers_training_budget():
+def test_fixed_budget_gates_get_the_controllers_training_budget():
     from hipp.baselines.fixed_budget import GateTraining, matched_to
     from hipp.training.trainer import TrainConfig
 
@@ -325,5 +325,5 @@ def test_fixed_budget_oracle_gets_the_controllers_training_budget():
     cfg["data"]["batch_size"] = 32
     options = matched_to(cfg)
     assert options["steps"] == 600 and options["batch_size"] == 64  # as many samples a step as the controller
-    assert "lr_schedule" not in options  # the oracle keeps the learning rate that serves it best
+    assert "lr_schedule" not in options  # the fixed-budget gates keep the learning rate that serves it best
     GateTraining(**options)  # every key is a real setting

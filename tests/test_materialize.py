@@ -10,7 +10,8 @@ from hipp.errors import HippError
 from hipp.storage.fileio import load_tensors, save_tensors
 from hipp.export.slicing import (compensate_bias, empty_model, layer_plans, materialize, model_structure,
                               structure)
-from hipp.backends.modules import DroppedBlock, PrunableBlock
+from hipp.backends.modules import DroppedBlock
+from hipp.backends.open_clip import PrunableBlock
 from conftest import counted_flops
 from test_modules import CUSTOM, TINY, build, embeddings, inputs, random_gates, vitb32  # noqa: F401
 

@@ -7,7 +7,7 @@ import torch
 
 from hipp.backends import clear_gates, describe, make_prunable, set_gates, tower_blocks
 from hipp.errors import HippError
-from hipp.backends.modules import PrunableAttention, PrunableBlock
+from hipp.backends.open_clip import PrunableAttention, PrunableBlock
 
 TINY = dict(embed_dim=64,
             vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16),

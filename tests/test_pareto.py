@@ -11,7 +11,8 @@ from hipp.backends import make_prunable
 from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
 from hipp.controller.network import Controller
 from hipp.errors import HippError
-from hipp.evaluation.pareto import evaluate_plan, hypervolume_2d, non_dominated, spearman, sweep, utility_difference, utility_of
+from hipp.evaluation.front import hypervolume_2d, non_dominated, spearman
+from hipp.evaluation.pareto import evaluate_plan, sweep, utility_difference, utility_of
 from hipp.core.space import PruneSpace
 
 

@@ -9,7 +9,8 @@ from hipp.errors import HippError
 from hipp.core.gates import map_gates
 from hipp.query.polish import plan_logits, polish
 from hipp.core.budget import Units
-from hipp.query.bound import plan_for_budget, rank_losses
+from hipp.query.bound import plan_for_budget
+from hipp.query.ranking import rank_losses
 from test_query import assert_bad, cli, loaded, tiny_controller_dir  # noqa: F401
 
 BOUND = 0.45

@@ -87,15 +87,90 @@ def test_bias_lr_mult_speeds_up_only_the_per_unit_biases(tiny_model_dir, tmp_pat
     assert max(v for k, v in step.items() if not k.startswith("bias.")) == pytest.approx(cfg.lr, rel=0.05)
 
 
-def test_two_processes_on_cpu(tiny_model_dir, tmp_path):
-    cfg = write_config(tmp_path, tiny_model_dir, steps=2)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
-    r = hipp("train", "--config", str(cfg), launcher=accelerate)
+# Run under `accelerate launch`: the CLI's training, then each process writes the controller it
+# started from and the one it ended with, read from the objects handed to Accelerator.prepare, in
+# files named by its index and the process count (a launch that ran one process writes no "of2").
+LAUNCHED = """
+import sys
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from hipp.cli.main import main
+
+held = []
+prepare = Accelerator.prepare
+
+
+def keep(self, controller, *rest):
+    held.append({k: v.detach().clone() for k, v in controller.state_dict().items()})
+    prepared = prepare(self, controller, *rest)
+    held.append((self, prepared[0]))
+    return prepared
+
+
+Accelerator.prepare = keep
+code = main(["train", "--config", sys.argv[1]])
+if code:
+    sys.exit(code)
+initial, (acc, controller) = held
+final = {k: v.detach().clone() for k, v in acc.unwrap_model(controller).state_dict().items()}
+name = f"{acc.process_index}of{acc.num_processes}.safetensors"
+save_file(initial, f"{sys.argv[2]}/initial{name}")
+save_file(final, f"{sys.argv[2]}/final{name}")
+"""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:  # not the fixed default, which another test run may hold
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_controller_on_their_joint_batch(tiny_model_dir, tmp_path, monkeypatch):
+    """Two CPU processes under `accelerate launch` end with identical controllers, and that controller
+    is the one a single process trains when each step's loss is the mean of the two processes' shares
+    (process_loss for processes 0 and 1 of 2): one backward and one AdamW step on the global batch.
+    Unsynchronised gradients, or one process's gradients alone, fail it."""
+    from hipp.config import load_config
+    from hipp.training import trainer
+    cfg_path = write_config(tmp_path, tiny_model_dir, steps=2, target_prob=0.5)
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    # `--cpu --num_processes 2` starts one process (without mpirun, accelerate's CPU launcher runs the
+    # script once); the torchrun launcher of --multi_gpu, held to the CPU, starts two that use gloo.
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port())]
+    r = subprocess.run(accelerate + [str(script), str(cfg_path), str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
-    from hipp.controller.network import load_controller
-    ctrl = load_controller(tmp_path / "out")
-    assert ctrl.plan("utility=1").costs()["flops_ratio"] > 0
+    initial, final = ([load_file(str(tmp_path / f"{kind}{i}of2.safetensors")) for i in (0, 1)]
+                      for kind in ("initial", "final"))
+    saved = weights(tmp_path / "out")
+    assert final[0].keys() == final[1].keys() == saved.keys() == initial[0].keys()
+    assert all(torch.equal(initial[0][k], initial[1][k]) for k in saved)
+    assert all(torch.equal(final[0][k], final[1][k]) and torch.equal(final[0][k], saved[k]) for k in saved)
+
+    shares = []
+    one_process = trainer.process_loss
+
+    def global_batch(cfg, step, process, processes, *rest):
+        assert (process, processes) == (0, 1)
+        (l0, t0), (l1, t1) = (one_process(cfg, step, i, 2, *rest) for i in (0, 1))
+        shares.append((float(l0.detach()), float(l1.detach())))
+        return (l0 + l1) / 2, {n: (t0[n] + t1[n]) / 2 for n in t0}
+
+    monkeypatch.setattr(trainer, "process_loss", global_batch)
+    cfg = load_config(TrainConfig, cfg_path)
+    cfg.output = str(tmp_path / "reference")
+    train(cfg)
+    reference = weights(tmp_path / "reference")
+    assert len(shares) == 2 and all(a != b for a, b in shares)  # the processes saw different data
+    # Adam moves each weight by about lr a step; float reassociation of the all-reduce is ~1e-7 of that
+    moved = max(float((final[0][k] - initial[0][k]).abs().max()) for k in saved)
+    assert moved > cfg.lr
+    for k in saved:
+        torch.testing.assert_close(final[0][k], reference[k], rtol=0, atol=1e-3 * cfg.lr)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):

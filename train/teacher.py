@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from hipp.backends.open_clip import build
+from hipp.backends import get_backend
 from hipp.storage.checkpoint import save_model
 from hipp.data import to_input
 from hipp.data.mixed import MixedBatches
@@ -75,7 +75,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
     out = Path(cfg.output)
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
-    model = build(cfg.model)
+    model = get_backend("open_clip").build(cfg.model)
     pp = {**open_clip.transform.PreprocessCfg().__dict__, **cfg.preprocess, "size": model.visual.image_size}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.model["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]

@@ -1,51 +1,42 @@
 """Backends: where a model family keeps its transformer blocks. Everything else is shared.
 
-A backend module (open_clip, hf) answers a few questions about its models: which blocks each tower
-has and their shapes, tokens per sample, FLOPs and parameters outside the blocks, input sizes, and
-how to wrap one block in the project's gated classes. The functions here — the prune space, the
-swap to prunable blocks, attaching gates — work the same for every backend on top of those answers.
+A backend (base.Backend, registered per family: open_clip, hf) answers a few questions about its
+models: its stages (blocks, tokens per sample, FLOPs and parameters outside the blocks), block
+shapes, input sizes, and how to wrap one block in the project's gated classes. The functions here —
+the prune space, the swap to prunable blocks, attaching gates — work the same for every backend on
+top of those answers.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import ModuleType
 
 from torch import nn
 
 from ..errors import HippError
+from .base import Backend, DualEncoder, Stage, backend_for, register, registered, unregister
+from .base import get as get_backend
 from .modules import DroppedBlock, GatedBlock
 from ..core.space import LayerSpec, PruneSpace
 
-
-def backend(model: nn.Module) -> ModuleType:
-    """The backend module that knows this model's family."""
-    from . import hf, open_clip
-
-    for b in (hf, open_clip):
-        if b.owns(model):
-            return b
-    raise HippError(f"{type(model).__name__} is neither an open_clip CLIP model nor a transformers "
-                    "CLIPModel / SiglipModel")
+__all__ = ["Backend", "DualEncoder", "Stage", "backend_for", "get_backend", "register", "registered", "unregister",
+           "tower_blocks", "image_size", "context_length", "num_params", "describe", "dense_flops",
+           "make_prunable", "prunable_blocks", "set_gates", "gated", "clear_gates"]
 
 
 def tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
-    return backend(model).tower_blocks(model)
+    return backend_for(model).blocks(model)
 
 
 def image_size(model: nn.Module) -> int:
-    return backend(model).image_size(model)
+    return backend_for(model).image_size(model)
 
 
 def context_length(model: nn.Module) -> int:
-    return backend(model).context_length(model)
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return backend_for(model).context_length(model)
 
 
 def num_params(model: nn.Module) -> int:
-    return _count(model)
+    return sum(p.numel() for p in model.parameters())
 
 
 def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
@@ -55,20 +46,17 @@ def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
     dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
     the same PruneSpace.costs that prices plans.
     """
-    b = backend(model)
-    blocks, tokens = b.tower_blocks(model), b.tower_tokens(model)
+    b = backend_for(model)
+    stages = b.stages(model)
     layers = []
-    for tower, resblocks in blocks.items():
-        for i, block in enumerate(resblocks):
+    for name, stage in stages.items():
+        for i, block in enumerate(stage.blocks):
             if isinstance(block, DroppedBlock):
                 continue
             width, heads, head_dim, hidden = b.block_shape(block)
-            layers.append(LayerSpec(tower, i, width, heads, head_dim, hidden, tokens[tower], channel_group))
-    block_params = {t: sum(_count(blk) for blk in bl) for t, bl in blocks.items()}
-    image = b.image_params(model)
-    fixed_params = {"image": float(image - block_params["image"]),
-                    "text": float(_count(model) - image - block_params["text"])}
-    return PruneSpace(tuple(layers), b.fixed_flops(model), fixed_params)
+            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, stage.tokens, channel_group))
+    return PruneSpace(tuple(layers), {n: s.fixed_flops for n, s in stages.items()},
+                      {n: float(s.fixed_params) for n, s in stages.items()})
 
 
 def dense_flops(model: nn.Module) -> dict[str, float]:
@@ -83,9 +71,9 @@ def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
     """
     if not isinstance(channel_group, int) or channel_group < 1:
         raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
-    b = backend(model)
+    b = backend_for(model)
     swaps = []  # build every replacement first, so a failure leaves the model untouched
-    for tower, resblocks in b.tower_blocks(model).items():
+    for tower, resblocks in b.blocks(model).items():
         for i, block in enumerate(resblocks):
             if isinstance(block, GatedBlock):
                 swaps.append((resblocks, i, block))

@@ -1,7 +1,8 @@
 """transformers backend: CLIPModel and SiglipModel, both towers, with the project's gates.
 
-`HFVLM` puts a transformers model behind the interface the rest of the project uses
-(encode_image / encode_text / logit_scale / preprocess_cfg). `HFAttention`, `HFMLP` and `HFBlock`
+`HFVLM` puts a transformers model behind the contrastive task's `DualEncoder` interface
+(encode_image / encode_text / logit_scale, base.py) plus the preprocess_cfg storage keeps; `HFBackend`
+is the family's registered Backend. `HFAttention`, `HFMLP` and `HFBlock`
 take the place of CLIPEncoderLayer / SiglipEncoderLayer under transformers' own names (q_proj,
 k_proj, v_proj, out_proj, fc1, fc2, layer_norm1, layer_norm2), so state dicts load unchanged; all
 the gate arithmetic is inherited from modules.py. Attention itself runs through transformers'
@@ -19,13 +20,15 @@ from torch import nn
 
 from ..storage import untrusted
 from ..errors import HippError
-from .modules import GatedBlock, HeadGatedAttention, PrunableMLP, _linear_from, _out_columns
+from .base import Backend, DualEncoder, Stage, register
+from .modules import GatedBlock, HeadGatedAttention, PrunableMLP, linear_from, out_columns
 
 MODEL_TYPES = ("clip", "siglip")
 
 
-class HFVLM(nn.Module):
-    """A transformers CLIPModel / SiglipModel with the open_clip-style interface the project uses."""
+class HFVLM(nn.Module, DualEncoder):
+    """A transformers CLIPModel / SiglipModel as a DualEncoder (base.py), the interface the contrastive
+    task code calls; open_clip's CLIP has it natively, so both families run the same task code."""
 
     def __init__(self, hf: nn.Module, preprocess_cfg: dict | None = None):
         super().__init__()
@@ -100,10 +103,10 @@ class HFAttention(HeadGatedAttention):
         heads = heads.to(self.q_proj.weight.device)
         rows = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).flatten()
         grad = self.q_proj.weight.requires_grad
-        q, k, v = (_linear_from(p.weight.detach()[rows], None if p.bias is None else p.bias.detach()[rows], grad)
+        q, k, v = (linear_from(p.weight.detach()[rows], None if p.bias is None else p.bias.detach()[rows], grad)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        ow, ob = _out_columns(self.out_proj, heads, hd)
-        return HFAttention(q, k, v, _linear_from(ow, ob, grad), hd, self.config, self.dropout)
+        ow, ob = out_columns(self.out_proj, heads, hd)
+        return HFAttention(q, k, v, linear_from(ow, ob, grad), hd, self.config, self.dropout)
 
 
 def _eager(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, is_causal=None,
@@ -159,81 +162,96 @@ class HFBlock(GatedBlock):
         return self.residual(x, self.branch(x, self.layer_norm2, self.mlp))
 
 
-# --- the backend's answers (see backends/__init__.py) ---
+# --- the backend ---
 
-def owns(model: nn.Module) -> bool:
-    return isinstance(model, HFVLM)
-
-
-def tower_blocks(model: HFVLM) -> dict[str, nn.ModuleList]:
-    return {"image": model.hf.vision_model.encoder.layers, "text": model.hf.text_model.encoder.layers}
+def _count(*modules: nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def block_shape(block: nn.Module) -> tuple[int, int, int, int]:
-    attn = block.attn if isinstance(block, GatedBlock) else block.self_attn
-    return attn.embed_dim, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features
+@register
+class HFBackend(Backend):
+    name = "hf"
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, HFVLM)
+
+    def blocks(self, model: HFVLM) -> dict[str, nn.ModuleList]:
+        return {"image": model.hf.vision_model.encoder.layers, "text": model.hf.text_model.encoder.layers}
+
+    def stages(self, model: HFVLM) -> dict[str, Stage]:
+        blocks, flops, hf = self.blocks(model), self._fixed_flops(model), model.hf
+        # the image stage owns CLIP's visual projection; the text stage is everything else
+        image = _count(hf.vision_model)
+        if hasattr(hf, "visual_projection"):  # CLIP
+            image += hf.visual_projection.weight.numel()
+        params = {"image": image - _count(*blocks["image"]), "text": _count(model) - image - _count(*blocks["text"])}
+        tokens = {"image": hf.vision_model.embeddings.num_positions, "text": self.context_length(model)}
+        return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
+
+    @staticmethod
+    def _fixed_flops(model: HFVLM) -> dict[str, float]:
+        """Matmul FLOPs outside the blocks: patch embedding, projections, SigLIP's pooling head."""
+        hf = model.hf
+        emb = hf.vision_model.embeddings
+        conv = emb.patch_embedding
+        d_img = conv.out_channels
+        patches = emb.num_patches
+        image = 2.0 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * d_img
+        if hasattr(hf, "visual_projection"):  # CLIP
+            image += 2.0 * d_img * hf.visual_projection.out_features
+            text = 2.0 * hf.text_projection.in_features * hf.text_projection.out_features
+        else:  # SigLIP: the text head, and the vision attention-pooling head (one query over all patches)
+            head = hf.text_model.head
+            text = 2.0 * head.in_features * head.out_features
+            if getattr(hf.vision_model, "use_head", False):
+                pool = hf.vision_model.head
+                hidden = pool.mlp.fc1.out_features
+                t = emb.num_positions
+                image += 2.0 * (2 * d_img * d_img + 2 * t * d_img * d_img + 2 * t * d_img + 2 * d_img * hidden)
+        return {"image": image, "text": text}
+
+    def block_shape(self, block: nn.Module) -> tuple[int, int, int, int]:
+        attn = block.attn if isinstance(block, GatedBlock) else block.self_attn
+        return attn.embed_dim, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features
+
+    def gated_block(self, block: nn.Module, channel_group: int) -> HFBlock:
+        return HFBlock.from_layer(block, channel_group)
+
+    def image_size(self, model: HFVLM) -> int:
+        return _image_size(model.hf)
+
+    def context_length(self, model: HFVLM) -> int:
+        return int(model.hf.config.text_config.max_position_embeddings)
+
+    def build(self, model_cfg: dict) -> HFVLM:
+        """A model with fresh weights from a transformers config dict (model_type clip or siglip)."""
+        import transformers
+
+        kind = model_cfg.get("model_type")
+        if kind not in MODEL_TYPES:
+            raise HippError(f"transformers model_type {kind!r} is not supported; expected one of {MODEL_TYPES}")
+        untrusted.transformers_config(model_cfg, "the transformers config")
+        config_cls, model_cls = ((transformers.CLIPConfig, transformers.CLIPModel) if kind == "clip"
+                                 else (transformers.SiglipConfig, transformers.SiglipModel))
+        try:
+            config = config_cls.from_dict({k: v for k, v in model_cfg.items() if k != "model_type"})
+            hf = model_cls(config)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise HippError(f"cannot build a transformers {kind} model from this config: {e}") from None
+        return HFVLM(hf)
+
+    def rebind(self, model: HFVLM) -> None:
+        """Point every attention at its own model's tower config (slicing copies kept the original's), so
+        the attention implementation chosen on this model is the one its blocks use."""
+        for tower, blocks in self.blocks(model).items():
+            config = (model.hf.vision_model if tower == "image" else model.hf.text_model).config
+            for block in blocks:
+                if isinstance(block, HFBlock):
+                    block.attn.config = config
 
 
-def tower_tokens(model: HFVLM) -> dict[str, int]:
-    return {"image": model.hf.vision_model.embeddings.num_positions, "text": context_length(model)}
-
-
-def fixed_flops(model: HFVLM) -> dict[str, float]:
-    """Matmul FLOPs outside the blocks: patch embedding, projections, SigLIP's pooling head."""
-    hf = model.hf
-    emb = hf.vision_model.embeddings
-    conv = emb.patch_embedding
-    d_img = conv.out_channels
-    patches = emb.num_patches
-    image = 2.0 * patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * d_img
-    if hasattr(hf, "visual_projection"):  # CLIP
-        image += 2.0 * d_img * hf.visual_projection.out_features
-        text = 2.0 * hf.text_projection.in_features * hf.text_projection.out_features
-    else:  # SigLIP: the text head, and the vision attention-pooling head (one query over all patches)
-        head = hf.text_model.head
-        text = 2.0 * head.in_features * head.out_features
-        if getattr(hf.vision_model, "use_head", False):
-            pool = hf.vision_model.head
-            hidden = pool.mlp.fc1.out_features
-            t = emb.num_positions
-            image += 2.0 * (2 * d_img * d_img + 2 * t * d_img * d_img + 2 * t * d_img + 2 * d_img * hidden)
-    return {"image": image, "text": text}
-
-
-def image_params(model: HFVLM) -> int:
-    hf = model.hf
-    n = sum(p.numel() for p in hf.vision_model.parameters())
-    return n + (hf.visual_projection.weight.numel() if hasattr(hf, "visual_projection") else 0)
-
-
-def image_size(model: HFVLM) -> int:
-    return int(model.hf.config.vision_config.image_size)
-
-
-def context_length(model: HFVLM) -> int:
-    return int(model.hf.config.text_config.max_position_embeddings)
-
-
-def gated_block(block: nn.Module, channel_group: int) -> HFBlock:
-    return HFBlock.from_layer(block, channel_group)
-
-
-def build(model_cfg: dict) -> HFVLM:
-    """A model with fresh weights from a transformers config dict (model_type clip or siglip)."""
-    import transformers
-
-    kind = model_cfg.get("model_type")
-    if kind not in MODEL_TYPES:
-        raise HippError(f"transformers model_type {kind!r} is not supported; expected one of {MODEL_TYPES}")
-    untrusted.transformers_config(model_cfg, "the transformers config")
-    config_cls, model_cls = ((transformers.CLIPConfig, transformers.CLIPModel) if kind == "clip"
-                             else (transformers.SiglipConfig, transformers.SiglipModel))
-    try:
-        config = config_cls.from_dict({k: v for k, v in model_cfg.items() if k != "model_type"})
-        hf = model_cls(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise HippError(f"cannot build a transformers {kind} model from this config: {e}") from None
-    return HFVLM(hf)
+def _image_size(hf: nn.Module) -> int:
+    return int(hf.config.vision_config.image_size)
 
 
 # --- folders and hub ids ---
@@ -295,7 +313,7 @@ def load(spec: str, expect: str | None = None) -> HFVLM:
             hf = cls.from_pretrained(spec, config=config, use_safetensors=True, dtype=torch.float32, **options)
     except Exception as e:
         raise HippError(f"cannot load the {kind} weights of {spec!r}: {_first_line(e)}") from None
-    return HFVLM(hf, preprocess_from(spec, kind, image_size(HFVLM(hf))))
+    return HFVLM(hf, preprocess_from(spec, kind, _image_size(hf)))
 
 
 @contextlib.contextmanager
@@ -361,13 +379,3 @@ def tokenizer(spec, context: int | None = None) -> HFTokenizer:
     except Exception as e:
         raise HippError(f"cannot load the tokenizer of {spec}: {_first_line(e)}") from None
     return HFTokenizer(tok, context)
-
-
-def rebind(model: HFVLM) -> None:
-    """Point every attention at its own model's tower config (slicing copies kept the original's), so
-    the attention implementation chosen on this model is the one its blocks use."""
-    for tower, blocks in tower_blocks(model).items():
-        config = (model.hf.vision_model if tower == "image" else model.hf.text_model).config
-        for block in blocks:
-            if isinstance(block, HFBlock):
-                block.attn.config = config

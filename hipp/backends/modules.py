@@ -1,13 +1,11 @@
-"""Prunable transformer parts: one set of classes for the gated and the smaller model.
+"""Prunable transformer parts every backend shares: one set of classes for the gated and the smaller model.
 
-`HeadGatedAttention`, `PrunableMLP` and `GatedBlock` hold all the gate arithmetic, for every
-backend; a backend's subclass only says how its attention computes per-head outputs and what its
-parts are called. The open_clip classes are here (`PrunableAttention`, `PrunableBlock`; the
-transformers ones are in backends/hf.py). Parameter names are the backend's own (open_clip:
-`attn.in_proj_weight`, `attn.out_proj.*`, `mlp.c_fc.*`, `mlp.c_proj.*`, `ln_1`, `ln_2`, `ls_1`,
-`ls_2`), so pretrained state dicts load unchanged and a materialised model's state dict has the same
-keys, only smaller shapes. Each class copies out its own kept units (`keep_heads`, `keep_channels`,
-`shrunk`): that is all materialisation needs from a backend.
+`HeadGatedAttention`, `PrunableMLP` and `GatedBlock` hold all the gate arithmetic; a backend's
+subclass only says how its attention computes per-head outputs and what its parts are called (the
+open_clip classes are in backends/open_clip.py, the transformers ones in backends/hf.py).
+Parameter names are the backend's own, so pretrained state dicts load unchanged and a materialised
+model's state dict has the same keys, only smaller shapes. Each class copies out its own kept units
+(`keep_heads`, `keep_channels`, `shrunk`): that is all materialisation needs from a backend.
 
 Gates are plain tensor attributes, never parameters or buffers: the state dict stays the weights
 alone and autograd flows from the output back to whatever produced the gates. Every gate may carry a
@@ -25,11 +23,10 @@ import copy
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
-def _empty_linear(in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> nn.Linear:
+def empty_linear(in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> nn.Linear:
     """An nn.Linear with uninitialised storage: its weights are about to be copied or loaded."""
     with warnings.catch_warnings():  # zero-sized layers warn that init is a no-op
         warnings.simplefilter("ignore")
@@ -37,9 +34,9 @@ def _empty_linear(in_features: int, out_features: int, bias: bool, device=None, 
     return lin.to_empty(device=device if device is not None else torch.get_default_device())
 
 
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool | None = None) -> nn.Linear:
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool | None = None) -> nn.Linear:
     """An nn.Linear holding copies of the given (already sliced) tensors."""
-    lin = _empty_linear(weight.shape[1], weight.shape[0], bias is not None, weight.device, weight.dtype)
+    lin = empty_linear(weight.shape[1], weight.shape[0], bias is not None, weight.device, weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
@@ -47,25 +44,6 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad:
     if requires_grad is not None:
         lin.requires_grad_(requires_grad)
     return lin
-
-
-def _additive_mask(attn_mask: torch.Tensor | None, batch: int, tokens: int, dtype) -> torch.Tensor | None:
-    """open_clip's mask as SDPA wants it: additive float, and one mask for all heads.
-
-    A bool mask follows nn.MultiheadAttention (True = blocked), the opposite of SDPA's bool meaning,
-    so it becomes -inf. A 3-D mask is [B * heads_of_the_original_model, T, T] with the same mask
-    repeated per head; keeping one copy per sample makes it valid for any (pruned) head count.
-    """
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill_(
-            attn_mask, float("-inf"))
-    else:
-        attn_mask = attn_mask.to(dtype)
-    if attn_mask.dim() == 3 and attn_mask.shape[0] > 1:
-        attn_mask = attn_mask.reshape(batch, -1, tokens, tokens)[:, :1]
-    return attn_mask
 
 
 class PrunableBranch(nn.Module):
@@ -126,88 +104,7 @@ class HeadGatedAttention(PrunableBranch):
         return self.out_proj(out.reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
-class PrunableAttention(HeadGatedAttention):
-    """Multi-head self-attention with any number of heads (0 included) and an optional head gate.
-
-    Stands in for the batch-first nn.MultiheadAttention of open_clip's ResidualAttentionBlock.
-    head_dim is stored, not derived from the width, because a pruned layer keeps the original
-    head size (and so the original 1/sqrt(head_dim) scale) with fewer heads.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True,
-                 dropout: float = 0.0, device=None, dtype=None):
-        super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.dropout = dropout
-        inner = num_heads * head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, device=device, dtype=dtype))
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * inner, device=device, dtype=dtype))
-        else:
-            self.register_parameter("in_proj_bias", None)
-        self.out_proj = _empty_linear(inner, embed_dim, bias, device, dtype)
-        self._init_gates()
-
-    @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> "PrunableAttention":
-        """Wrap an existing nn.MultiheadAttention, sharing (not copying) its parameters."""
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only plain self-attention (packed in_proj, no bias_k/v, no zero_attn) is supported")
-        self = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
-                   dropout=mha.dropout, device="meta")  # meta: placeholders, replaced just below
-        self.in_proj_weight = mha.in_proj_weight
-        self.in_proj_bias = mha.in_proj_bias
-        self.out_proj = mha.out_proj
-        return self
-
-    @classmethod
-    def from_weights(cls, in_proj_weight, in_proj_bias, out_weight, out_bias, head_dim: int,
-                     dropout: float = 0.0, requires_grad: bool | None = None) -> "PrunableAttention":
-        """A new module holding copies of the given (already sliced) tensors."""
-        embed_dim = in_proj_weight.shape[1]
-        heads = in_proj_weight.shape[0] // (3 * head_dim)
-        self = cls(embed_dim, heads, head_dim, bias=in_proj_bias is not None, dropout=dropout,
-                   device=in_proj_weight.device, dtype=in_proj_weight.dtype)
-        with torch.no_grad():
-            self.in_proj_weight.copy_(in_proj_weight)
-            if in_proj_bias is not None:
-                self.in_proj_bias.copy_(in_proj_bias)
-        self.out_proj = _linear_from(out_weight, out_bias)
-        if requires_grad is not None:
-            self.requires_grad_(requires_grad)
-        return self
-
-    @property
-    def qkv_weight(self) -> torch.Tensor:
-        """[3 * H * hd, D]: the q, k, v rows, head-major within each (the layout both backends share)."""
-        return self.in_proj_weight
-
-    @property
-    def qkv_bias(self) -> torch.Tensor | None:
-        return self.in_proj_bias
-
-    def heads_out(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = _additive_mask(attn_mask, batch, tokens, q.dtype)  # q's dtype: under autocast it may differ from x's
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return out.transpose(1, 2)
-
-    def keep_heads(self, heads: torch.Tensor) -> "PrunableAttention":
-        """A new module with copies of the given heads only."""
-        d, h, hd = self.embed_dim, self.num_heads, self.head_dim
-        heads = heads.to(self.in_proj_weight.device)
-        w = self.in_proj_weight.detach().view(3, h, hd, d)[:, heads].reshape(-1, d)
-        b = self.in_proj_bias
-        b = None if b is None else b.detach().view(3, h, hd)[:, heads].reshape(-1)
-        ow, ob = _out_columns(self.out_proj, heads, hd)
-        return PrunableAttention.from_weights(w, b, ow, ob, hd, dropout=self.dropout,
-                                              requires_grad=self.in_proj_weight.requires_grad)
-
-
-def _out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
+def out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
     """out_proj's weight columns of the given heads, and its (whole) bias."""
     d = out_proj.weight.shape[0]
     ow = out_proj.weight.detach().view(d, -1, head_dim)[:, heads].reshape(d, -1)
@@ -217,11 +114,11 @@ def _out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
 class PrunableMLP(PrunableBranch):
     """fc -> activation -> (channel gate) -> proj, with any hidden width (0 included).
 
-    NAMES are the submodule names of the backend's MLP, so state-dict keys are unchanged: open_clip's
-    nn.Sequential (c_fc, gelu, c_proj) here, transformers' fc1 / activation_fn / fc2 in a subclass.
+    A backend's subclass sets NAMES, the submodule names of its MLP (fc in, activation, fc out), so
+    state-dict keys are unchanged: open_clip's c_fc / gelu / c_proj, transformers' fc1 / activation_fn / fc2.
     """
 
-    NAMES = ("c_fc", "gelu", "c_proj")
+    NAMES: tuple[str, str, str]
 
     def __init__(self, fc_in: nn.Linear, act: nn.Module, fc_out: nn.Linear, channel_group: int = 1):
         super().__init__()
@@ -274,8 +171,8 @@ class PrunableMLP(PrunableBranch):
         fc, proj = self.fc_in, self.fc_out
         channels = channels.to(fc.weight.device)
         grad = fc.weight.requires_grad
-        fc_in = _linear_from(fc.weight.detach()[channels], None if fc.bias is None else fc.bias.detach()[channels], grad)
-        fc_out = _linear_from(proj.weight.detach()[:, channels], None if proj.bias is None else proj.bias.detach(), grad)
+        fc_in = linear_from(fc.weight.detach()[channels], None if fc.bias is None else fc.bias.detach()[channels], grad)
+        fc_out = linear_from(proj.weight.detach()[:, channels], None if proj.bias is None else proj.bias.detach(), grad)
         return type(self)(fc_in, copy.deepcopy(self.act), fc_out)
 
 
@@ -331,41 +228,6 @@ class GatedBlock(nn.Module):
     def shrunk(self, heads: torch.Tensor, channels: torch.Tensor) -> "GatedBlock":
         """A smaller copy with the given heads and MLP channels (indices into the original ones)."""
         return self.with_units(self.attn.keep_heads(heads), self.mlp.keep_channels(channels))
-
-
-class PrunableBlock(GatedBlock):
-    """Pre-norm residual block (open_clip's ResidualAttentionBlock) with head, channel and layer gates."""
-
-    def __init__(self, ln_1: nn.Module, attn: PrunableAttention, ls_1: nn.Module,
-                 ln_2: nn.Module, mlp: PrunableMLP, ls_2: nn.Module):
-        super().__init__()
-        # registration order = open_clip's, so even the order of state_dict keys is unchanged
-        self.ln_1, self.attn, self.ls_1 = ln_1, attn, ls_1
-        self.ln_2, self.mlp, self.ls_2 = ln_2, mlp, ls_2
-        self._init_gates()
-
-    @classmethod
-    def from_block(cls, block: nn.Module, channel_group: int = 1) -> "PrunableBlock":
-        """Wrap an open_clip ResidualAttentionBlock, sharing its parameters."""
-        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
-            raise ValueError("expected open_clip's ResidualAttentionBlock (nn.MultiheadAttention inside); "
-                             "custom attention blocks are not supported")
-        if hasattr(block, "ln_1_kv"):
-            raise ValueError("cross-attention blocks are not supported")
-        if not getattr(block.attn, "batch_first", False):
-            raise ValueError("only batch_first attention is supported")
-        mlp = PrunableMLP(block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj, channel_group)
-        return cls(block.ln_1, PrunableAttention.from_mha(block.attn), block.ls_1, block.ln_2, mlp, block.ls_2)
-
-    def with_units(self, attn: HeadGatedAttention, mlp: PrunableMLP) -> "PrunableBlock":
-        c = copy.deepcopy
-        return PrunableBlock(c(self.ln_1), attn, c(self.ls_1), c(self.ln_2), mlp, c(self.ls_2))
-
-    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: torch.Tensor | None = None):
-        if k_x is not None or v_x is not None:
-            raise ValueError("PrunableBlock is self-attention only")
-        x = self.residual(q_x, self.ls_1(self.branch(q_x, self.ln_1, self.attn, attn_mask=attn_mask)))
-        return self.residual(x, self.ls_2(self.branch(x, self.ln_2, self.mlp)))
 
 
 class DroppedBlock(nn.Module):

@@ -1,10 +1,11 @@
 """Calibration data and the damage of a gated forward, for the data-driven baselines.
 
-A calibration set is one small mixed batch (shape scenes with hard negatives + Fashion-MNIST) from
-MixedBatches, drawn with a seed of its own so it overlaps neither the controller's training
-batches nor the test scenes. Damage is what the controller is trained against: the utility
-(similarity distillation) plus grounding (hard-negative margin) losses of the gated model vs the
-same model with gates open, computed by the trainer's Distiller.
+A calibration set is one small batch from a task (hipp.tasks): for the embedded task a mixed batch
+(shape scenes with hard negatives + Fashion-MNIST) drawn with a seed of its own, so it overlaps
+neither the controller's training batches nor the test scenes; for a CSV its held-out rows.
+Damage is what the controller is trained against: the utility (similarity distillation) plus
+grounding (hard-negative margin, when the batch has hard negatives) losses of the gated model vs
+the same model with gates open, computed by the trainer's Distiller.
 
 Ablation scores need hundreds of gated forwards; `Damage.ablate` runs many gate sets in one pass
 (the batch repeated, one gate vector per sample), only through the tower being ablated (the other
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import gated, image_size, tower_blocks
-from ..data.mixed import Batch, MixedBatches
+from ..data.mixed import Batch
 from ..core.gates import Gates, map_gates
 from ..backends.modules import DroppedBlock
 from ..training.objectives import Embeddings, ObjectiveConfig, Objectives
 from ..core.space import PruneSpace
+from ..tasks import DEFAULT_TASK, Task, get_task
 from ..training.trainer import Distiller
 
 CALIBRATION_SEED = 7919  # the controller trains on seed + 1 of its config (1 by default)
@@ -36,6 +38,10 @@ class Calibration:
     tokenizer: object
     preprocess_cfg: dict
     seed: int = CALIBRATION_SEED
+    task: Task | None = None  # where the batch came from; gate training draws more batches from it
+
+    def __post_init__(self):
+        self.task = self.task or get_task(DEFAULT_TASK)
 
     @property
     def size(self) -> int:
@@ -43,10 +49,12 @@ class Calibration:
 
 
 def make_calibration(model, tokenizer, preprocess_cfg: dict, size: int = 64, seed: int = CALIBRATION_SEED,
-                     shape_fraction: float = 0.5, negatives: int = 1) -> Calibration:
-    """`size` image-caption pairs, `shape_fraction` of them shape scenes with `negatives` hard negatives each."""
-    batches = MixedBatches(seed, size, shape_fraction, negatives, image_size(model))
-    return Calibration(batches(0), tokenizer, dict(preprocess_cfg), seed)
+                     shape_fraction: float = 0.5, negatives: int = 1, task: Task | None = None) -> Calibration:
+    """At most `size` image-caption pairs of `task` (default the embedded one: `shape_fraction` of
+    them shape scenes with `negatives` hard negatives each)."""
+    task = task or get_task(DEFAULT_TASK)
+    batch = task.calibration_batch(image_size(model), size, seed, shape_fraction=shape_fraction, negatives=negatives)
+    return Calibration(batch, tokenizer, dict(preprocess_cfg), seed, task)
 
 
 class Damage:

@@ -2,10 +2,11 @@
 
 One free logit per layer, head and channel group, trained for one FLOPs target with the same
 Gumbel-sigmoid straight-through gates, temperature schedule, data and teacher pass as the
-controller (trainer.Distiller). The loss is utility + grounding plus a Lagrangian that holds the
-expected FLOPs ratio at the target: lambda1 * (f - t) + lambda2 * (f - t)^2, the multipliers
-updated by gradient ascent. One such search is needed per budget, which is the cost the
-preference-conditioned controller avoids; its wall time is reported as train_seconds.
+controller (trainer.Distiller), batches drawn from the calibration's task. The loss is utility +
+grounding (when the task has hard negatives) plus a Lagrangian that holds the expected FLOPs ratio
+at the target: lambda1 * (f - t) + lambda2 * (f - t)^2, the multipliers updated by gradient ascent.
+One such search is needed per budget, which is the cost the preference-conditioned controller
+avoids; its wall time is reported as train_seconds.
 
 The hard plan keeps layers whose logit is > 0 and spends the width budget in logit order, so it
 meets the target exactly like every other baseline.
@@ -21,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backends import clear_gates, image_size
-from ..data.mixed import MixedBatches
 from ..errors import HippError
 from ..core.gates import TemperatureSchedule, sample_gates
 from ..training.objectives import ObjectiveConfig, Objectives
@@ -59,7 +59,7 @@ class GateTraining:
 def matched_to(train_config: dict) -> dict:
     """GateTraining options giving each per-budget run the controller's own training budget: as many
     steps, as many samples a step (pref_groups x batch), the same data mix and temperature schedule.
-    The learning rate stays the oracle's own: the controller's cosine decay cost it 2 points at a
+    The learning rate stays the fixed-budget gates' own: the controller's cosine decay cost it 2 points at a
     FLOPs ratio of 0.3 (0.802 vs 0.822, BENCHMARKS.md)."""
     data = train_config.get("data", {})
     return {"steps": train_config["steps"],
@@ -107,11 +107,13 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     lambdas = torch.zeros(2, device=device, requires_grad=True)
     opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
     ascent = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, maximize=True)
-    distiller = Distiller(model, Objectives(ObjectiveConfig(names=("utility", "grounding", "flops")), space),
+    task = calibration.task
+    names = ("utility", "grounding", "flops") if task.has_negatives else ("utility", "flops")
+    distiller = Distiller(model, Objectives(ObjectiveConfig(names=names), space),
                           calibration.tokenizer, calibration.preprocess_cfg, device)
     # its own data seed: neither the calibration batch nor the controller's training batches
-    batches = MixedBatches(calibration.seed + 1000 + seed, cfg.batch_size, cfg.shape_fraction, cfg.negatives,
-                           image_size(model))
+    batches = task.batches(calibration.seed + 1000 + seed, cfg.batch_size, image_size(model),
+                           shape_fraction=cfg.shape_fraction, negatives=cfg.negatives)
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -124,7 +126,8 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
             logits = gates()
             losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
             gap = losses["flops"] - target
-            total = losses["utility"] + losses["grounding"] + lambdas[0] * gap + lambdas[1] * gap.pow(2)
+            quality = losses["utility"] + losses.get("grounding", 0.0)
+            total = quality + lambdas[0] * gap + lambdas[1] * gap.pow(2)
             opt.zero_grad()
             ascent.zero_grad()
             total.backward()

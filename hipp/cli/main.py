@@ -73,7 +73,7 @@ def _controller_and_base(args):
     from ..query.bound import load_base
 
     controller = load_controller(args.controller)
-    return controller, load_base(controller, args.controller, args.base_model)
+    return controller, load_base(controller, args.controller, args.base_model, args.device)
 
 
 def _report(args, result: dict, line: str) -> int:
@@ -97,8 +97,12 @@ def _cmd_bench(args) -> int:
     from ..baselines.allocate import check_target
     from ..query.polish import check_steps
 
+    from ..query.bound import check_device, check_search
+
     budgets = [check_target(b) for b in args.budgets.split(",")]
     check_steps(args.polish)
+    check_search(args.candidates, args.calib_images)
+    check_device(args.device)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
         from ..baselines import get_method
@@ -121,7 +125,8 @@ def _bench(args, budgets, methods, out) -> dict:
     seconds = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
     train_config = controller.extra.get("train_config")
     options = {"fixed_budget": matched_to(train_config)} if train_config else None  # the controller's budget each
-    planners = {CONTROLLER: lambda b: plan_for_budget(controller, max_flops=b, base=base)}
+    planners = {CONTROLLER: lambda b: plan_for_budget(controller, max_flops=b, base=base, n_rank=args.candidates,
+                                                      calib_n=args.calib_images)}
     if args.polish:  # its own search, so its plan seconds are the whole query's
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
@@ -141,6 +146,17 @@ def _add_controller_args(p) -> None:
     p.add_argument("--controller", required=True, help="trained controller folder")
     p.add_argument("--base-model", help="base model folder or open_clip name (default: the controller's)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--device", default="cpu", help="where the base model runs: cpu (default), cuda or cuda:N")
+
+
+def _add_search_args(p) -> None:
+    """query / export / bench: how much work a bound query's ranking does (hipp.query.bound.search_defaults)."""
+    p.add_argument("--candidates", type=int, metavar="N",
+                   help="distinct plans a bound query ranks (default scaled to the model: 16 on the embedded "
+                        "teacher, 8 on models over 2 GFLOPs per sample)")
+    p.add_argument("--calib-images", type=int, metavar="N",
+                   help="calibration images per ranking loss (default scaled to the model's FLOPs: 128 on the "
+                        "embedded teacher, at least 32)")
 
 
 def _add_plan_args(p) -> None:
@@ -150,6 +166,7 @@ def _add_plan_args(p) -> None:
     p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
     p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
     _add_polish_arg(p, 0)
+    _add_search_args(p)
 
 
 PARETO_FILES = ("pareto.json", "pareto.csv", "pareto.png", "pareto.md")
@@ -192,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     _add_overwrite_arg(b)
     _add_polish_arg(b, POLISH_STEPS)
+    _add_search_args(b)
     b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")
     c.add_argument("--model", required=True, help="open_clip model folder (e.g. checkpoints/teacher-tiny)")

@@ -7,7 +7,7 @@ from ..controller.network import load_controller
 from ..errors import HippError
 from ..core.plan import Plan
 from ..core.preference import format_spec
-from ..query.bound import load_base, plan_for_budget
+from ..query.bound import check_device, check_search, load_base, plan_for_budget
 
 
 def plan_from_args(args, need_base: bool = False):
@@ -26,15 +26,19 @@ def plan_from_args(args, need_base: bool = False):
         check_steps(polish_steps)
     if polish_steps and bounds["max_flops"] is None:
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
+    search = {"n_rank": getattr(args, "candidates", None), "calib_n": getattr(args, "calib_images", None)}
+    check_search(**search)
+    device = getattr(args, "device", "cpu")
+    check_device(device)  # before the controller and the model load
     controller = load_controller(args.controller)
     base = None
     if args.pref is not None:
         pref = controller.preference(args.pref)  # validates before anything heavy is loaded
         if need_base:
-            base = load_base(controller, args.controller, args.base_model)
+            base = load_base(controller, args.controller, args.base_model, device)
         return controller, controller.plan(pref), base
-    base = load_base(controller, args.controller, args.base_model)
-    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base)
+    base = load_base(controller, args.controller, args.base_model, device)
+    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search)
     if polish_steps:
         from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.budget import check_bounds
 from ..errors import HippError
 from ..storage.fileio import load_tensors, read_json, save_tensors, write_json
 from ..core.gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
 from ..training.objectives import check_target_objectives
 from ..core.plan import Plan
-from ..core.preference import DEFAULT_OBJECTIVES, as_dict, sweep
+from ..core.preference import DEFAULT_OBJECTIVES, as_dict
 from ..core.space import PruneSpace
 
 CONFIG_NAME = "controller.json"
@@ -177,36 +178,11 @@ class Controller(nn.Module):
     @torch.no_grad()
     def plan_within(self, max_flops: float | None = None, max_params: float | None = None,
                     points: int = 101) -> Plan:
-        """The plan closest to dense that meets a cost budget (ratios vs dense, both towers).
+        """The plan closest to dense that meets a cost budget, from a sweep of preferences (no data):
+        hipp.core.budget.sweep_within."""
+        from ..core.budget import sweep_within
 
-        Sweeps the preference from pure utility toward the budgeted cost objective and keeps the
-        feasible plan with the highest cost ratio, i.e. the least pruning the budget allows.
-        """
-        budgets = {"flops": max_flops, "params": max_params}
-        budgets = {k: float(v) for k, v in budgets.items() if v is not None}
-        if not budgets:
-            raise HippError("give max_flops and/or max_params")
-        for k, v in budgets.items():
-            if not 0 < v <= 1:
-                raise HippError(f"max_{k} must be a ratio in (0, 1], got {v:g}")
-            if k not in self.objective_names:
-                raise HippError(f"this controller has no {k!r} objective; it knows {', '.join(self.objective_names)}")
-        target = "flops" if "flops" in budgets else "params"
-        first = "utility" if "utility" in self.objective_names else self.objective_names[0]
-        if first == target:
-            raise HippError(f"cannot sweep toward {target!r}: it is the controller's only objective")
-        # sweep order: ties keep the plan with the most utility weight
-        candidates = [(p, p.costs()) for p in map(self.plan, sweep(self.objective_names, first, target, points))]
-        feasible = [(p, c) for p, c in candidates if all(c[f"{k}_ratio"] <= v for k, v in budgets.items())]
-        best = max(feasible, key=lambda pc: pc[1][f"{target}_ratio"], default=(None, None))[0]
-        if best is None:
-            got = min(candidates, key=lambda pc: pc[1][f"{target}_ratio"])[1]
-            reached = ", ".join(f"{k}_ratio {got[f'{k}_ratio']:.3f}" for k in budgets)
-            raise HippError(f"no preference from {first} to {target} meets the budget "
-                            f"({', '.join(f'max_{k}={v:g}' for k, v in budgets.items())}); the cheapest plan "
-                            f"reaches {reached}")
-        best.meta.update({f"max_{k}": v for k, v in budgets.items()})
-        return best
+        return sweep_within(self, check_bounds(max_flops, max_params), points)
 
     # --- size ---
     def num_parameters(self) -> int:

@@ -1,6 +1,7 @@
 """Fitting a plan to a cost bound: the largest top-k of the units' logits that meets the bound
 (a binary search, since cost only grows with k), then a top-up with the highest-logit units that
 still fit. The bound query fits every candidate preference with it, and polishing fits its gates.
+Without data, `sweep_within` picks among the controller's own plans along a preference sweep.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..errors import HippError
 from .gates import couple
 from ..training.objectives import COSTS
 from .plan import Plan
+from .preference import sweep
 from .space import PruneSpace
 
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
@@ -27,6 +29,30 @@ def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str,
             raise HippError(f"max_{k} must be a ratio in (0, 1], got {v}")
     return {k: float(v) for k, v in bounds.items()}
 
+
+def sweep_within(controller, bounds: dict[str, float], points: int = 101) -> Plan:
+    """The least-pruned plan meeting `bounds` (check_bounds) among the controller's plans for
+    preferences swept from utility toward the bounded cost: no data, no fitting of the logits."""
+    names = controller.objective_names
+    for k in bounds:
+        if k not in names:
+            raise HippError(f"this controller has no {k!r} objective; it knows {', '.join(names)}")
+    target = "flops" if "flops" in bounds else "params"
+    first = "utility" if "utility" in names else names[0]
+    if first == target:
+        raise HippError(f"cannot sweep toward {target!r}: it is the controller's only objective")
+    # sweep order: ties keep the plan with the most utility weight
+    candidates = [(p, ratios(p)) for p in map(controller.plan, sweep(names, first, target, points))]
+    feasible = [(p, r) for p, r in candidates if meets(r, bounds)]
+    best = max(feasible, key=lambda pr: pr[1][target], default=(None, None))[0]
+    if best is None:
+        got = min(candidates, key=lambda pr: pr[1][target])[1]
+        reached = ", ".join(f"{k}_ratio {got[k]:.3f}" for k in bounds)
+        raise HippError(f"no preference from {first} to {target} meets the budget "
+                        f"({', '.join(f'max_{k}={v:g}' for k, v in bounds.items())}); the cheapest plan "
+                        f"reaches {reached}")
+    best.meta.update({f"max_{k}": v for k, v in bounds.items()})
+    return best
 
 
 class Units:

@@ -7,7 +7,7 @@ train_seconds is the search cost it paid (fixed_budget: one training per budget;
 its single training, when given). The controller can answer each budget in more than one way (the
 bound query alone: "hipp"; polished: "hipp+polish"), each its own row. With the controller,
 `margins[row][budget]` gives that row's utility minus the best training-free method's and minus
-each training method's (the fixed-budget oracle), each with the standard error of the paired
+each training method's (the fixed-budget gates), each with the standard error of the paired
 difference over the test items (`se`): about 0.003 of utility separates two unrelated draws of
 these test sets, far less two near-equal models.
 """
@@ -24,6 +24,7 @@ from ..errors import HippError
 from .evaluate import check_datasets, evaluate
 from ..storage.fileio import write_json, write_text
 from ..storage.outputs import staged
+from .plots import plot_methods
 from .pareto import (
     DATASETS,
     REFERENCE,
@@ -31,7 +32,6 @@ from .pareto import (
     grounding_of,
     hypervolume_2d,
     measure_latency,
-    plot_methods,
     prepare,
     utility_difference,
     utility_of,
@@ -154,7 +154,7 @@ def _mean_items(per_seed: list[dict | None]) -> dict | None:
 
 def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER) -> dict[str, dict]:
     """Per budget: the utility of row `ours` minus the best training-free method's (named) and minus
-    the per-budget trained gates' (the oracle), where those were run. With `items` ((method, budget)
+    the fixed-budget gates (one gate training per budget), where those were run. With `items` ((method, budget)
     -> per-item scores), `se` holds each difference's paired standard error."""
     items = items or {}
     out = {}
@@ -260,10 +260,10 @@ def markdown(result: dict) -> str:
         notes += [f"- {row} @{budget}: " + ", ".join(parts)] if parts else []
     if any("se" in m for _, _, m in every):
         notes.append("- ± is the standard error of the paired difference over the same test items.")
-    oracle = ((result["settings"].get("options") or {}).get("fixed_budget"))
-    if oracle and "fixed_budget" in result["methods"]:
-        notes.append(f"- fixed_budget: one gate training per budget, {oracle.get('steps')} steps of "
-                     f"{oracle.get('batch_size')} samples each (the controller's own training budget).")
+    fixed = ((result["settings"].get("options") or {}).get("fixed_budget"))
+    if fixed and "fixed_budget" in result["methods"]:
+        notes.append(f"- fixed_budget: one gate training per budget, {fixed.get('steps')} steps of "
+                     f"{fixed.get('batch_size')} samples each (the controller's own training budget).")
     lines += [""] + notes if notes else []
     detail = DETAIL + tuple((f"{s} ms", ("latency_ms", s)) for s in _stages(result["results"]))
     lines += ["", "## Every method at every budget", "",

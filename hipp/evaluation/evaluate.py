@@ -17,18 +17,27 @@ DATASETS = ("shapes", "fmnist")
 USER_DATASETS = ("csv", "folder")  # given as csv:FILE or folder:DIR
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_images(model, images: torch.Tensor, preprocess_cfg: dict, batch: int = 250) -> torch.Tensor:
     """uint8 images at model resolution (or already preprocessed floats) -> L2-normalised embeddings."""
+    device = model_device(model)
+
     def prep(x):
-        return to_input(x, preprocess_cfg) if x.dtype == torch.uint8 else x
-    out = [model.encode_image(prep(images[i:i + batch]), normalize=True) for i in range(0, len(images), batch)]
+        return (to_input(x, preprocess_cfg) if x.dtype == torch.uint8 else x).to(device)
+    # computed where the model lives, returned on the CPU, where the metrics' labels are
+    out = [model.encode_image(prep(images[i:i + batch]), normalize=True).cpu() for i in range(0, len(images), batch)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts: list[str], batch: int = 500) -> torch.Tensor:
-    out = [model.encode_text(tokenizer(texts[i:i + batch]), normalize=True) for i in range(0, len(texts), batch)]
+    device = model_device(model)
+    out = [model.encode_text(tokenizer(texts[i:i + batch]).to(device), normalize=True).cpu()
+           for i in range(0, len(texts), batch)]
     return torch.cat(out)
 
 
@@ -130,6 +139,17 @@ def latency_ms(fn, x, repeats: int = 10, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2] * 1000.0 / len(x)
 
 
+def retrieval_metrics(model, tokenizer, preprocess_cfg: dict, images: torch.Tensor, captions: list[str],
+                      prefix: str = "csv") -> dict[str, float]:
+    """R@1 / R@5 image-to-text and text-to-image over image-caption pairs; a repeated caption
+    counts as a match for each of its images."""
+    sim = embed_images(model, images, preprocess_cfg) @ embed_texts(model, tokenizer, captions).T
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    k5 = min(5, len(captions))
+    return {f"{prefix}/i2t_r1": recall_at(sim, same, 1), f"{prefix}/t2i_r1": recall_at(sim.T, same, 1),
+            f"{prefix}/i2t_r5": recall_at(sim, same, k5), f"{prefix}/t2i_r5": recall_at(sim.T, same, k5)}
+
+
 def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str, allow_outside: bool = False) -> dict[str, float]:
     """csv:FILE -> retrieval R@1/R@5 both ways; folder:DIR -> zero-shot accuracy.
 
@@ -142,11 +162,7 @@ def user_metrics(model, tokenizer, preprocess_cfg: dict, spec: str, allow_outsid
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     if kind == "csv":
         images, captions = read_csv_pairs(path, preprocess, allow_outside=allow_outside)
-        sim = embed_images(model, images, preprocess_cfg) @ embed_texts(model, tokenizer, captions).T
-        same = torch.tensor([[a == b for b in captions] for a in captions])
-        k5 = min(5, len(captions))
-        return {"csv/i2t_r1": recall_at(sim, same, 1), "csv/t2i_r1": recall_at(sim.T, same, 1),
-                "csv/i2t_r5": recall_at(sim, same, k5), "csv/t2i_r5": recall_at(sim.T, same, k5)}
+        return retrieval_metrics(model, tokenizer, preprocess_cfg, images, captions)
     images, labels, classes = read_image_folder(path, preprocess)
     cls = class_embeddings(model, tokenizer, {c: [f"a photo of a {c.replace('_', ' ')}."] for c in classes})
     pred = (embed_images(model, images, preprocess_cfg) @ cls.T).argmax(1)

@@ -26,7 +26,9 @@ from ..backends import describe, gated, image_size, make_prunable
 from ..data import to_input
 from ..errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
-from ..storage.fileio import atomic_path, write_json, write_text
+from .front import REFERENCE, hypervolume_2d, non_dominated, spearman
+from .plots import plot_front
+from ..storage.fileio import write_json, write_text
 from ..storage.outputs import staged
 from ..core.gates import map_gates
 from ..export.slicing import compensate_bias, materialize
@@ -36,7 +38,6 @@ from ..core.space import PruneSpace
 
 UTILITY_KEYS = ("shapes/zs_mean", "fmnist/acc")
 GROUNDING_KEY = "shapes/ground_mean"
-REFERENCE = (1.0, 1.0)
 AXES = ("1 - utility", "flops_ratio")
 DATASETS = ("shapes", "fmnist")
 MODES = ("materialize", "gates")
@@ -136,60 +137,6 @@ def measure_latency(model, tokenizer, batch: int = 32) -> dict:
 
 
 # --- fronts ------------------------------------------------------------------------------------
-
-def _check_points(points, reference) -> tuple[list[tuple[float, float]], tuple[float, float]]:
-    pts = [(float(a), float(b)) for a, b in points]
-    ref = (float(reference[0]), float(reference[1]))
-    if any(math.isnan(v) for p in (*pts, ref) for v in p):
-        raise HippError("hypervolume points and reference must not be NaN")
-    return pts, ref
-
-
-def hypervolume_2d(points, reference=REFERENCE) -> float:
-    """Exact area dominated by 2-D points (both minimised) and bounded by `reference`.
-
-    Points not strictly better than the reference in both coordinates add nothing. Sweep in
-    ascending first coordinate: each point adds the strip between its second coordinate and the
-    best second coordinate seen so far.
-    """
-    pts, (r1, r2) = _check_points(points, reference)
-    area, best = 0.0, r2
-    for a, b in sorted(p for p in pts if p[0] < r1 and p[1] < r2):
-        if b < best:
-            area += (r1 - a) * (best - b)
-            best = b
-    return area
-
-
-def non_dominated(points) -> list[bool]:
-    """True where no other point is <= in both coordinates and < in one (duplicates all stay)."""
-    pts, _ = _check_points(points, (0.0, 0.0))
-    return [not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts) for p in pts]
-
-
-def _ranks(x: Sequence[float]) -> torch.Tensor:
-    """Average ranks (ties share the mean of their positions)."""
-    t = torch.tensor([float(v) for v in x], dtype=torch.float64)
-    order = torch.argsort(t, stable=True)
-    ranks = torch.empty_like(t)
-    ranks[order] = torch.arange(len(t), dtype=torch.float64)
-    for v in torch.unique(t):
-        tied = t == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Rank correlation; None when fewer than 3 points or either side is constant."""
-    if len(x) != len(y):
-        raise ValueError("spearman needs two sequences of the same length")
-    if len(x) < 3:
-        return None
-    rx, ry = _ranks(x), _ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / den if den > 0 else None
-
 
 # --- the sweep ---------------------------------------------------------------------------------
 
@@ -299,7 +246,9 @@ def write_outputs(result: dict, out_dir) -> dict:
     files = {k: str(out / v) for k, v in names.items()}
     with staged(out, "pareto") as stage:
         write_text(stage / names["csv"], rows_csv(result["rows"], result["objective_names"]))
-        plot_front(result["rows"], stage / names["png"], result["hypervolume"]["utility"], result.get("dense"))
+        keys = utility_keys(result["rows"][0]["metrics"]) if result["rows"] else list(UTILITY_KEYS)
+        plot_front(result["rows"], stage / names["png"], result["hypervolume"]["utility"], result.get("dense"),
+                   "utility (mean of " + ", ".join(keys) + ")", f"grounding ({GROUNDING_KEY})")
         write_text(stage / names["md"], markdown(result))
         write_json(stage / names["json"], {**result, "files": files})
     return files
@@ -317,90 +266,6 @@ def rows_csv(rows: list[dict], names: Sequence[str]) -> str:
                     r["params_ratio"], r["utility"], "" if r["grounding"] is None else r["grounding"],
                     int(r["non_dominated"]), *(r["metrics"].get(k, "") for k in metric_keys)])
     return buf.getvalue()
-
-
-def _figure():
-    from matplotlib.backends.backend_agg import (
-        FigureCanvasAgg,  # Agg directly: no global backend switch
-    )
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6.4, 4.6), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-
-
-def _front_line(xy: list[tuple[float, float]]):
-    """Staircase through the non-dominated (flops, utility) points, cheapest first."""
-    keep = non_dominated([(f, 1 - u) for f, u in xy])
-    pts = sorted(p for p, k in zip(xy, keep) if k)
-    xs, ys = [], []
-    for f, u in pts:
-        if xs:
-            xs.append(f)
-            ys.append(ys[-1])
-        xs.append(f)
-        ys.append(u)
-    return xs, ys
-
-
-def plot_front(rows: list[dict], path, hypervolume: float | None = None, dense: dict | None = None) -> None:
-    """Utility vs FLOPs ratio, one dot per preference coloured by grounding, the front as a staircase."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    x = [r["flops_ratio"] for r in rows]
-    y = [r["utility"] for r in rows]
-    g = [r["grounding"] for r in rows]
-    if rows and all(v is not None for v in g):
-        sc = ax.scatter(x, y, c=g, cmap="viridis", s=36, edgecolors="k", linewidths=0.4, zorder=3)
-        fig.colorbar(sc, ax=ax, label=f"grounding ({GROUNDING_KEY})")
-    else:
-        ax.scatter(x, y, s=36, edgecolors="k", linewidths=0.4, zorder=3)
-    xs, ys = _front_line(list(zip(x, y)))
-    ax.plot(xs, ys, color="tab:red", lw=1.2, zorder=2)
-    front = [(a, b) for a, b, r in zip(x, y, rows) if r.get("non_dominated")]
-    ax.scatter([a for a, _ in front], [b for _, b in front], s=110, facecolors="none", edgecolors="tab:red",
-               linewidths=1.2, label="non-dominated", zorder=4)
-    if dense is not None:
-        ax.scatter([1.0], [dense["utility"]], marker="*", s=140, color="tab:orange", edgecolors="k",
-                   label="dense", zorder=4)
-    ax.set_xlabel("FLOPs ratio (vs dense)")
-    keys = utility_keys(rows[0]["metrics"]) if rows else list(UTILITY_KEYS)
-    ax.set_ylabel("utility (mean of " + ", ".join(keys) + ")")
-    title = "HiPP Pareto front"
-    if hypervolume is not None:
-        title += f": hypervolume {hypervolume:.3f} (ref {REFERENCE[0]:g}, {REFERENCE[1]:g})"
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
-
-
-def plot_methods(series: dict[str, list[tuple[float, float]]], path, title: str = "",
-                 highlight: Sequence[str] = ("hipp",), dense: tuple[float, float] | None = None) -> None:
-    """Utility vs FLOPs ratio, one line of (flops_ratio, utility) points per method; `highlight`ed
-    methods drawn heavier, the dense model as a star."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for name, pts in series.items():
-        pts = sorted(pts)
-        bold = name in highlight
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=6 if bold else 4, lw=2.4 if bold else 1.2,
-                label=name, zorder=3 if bold else 2)
-    if dense is not None:
-        ax.scatter([dense[0]], [dense[1]], marker="*", s=140, color="tab:orange", edgecolors="k", label="dense",
-                   zorder=4)
-    ax.set_xlabel("FLOPs ratio (vs dense)")
-    ax.set_ylabel("utility")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
 
 
 def _fmt(v) -> str:

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from ..backends.hf import TOKENIZER_FILES
-from ..storage.checkpoint import (CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME,
-                         family)
+from ..storage.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME
 from ..storage import outputs
 from ..errors import HippError
 from ..storage.fileio import read_json, save_tensors, write_json
@@ -98,9 +97,9 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
     """
     from .. import __version__
-    from ..backends import describe
+    from ..backends import backend_for, describe
     from .slicing import compensate_bias, materialize, model_structure, structure
-    from ..query.bound import calibration
+    from ..query.ranking import calibration
     from ..cli.query import summary
 
     out = check_out(out, overwrite)
@@ -108,21 +107,22 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     compensated = None
     if compensate:
         images, texts = calibration(base, calib_n, seed=1, fmnist=calib_n)
-        small = compensate_bias(base.model, *gates, images=images, texts=texts)
+        device = next(base.model.parameters()).device
+        small = compensate_bias(base.model, *gates, images=images.to(device), texts=texts.to(device))
         compensated = {"images": len(images), "texts": len(texts)}
     else:
         small = materialize(base.model, *gates)
-    small.eval().requires_grad_(False)
+    small = small.cpu().eval().requires_grad_(False)  # saved, checked and exported from the CPU, wherever the base ran
     struct = structure(plan.space, *gates)
     if model_structure(small) != struct:
         raise AssertionError("materialised model does not have the plan's structure")
     costs = plan.costs()
     own = describe(small).dense_costs()  # the cost hipp eval will report for the export
-    for t in ("image", "text"):
+    for t in plan.space.stages:
         if abs(own[f"flops/{t}"] - costs[f"flops/{t}"]) > 1e-6 * max(costs[f"flops/{t}"], 1.0):
             raise AssertionError(f"{t} FLOPs of the materialised model differ from the plan's")
     num_params = sum(p.numel() for p in small.parameters())
-    backend = "open_clip" if family(base.model) == "open_clip" else "hf"
+    backend = backend_for(base.model).name
     config = {
         "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__, "backend": backend,
         "model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg,

@@ -1,4 +1,4 @@
-"""From a hard plan to a physically smaller open_clip model, by slicing the frozen weights.
+"""From a hard plan to a physically smaller model (any backend), by slicing the frozen weights.
 
 A plan is the triple PruneSpace.costs takes, with hard 0/1 values and no batch dimension:
 layer_keep [L], head_keep [[num_heads]] * L, channel_keep [[num_channel_gates]] * L, in prune-space
@@ -9,7 +9,7 @@ becomes a weightless identity (DroppedBlock), which keeps state-dict indices equ
 indices and keeps a tower valid even with every layer gone.
 
 `structure` describes the result (per tower, per layer: kept, heads, channels) in plain JSON, and
-`empty_model` rebuilds a model of that shape from an open_clip model_cfg, so an exported
+`empty_model` rebuilds a model of that shape from its backend's model_cfg, so an exported
 model.safetensors loads strictly without pickles. `compensate_bias` is the optional FLAP-style
 variant that folds the mean output of removed units into the output biases.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import backend, prunable_blocks, set_gates, tower_blocks
+from ..backends import backend_for, get_backend, prunable_blocks, set_gates, tower_blocks
 from ..errors import HippError
 from ..backends.modules import DroppedBlock, GatedBlock
 from ..core.space import PruneSpace
@@ -51,9 +51,9 @@ def _hard(values, what: str) -> torch.Tensor:
 def _gated(model: nn.Module) -> list[tuple[str, int, GatedBlock, bool]]:
     """(tower, index, block as a gated class, was it gated already) for every block of the model.
     A plain block is wrapped (parameters shared), so the slicing below serves both."""
-    b = backend(model)
+    b = backend_for(model)
     out = []
-    for tower, resblocks in b.tower_blocks(model).items():
+    for tower, resblocks in b.blocks(model).items():
         for i, block in enumerate(resblocks):
             if isinstance(block, DroppedBlock):
                 raise HippError("model is already materialised; pass the full model")
@@ -89,7 +89,7 @@ def layer_plans(model: nn.Module, layer_keep, head_keep, channel_keep) -> list[L
     return plans
 
 
-# --- slicing: each gated class copies out its own kept units (modules.py) ---
+# --- slicing: each gated class copies out its own kept units (backends/modules.py) ---
 
 def _dropped_like(block: GatedBlock) -> DroppedBlock:
     w = block.mlp.fc_in.weight
@@ -121,14 +121,8 @@ def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None)
     # deepcopy everything but the blocks: the memo hands back the sliced lists instead of copying
     # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
     smaller = copy.deepcopy(model, memo=replaced)
-    _rebind(smaller)
+    backend_for(smaller).rebind(smaller)
     return smaller
-
-
-def _rebind(model: nn.Module) -> None:
-    rebind = getattr(backend(model), "rebind", None)  # backends whose blocks keep a config reference
-    if rebind is not None:
-        rebind(model)
 
 
 # --- structure: the shape of a smaller model, as JSON ---
@@ -148,9 +142,9 @@ def structure(space: PruneSpace, layer_keep, head_keep, channel_keep) -> dict:
 
 def model_structure(model: nn.Module) -> dict:
     """The structure of a (materialised or full) model, read from its modules."""
-    b = backend(model)
+    b = backend_for(model)
     out = {}
-    for tower, resblocks in b.tower_blocks(model).items():
+    for tower, resblocks in b.blocks(model).items():
         out[tower] = []
         for blk in resblocks:
             if isinstance(blk, DroppedBlock):
@@ -168,13 +162,9 @@ def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") 
     `custom_text` selecting CustomTextCLIP); for hf, the transformers config as a dict. The blocks
     are resized by slicing the freshly built ones: their values are placeholders the load replaces.
     """
-    from .. import backends
-
-    b = getattr(backends, backend_name, None) if backend_name in ("open_clip", "hf") else None
-    if b is None:
-        raise HippError(f"unknown backend {backend_name!r}; expected open_clip or hf")
+    b = get_backend(backend_name)
     base = b.build(copy.deepcopy(dict(model_cfg)))
-    for tower, resblocks in b.tower_blocks(base).items():
+    for tower, resblocks in b.blocks(base).items():
         layers = struct.get(tower) if isinstance(struct, dict) else None
         if not isinstance(layers, list) or len(layers) != len(resblocks):
             raise HippError(f"structure must list {len(resblocks)} {tower} layers")
@@ -187,7 +177,7 @@ def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") 
             if not (0 <= heads <= gated.attn.num_heads and 0 <= chans <= gated.mlp.hidden):
                 raise HippError(f"structure {tower} layer {i} is larger than the base model")
             resblocks[i] = gated.shrunk(torch.arange(heads), torch.arange(chans)) if kept else _dropped_like(gated)
-    _rebind(base)
+    b.rebind(base)
     return base
 
 

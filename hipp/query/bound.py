@@ -35,18 +35,13 @@ from ..errors import HippError
 from ..training.objectives import COSTS
 from ..core.plan import Plan
 from ..core.preference import format_spec, simplex_grid, sweep
+from .ranking import CALIB_IMAGES, RANK_BY, check_rank_by, rank_losses
 
-# Ranking: how many distinct fits are run, and on how many val scenes + Fashion-MNIST images each.
-# At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3
+# Ranking: how many distinct fits are run (each on CALIB_IMAGES val scenes + Fashion-MNIST images
+# for the embedded teacher, see search_defaults). At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3
 # (docs/studies/bound-search-ranking.md).
 RANK_CANDIDATES = 16
-CALIB_IMAGES = 128
-# What the ranking compares with the ungated model: "zero_shot", the class distributions over the shape
-# attributes and Fashion-MNIST classes (what the utility metrics classify); "distillation", the caption
-# similarities the controller trains on; "both", their sum (docs/studies/bound-search-ranking.md compares
-# the three).
-RANK_LOSSES = ("both", "zero_shot", "distillation")
-RANK_BY = "both"
+TEACHER_FLOPS = 2.5e8  # the embedded teacher's FLOPs per image + caption, to which the two above were fitted
 
 
 # --- the base model a controller steers -------------------------------------------------------
@@ -78,8 +73,10 @@ def resolve_base(controller: Controller, controller_dir=None, base_model: str | 
     return str(spec)
 
 
-def load_base(controller: Controller, controller_dir=None, base_model: str | None = None) -> Base:
-    """Load the frozen VLM, check it is the controller's (weights fingerprint, prune space), make it prunable."""
+def load_base(controller: Controller, controller_dir=None, base_model: str | None = None,
+              device: str = "cpu") -> Base:
+    """Load the frozen VLM, check it is the controller's (weights fingerprint, prune space), make it
+    prunable, and put it on `device` (the fingerprint is taken on the CPU first)."""
     from ..backends import make_prunable
     from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 
@@ -99,7 +96,40 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
     if space != controller.space:
         raise HippError(f"the prune space of {spec} differs from the controller's (another architecture?)")
     model_cfg = base_config(model, spec)
+    model.to(check_device(device))
     return Base(model, spec, pretrained, model_cfg, preprocess_cfg(model), get_tokenizer(spec), fp)
+
+
+def check_device(device: str) -> torch.device:
+    """A torch device this machine has, or one line saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HippError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise HippError(f"device {device} is not available on this machine (CUDA devices: "
+                        f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    if d.type not in ("cpu", "cuda"):
+        raise HippError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return d
+
+
+def search_defaults(space) -> dict[str, int]:
+    """Candidates ranked and calibration images per ranking loss, scaled to the model: the ranking runs
+    every candidate on the images, so its work grows with both and with the model's FLOPs per sample.
+    The embedded teacher (~0.25 GFLOPs per image + caption) gets the figures chosen on it
+    (docs/studies/bound-search-ranking.md); a bigger model gets fewer images, never under 32, and
+    past 2 GFLOPs half the candidates, so a ViT-B-32 query stays within minutes on a CPU."""
+    dense = space.dense_costs()
+    per_sample = sum(dense[f"flops/{s}"] for s in space.stages)
+    images = int(min(CALIB_IMAGES, max(32, round(CALIB_IMAGES * TEACHER_FLOPS / per_sample / 32) * 32)))
+    return {"n_rank": RANK_CANDIDATES if per_sample <= 2e9 else RANK_CANDIDATES // 2, "calib_n": images}
+
+
+def check_search(n_rank: int | None, calib_n: int | None) -> None:
+    for name, v in (("--candidates", n_rank), ("--calib-images", calib_n)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise HippError(f"{name} must be a positive whole number, got {v!r}")
 
 
 def base_config(model: torch.nn.Module, spec: str) -> dict:
@@ -117,104 +147,6 @@ def base_config(model: torch.nn.Module, spec: str) -> dict:
     if not isinstance(model_cfg, dict):
         raise HippError(f"cannot find the open_clip model_cfg of {spec}")
     return model_cfg
-
-
-def input_size(preprocess_cfg: dict) -> int:
-    size = preprocess_cfg["size"]
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_start: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocessed images and caption tokens: `n` shape scenes from the val split (never trained or
-    evaluated on), plus up to `fmnist` Fashion-MNIST train images from `fmnist_start` on, with a class
-    caption, when the dataset is installed (it is optional: compensation then runs on shapes alone)."""
-    from ..data import shapes, to_input
-    from ..data.fashion_mnist import CLASSES
-
-    size = input_size(base.preprocess_cfg)
-    scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
-    images, texts = [scenes.images], list(scenes.captions)
-    train = _fmnist_train(base, fmnist, fmnist_start) if fmnist else None
-    if train is not None:
-        images.append(train[0])
-        texts += [f"a photo of a {CLASSES[int(y)]}." for y in train[1]]
-    return to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
-
-
-def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`n` Fashion-MNIST train images from `start` on (uint8 RGB at model size) and their labels; None
-    when the optional dataset is not installed."""
-    from ..data.fashion_mnist import load_fashion_mnist, to_rgb
-    try:
-        raw, labels = load_fashion_mnist("train")
-    except HippError:
-        return None
-    return to_rgb(raw[start:start + n], input_size(base.preprocess_cfg)), labels[start:start + n]
-
-
-@torch.no_grad()
-def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
-    """Utility loss of each plan's hard-gated model against the same model ungated (lower is better)."""
-    from ..backends import clear_gates, gated
-    from ..training.objectives import Embeddings, utility_loss
-
-    model = base.model
-    images, tokens = calib
-    clear_gates(model)
-    teacher = Embeddings(model.encode_image(images), model.encode_text(tokens))
-    scale = model.logit_scale.exp()
-    out = []
-    for plan in plans:
-        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
-            student = Embeddings(model.encode_image(images), model.encode_text(tokens))
-        out.append(float(utility_loss(student, teacher, scale)))
-    return out
-
-
-def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0, fmnist_start: int = 0
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Preprocessed single-object val scenes and `n` Fashion-MNIST train images from `fmnist_start` on
-    (None when the dataset is not installed): the kinds of images the zero-shot utility metrics classify."""
-    from ..data import to_input
-    from ..evaluation.evaluate import single_object_scenes
-
-    scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
-    train = _fmnist_train(base, n, fmnist_start)
-    return scenes, None if train is None else to_input(train[0], base.preprocess_cfg)
-
-
-@torch.no_grad()
-def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
-    """Each plan's zero-shot loss: KL(ungated || hard-gated) of the class distributions over the shape
-    attributes and the Fashion-MNIST classes on calibration images (from zero_shot_calibration),
-    weighted as the utility weighs its metrics (the shape attributes share half)."""
-    from ..backends import clear_gates, gated
-    from ..data.fashion_mnist import class_prompts
-    from ..evaluation.evaluate import class_embeddings, shape_class_embeddings
-    from ..training.objectives import kl_rows
-
-    model, (scenes, fmnist) = base.model, calib
-    scale = model.logit_scale.exp()
-    share = 0.5 if fmnist is not None else 1.0  # of the weight that goes to the shape attributes
-
-    def logits(m) -> list[tuple[float, torch.Tensor]]:  # (weight, class logits) per zero-shot task
-        img = torch.nn.functional.normalize(m.encode_image(scenes), dim=-1)
-        attrs = shape_class_embeddings(m, base.tokenizer)
-        out = [(share / len(attrs), scale * img @ c.T) for c in attrs.values()]
-        if fmnist is not None:
-            fm = torch.nn.functional.normalize(m.encode_image(fmnist), dim=-1)
-            out.append((0.5, scale * fm @ class_embeddings(m, base.tokenizer, class_prompts()).T))
-        return out
-
-    clear_gates(model)
-    teacher = logits(model)
-    losses = []
-    for plan in plans:
-        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
-            student = logits(model)
-        losses.append(sum(w * float(kl_rows(t, s)) for (w, t), (_, s) in zip(teacher, student)))
-    return losses
 
 
 def candidate_preferences(names, points: int = 11) -> torch.Tensor:
@@ -316,38 +248,21 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     return candidates
 
 
-def check_rank_by(rank_by: str) -> None:
-    if rank_by not in RANK_LOSSES:
-        raise HippError(f"unknown ranking {rank_by!r}; choose from {', '.join(RANK_LOSSES)}")
-
-
-def rank_losses(base: Base, plans: list[Plan], rank_by: str = RANK_BY, calib_n: int = CALIB_IMAGES
-                ) -> tuple[list[float], str]:
-    """Each plan's ranking loss (one of RANK_LOSSES) on `calib_n` val shape scenes + as many
-    Fashion-MNIST train images (the domains the utility is measured on), and what it was."""
-    check_rank_by(rank_by)
-    parts, names = [], []
-    if rank_by in ("zero_shot", "both"):
-        calib = zero_shot_calibration(base, calib_n)
-        parts.append(zero_shot_losses(base, plans, calib))
-        names.append(f"zero-shot loss on {sum(len(x) for x in calib if x is not None)}")
-    if rank_by in ("distillation", "both"):
-        calib = calibration(base, calib_n, fmnist=calib_n)
-        parts.append(utility_losses(base, plans, calib))
-        names.append(f"caption distillation loss on {len(calib[0])}")
-    return [sum(xs) for xs in zip(*parts)], " + ".join(names) + " calibration images (hard-gated vs ungated)"
-
-
 @torch.no_grad()
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
-                    base: Base | None = None, n_rank: int = RANK_CANDIDATES, calib_n: int = CALIB_IMAGES,
+                    base: Base | None = None, n_rank: int | None = None, calib_n: int | None = None,
                     points: int = 11, rank_by: str = RANK_BY) -> Plan:
     """The plan that meets the bound(s) with the lowest ranking loss on a calibration batch (see module doc).
 
+    `n_rank` candidates are ranked on `calib_n` images per loss (None: search_defaults for the model).
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
     """
     bounds = check_bounds(max_flops, max_params)
     check_rank_by(rank_by)  # before the search, not after it
+    check_search(n_rank, calib_n)
+    defaults = search_defaults(controller.space)
+    n_rank = defaults["n_rank"] if n_rank is None else n_rank
+    calib_n = defaults["calib_n"] if calib_n is None else calib_n
     candidates = bound_candidates(controller, max_flops, max_params, n_rank, points)
     if base is not None:
         losses, ranked_by = rank_losses(base, [c.plan for c in candidates], rank_by, calib_n)
@@ -368,6 +283,7 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     tried = len(search_preferences(controller, bounds, points)[0])
     best.plan.meta.update({f"max_{k}": v for k, v in bounds.items()})
     best.plan.meta["search"] = {"rank_by": rank_by if base is not None else None, "ranked_by": ranked_by,
+                                "candidates_ranked": n_rank, "calibration_images": calib_n,
                                 "preferences_tried": tried,
                                 "logit_offset": best.offset, "units_added": best.added,
                                 "loss": table[0]["loss"], "candidates": table}

@@ -1,9 +1,9 @@
 """Polishing a bound query's plan: a short fixed-budget gate run that starts from the controller.
 
 The controller answers any budget at once; the per-budget gate training (baselines.fixed_budget,
-the oracle) answers one budget with a full training run. Polishing sits in between: the bound
+the fixed-budget gates) answers one budget with a full training run. Polishing sits in between: the bound
 search's winner becomes the starting point of a short run of those free gates at the FLOPs bound
-(a fifth of the oracle's steps, at a low temperature since the plan is already nearly hard). The
+(a fifth of the fixed-budget gates' steps, at a low temperature since the plan is already nearly hard). The
 result is fitted to the bound by the search's own top-k + top-up, and replaces the plan only if its
 ranking loss on the calibration batch is lower, so polishing never returns a plan the search
 would have ranked worse. Measured in docs/studies/polishing.md.
@@ -23,7 +23,8 @@ from ..errors import HippError
 from ..core.gates import Gates, map_gates
 from ..core.plan import Plan
 from ..core.budget import Units, fit, top_up
-from .bound import RANK_BY, Base, rank_losses
+from .bound import Base
+from .ranking import CALIB_IMAGES, RANK_BY, rank_losses
 
 # measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
@@ -78,9 +79,10 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
         return plan
     start = time.perf_counter()
     polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed)
-    (after,), how = rank_losses(base, [polished], rank_by)
     search = plan.meta["search"]  # the search ranked `plan` already, unless on other terms
-    before = search["loss"] if how == search["ranked_by"] else rank_losses(base, [plan], rank_by)[0][0]
+    calib_n = search.get("calibration_images", CALIB_IMAGES)  # the same images as the search's ranking
+    (after,), how = rank_losses(base, [polished], rank_by, calib_n)
+    before = search["loss"] if how == search["ranked_by"] else rank_losses(base, [plan], rank_by, calib_n)[0][0]
     chosen = polished if after < before else plan
     chosen.meta = dict(chosen.meta)
     chosen.meta["polish"] = {"steps": steps, "kept": chosen is polished, "loss_before": before, "loss_after": after,

@@ -22,7 +22,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from . import untrusted
-from ..backends.open_clip import build
+from ..backends import get_backend
 from ..errors import HippError
 from .fileio import load_tensors, read_json, save_tensors, write_json
 
@@ -109,7 +109,7 @@ def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
         raise HippError(f"{path} is not a model folder: no {CONFIG_NAME} (open_clip), {hf.HF_CONFIG} "
                         f"(transformers CLIP / SigLIP) or {PRUNED_CONFIG_NAME} (HiPP export)")
     config = configs[CONFIG_NAME]
-    model = build(config["model_cfg"])
+    model = get_backend("open_clip").build(config["model_cfg"])
     _load_state(model, path / WEIGHTS_NAME, "config")
     set_preprocess_cfg(model, config.get("preprocess_cfg") or {})
     return model

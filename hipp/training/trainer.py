@@ -29,7 +29,7 @@ from ..backends import clear_gates, gated, image_size, make_prunable
 from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
 from ..controller.network import CONFIG_NAME, Controller
 from ..data import to_input
-from ..data.mixed import MixedBatches
+from ..tasks import DEFAULT_TASK, Batches, get_task
 from ..errors import HippError
 from ..storage import outputs
 from . import resume as resume_state
@@ -102,6 +102,8 @@ class TrainConfig:
     controller: ControllerCfg = field(default_factory=ControllerCfg)
     data: DataCfg = field(default_factory=DataCfg)
     objectives: dict = field(default_factory=lambda: {"names": list(DEFAULT_OBJECTIVES)})
+    task: str = DEFAULT_TASK  # what the batches come from (hipp.tasks); data.* sizes its batches
+    task_options: dict = field(default_factory=dict)  # the task's own settings, e.g. a CSV's path
 
     def __post_init__(self):
         from ..config import above, at_least, check_values, finite, one_of, within
@@ -131,6 +133,7 @@ class TrainConfig:
         names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
         if self.target_prob > 0:
             check_target_objectives(names)
+        get_task(self.task, self.task_options).check_objectives(names)
         self.target_range = [float(x) for x in self.target_range]
 
 
@@ -212,8 +215,40 @@ def sample_targets(cfg: TrainConfig, prefs: torch.Tensor, names, g: torch.Genera
     return torch.where(chosen[:, None], q, prefs), torch.where(chosen, drawn, targets)
 
 
+def process_loss(cfg: TrainConfig, step: int, process: int, processes: int, controller, takes_target: bool,
+                 distiller: Distiller, batches, temperature: float,
+                 autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
+    """Process `process`'s share of step `step`: its preferences (and targets), one batch per group
+    (`batches`: index -> batch) and its gate noise, all drawn from one generator seeded by
+    (seed, step, process); returns the loss averaged over its groups and each objective's average.
+    A step's global batch is the union of the `processes` shares and DDP averages their gradients,
+    so the step descends the mean of these losses over the processes (tests/test_trainer.py checks
+    it). `autocast` wraps the student passes only: the teacher runs at full precision."""
+    names = distiller.objectives.names
+    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + process)
+    prefs, targets = sample_targets(cfg, sample_preferences(cfg, len(names), g), names, g)
+    prefs = prefs.to(distiller.device)
+    groups = []  # each preference group on a batch of its own
+    for i in range(len(prefs)):
+        batch = batches((step * processes + process) * cfg.pref_groups + i)
+        inputs = distiller.inputs(batch)
+        groups.append((batch, inputs, distiller.teacher(inputs, batch)))
+    with autocast():
+        total, terms = 0.0, {n: 0.0 for n in names}
+        for p, t, (batch, inputs, teacher) in zip(prefs, targets.tolist(), groups):
+            logits = controller(p, t if takes_target else None)
+            losses = distiller.losses(logits, sample_gates(logits, temperature, g), inputs, teacher, batch)
+            loss = distiller.objectives.scalarize(losses, p)
+            if math.isfinite(t):
+                loss = loss + cfg.target_penalty * (losses["flops"] - t) ** 2
+            total = total + loss / len(prefs)
+            for n in names:
+                terms[n] += float(losses[n].detach()) / len(prefs)
+    return total, terms
+
+
 @torch.no_grad()
-def hard_vs_sampled(distiller: Distiller, controller: Controller, batches: MixedBatches, temperature: float,
+def hard_vs_sampled(distiller: Distiller, controller: Controller, batches: Batches, temperature: float,
                     n_prefs: int = 8, n_batches: int = 2, alpha: float = 0.5, seed: int = 0) -> dict:
     """Utility loss under deterministic hard plans vs under sampled gates, same preferences and
     held-out batches: how much is lost when the stochastic gates of training are hardened."""
@@ -257,7 +292,10 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 def _run_identity(cfg: TrainConfig, base_print: str, processes: int) -> dict:
     """What a resumed run must share with the run it continues (hipp.training.resume.check_same_run)."""
-    return {**asdict(cfg), "base_fingerprint": base_print, "num_processes": processes}
+    run = asdict(cfg)
+    if run["task"] == DEFAULT_TASK and not run["task_options"]:  # as a run from before tasks recorded it
+        del run["task"], run["task_options"]
+    return {**run, "base_fingerprint": base_print, "num_processes": processes}
 
 
 def _gradients_finite(module: torch.nn.Module) -> bool:
@@ -323,8 +361,9 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
              "channel_group": cfg.channel_group,
              "train_config": asdict(cfg)}
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
-    batches = MixedBatches(cfg.seed + 1, cfg.data.batch_size, cfg.data.shape_fraction, cfg.data.negatives,
-                           image_size(model))
+    batches = get_task(cfg.task, cfg.task_options).batches(
+        cfg.seed + 1, cfg.data.batch_size, image_size(model),
+        shape_fraction=cfg.data.shape_fraction, negatives=cfg.data.negatives)
     distiller = Distiller(model, objectives, tokenizer, pp, acc.device)
     if acc.is_main_process:
         _start_output(out, raw, opt, identity, base_print, extra, start)
@@ -336,37 +375,21 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
     log = out / LOG_NAME
     bar = tqdm(range(start, stop), initial=start, total=stop, desc="controller", disable=not acc.is_main_process)
     t0 = time.time() - elapsed
-    k = len(objectives.names)
     for step in bar:
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + acc.process_index)
-        prefs, targets = sample_targets(cfg, sample_preferences(cfg, k, g), objectives.names, g)
-        prefs = prefs.to(acc.device)
-        groups = []  # each preference group on a batch of its own
-        for i in range(len(prefs)):
-            batch = batches((step * acc.num_processes + acc.process_index) * cfg.pref_groups + i)
-            inputs = distiller.inputs(batch)
-            groups.append((batch, inputs, distiller.teacher(inputs, batch)))
-        with acc.accumulate(controller), acc.autocast():
-            total, terms = 0.0, {n: 0.0 for n in objectives.names}
-            for p, t, (batch, inputs, teacher) in zip(prefs, targets.tolist(), groups):
-                logits = controller(p, t if raw.takes_target else None)
-                losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
-                loss = objectives.scalarize(losses, p)
-                if math.isfinite(t):
-                    loss = loss + cfg.target_penalty * (losses["flops"] - t) ** 2
-                total = total + loss / len(prefs)
-                for n in objectives.names:
-                    terms[n] += float(losses[n].detach()) / len(prefs)
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last good "
-                                       f"checkpoint in {out} is kept (step {last_saved})")
-            acc.backward(total)
-            if acc.scaler is None and not _gradients_finite(raw):  # fp16's scaler skips overflowing steps itself
-                raise TrainingDiverged(f"gradients became non-finite at step {step + 1}; stopped, the last good "
-                                       f"checkpoint in {out} is kept (step {last_saved})")
-            set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
-            opt.step()
-            opt.zero_grad()
+        with acc.accumulate(controller):
+            total, terms = process_loss(cfg, step, acc.process_index, acc.num_processes, controller,
+                                        raw.takes_target, distiller, batches, temperature(step), acc.autocast)
+            with acc.autocast():  # the rest of the step under the forward's precision, as it always ran
+                if not torch.isfinite(total):
+                    raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last "
+                                           f"good checkpoint in {out} is kept (step {last_saved})")
+                acc.backward(total)
+                if acc.scaler is None and not _gradients_finite(raw):  # fp16's scaler skips overflowing steps
+                    raise TrainingDiverged(f"gradients became non-finite at step {step + 1}; stopped, the last "
+                                           f"good checkpoint in {out} is kept (step {last_saved})")
+                set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
+                opt.step()
+                opt.zero_grad()
         row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step),
                "lr": opt.param_groups[0]["lr"], **terms}
         bar.set_postfix({n: f"{v:.3f}" for n, v in terms.items()})
