@@ -99,7 +99,7 @@ def test_gated_and_materialised_evaluation_agree(tiny):
     assert a["flops_ratio"] == plan.costs()["flops_ratio"] < 1
     assert b["latency_ms"]["image"] > 0 and "items" not in b
     c = evaluate_plan(model, plan, tokenizer, pp, datasets=("shapes",), n=20, items=True)
-    assert c["metrics"] == b["metrics"] and set(c["items"]) == {"shapes/zs_mean"}
+    assert c["metrics"] == b["metrics"] and set(c["items"]) == {"shapes/zs_mean", "shapes/zs_heldout_prompts"}
     assert len(c["items"]["shapes/zs_mean"]) == 20
     assert float(c["items"]["shapes/zs_mean"].mean()) == pytest.approx(c["metrics"]["shapes/zs_mean"])
     with pytest.raises(HippError, match="evaluation mode"):

@@ -62,5 +62,5 @@ def to_rgb(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
 
-def class_prompts() -> dict[str, list[str]]:
-    return {c: [t.format(c) for t in TEMPLATES] for c in CLASSES}
+def class_prompts(templates: tuple[str, ...] = TEMPLATES) -> dict[str, list[str]]:
+    return {c: [t.format(c) for t in templates] for c in CLASSES}

@@ -88,7 +88,7 @@ def calibration_inputs(calibration, preprocess_cfg: dict) -> tuple[torch.Tensor,
 
 def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: Sequence[str] = DATASETS,
                   n: int = 500, fmnist_limit: int | None = 2000, calibration=None, mode: str = "materialize",
-                  latency: bool = False, latency_batch: int = 32, items: bool = False) -> dict:
+                  latency: bool = False, latency_batch: int = 32, items: bool = False, split: str = "test") -> dict:
     """Metrics and costs of one hard plan on a prunable `model` (left unchanged).
 
     mode "materialize" measures the physically smaller model (the same function as the hard-gated
@@ -112,15 +112,16 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
         small = materialize(model, *plan.gates).eval()
     per_item = {} if items else None
     if small is not None and (mode == "materialize" or plan.meta.get("compensate")):
-        metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=per_item)
+        metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=per_item,
+                           split=split)
     else:
         device = next(model.parameters()).device
         with gated(model, map_gates(lambda t: t.to(device, torch.float32), plan.gates)):
             metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit,
-                               items=per_item)
+                               items=per_item, split=split)
     costs = plan.costs()
     out = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics),
-           **{k: costs[k] for k in ("flops_ratio", "params_ratio", "flops_ratio/image", "flops_ratio/text")}}
+           **{k: costs[k] for k in ("flops_ratio", "params_ratio", *(f"flops_ratio/{s}" for s in plan.space.stages))}}
     if items:
         out["items"] = per_item
     if latency:
