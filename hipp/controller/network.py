@@ -31,9 +31,8 @@ from ..core.budget import check_bounds
 from ..errors import HippError
 from ..storage.fileio import load_tensors, read_json, save_tensors, write_json
 from ..core.gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
-from ..training.objectives import check_target_objectives
 from ..core.plan import Plan
-from ..core.preference import DEFAULT_OBJECTIVES, as_dict
+from ..core.preference import DEFAULT_OBJECTIVES, as_dict, check_target_objectives
 from ..core.space import PruneSpace
 
 CONFIG_NAME = "controller.json"

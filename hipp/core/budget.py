@@ -12,9 +12,8 @@ import torch
 
 from ..errors import HippError
 from .gates import couple
-from ..training.objectives import COSTS
 from .plan import Plan
-from .preference import sweep
+from .preference import COSTS, sweep
 from .space import PruneSpace
 
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it

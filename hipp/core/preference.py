@@ -15,6 +15,14 @@ import torch
 from ..errors import HippError
 
 DEFAULT_OBJECTIVES = ("utility", "grounding", "flops", "params")
+COSTS = ("flops", "params")  # the cost objectives; the others measure quality
+
+
+def check_target_objectives(names) -> None:
+    """A FLOPs target replaces the cost weights, so it needs 'flops' and something else to trade it for."""
+    if "flops" not in names or all(n in COSTS for n in names):
+        raise HippError(f"a FLOPs target needs the 'flops' objective and a quality objective; got {list(names)}")
+
 
 
 def _number(text: str, what: str) -> float:

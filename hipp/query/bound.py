@@ -32,9 +32,8 @@ from ..core.budget import Units, check_bounds, fit, meets, ratios, top_up
 from ..core.gates import map_gates
 from ..controller.network import Controller
 from ..errors import HippError
-from ..training.objectives import COSTS
 from ..core.plan import Plan
-from ..core.preference import format_spec, simplex_grid, sweep
+from ..core.preference import COSTS, format_spec, simplex_grid, sweep
 from .ranking import CALIB_IMAGES, RANK_BY, check_rank_by, rank_losses
 
 # Ranking: how many distinct fits are run (each on CALIB_IMAGES val scenes + Fashion-MNIST images

@@ -29,15 +29,8 @@ from ..core.preference import DEFAULT_OBJECTIVES
 from ..core.space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params")
-COSTS = ("flops", "params")  # the cost objectives; the others measure quality
 SCALARIZATIONS = ("linear", "chebyshev")
 GROUNDING_MODES = ("hinge", "squared")
-
-
-def check_target_objectives(names) -> None:
-    """A FLOPs target replaces the cost weights, so it needs 'flops' and something else to trade it for."""
-    if "flops" not in names or all(n in COSTS for n in names):
-        raise HippError(f"a FLOPs target needs the 'flops' objective and a quality objective; got {list(names)}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ..core.preference import DEFAULT_OBJECTIVES
 from ..tasks import DEFAULT_TASK, get_task
-from .objectives import ObjectiveConfig, check_target_objectives
+from ..core.preference import check_target_objectives
+from .objectives import ObjectiveConfig
 
 LR_SCHEDULES = ("constant", "cosine")  # see trainer.lr_factor
 

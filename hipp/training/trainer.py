@@ -35,9 +35,9 @@ from ..storage import outputs
 from . import resume as resume_state
 from ..storage.fileio import write_json, write_text
 from ..core.gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
-from .objectives import COSTS, Embeddings, ObjectiveConfig, Objectives
+from .objectives import Embeddings, ObjectiveConfig, Objectives
 from .settings import LR_SCHEDULES, TrainConfig
-from ..core.preference import sample_dirichlet
+from ..core.preference import COSTS, sample_dirichlet
 
 LOG_NAME = "train_log.jsonl"
 
