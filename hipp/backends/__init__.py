@@ -1,6 +1,6 @@
 """Backends: where a model family keeps its transformer blocks. Everything else is shared.
 
-A backend (base.Backend, registered per family: open_clip, hf) answers a few questions about its
+A backend (base.Backend, registered per family: open_clip, hf, llava) answers a few questions about its
 models: its stages (blocks, tokens per sample, FLOPs and parameters outside the blocks), block
 shapes, input sizes, and how to wrap one block in the project's gated classes. The functions here —
 the prune space, the swap to prunable blocks, attaching gates — work the same for every backend on
@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import HippError
 from .base import Backend, DualEncoder, Stage, backend_for, register, registered, unregister
 from .base import get as get_backend
-from .modules import DroppedBlock, GatedBlock
+from .modules import DroppedBlock, GatedBlock, carry_hooks
 from ..core.space import LayerSpec, PruneSpace
 
 __all__ = ["Backend", "DualEncoder", "Stage", "backend_for", "get_backend", "register", "registered", "unregister",
@@ -54,7 +54,8 @@ def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
             if isinstance(block, DroppedBlock):
                 continue
             width, heads, head_dim, hidden = b.block_shape(block)
-            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, stage.tokens, channel_group))
+            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, stage.tokens, channel_group,
+                                    **b.layer_fields(block)))
     return PruneSpace(tuple(layers), {n: s.fixed_flops for n, s in stages.items()},
                       {n: float(s.fixed_params) for n, s in stages.items()})
 
@@ -84,7 +85,7 @@ def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
                 raise HippError(f"{tower} block {i} ({type(block).__name__}) cannot be made prunable: {e}") from None
     for resblocks, i, block in swaps:
         block.mlp.channel_group = channel_group
-        resblocks[i] = block
+        resblocks[i] = carry_hooks(resblocks[i], block)
     return describe(model, channel_group)
 
 
@@ -113,8 +114,8 @@ def set_gates(model: nn.Module, layer_keep=None, head_keep=None, channel_keep=No
     for i, block in enumerate(blocks):
         heads = head_keep[i] if head_keep is not None else None
         chans = channel_keep[i] if channel_keep is not None else None
-        if heads is not None and heads.shape[-1:] != (block.attn.num_heads,):
-            raise HippError(f"head_keep[{i}] must end in {block.attn.num_heads}, got {tuple(heads.shape)}")
+        if heads is not None and heads.shape[-1:] != (block.attn.units,):
+            raise HippError(f"head_keep[{i}] must end in {block.attn.units}, got {tuple(heads.shape)}")
         groups = -(-block.mlp.hidden // block.mlp.channel_group)
         if chans is not None and chans.shape[-1:] != (groups,):
             raise HippError(f"channel_keep[{i}] must end in {groups}, got {tuple(chans.shape)}")

@@ -23,7 +23,7 @@ from ..errors import HippError
 
 # imported on the first lookup, so that `backend_for` knows the families shipped with HiPP without
 # importing them (and transformers' or open_clip's helpers) when hipp.backends is imported
-BUILTIN = ("hipp.backends.open_clip", "hipp.backends.hf")
+BUILTIN = ("hipp.backends.open_clip", "hipp.backends.hf", "hipp.backends.llava")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def block_shape(self, block: nn.Module) -> tuple[int, int, int, int]:
-        """(width, heads, head_dim, mlp_hidden) of a plain or gated (possibly shrunk) block."""
+        """(width, attention units, head_dim, mlp_hidden) of a plain or gated (possibly shrunk) block;
+        a unit is a head, or a key/value group under grouped-query attention (layer_fields)."""
+
+    def layer_fields(self, block: nn.Module) -> dict:
+        """LayerSpec fields beyond block_shape's that price the block (hipp.core.space.BLOCK_DEFAULTS:
+        grouped-query attention, biases, gated MLP, norm kind); {} for a CLIP-style block."""
+        return {}
 
     @abc.abstractmethod
     def gated_block(self, block: nn.Module, channel_group: int) -> nn.Module:
@@ -144,4 +150,4 @@ def backend_for(model: nn.Module) -> Backend:
     if owners:  # two families claiming one model would price and gate it by chance
         raise HippError(f"{type(model).__name__} is claimed by several backends: {', '.join(b.name for b in owners)}")
     raise HippError(f"{type(model).__name__} is neither an open_clip CLIP model nor a transformers "
-                    "CLIPModel / SiglipModel (no registered backend owns it)")
+                    "CLIPModel / SiglipModel / LlavaForConditionalGeneration (no registered backend owns it)")

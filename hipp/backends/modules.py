@@ -5,14 +5,16 @@ subclass only says how its attention computes per-head outputs and what its part
 open_clip classes are in backends/open_clip.py, the transformers ones in backends/hf.py).
 Parameter names are the backend's own, so pretrained state dicts load unchanged and a materialised
 model's state dict has the same keys, only smaller shapes. Each class copies out its own kept units
-(`keep_heads`, `keep_channels`, `shrunk`): that is all materialisation needs from a backend.
+(`keep_heads`, `keep_channels`, `shrunk`): that is all materialisation needs from a backend. A
+replacement block takes over the forward hooks of the block it replaces (`carry_hooks`).
 
 Gates are plain tensor attributes, never parameters or buffers: the state dict stays the weights
 alone and autograd flows from the output back to whatever produced the gates. Every gate may carry a
 leading batch dimension (one gate vector per sample) or none (shared by the whole batch).
 
-- head gate  [..., H]:   scales each head's attention output before out_proj (Q and K untouched,
-                          so a hard 0 is exactly the head removed);
+- head gate  [..., H]:   scales each attention unit's output before out_proj (Q and K untouched,
+                          so a hard 0 is exactly the unit removed); a unit is a head, or a
+                          key/value group with its query heads (backends/decoder.py);
 - channel gate [..., G]: scales the MLP hidden activation after the non-linearity, one value per
                           group of `channel_group` consecutive channels;
 - layer gate [...]:      scales both residual branches, so 0 makes the block the identity.
@@ -68,8 +70,13 @@ class PrunableBranch(nn.Module):
 
 
 class HeadGatedAttention(PrunableBranch):
-    """What every backend's attention shares: the head gate, per-head statistics, the empty branch
-    and out_proj. A subclass computes the per-head outputs [B, T, H, hd] in `heads_out`."""
+    """What every backend's attention shares: the head gate, per-unit statistics, the empty branch
+    and the output projection. A subclass computes the per-head outputs [B, T, H, hd] in `heads_out`.
+
+    The gate has one value per attention unit (`units`): a head here; a subclass under grouped-query
+    attention makes a unit a key/value group, whose query heads are consecutive in [B, T, H, hd], so
+    the same arithmetic gates [B, T, units, heads_per_unit * hd].
+    """
 
     num_heads: int
     head_dim: int
@@ -95,13 +102,14 @@ class HeadGatedAttention(PrunableBranch):
             return _bias_only(x, self.out_bias)
         out = self.heads_out(x, attn_mask, **kwargs)  # [B, T, H, hd]
         batch, tokens = out.shape[:2]
+        out = out.reshape(batch, tokens, self.units, -1)  # a no-op unless a unit holds several heads
         if self.stats is not None:
-            _accumulate(self.stats, out.detach().float().sum(dim=(0, 1)), batch * tokens)  # [H, hd]
+            _accumulate(self.stats, out.detach().float().sum(dim=(0, 1)), batch * tokens)  # [units, dims]
         gate = self.head_gate
-        if gate is not None:  # [..., H] -> [B or 1, 1, H, 1]
+        if gate is not None:  # [..., U] -> [B or 1, 1, U, 1]
             gate = gate.to(out.dtype)
-            out = out * gate.reshape(gate.shape[:-1] + (1,) * (gate.dim() - 1) + (self.num_heads, 1))
-        return self.out_proj(out.reshape(batch, tokens, self.num_heads * self.head_dim))
+            out = out * gate.reshape(gate.shape[:-1] + (1,) * (gate.dim() - 1) + (self.units, 1))
+        return self.out_layer(out.reshape(batch, tokens, -1))
 
 
 def out_columns(out_proj: nn.Linear, heads: torch.Tensor, head_dim: int):
@@ -124,6 +132,9 @@ class PrunableMLP(PrunableBranch):
         super().__init__()
         for name, module in zip(self.NAMES, (fc_in, act, fc_out)):
             setattr(self, name, module)
+        self._init_gates(channel_group)
+
+    def _init_gates(self, channel_group: int) -> None:
         self.channel_group = channel_group
         self.channel_gate: torch.Tensor | None = None
         self.stats: dict | None = None  # when a dict, forward accumulates per-channel mean activations
@@ -155,7 +166,7 @@ class PrunableMLP(PrunableBranch):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.empty:
             return _bias_only(x, self.out_bias)
-        h = self.act(self.fc_in(x))
+        h = self.hidden_act(x)
         if self.stats is not None:
             _accumulate(self.stats, h.detach().float().reshape(-1, self.hidden).sum(0), h.numel() // self.hidden)
         gate = self.channel_gate
@@ -165,6 +176,10 @@ class PrunableMLP(PrunableBranch):
                 gate = gate.repeat_interleave(self.channel_group, dim=-1)[..., : self.hidden]
             h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.dim() - gate.dim()) + (self.hidden,))
         return self.fc_out(h)
+
+    def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden activation the channel gate scales, [..., hidden]."""
+        return self.act(self.fc_in(x))
 
     def keep_channels(self, channels: torch.Tensor) -> "PrunableMLP":
         """A new module of the same class with copies of the given hidden channels only."""
@@ -228,6 +243,17 @@ class GatedBlock(nn.Module):
     def shrunk(self, heads: torch.Tensor, channels: torch.Tensor) -> "GatedBlock":
         """A smaller copy with the given heads and MLP channels (indices into the original ones)."""
         return self.with_units(self.attn.keep_heads(heads), self.mlp.keep_channels(channels))
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """`new`, given the forward hooks of the block it replaces. transformers records hidden states
+    through hooks it installs once per model on its own layer classes, and LLaVA takes its image
+    features from them: a gated, shrunk or dropped block must report its output where the layer did."""
+    if new is not old:
+        for hook in old._forward_hooks.values():
+            if hook not in new._forward_hooks.values():
+                new.register_forward_hook(hook)
+    return new
 
 
 class DroppedBlock(nn.Module):

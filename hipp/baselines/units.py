@@ -45,9 +45,10 @@ def group_sum(per_channel: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def head_sum(per_dim: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """[..., num_heads * head_dim] per-dimension values (any leading dims) -> [num_heads] sums."""
+    """[..., query heads * head_dim] per-dimension values (any leading dims) -> [num_heads] sums, one per
+    attention unit (a key/value group's query heads are consecutive)."""
     x = per_dim.detach().double()
-    return x.reshape(-1, spec.num_heads, spec.head_dim).sum((0, 2))
+    return x.reshape(-1, spec.num_heads, spec.group_size * spec.head_dim).sum((0, 2))
 
 
 def unit_flops(space: PruneSpace) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

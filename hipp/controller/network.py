@@ -307,8 +307,9 @@ def _check_space(d, where: Path) -> PruneSpace:
         for key, v in layer.items():
             if key != "tower" and not (_is_int(v) and 0 <= v <= MAX_LAYER_FIELD):
                 raise HippError(f"{where}: space.layers[{i}].{key} must be a whole number in [0, 2**31], got {v!r}")
-        if layer.get("channel_group", 1) < 1:
-            raise HippError(f"{where}: space.layers[{i}].channel_group must be >= 1")
+        for key in ("channel_group", "group_size"):
+            if layer.get(key, 1) < 1:
+                raise HippError(f"{where}: space.layers[{i}].{key} must be >= 1")
     for key in ("fixed_flops", "fixed_params"):
         costs = d.get(key)
         if not isinstance(costs, dict) or not all(

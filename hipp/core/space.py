@@ -5,17 +5,32 @@ text); nothing here or in the code that prices, plans or fits budgets knows them
 
 FLOPs follow torch.utils.flop_counter's convention: 2 per multiply-accumulate of every matmul
 (linear layers, patch embedding, attention scores and mixing); norms, softmax and activations
-count nothing. Costs are per sample (one image or one caption at full context length).
+count nothing. Costs are per sample (one image, one caption at full context length, or one prefill of
+a decoder's declared prompt length), priced by the cost models of hipp/core/costs.py.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 
+from .costs import AttentionCost, BlockCost, MLPCost, NormCost
+
+# fields a CLIP / ViT block leaves at these values; to_dict omits them, so files written before
+# decoder blocks existed are read back unchanged and still compare equal
+BLOCK_DEFAULTS = {"group_size": 1, "qkv_bias": 1, "out_bias": 1, "mlp_gated": 0, "mlp_bias": 1, "norm_bias": 1}
+
+
 @dataclass(frozen=True)
 class LayerSpec:
+    """One prunable block. `num_heads` counts attention units, the gates of its attention: a head under
+    multi-head attention, a key/value group (one k/v head and the `group_size` query heads reading it)
+    under grouped-query attention, so that dropping a unit leaves an ordinary GQA layer. The fields
+    after channel_group say how the block is priced (hipp/core/costs.py); the flags among them are
+    0/1 ints, not bools, because a controller file's layer fields must be whole numbers. Their
+    defaults describe a CLIP block (multi-head attention, biases everywhere, fc1/fc2, LayerNorm)."""
     tower: str
     index: int
     width: int
@@ -24,6 +39,12 @@ class LayerSpec:
     mlp_hidden: int
     tokens: int
     channel_group: int = 1
+    group_size: int = 1  # query heads per attention unit, sharing one key/value head
+    qkv_bias: int = 1
+    out_bias: int = 1    # attention output projection
+    mlp_gated: int = 0   # SwiGLU: down(act(gate(x)) * up(x))
+    mlp_bias: int = 1    # every linear of the MLP
+    norm_bias: int = 1   # 1: LayerNorm, 0: RMSNorm
 
     @property
     def num_channel_gates(self) -> int:
@@ -37,28 +58,39 @@ class LayerSpec:
         sizes[-1] = self.mlp_hidden - self.channel_group * (self.num_channel_gates - 1)
         return sizes
 
-    # --- costs of one unit, per sample ---
+    @cached_property  # unit costs are read per layer on every costs() call
+    def block_cost(self) -> BlockCost:
+        """The block's cost model; under its defaults exactly the CLIP formulas (tests/test_costs.py)."""
+        heads = self.num_heads * self.group_size
+        attention = AttentionCost(self.width, heads, self.head_dim, self.num_heads, bool(self.qkv_bias),
+                                  bool(self.out_bias))
+        return BlockCost(attention, MLPCost(self.width, self.mlp_hidden, bool(self.mlp_gated), bool(self.mlp_bias)),
+                         NormCost(self.width, bool(self.norm_bias)))
+
+    # --- costs of one unit, per sample (a prefill of `tokens` tokens) ---
     @property
     def head_flops(self) -> float:
-        t, d, h = self.tokens, self.width, self.head_dim
-        return 2.0 * (t * 4 * d * h + 2 * t * t * h)  # q, k, v, out projections + scores + mixing
+        return self.block_cost.attention.unit_flops(self.tokens)
 
     @property
     def channel_flops(self) -> float:
-        return 2.0 * self.tokens * 2 * self.width  # one column of fc1, one row of fc2
+        return self.block_cost.mlp.unit_flops(self.tokens)
 
     @property
     def head_params(self) -> float:
-        return 4.0 * self.width * self.head_dim + 3 * self.head_dim  # weights + q, k, v biases
+        return self.block_cost.attention.unit_params
 
     @property
     def channel_params(self) -> float:
-        return 2.0 * self.width + 1  # weights + fc1 bias
+        return self.block_cost.mlp.unit_params
 
     @property
     def layer_params(self) -> float:
-        """Parameters a kept layer holds whatever its heads and channels: norms, output biases."""
-        return 4.0 * self.width + 2 * self.width
+        """Parameters a kept layer holds whatever its units: norms, output biases."""
+        return self.block_cost.layer_params
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in BLOCK_DEFAULTS or v != BLOCK_DEFAULTS[k]}
 
 
 @dataclass(frozen=True)
@@ -113,7 +145,7 @@ class PruneSpace:
                 [torch.ones(l.num_channel_gates, dtype=torch.float64) for l in self.layers])
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(l) for l in self.layers],
+        return {"layers": [l.to_dict() for l in self.layers],
                 "fixed_flops": dict(self.fixed_flops), "fixed_params": dict(self.fixed_params)}
 
     @classmethod

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backends import backend_for, get_backend, prunable_blocks, set_gates, tower_blocks
 from ..errors import HippError
-from ..backends.modules import DroppedBlock, GatedBlock
+from ..backends.modules import DroppedBlock, GatedBlock, carry_hooks
 from ..core.space import PruneSpace
 
 
@@ -80,8 +80,8 @@ def layer_plans(model: nn.Module, layer_keep, head_keep, channel_keep) -> list[L
     plans = []
     for n, (tower, i, block, known) in enumerate(blocks):
         heads, chans = _hard(head_keep[n], f"head_keep[{n}]"), _hard(channel_keep[n], f"channel_keep[{n}]")
-        if len(heads) != block.attn.num_heads:
-            raise HippError(f"head_keep[{n}] has {len(heads)} values for {block.attn.num_heads} heads")
+        if len(heads) != block.attn.units:
+            raise HippError(f"head_keep[{n}] has {len(heads)} values for {block.attn.units} attention units")
         group = _channel_group(block, known, len(chans))
         per_channel = chans.repeat_interleave(group)[:block.mlp.hidden]
         plans.append(LayerPlan(tower, i, bool(layers[n]),
@@ -114,9 +114,9 @@ def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None)
     replaced = {}
     for resblocks in tower_blocks(model).values():
         new = nn.ModuleList()
-        for _ in resblocks:
+        for old in resblocks:
             p, (_, _, block, _) = next(plans), next(gated)
-            new.append(block.shrunk(p.heads, p.channels) if p.kept else _dropped_like(block))
+            new.append(carry_hooks(old, block.shrunk(p.heads, p.channels) if p.kept else _dropped_like(block)))
         replaced[id(resblocks)] = new
     # deepcopy everything but the blocks: the memo hands back the sliced lists instead of copying
     # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
@@ -174,9 +174,10 @@ def empty_model(model_cfg: dict, struct: dict, backend_name: str = "open_clip") 
             except (KeyError, TypeError, ValueError):
                 raise HippError(f"structure {tower} layer {i} needs kept / heads / channels") from None
             gated = b.gated_block(block, 1)
-            if not (0 <= heads <= gated.attn.num_heads and 0 <= chans <= gated.mlp.hidden):
+            if not (0 <= heads <= gated.attn.units and 0 <= chans <= gated.mlp.hidden):
                 raise HippError(f"structure {tower} layer {i} is larger than the base model")
-            resblocks[i] = gated.shrunk(torch.arange(heads), torch.arange(chans)) if kept else _dropped_like(gated)
+            smaller = gated.shrunk(torch.arange(heads), torch.arange(chans)) if kept else _dropped_like(gated)
+            resblocks[i] = carry_hooks(block, smaller)
     b.rebind(base)
     return base
 
@@ -224,12 +225,12 @@ def compensate_bias(model: nn.Module, layer_keep, head_keep=None, channel_keep=N
         for old, new, p, (a_stats, m_stats) in zip(blocks, new_blocks, plans, stats):
             if not p.kept:
                 continue
-            if a_stats and new.attn.out_proj.bias is not None:
-                removed = _complement(p.heads, old.attn.num_heads)
-                mean = (a_stats["sum"] / a_stats["count"])[removed]  # [r, hd]
-                w = old.attn.out_proj.weight.detach().float().view(old.attn.embed_dim, old.attn.num_heads, -1)
+            if a_stats and new.attn.out_layer.bias is not None:
+                removed = _complement(p.heads, old.attn.units)
+                mean = (a_stats["sum"] / a_stats["count"])[removed]  # [r, dims per unit]
+                w = old.attn.out_layer.weight.detach().float().view(old.attn.embed_dim, old.attn.units, -1)
                 delta = torch.einsum("drk,rk->d", w[:, removed.to(w.device)], mean.to(w.device))
-                new.attn.out_proj.bias.add_(delta.to(new.attn.out_proj.bias.dtype))
+                new.attn.out_layer.bias.add_(delta.to(new.attn.out_layer.bias.dtype))
             if m_stats and new.mlp.fc_out.bias is not None:
                 removed = _complement(p.channels, old.mlp.hidden)
                 mean = (m_stats["sum"] / m_stats["count"])[removed]
