@@ -134,7 +134,7 @@ class LlavaBackend(Backend):
 
         if model_cfg.get("model_type") != "llava":
             raise HippError(f"transformers model_type {model_cfg.get('model_type')!r} is not llava")
-        untrusted.no_remote_code(model_cfg, "the transformers config")
+        untrusted.transformers_config(model_cfg, "the transformers config")
         try:
             config = transformers.LlavaConfig.from_dict({k: v for k, v in model_cfg.items() if k != "model_type"})
             return transformers.LlavaForConditionalGeneration(config).eval()
@@ -163,3 +163,32 @@ class LlavaBackend(Backend):
                 block.attn.layer_idx = i
             elif not block.attn.empty:
                 block.attn.layer_idx, n = n, n + 1
+
+
+def load(path) -> nn.Module:
+    """A LlavaForConditionalGeneration from a local folder save_pretrained wrote (safetensors only),
+    its files checked first (storage/untrusted.py); never code from the folder, never the hub. The
+    project's preprocess dict rides on the model (`preprocess_cfg`), as on the other families."""
+    import torch
+    import transformers
+
+    from .hf import _first_line, load_options, preprocess_from, quiet
+
+    untrusted.transformers_folder(path)
+    options = load_options(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), **options)
+    except Exception as e:  # bad JSON, unknown sub-config: one line
+        raise HippError(f"cannot read the transformers config of {path}: {_first_line(e)}") from None
+    if config.model_type != "llava":
+        raise HippError(f"{path} is a transformers {config.model_type!r} model, not llava")
+    untrusted.loaded_attention(config, path)
+    try:
+        with quiet():
+            model = transformers.LlavaForConditionalGeneration.from_pretrained(
+                str(path), config=config, use_safetensors=True, dtype=torch.float32, **options)
+    except Exception as e:
+        raise HippError(f"cannot load the llava weights of {path}: {_first_line(e)}") from None
+    # the vision tower's processor statistics when the folder ships them, else CLIP's
+    model.preprocess_cfg = preprocess_from(path, "clip", int(config.vision_config.image_size))
+    return model

@@ -16,12 +16,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_eval(args) -> int:
-    from ..storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
+    from ..storage.checkpoint import contrastive_only, get_tokenizer, load_model, preprocess_cfg
     from ..evaluation.evaluate import DATASETS, check_datasets, report
 
     datasets = DATASETS if args.data is None else tuple(d.strip() for d in args.data.split(","))
     check_datasets(datasets, args.allow_outside)  # before loading anything
     model = load_model(args.model)
+    contrastive_only(model, "eval")
     rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets, allow_outside=args.allow_outside)
     if args.json:
         print(json.dumps(rep))

@@ -102,6 +102,11 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     from ..query.ranking import calibration
     from ..cli.query import summary
 
+    backend = backend_for(base.model).name
+    if backend == "llava" and (onnx or compensate):
+        # both run the contrastive encoders (encode_image / encode_text) a LLaVA does not have
+        raise HippError(f"{'--onnx' if onnx else '--compensate'} is not available for a llava model: "
+                        "the export writes the PyTorch weights only")
     out = check_out(out, overwrite)
     gates = plan.gates
     compensated = None
@@ -122,7 +127,6 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         if abs(own[f"flops/{t}"] - costs[f"flops/{t}"]) > 1e-6 * max(costs[f"flops/{t}"], 1.0):
             raise AssertionError(f"{t} FLOPs of the materialised model differ from the plan's")
     num_params = sum(p.numel() for p in small.parameters())
-    backend = backend_for(base.model).name
     config = {
         "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__, "backend": backend,
         "model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg,
@@ -135,7 +139,8 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
         if backend == "open_clip":  # what open_clip's local-dir tokenizer / transform read
             write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
-        else:  # the transformers tokenizer files; preprocessing is in pruned_config.json
+        elif base.tokenizer is not None:  # the transformers tokenizer files; preprocessing is in pruned_config.json
+            # (a LLaVA base loaded without tokenizer files has none: the export then holds the model only)
             base.tokenizer.tokenizer.save_pretrained(str(stage))
         onnx_diffs = None
         if onnx:

@@ -136,6 +136,8 @@ def base_config(model: torch.nn.Module, spec: str) -> dict:
     from ..storage.checkpoint import CONFIG_NAME, family
     from ..storage.fileio import read_json
 
+    if family(model) == "llava":  # the transformers model itself, not wrapped
+        return model.config.to_dict()
     if family(model) != "open_clip":
         return model.hf.config.to_dict()
     if Path(spec).is_dir():

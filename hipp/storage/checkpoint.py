@@ -2,8 +2,10 @@
 
 A folder in open_clip's own local-dir layout (`open_clip_config.json` + safetensors weights) is
 the embedded teacher's format, so `open_clip.create_model("local-dir:...")` reads it too. A folder
-with a transformers `config.json` (model_type clip or siglip) loads through transformers. A
-folder with `pruned_config.json` is a HiPP export of either. Any other string is an open_clip
+with a transformers `config.json` (model_type clip or siglip) loads through transformers, and one of
+model_type llava (a CLIP vision tower and a Llama / Qwen2 decoder) as transformers'
+LlavaForConditionalGeneration (backends/llava.py). A folder with `pruned_config.json` is a HiPP
+export of any of them. Any other string is an open_clip
 model name, loaded by open_clip with `pretrained` as given (a tag such as "openai" or a local
 weights file), or a transformers hub id ("openai/clip-vit-base-patch32").
 
@@ -35,11 +37,23 @@ PRUNED_FORMAT = "hipp-pruned"
 PRUNED_VERSION = 1
 
 
-FAMILIES = ("open_clip", "clip", "siglip")  # open_clip's CLIP, transformers' CLIPModel / SiglipModel
+FAMILIES = ("open_clip", "clip", "siglip", "llava")  # open_clip's CLIP, transformers' CLIPModel / SiglipModel / LLaVA
+PRUNED_BACKENDS = ("open_clip", "hf", "llava")
 
 
 def family(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)  # LlavaForConditionalGeneration: the transformers model itself
+    if getattr(config, "model_type", None) == "llava":
+        return "llava"
     return getattr(model, "model_type", "open_clip")
+
+
+def contrastive_only(model: torch.nn.Module, command: str) -> None:
+    """Training and evaluation run the contrastive tasks (encode_image / encode_text); a generative
+    LLaVA loads, materialises and exports, but its tasks are not there yet: one line, not a traceback."""
+    if family(model) == "llava":
+        raise HippError(f"hipp {command} does not run llava models yet (load, materialise and export do); "
+                        "it takes open_clip, clip and siglip models")
 
 
 def is_hub_id(spec) -> bool:
@@ -104,6 +118,9 @@ def _load_dir(path: Path, expect: str | None = None) -> torch.nn.Module:
     if PRUNED_CONFIG_NAME in configs:
         return _load_pruned(path, configs[PRUNED_CONFIG_NAME])
     if CONFIG_NAME not in configs and (path / hf.HF_CONFIG).is_file():
+        if hf.folder_model_type(path) == "llava":
+            from ..backends import llava
+            return llava.load(path)
         return hf.load(str(path), expect)
     if CONFIG_NAME not in configs:
         raise HippError(f"{path} is not a model folder: no {CONFIG_NAME} (open_clip), {hf.HF_CONFIG} "
@@ -126,7 +143,7 @@ def checked_folder(path: Path) -> dict:
         configs[PRUNED_CONFIG_NAME] = _checked_pruned(path / PRUNED_CONFIG_NAME)
     if (path / CONFIG_NAME).is_file():  # an export's copy too: its tokenizer and base_config read it
         configs[CONFIG_NAME] = _checked_open_clip(path / CONFIG_NAME)
-    if configs.get(PRUNED_CONFIG_NAME, {}).get("backend") == "hf":  # its tokenizer files
+    if configs.get(PRUNED_CONFIG_NAME, {}).get("backend") in ("hf", "llava"):  # its tokenizer files
         untrusted.transformers_folder(path, need_config=False)
     elif not configs and (path / hf.HF_CONFIG).is_file():
         untrusted.transformers_folder(path)
@@ -154,10 +171,13 @@ def _checked_pruned(where: Path) -> dict:
     backend = config.get("backend", "open_clip")
     if backend == "open_clip":
         untrusted.open_clip_cfg(config["model_cfg"], where)
-    elif backend == "hf":
+    elif backend in ("hf", "llava"):
         untrusted.transformers_config(config["model_cfg"], where)
+        kind = config["model_cfg"].get("model_type")
+        if (backend == "llava") != (kind == "llava"):  # build() would refuse it later, less clearly
+            raise HippError(f"{where}: backend {backend!r} does not build a transformers {kind!r} model")
     else:
-        raise HippError(f"{where}: unknown backend {backend!r}; expected open_clip or hf")
+        raise HippError(f"{where}: unknown backend {backend!r}; expected one of {', '.join(PRUNED_BACKENDS)}")
     untrusted.preprocess_cfg(config.get("preprocess_cfg"), where)
     return config
 

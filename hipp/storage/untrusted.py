@@ -168,7 +168,9 @@ def preprocess_cfg(cfg, where) -> dict:
 
 # --- transformers: config.json (or an hf export's model_cfg) and the files beside it ---
 
-MODEL_TYPES = ("clip", "siglip")
+MODEL_TYPES = ("clip", "siglip", "llava")
+# the towers of a LLaVA that the llava backend gates: a CLIP vision tower and a Llama-shaped decoder
+LLAVA_PARTS = {"vision_config": ("clip_vision_model",), "text_config": ("llama", "qwen2")}
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "SiglipTokenizer", "SiglipTokenizerFast")
 IMAGE_PROCESSORS = tuple(f"{family}{kind}" for family in ("CLIP", "Siglip")
                          for kind in ("ImageProcessor", "ImageProcessorFast", "ImageProcessorPil", "FeatureExtractor"))
@@ -187,12 +189,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def transformers_config(config, where, spec=None) -> dict:
-    """A transformers CLIP / SigLIP config whose loading keys all stay local."""
+    """A transformers CLIP / SigLIP / LLaVA config whose loading keys all stay local."""
     config = _mapping(config, where, "the transformers config")
     no_remote_code(config, where)
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
-        raise HippError(f"{spec or where} is a transformers {kind!r} model; HiPP prunes clip and siglip")
+        raise HippError(f"{spec or where} is a transformers {kind!r} model; HiPP prunes clip and siglip "
+                        "(and llava with a CLIP vision tower and a Llama / Qwen2 decoder)")
+    if kind == "llava":
+        _llava_parts(config, where)
     for name, key, value in _walk(config):
         if key in _ATTENTION_KEYS:
             _attention(value, where, name)
@@ -203,6 +208,18 @@ def transformers_config(config, where, spec=None) -> dict:
         elif key == "transformers_weights" and value is not None:
             _weights_name(value, where, name)
     return config
+
+
+def _llava_parts(config: dict, where) -> None:
+    """Both sub-configs named explicitly: transformers would fill a missing one with a default model (a
+    Llama-7B-sized decoder), and an unknown model_type would build a tower the llava backend cannot gate."""
+    for part, kinds in LLAVA_PARTS.items():
+        sub = config.get(part)
+        if not isinstance(sub, dict):
+            raise HippError(f"{where}: a llava config needs {part} (a mapping), not {_show(sub)}")
+        if sub.get("model_type") not in kinds:
+            raise HippError(f"{where}: {part}.model_type {_show(sub.get('model_type'))} is not one HiPP prunes "
+                            f"in a llava model ({', '.join(kinds)})")
 
 
 def _attention(value, where, name: str) -> None:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..backends import clear_gates, gated, image_size, make_prunable
-from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+from ..storage.checkpoint import contrastive_only, fingerprint, get_tokenizer, load_model, preprocess_cfg
 from ..controller.network import CONFIG_NAME, Controller
 from ..data import to_input
 from ..tasks import DEFAULT_TASK, Batches, get_task
@@ -247,6 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
 
 def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume: bool, max_steps) -> dict:
     model = load_model(cfg.model, cfg.pretrained, expect=cfg.family, seed=cfg.seed)
+    contrastive_only(model, "train")
     base_print = fingerprint(model)
     space = make_prunable(model, cfg.channel_group)
     model.to(acc.device)
