@@ -211,19 +211,20 @@ def test_a_damaged_llava_export_is_refused_in_one_line(export, tmp_path, damage,
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_eval_and_train_refuse_a_llava_in_one_line(llava_dir, tmp_path, capsys):
-    """Their tasks are contrastive (encode_image / encode_text): a LLaVA gets one line and status 2."""
+def test_eval_without_a_processor_and_train_refuse_a_llava_in_one_line(llava_dir, tmp_path, capsys):
+    """eval needs the folder's processor files; train's task is contrastive (encode_image / encode_text):
+    a LLaVA gets one line and status 2."""
     from hipp.cli.main import main
 
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"model: {llava_dir}\noutput: {tmp_path / 'ctrl'}\n")
-    for args, command in ((["eval", "--model", str(llava_dir), "--data", "shapes"], "eval"),
-                          (["train", "--config", str(cfg)], "train")):
+    for args, says in ((["eval", "--model", str(llava_dir), "--data", "shapes"], "has no processor"),
+                       (["train", "--config", str(cfg)], "hipp train does not run llava models yet")):
         capsys.readouterr()
         code = main(args)
         out, err = capsys.readouterr()
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
-        assert f"hipp {command} does not run llava models yet" in err
+        assert says in err
 
 
 def test_a_qwen2_llava_round_trips_too(tmp_path):

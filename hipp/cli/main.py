@@ -16,19 +16,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_eval(args) -> int:
-    from ..storage.checkpoint import contrastive_only, get_tokenizer, load_model, preprocess_cfg
+    from ..storage.checkpoint import family, get_processor, get_tokenizer, load_model, preprocess_cfg
     from ..evaluation.evaluate import DATASETS, check_datasets, report
 
     datasets = DATASETS if args.data is None else tuple(d.strip() for d in args.data.split(","))
     check_datasets(datasets, args.allow_outside)  # before loading anything
     model = load_model(args.model)
-    contrastive_only(model, "eval")
-    rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets, allow_outside=args.allow_outside)
+    if family(model) == "llava":  # generative: captions, attribute questions, POPE, Fashion-MNIST
+        from ..evaluation.generative import evaluate_generative, kinds_for
+
+        rep = evaluate_generative(model, get_processor(args.model), kinds=kinds_for(datasets))
+    else:
+        rep = report(model, get_tokenizer(args.model), preprocess_cfg(model), datasets,
+                     allow_outside=args.allow_outside)
     if args.json:
         print(json.dumps(rep))
     else:
         for k, v in rep["metrics"].items():
             print(f"{k:28s} {v:.4f}")
+        if "utility" in rep:
+            print(f"{'utility':28s} {rep['utility']:.4f}")
         print(f"{'params':28s} {rep['params']:,}")
         for t, f in rep["flops"].items():
             print(f"{'flops/' + t:28s} {f / 1e6:.2f} M")

@@ -1,6 +1,11 @@
-"""Fitting a plan to a cost bound: the largest top-k of the units' logits that meets the bound
-(a binary search, since cost only grows with k), then a top-up with the highest-logit units that
-still fit. The bound query fits every candidate preference with it, and polishing fits its gates.
+"""The one budget fitter: from a key per unit (higher = kept first), the largest top-k that meets
+the bounds (a binary search, since cost only grows with k), then a top-up with the highest-key
+units that still fit. The bound query fits every candidate preference's logits with it, polishing
+fits its gates, and the baselines fit their importance scores (hipp.baselines.allocate).
+
+Bounds are ratios of the dense model: "flops" and "params" over every stage, "flops/<stage>" for one
+stage, and "flops@<i>" for the width units of layer i (as a share of the whole model's FLOPs). A key
+of -inf marks a unit that must stay out (the top-up never adds it).
 Without data, `sweep_within` picks among the controller's own plans along a preference sweep.
 """
 from __future__ import annotations
@@ -64,12 +69,15 @@ class Units:
         df = sum(dense[f"flops/{t}"] for t in space.stages)
         dp = sum(dense[f"params/{t}"] for t in space.stages)
         L = len(space.layers)
+        self.total_flops = df
+        self.stage_flops = {t: dense[f"flops/{t}"] for t in space.stages}
         self.sizes = [L] + [l.num_heads for l in space.layers] + [l.num_channel_gates for l in space.layers]
-        self.kind, self.layer, self.dflops, self.dparams = [], [], [], []
+        self.kind, self.layer, self.dflops, self.dparams, self.flops = [], [], [], [], []
 
         def add(kind: str, i: int, flops: float, params: float) -> None:
             self.kind.append(kind)
             self.layer.append(i)
+            self.flops.append(flops)
             self.dflops.append(flops / df)
             self.dparams.append(params / dp)
 
@@ -81,6 +89,35 @@ class Units:
         for i, l in enumerate(space.layers):
             for size in l.channel_sizes().tolist():
                 add("channel", i, size * l.channel_flops, size * l.channel_params)
+
+    def delta(self, key: str) -> list[float]:
+        """What each unit adds to the ratio `key` (see the module docstring) when its layer is kept."""
+        if key == "flops":
+            return self.dflops
+        if key == "params":
+            return self.dparams
+        if key.startswith("flops/") and key[6:] in self.stage_flops:
+            t = key[6:]
+            return [f / self.stage_flops[t] if self.space.layers[i].tower == t else 0.0
+                    for f, i in zip(self.flops, self.layer)]
+        if key.startswith("flops@"):
+            i = int(key[6:])
+            return [f if j == i else 0.0 for f, j in zip(self.dflops, self.layer)]
+        raise HippError(f"unknown bound {key!r}")
+
+    def measure(self, plan: Plan, keys) -> dict[str, float]:
+        """The plan's ratio for each bound key: totals and stages from its exact costs, layers by sum."""
+        c = plan.costs()
+        out = {}
+        for key in keys:
+            if key in ("flops", "params"):
+                out[key] = c[f"{key}_ratio"]
+            elif key.startswith("flops/"):
+                out[key] = c[f"flops_ratio/{key[6:]}"]
+            else:
+                eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
+                out[key] = sum(d * e for d, e in zip(self.delta(key), eff))
+        return out
 
     def flat(self, logits) -> torch.Tensor:
         layer, heads, chans = logits
@@ -111,21 +148,27 @@ class Fit:
     key: bytes        # identity of the resulting plan
 
 
-def fit(units: Units, flat: torch.Tensor, bounds: dict, index: int) -> Fit:
-    order = torch.sort(flat, descending=True, stable=True).indices
+def top_k(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the k highest keys (ties: the first in unit order)."""
+    m = torch.zeros(len(flat), dtype=torch.float64)
+    m[torch.sort(flat, descending=True, stable=True).indices[:k]] = 1.0
+    return m
+
+
+def fit(units: Units, flat: torch.Tensor, bounds: dict, index: int = 0) -> Fit:
     n = len(flat)
 
-    def mask(k: int) -> torch.Tensor:
-        m = torch.zeros(n, dtype=torch.float64)
-        m[order[:k]] = 1.0
-        return m
+    def fits(k: int) -> bool:
+        return meets(units.measure(units.plan(top_k(flat, k), {}), bounds), bounds)
+
+    order = torch.sort(flat, descending=True, stable=True).indices
 
     lo, hi = 0, n  # cost grows with k (nested sets), so binary-search the largest feasible k
-    if not meets(ratios(units.plan(mask(0), {})), bounds):
+    if not fits(0):
         return Fit(index, -1, math.inf, b"")
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if meets(ratios(units.plan(mask(mid), {})), bounds):
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
@@ -134,32 +177,36 @@ def fit(units: Units, flat: torch.Tensor, bounds: dict, index: int) -> Fit:
     low = -float(vals[lo - 1]) if lo > 0 else -math.inf
     high = -float(vals[lo]) if lo < n else math.inf
     offset = 0.0 if low < 0 <= high else (high if high < 0 else low)
-    return Fit(index, lo, offset, units.plan(mask(lo), {}).mask_key())
+    return Fit(index, lo, offset, units.plan(top_k(flat, lo), {}).mask_key())
 
 
-def top_up(units: Units, flat: torch.Tensor, k: int, bounds: dict) -> tuple[torch.Tensor, int]:
-    """From the top-k plan, add the highest-logit units that still fit, one at a time.
+def top_up(units: Units, flat: torch.Tensor, start: int | torch.Tensor, bounds: dict,
+           margin: float = MARGIN) -> tuple[torch.Tensor, int]:
+    """From the top-k plan (or a given mask), add the highest-key units that still fit, one at a time.
 
     Works on the *effective* (hierarchy-applied) mask: a layer added here starts with no heads or
     channels (its own cost is only norms and biases), and a second pass reaches the units of layers
-    added during the first one.
+    added during the first one. Units keyed -inf are never added. `margin` < 0 lets a sum land on
+    the bound itself (within round-off), for callers whose plans are checked against it exactly.
     """
     order = torch.sort(flat, descending=True, stable=True).indices.tolist()
-    plan = units.plan(torch.zeros(len(flat)).index_fill_(0, torch.tensor(order[:k], dtype=torch.long), 1.0)
-                      if k > 0 else torch.zeros(len(flat)), {})
+    start = top_k(flat, start) if isinstance(start, int) else start
+    plan = units.plan(start, {})
     eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
-    cur = ratios(plan)
-    room = {key: bounds.get(key, math.inf) - MARGIN for key in COSTS}
+    keys = sorted(set(COSTS) | set(bounds))
+    cur = units.measure(plan, keys)
+    room = {key: bounds.get(key, math.inf) - margin for key in keys}
+    deltas = {key: units.delta(key) for key in keys}
     added = 0
     for _ in range(2):
         for u in order:
-            if eff[u]:
+            if eff[u] or flat[u] == -math.inf:
                 continue
             layer = units.layer[u]
             if units.kind[u] != "layer" and not eff[layer]:
                 continue
-            f, p = cur["flops"] + units.dflops[u], cur["params"] + units.dparams[u]
-            if f <= room["flops"] and p <= room["params"]:
-                eff[u], cur["flops"], cur["params"] = 1.0, f, p
+            new = {key: cur[key] + deltas[key][u] for key in keys}
+            if all(new[key] <= room[key] for key in keys):
+                eff[u], cur = 1.0, new
                 added += 1
     return torch.tensor(eff, dtype=torch.float64), added

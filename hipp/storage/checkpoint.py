@@ -49,8 +49,9 @@ def family(model: torch.nn.Module) -> str:
 
 
 def contrastive_only(model: torch.nn.Module, command: str) -> None:
-    """Training and evaluation run the contrastive tasks (encode_image / encode_text); a generative
-    LLaVA loads, materialises and exports, but its tasks are not there yet: one line, not a traceback."""
+    """Controller training runs the contrastive tasks (encode_image / encode_text); a generative LLaVA
+    loads, materialises, exports and evaluates (hipp/evaluation/generative.py), but its training task
+    is not there yet: one line, not a traceback."""
     if family(model) == "llava":
         raise HippError(f"hipp {command} does not run llava models yet (load, materialise and export do); "
                         "it takes open_clip, clip and siglip models")
@@ -257,6 +258,33 @@ def get_tokenizer(spec: str | Path):
         return hf.tokenizer(spec)
     # anything else would reach open_clip's own schemes (hf-hub:, local-dir:) past the folder checks
     raise _not_a_model(spec)
+
+
+PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def get_processor(spec: str | Path):
+    """The LlavaProcessor (image processor and tokenizer) a LLaVA folder holds beside the model, read with
+    transformers' AutoProcessor after the folder's files are checked; never code from the folder."""
+    import transformers
+
+    from ..backends.hf import _first_line, load_options
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise HippError(f"{spec} is not a folder; a llava processor is read from the model's folder")
+    checked_folder(path)
+    missing = [name for name in PROCESSOR_FILES if not (path / name).is_file()]
+    if missing:
+        raise HippError(f"{path} has no processor ({missing[0]} is missing): save the model's LlavaProcessor "
+                        "there with processor.save_pretrained(folder)")
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(str(path), **load_options(path))
+    except Exception as e:  # bad JSON, an unknown class: one line
+        raise HippError(f"cannot load the processor of {path}: {_first_line(e)}") from None
+    if not isinstance(processor, transformers.LlavaProcessor):
+        raise HippError(f"{path} holds a {type(processor).__name__}, not a LlavaProcessor")
+    return processor
 
 
 def _open_clip_tokenizer(model_cfg: dict):

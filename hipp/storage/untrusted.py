@@ -171,7 +171,10 @@ def preprocess_cfg(cfg, where) -> dict:
 MODEL_TYPES = ("clip", "siglip", "llava")
 # the towers of a LLaVA that the llava backend gates: a CLIP vision tower and a Llama-shaped decoder
 LLAVA_PARTS = {"vision_config": ("clip_vision_model",), "text_config": ("llama", "qwen2")}
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "SiglipTokenizer", "SiglipTokenizerFast")
+# transformers' generic fast tokenizer (TokenizersBackend in 5.x) reads tokenizer.json and runs no
+# code: the embedded LLaVA teacher's word-level tokenizer is one
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "SiglipTokenizer", "SiglipTokenizerFast",
+                     "TokenizersBackend", "PreTrainedTokenizerFast")
 IMAGE_PROCESSORS = tuple(f"{family}{kind}" for family in ("CLIP", "Siglip")
                          for kind in ("ImageProcessor", "ImageProcessorFast", "ImageProcessorPil", "FeatureExtractor"))
 ATTENTION = ("eager", "sdpa")  # anything else may be a kernel that transformers fetches from the hub
@@ -242,8 +245,8 @@ def loaded_attention(config, where) -> None:
 
 def _tokenizer_class(value, where, name: str) -> None:
     if value not in TOKENIZER_CLASSES:
-        raise HippError(f"{where} names tokenizer class {_show(value)} ({name}); HiPP reads CLIP and SigLIP "
-                        f"tokenizers only ({', '.join(TOKENIZER_CLASSES)})")
+        raise HippError(f"{where} names tokenizer class {_show(value)} ({name}); HiPP reads CLIP, SigLIP and plain "
+                        f"tokenizer.json tokenizers only ({', '.join(TOKENIZER_CLASSES)})")
 
 
 def _plain_name(value) -> bool:

@@ -1,0 +1,178 @@
+"""Generative evaluation of a LLaVA (hipp/evaluation/generative.py) and its scoring (answers.py)."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from hipp.data import fashion_mnist, words
+from hipp.data.instruct import KINDS, Sample, make_samples
+from hipp.data.shapes import Obj
+from hipp.errors import HippError
+from hipp.evaluation.answers import caption_counts, parse_caption, score, utility_of
+from hipp.evaluation.generative import check_pair, costs, evaluate_generative, generate, kinds_for
+from conftest import counted_flops
+
+HAVE_FMNIST = (fashion_mnist.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file()
+SHAPE_KINDS = tuple(k for k in KINDS if k != "fmnist")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: a second thread only waits on the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llava(processor, layers: int = 1, seed: int = 0):
+    """64x64 images in 8x8 patches (64 image features without CLIP's class token), a 1-layer Llama."""
+    tok = processor.tokenizer
+    torch.manual_seed(seed)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_hidden_layers=layers, image_size=64, patch_size=8)
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                vocab_size=len(tok), max_position_embeddings=256, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                                   vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return transformers.LlavaForConditionalGeneration(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    processor = words.build_processor()
+    return tiny_llava(processor), processor
+
+
+def test_report_has_every_metric_in_0_1(pair):
+    model, processor = pair
+    kinds = KINDS if HAVE_FMNIST else SHAPE_KINDS
+    rep = evaluate_generative(model, processor, n=4, batch_size=8, kinds=kinds)
+    m = rep["metrics"]
+    expected = {f"attr/{a}" for a in ("color", "shape", "size", "position", "count", "mean")}
+    expected |= {f"pope/{s}_{k}" for s in ("random", "popular", "adversarial")
+                 for k in ("acc", "precision", "recall", "f1", "yes_ratio")} | {"pope/f1_mean"}
+    expected |= {f"caption/{k}" for k in ("precision", "recall", "f1", "exact")}
+    expected |= {"fmnist/acc"} if HAVE_FMNIST else set()
+    assert set(m) == expected and all(0.0 <= v <= 1.0 for v in m.values())
+    assert 0.0 <= rep["utility"] <= 1.0 and rep["params"] == sum(p.numel() for p in model.parameters())
+    assert set(rep["flops"]) == {"prefill", "decode_token"} and rep["flops"]["prefill"] > rep["flops"]["decode_token"] > 0
+    assert set(rep["latency_ms"]) == {"prefill", "decode_token", "batch"} and rep["latency_ms"]["batch"] == 8
+    assert rep["samples"] == {k: 4 for k in kinds} and json.loads(json.dumps(rep)) == rep
+
+
+def test_greedy_generation_is_batch_independent(pair):
+    model, processor = pair
+    samples = make_samples("test", 6, kinds=("caption", "attr/color", "pope/random"))
+    images, prompts = [s.image for s in samples], [words.prompt(s.question) for s in samples]
+    together = generate(model, processor, images, prompts, max_new_tokens=5, batch_size=6)
+    alone = [generate(model, processor, [i], [p], max_new_tokens=5)[0] for i, p in zip(images, prompts)]
+    assert together == alone and all(isinstance(t, str) for t in together)
+
+
+def test_analytic_flops_equal_counted_flops(pair):
+    """POPE prompts all have one length: prefill and one decoding step, counted by torch, per sample."""
+    model, processor = pair
+    samples = make_samples("test", 4, kinds=("pope/random",))
+    batch = words.encode(processor, samples, train=False)
+    batch.pop("answers")
+    length = batch["input_ids"].shape[1]
+    assert batch["attention_mask"].all() and words.prompt_lengths(processor, [s.question for s in samples]) == [length] * 4
+
+    def run(steps):
+        config = transformers.GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
+                                               pad_token_id=0, eos_token_id=2)
+        return lambda: model.generate(**batch, generation_config=config)
+    expected = costs(model, [length])
+    prefill, two = counted_flops(run(1)), counted_flops(run(2))
+    assert prefill == 4 * expected["prefill"] and two - prefill == 4 * expected["decode_token"]
+
+
+def _s(kind, answer, objects=()):
+    return Sample(kind, "q", answer, torch.zeros(3, 1, 1, dtype=torch.uint8), {"objects": list(objects)})
+
+
+def test_score_by_hand():
+    red = Obj("red", "circle", "small", "top left")
+    blue = Obj("blue", "square", "large", "center")
+    samples = [_s("attr/color", "red"), _s("attr/color", "blue"), _s("attr/position", "top-left"),
+               _s("pope/random", "yes"), _s("pope/random", "yes"), _s("pope/random", "no"), _s("pope/random", "no"),
+               _s("caption", "a small red circle at the top left and a large blue square at the center", [red, blue]),
+               _s("fmnist", "ankle-boot"), _s("fmnist", "bag")]
+    predictions = ["red", "blue blue", " top-left ",
+                   "Yes.", "no", "yes", "maybe",
+                   "a small red circle at the top left and a small green square at the center and a dog",
+                   "ankle-boot", "sandal"]
+    m = score(samples, predictions)
+    assert m["attr/color"] == 0.5 and m["attr/position"] == 1.0 and m["attr/mean"] == 0.75
+    # tp 1 (Yes.), fn 1 (no), fp 1, "maybe" is wrong and not yes
+    assert m["pope/random_acc"] == 0.25 and m["pope/random_precision"] == 0.5 and m["pope/random_recall"] == 0.5
+    assert m["pope/random_f1"] == 0.5 and m["pope/random_yes_ratio"] == 0.5 and m["pope/f1_mean"] == 0.5
+    # stated: 4 (red, all true) + 4 (object and shape at the center true; colour and size false) + 4 unparsed
+    assert caption_counts([red, blue], predictions[7]) == (6, 12, 8)
+    assert m["caption/precision"] == 0.5 and m["caption/recall"] == 0.75 and m["caption/exact"] == 0.0
+    assert m["caption/f1"] == pytest.approx(0.6)
+    assert m["fmnist/acc"] == 0.5
+    assert utility_of(m) == pytest.approx((0.75 + 0.5 + 0.6 + 0.5) / 4)
+    assert set(score(samples[:3], predictions[:3])) == {"attr/color", "attr/position", "attr/mean"}
+
+
+def test_parse_caption():
+    assert parse_caption("a large red cross at the bottom right") == [Obj("red", "cross", "large", "bottom right")]
+    assert parse_caption("  ") == [] and parse_caption("a red cross") == [None]
+    assert caption_counts([Obj("red", "cross", "large", "top")], "a large red cross at the top and "
+                          "a large red cross at the top") == (4, 8, 4)  # stated twice, true once
+
+
+def test_bad_arguments_are_one_line(pair):
+    model, processor = pair
+    image = make_samples("test", 1, kinds=("caption",))[0].image
+    cases = [
+        (lambda: generate(model, processor, [image[:, :32, :32]], [words.prompt("What is this?")], 2), "uint8"),
+        (lambda: generate(model, processor, [image], ["USER: What is this? ASSISTANT:"], 2), "exactly once"),
+        (lambda: evaluate_generative(model, processor, split="train", n=1), "unknown split"),
+        (lambda: evaluate_generative(model, processor, n=0), "n must be"),
+        (lambda: evaluate_generative(model, processor, n=1, kinds=("vqa",)), "unknown sample kind"),
+        (lambda: check_pair(model, words.build_processor(num_additional_image_tokens=0)), "63 tokens"),
+        (lambda: check_pair(model, words.build_processor(image_size=32, patch_size=4)), "32x32"),
+        (lambda: kinds_for(["csv:pairs.csv"]), "not 'csv:pairs.csv'"),
+        (lambda: score([_s("fmnist", "bag")], []), "0 predictions for 1 samples"),
+        (lambda: utility_of({}), "none of the utility metrics"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(HippError, match=needle) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_get_processor_needs_the_processor_files(pair, tmp_path):
+    from hipp.storage.checkpoint import get_processor
+
+    model, processor = pair
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(HippError, match="has no processor") as e:
+        get_processor(tmp_path / "m")
+    assert "\n" not in str(e.value)
+    with pytest.raises(HippError, match="not a folder"):
+        get_processor(tmp_path / "nowhere")
+
+
+def test_hipp_eval_runs_a_llava_folder(pair, tmp_path, monkeypatch, capsys):
+    from hipp.cli.main import main
+    from hipp.storage.checkpoint import get_processor
+
+    model, processor = pair
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    assert isinstance(get_processor(tmp_path / "m"), transformers.LlavaProcessor)
+    monkeypatch.setattr("hipp.evaluation.generative.KINDS", ("attr/size",))  # keeps the run short
+    monkeypatch.setattr("hipp.evaluation.generative.DATASET_KINDS", {"shapes": ("attr/size",), "fmnist": ()})
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", "shapes", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["metrics"]) == {"attr/size", "attr/mean"} and rep["samples"] == {"attr/size": 200}
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", "shapes"]) == 0
+    out = capsys.readouterr().out
+    assert "utility" in out and "latency_ms/decode_token" in out
