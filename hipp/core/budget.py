@@ -108,6 +108,7 @@ class Units:
     def measure(self, plan: Plan, keys) -> dict[str, float]:
         """The plan's ratio for each bound key: totals and stages from its exact costs, layers by sum."""
         c = plan.costs()
+        eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
         out = {}
         for key in keys:
             if key in ("flops", "params"):
@@ -115,7 +116,6 @@ class Units:
             elif key.startswith("flops/"):
                 out[key] = c[f"flops_ratio/{key[6:]}"]
             else:
-                eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
                 out[key] = sum(d * e for d, e in zip(self.delta(key), eff))
         return out
 
