@@ -42,8 +42,8 @@ _REDRAW = 2 ** 40       # scene index offset of a redraw, far from every index r
 
 # every word a question or answer may hold, in a fixed order (the tokenizer's ids follow it)
 WORDS = (
-    "Describe", "the", "image", "What", "Where", "How", "Is", "is", "are", "there", "a", "in", "this",
-    "color", "shape", "size", "many", "object", "objects", "at", "and", "yes", "no",
+    *"Describe the image What Where How Is is are there a in this".split(),
+    *"color shape size many object objects at and yes no".split(),
     *shapes.COLORS, *shapes.SHAPES, *PLURALS.values(), *shapes.SIZES,
     "top", "bottom", "left", "right", "center", "top-left", "top-right", "bottom-left", "bottom-right",
     *COUNT_WORDS, *FMNIST_ANSWERS,
