@@ -61,9 +61,10 @@ def test_polish_input_is_checked(loaded):  # noqa: F811
 
 
 def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F811
-    from hipp.cli.main import POLISH_STEPS
-    from hipp.query.polish import POLISH
-    assert POLISH_STEPS == POLISH.steps  # the parser's copy, kept so that building it imports no torch
+    from hipp.cli.main import build_parser
+    for command in ("query", "bench"):  # off unless asked: the seed study's decision on validation
+        args = ["--controller", "c"] + (["--max-flops", "0.5"] if command == "query" else ["--out", "o"])
+        assert build_parser().parse_args([command, *args]).polish == 0
     code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--max-flops", BOUND,
                          "--polish", 2, "--json")
     assert code == 0, err

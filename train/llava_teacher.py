@@ -2,7 +2,9 @@
 Llama decoder (grouped-query attention, SwiGLU), taught to answer on the shape scenes and
 Fashion-MNIST (captions, attribute questions, POPE existence questions, "What is this?").
 
-The loss is the next-token cross-entropy on answer tokens only. Batch `step` is a pure function
+The loss is the next-token cross-entropy on answer tokens only, averaged within each answer and
+then over answers (`loss_average: sample`), so a one-word POPE answer weighs as much as a caption;
+`token` averages over all answer tokens of the batch, as a causal LM's own loss does. Batch `step` is a pure function
 of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LlavaTeacherConfig:
     eval_every: int = 500
     eval_samples: int = 300
     save_every: int = 100
+    loss_average: str = "sample"  # "sample" or "token" (see the module docstring)
     prompt_tokens: int = 96  # declared prompt length for costs: 64 image tokens + the longest question
 
 
@@ -55,6 +58,16 @@ def lr_scale(cfg: LlavaTeacherConfig, step: int) -> float:
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     floor = cfg.min_lr / cfg.lr
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * t))
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
+    """Next-token cross-entropy over the positions whose label is not -100."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
+    if average == "token":
+        return nll.sum() / mask.sum().clamp(min=1)
+    return (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def build(cfg: LlavaTeacherConfig, tokenizer):
@@ -141,7 +154,9 @@ def train_llava_teacher(cfg: LlavaTeacherConfig, resume: bool = False) -> dict:
         batch = encode(processor, make_samples("train", per_process, seed=cfg.seed, start=first), train=True)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale(cfg, step)
-        loss = model(**{k: v.to(acc.device) for k, v in batch.items()}).loss
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels, cfg.loss_average)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
