@@ -176,3 +176,60 @@ def test_hipp_eval_runs_a_llava_folder(pair, tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", "shapes"]) == 0
     out = capsys.readouterr().out
     assert "utility" in out and "latency_ms/decode_token" in out
+
+
+def test_teacher_loss_averages_per_answer(pair):
+    """The LLaVA teacher's loss: 'token' equals the model's own next-token loss; 'sample' weighs a
+    one-word answer as much as a caption, so it differs from 'token' on a mixed batch and equals the
+    mean of each sample's own loss."""
+    from train.llava_teacher import answer_loss
+    model, processor = pair
+    batch = words.encode(processor, make_samples("train", 4, seed=0, kinds=("caption", "pope/random")), train=True)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        own = model(**batch, labels=labels).loss
+        each = [model(**{k: v[i:i + 1] for k, v in batch.items()}, labels=labels[i:i + 1]).loss for i in range(4)]
+    assert torch.allclose(answer_loss(logits, labels, "token"), own, atol=1e-5)
+    per_sample = answer_loss(logits, labels, "sample")
+    assert torch.allclose(per_sample, torch.stack(each).mean(), atol=1e-4)
+    assert not torch.allclose(per_sample, own, atol=1e-3)
+
+
+def test_a_llava_export_keeps_the_processor_and_writes_its_image_features_as_onnx(tmp_path):
+    """A LLaVA export from a folder with a processor holds that processor (so hipp eval and
+    get_processor read the export alone), and --onnx writes the image path (tower + projector),
+    equal to transformers' get_image_features and checked by onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    from hipp.backends import make_prunable
+    from hipp.core.plan import Plan
+    from hipp.export.onnx import LLAVA_ONNX_FILE, ImageFeatures
+    from hipp.export.pruned import export_pruned
+    from hipp.query.bound import Base, base_config
+    from hipp.storage.checkpoint import PROCESSOR_FILES, fingerprint, get_processor, load_model, preprocess_cfg
+    from test_llava import plans
+
+    processor = words.build_processor()
+    tiny_llava(processor, layers=2).save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    base = Base(model, str(tmp_path / "m"), None, base_config(model, str(tmp_path / "m")), preprocess_cfg(model),
+                None, fingerprint(model))
+    space = make_prunable(model)
+    plan = Plan.from_gates(space, plans(space)["partial_and_dropped"], preference={"utility": 1.0})
+    result = export_pruned(base, plan, tmp_path / "out", onnx=True)
+    assert set(PROCESSOR_FILES) <= set(result["files"]) and LLAVA_ONNX_FILE in result["files"]
+    assert result["onnx_max_abs_diff"]["image_features"] <= 1e-4
+    again = get_processor(tmp_path / "out")
+    assert again.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    loaded = load_model(tmp_path / "out")
+    pixels = words.encode(again, make_samples("test", 3, seed=0), train=False)["pixel_values"]
+    with torch.no_grad():
+        ours = ImageFeatures(loaded)(pixels)
+        theirs = torch.stack(list(loaded.get_image_features(
+            pixel_values=pixels, vision_feature_layer=loaded.config.vision_feature_layer,
+            vision_feature_select_strategy=loaded.config.vision_feature_select_strategy).pooler_output))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    session = ort.InferenceSession(str(tmp_path / "out" / LLAVA_ONNX_FILE), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"pixel_values": pixels.numpy()})[0])
+    assert got.shape == ours.shape and torch.allclose(got, ours, atol=1e-4)

@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(x)
     x.add_argument("--out", required=True, help="output folder (new, empty or a previous export)")
     _add_overwrite_arg(x)
-    x.add_argument("--onnx", action="store_true", help="also write ONNX image / text encoders, checked vs onnxruntime")
+    x.add_argument("--onnx", action="store_true",
+                   help="also write ONNX files, checked vs onnxruntime: a CLIP model's image / text encoders, "
+                        "a LLaVA's image features (vision tower + projector; not its decoder)")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
     x.set_defaults(func=_cmd_export)
     return p

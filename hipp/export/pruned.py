@@ -5,8 +5,9 @@
                             weights' fingerprint, preprocess cfg, parameter count
     open_clip_config.json   model_cfg + preprocess_cfg, so get_tokenizer / get_preprocess read the folder
     tokenizer files         instead, for a transformers base: its tokenizer, as save_pretrained writes it
-    image_encoder.onnx      with --onnx: encode_image / encode_text (unnormalised embeddings, dynamic
-    text_encoder.onnx       batch), each checked against onnxruntime before anything is published
+    processor files         a LLaVA base folder's processor (tokenizer, image processor), when it has one
+    *.onnx                  with --onnx (export/onnx.py): a CLIP model's two encoders, a LLaVA's image
+                            features (vision tower + projector; not the decoder)
 
 `hipp.load_model(folder)` rebuilds the model from model_cfg + structure with the project's module
 classes and loads model.safetensors strictly; no controller and no base weights are needed.
@@ -17,21 +18,21 @@ leaves the earlier export or the new one, never a mix.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..backends.hf import TOKENIZER_FILES
-from ..storage.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION, PRUNED_WEIGHTS_NAME
+from ..storage.checkpoint import (CONFIG_NAME, PROCESSOR_FILES, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION,
+                                  PRUNED_WEIGHTS_NAME)
 from ..storage import outputs
 from ..errors import HippError
 from ..storage.fileio import read_json, save_tensors, write_json
 from ..core.plan import Plan
+from .onnx import LLAVA_ONNX_FILE, ONNX_ATOL, ONNX_FILES, export_llava_onnx, export_onnx
 
-ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
-EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values(), *TOKENIZER_FILES)
-ONNX_ATOL = 1e-4
+EXPORT_FILES = (PRUNED_WEIGHTS_NAME, PRUNED_CONFIG_NAME, CONFIG_NAME, *ONNX_FILES.values(), LLAVA_ONNX_FILE,
+                *TOKENIZER_FILES, *PROCESSOR_FILES)
 COMMAND = "export"
 
 
@@ -45,48 +46,6 @@ def _earlier_export(out: Path) -> bool:
 def check_out(out, overwrite: bool = False) -> Path:
     """--out must be new, empty or an earlier export (or --overwrite given): outputs.check."""
     return outputs.check(out, COMMAND, overwrite, legacy=_earlier_export)
-
-
-class _Encoder(torch.nn.Module):
-    """One tower as a module with a single tensor input, the form torch.onnx.export traces."""
-
-    def __init__(self, model, tower: str):
-        super().__init__()
-        self.model, self.tower = model, tower
-
-    def forward(self, x):
-        return self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
-
-
-def export_onnx(model, folder: Path, images: torch.Tensor, tokens: torch.Tensor, atol: float = ONNX_ATOL) -> dict:
-    """Write both encoders as ONNX and compare onnxruntime with torch on a batch of another size than
-    the traced one (so the dynamic batch axis is checked too). Returns the max abs differences."""
-    try:
-        import numpy as np
-        import onnx  # noqa: F401  (torch's exporter needs it)
-        import onnxruntime as ort
-    except ImportError:
-        raise HippError("--onnx needs the onnx and onnxruntime packages (pip install 'hipp[onnx]')") from None
-    diffs = {}
-    for tower, x in (("image", images), ("text", tokens)):
-        enc = _Encoder(model, tower).eval()
-        path = folder / ONNX_FILES[tower]
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python control flow
-            # the TorchScript-based exporter: it needs no onnxscript and handles the 0-head / 0-channel
-            # branches (shape-derived zeros) with a dynamic batch
-            torch.onnx.export(enc, (x[:2],), str(path), dynamo=False, opset_version=17,
-                              input_names=[tower], output_names=["embedding"],
-                              dynamic_axes={tower: {0: "batch"}, "embedding": {0: "batch"}})
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {tower: x.numpy()})[0]
-        with torch.no_grad():
-            want = enc(x).numpy()
-        diff = float(np.abs(got - want).max())
-        if not diff <= atol:
-            raise HippError(f"ONNX {tower} encoder differs from torch by {diff:.2e} (> {atol:g}); nothing was written")
-        diffs[tower] = diff
-    return diffs
 
 
 def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64,
@@ -103,10 +62,10 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     from ..cli.query import summary
 
     backend = backend_for(base.model).name
-    if backend == "llava" and (onnx or compensate):
-        # both run the contrastive encoders (encode_image / encode_text) a LLaVA does not have
-        raise HippError(f"{'--onnx' if onnx else '--compensate'} is not available for a llava model: "
-                        "the export writes the PyTorch weights only")
+    if backend == "llava" and compensate:
+        # its calibration runs the contrastive encoders (encode_image / encode_text) a LLaVA does not have
+        raise HippError("--compensate is not available for a llava model: its calibration is contrastive")
+    processor = _llava_processor(base) if backend == "llava" else None
     out = check_out(out, overwrite)
     gates = plan.gates
     compensated = None
@@ -139,11 +98,19 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
         if backend == "open_clip":  # what open_clip's local-dir tokenizer / transform read
             write_json(stage / CONFIG_NAME, {"model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg})
+        elif processor is not None:  # what get_processor reads: tokenizer, image processor, image token
+            processor.save_pretrained(str(stage))
         elif base.tokenizer is not None:  # the transformers tokenizer files; preprocessing is in pruned_config.json
             # (a LLaVA base loaded without tokenizer files has none: the export then holds the model only)
             base.tokenizer.tokenizer.save_pretrained(str(stage))
         onnx_diffs = None
-        if onnx:
+        if onnx and backend == "llava":
+            size = int(small.config.vision_config.image_size)
+            pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+            onnx_diffs = export_llava_onnx(small, stage, pixels)
+            config["onnx"] = {"files": {"image_features": LLAVA_ONNX_FILE}, "max_abs_diff": onnx_diffs,
+                              "atol": ONNX_ATOL, "outputs": "projected image features; the decoder is not exported"}
+        elif onnx:
             images, tokens = calibration(base, 3, seed=2)
             onnx_diffs = export_onnx(small, stage, images, tokens)
             config["onnx"] = {"files": dict(ONNX_FILES), "max_abs_diff": onnx_diffs, "atol": ONNX_ATOL,
@@ -154,6 +121,17 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     result.update({"out": str(out), "files": files, "num_params": num_params, "compensated": compensated,
                    "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint})
     return result
+
+
+def _llava_processor(base):
+    """The base folder's LlavaProcessor, or None when the folder has no processor files (a bare
+    save_pretrained folder: the export then holds the model only, as the base did)."""
+    from ..storage.checkpoint import get_processor
+
+    folder = Path(base.spec)
+    if not all((folder / name).is_file() for name in PROCESSOR_FILES):
+        return None
+    return get_processor(folder)
 
 
 def run(args) -> int:
@@ -173,6 +151,6 @@ def run(args) -> int:
               f"{result['params_ratio']:.4f}, {result['num_params']:,} parameters "
               f"(preference {result['preference_spec']})")
         if result["onnx_max_abs_diff"]:
-            d = result["onnx_max_abs_diff"]
-            print(f"onnx: image max abs diff {d['image']:.2e}, text {d['text']:.2e} (onnxruntime vs torch)")
+            diffs = ", ".join(f"{k} {v:.2e}" for k, v in result["onnx_max_abs_diff"].items())
+            print(f"onnx max abs diff (onnxruntime vs torch): {diffs}")
     return 0
