@@ -239,3 +239,16 @@ def test_a_qwen2_llava_round_trips_too(tmp_path):
     inputs = prompts(small)
     assert torch.allclose(logits(loaded, inputs), logits(small, inputs), atol=1e-6, rtol=0)
     assert torch.equal(generate(loaded, inputs, 8), generate(small, inputs, 8))
+
+
+def test_a_plan_for_another_model_is_refused_in_one_line(export):
+    """A Plan carries its prune space: materialising it on a model of other shapes says so, rather
+    than failing inside the slicing (the Qwen2-shaped LLaVA has other head counts)."""
+    from hipp.export.slicing import materialize
+
+    base, plan, _, _ = export
+    other = tiny_llava("qwen2")
+    make_prunable(other)
+    with pytest.raises(HippError, match="the plan is for another model") as e:
+        materialize(other, plan)
+    assert "\n" not in str(e.value) and "language: 3 layers, 2 attention units" in str(e.value)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import backend_for, get_backend, prunable_blocks, set_gates, tower_blocks
+from ..backends import backend_for, describe, get_backend, prunable_blocks, set_gates, tower_blocks
 from ..errors import HippError
 from ..backends.modules import DroppedBlock, GatedBlock, carry_hooks
 from ..core.space import PruneSpace
@@ -96,19 +96,32 @@ def _dropped_like(block: GatedBlock) -> DroppedBlock:
     return DroppedBlock(w.dtype, w.device)
 
 
-def _unpack(layer_keep, head_keep, channel_keep):
-    """Accept a Plan (anything with .gates) in place of the triple: `materialize(model, plan)`."""
+def _unpack(model, layer_keep, head_keep, channel_keep):
+    """Accept a Plan (anything with .gates) in place of the triple: `materialize(model, plan)`; a Plan
+    must be for this model's prune space."""
     if head_keep is None and channel_keep is None and hasattr(layer_keep, "gates"):
+        space = getattr(layer_keep, "space", None)
+        if space is not None and space.layers:
+            own = describe(model, space.layers[0].channel_group)
+            if own != space:
+                raise HippError(f"the plan is for another model: its prune space ({_shape(space)}) is not this "
+                                f"model's ({_shape(own)})")
         return layer_keep.gates
     if head_keep is None or channel_keep is None:
         raise HippError("give a Plan or all of layer_keep, head_keep and channel_keep")
     return layer_keep, head_keep, channel_keep
 
 
+def _shape(space) -> str:
+    """A prune space in a few words: layers, attention units and MLP width per stage."""
+    return "; ".join(f"{t}: {len(ls)} layers, {ls[0].num_heads} attention units, {ls[0].mlp_hidden} channels"
+                     for t in space.stages if (ls := [l for l in space.layers if l.tower == t]))
+
+
 def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None) -> nn.Module:
     """A new, physically smaller copy of `model` for a hard plan (a Plan or its gate triple);
     `model` itself is left untouched."""
-    layer_keep, head_keep, channel_keep = _unpack(layer_keep, head_keep, channel_keep)
+    layer_keep, head_keep, channel_keep = _unpack(model, layer_keep, head_keep, channel_keep)
     plans = iter(layer_plans(model, layer_keep, head_keep, channel_keep))
     gated = iter(_gated(model))
     replaced = {}
@@ -195,7 +208,7 @@ def compensate_bias(model: nn.Module, layer_keep, head_keep=None, channel_keep=N
     removed head k adds out_proj.weight[:, head k] @ mean(head k output) to out_proj.bias.
     A tower without calibration inputs is left uncompensated; dropped layers are not compensated.
     """
-    layer_keep, head_keep, channel_keep = _unpack(layer_keep, head_keep, channel_keep)
+    layer_keep, head_keep, channel_keep = _unpack(model, layer_keep, head_keep, channel_keep)
     blocks = prunable_blocks(model)
     plans = layer_plans(model, layer_keep, head_keep, channel_keep)
     saved = [(b.layer_gate, b.attn.head_gate, b.mlp.channel_gate) for b in blocks]
