@@ -49,7 +49,8 @@ teacher (`{cfg.clip_teacher}`) and is fine-tuned with the rest.
 
 ## Training
 `python train/pretrain_llava.py --config {config_path}`: {cfg.steps} steps of {cfg.batch_size} samples, AdamW
-(peak {cfg.lr:g}, vision tower {cfg.vision_lr:g}), warm-up then cosine, loss on answer tokens only;
+(peak {cfg.lr:g}, vision tower {cfg.vision_lr:g}), warm-up then cosine, loss on answer tokens only
+(averaged {'within each answer, then over answers' if cfg.loss_average == 'sample' else 'over all answer tokens'});
 {train_seconds / 60:.1f} min on this machine's CPU.
 
 ## Test metrics ({CARD_SAMPLES} samples per kind, greedy decoding)
