@@ -234,3 +234,25 @@ def test_a_controller_over_both_stages_saves_and_loads(tmp_path):
         (tmp_path / "c" / CONFIG_NAME).write_text(json.dumps(cfg))
         with pytest.raises(HippError, match="group_size"):
             load_controller(tmp_path / "c")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama-biases"])
+def test_owned_weights_are_what_removing_a_unit_removes(kind):
+    """owned_l1 of a key/value group (or channel) is the L1 norm of the weights that slicing it away
+    removes, so magnitude-scored baselines (magnitude, uniform) price decoder units as they price CLIP's."""
+    from hipp.baselines import make_plan
+
+    model = tiny_llava(kind)
+    space = make_prunable(model)
+    l1 = lambda m: sum(p.detach().abs().sum().item() for n, p in m.named_parameters() if n.endswith("weight"))  # noqa: E731
+    for block in backend_for(model).blocks(model)["language"]:
+        attn, mlp = block.attn, block.mlp
+        for u in range(attn.units):
+            rest = attn.keep_heads(torch.tensor([i for i in range(attn.units) if i != u]))
+            assert attn.owned_l1()[u].item() == pytest.approx(l1(attn) - l1(rest), rel=1e-5)
+        for c in (0, mlp.hidden - 1):
+            rest = mlp.keep_channels(torch.tensor([i for i in range(mlp.hidden) if i != c]))
+            assert mlp.owned_l1()[c].item() == pytest.approx(l1(mlp) - l1(rest), rel=1e-5)
+    for method in ("magnitude", "uniform"):
+        plan = make_plan(method, model, space, 0.6)
+        assert 0.55 <= plan.costs()["flops_ratio"] <= 0.6

@@ -101,6 +101,15 @@ class GQAAttention(HeadGatedAttention):
                             self.attention_dropout, self.sliding_window)
 
 
+    @torch.no_grad()
+    def owned_l1(self) -> torch.Tensor:
+        """[units] L1 norm of each key/value group's own weights: the q rows of its query heads, its k and v
+        rows, and the o columns of its query heads (float64)."""
+        rows = [p.weight.abs().sum(1).double().view(self.units, -1).sum(1) for p in (self.q_proj, self.k_proj,
+                                                                                      self.v_proj)]
+        return sum(rows) + self.o_proj.weight.abs().sum(0).double().view(self.units, -1).sum(1)
+
+
 class SwiGLUMLP(PrunableMLP):
     """down(act(gate(x)) * up(x)); a channel is one row of gate and up and one column of down."""
 
@@ -114,6 +123,11 @@ class SwiGLUMLP(PrunableMLP):
 
     def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    @torch.no_grad()
+    def owned_l1(self) -> torch.Tensor:
+        """[hidden] L1 norm of each channel's own weights: its rows of gate and up, its column of down."""
+        return self.gate_proj.weight.abs().sum(1) + self.up_proj.weight.abs().sum(1) + self.down_proj.weight.abs().sum(0)
 
     def keep_channels(self, channels: torch.Tensor) -> "SwiGLUMLP":
         channels = channels.to(self.gate_proj.weight.device)

@@ -97,6 +97,15 @@ class HeadGatedAttention(PrunableBranch):
     def out_layer(self) -> nn.Linear:
         return self.out_proj
 
+    @torch.no_grad()
+    def owned_l1(self) -> torch.Tensor:
+        """[units] L1 norm of the weights that exist only for each unit: its q, k, v rows of the input
+        projection and its columns of the output projection (float64)."""
+        d = self.embed_dim
+        w_in = self.qkv_weight.abs().view(3, self.num_heads * self.head_dim, d).sum((0, 2))
+        per_dim = (w_in + self.out_layer.weight.abs().sum(0)).double()
+        return per_dim.reshape(-1, self.units, per_dim.numel() // self.units).sum((0, 2))
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if self.empty:
             return _bias_only(x, self.out_bias)
@@ -180,6 +189,11 @@ class PrunableMLP(PrunableBranch):
     def hidden_act(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden activation the channel gate scales, [..., hidden]."""
         return self.act(self.fc_in(x))
+
+    @torch.no_grad()
+    def owned_l1(self) -> torch.Tensor:
+        """[hidden] L1 norm of each channel's own weights: its row of fc_in and its column of fc_out."""
+        return self.fc_in.weight.abs().sum(1) + self.fc_out.weight.abs().sum(0)
 
     def keep_channels(self, channels: torch.Tensor) -> "PrunableMLP":
         """A new module of the same class with copies of the given hidden channels only."""
