@@ -12,6 +12,7 @@ from hipp.storage.checkpoint import save_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ (the embedded teacher's builder) is not installed
 TEACHER_DIR = ROOT / "checkpoints" / "teacher-tiny"
+LLAVA_TEACHER_DIR = ROOT / "checkpoints" / "llava-tiny"
 
 TINY_CFG = {
     "embed_dim": 32,
