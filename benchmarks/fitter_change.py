@@ -3,7 +3,7 @@ baseline's plan at each budget under the code of two checkouts, measured by toda
 the test sets, with the paired standard error of each difference.
 
     git worktree add /tmp/hipp-old <commit before the change>
-    python benchmarks/fitter_change.py plans --code /tmp/hipp-old --out runs/fitter-change/old
+    python benchmarks/fitter_change.py plans --code /tmp/hipp-old --out runs/fitter-change/old [--methods uniform,...]
     python benchmarks/fitter_change.py plans --code . --out runs/fitter-change/new
     python benchmarks/fitter_change.py compare --old runs/fitter-change/old --new runs/fitter-change/new
 
@@ -20,7 +20,7 @@ METHODS = ("uniform", "random", "magnitude", "flap", "multiflow", "ecoflap", "mo
 TEACHER = "checkpoints/teacher-tiny"
 
 
-def plans(code: str, out: Path) -> None:
+def plans(code: str, out: Path, methods=METHODS) -> None:
     sys.path.insert(0, str(Path(code).resolve()))
     from hipp import baselines as B
     from hipp.backends import make_prunable
@@ -32,7 +32,7 @@ def plans(code: str, out: Path) -> None:
     calibration = B.make_calibration(model, get_tokenizer(TEACHER), preprocess_cfg(model))
     out.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
-    for method in METHODS:
+    for method in methods:
         for budget in BUDGETS:
             for seed in range(B.METHODS[method].seeds):
                 plan = B.make_plan(method, model, space, budget, calibration, seed=seed, cache=cache)
@@ -54,6 +54,8 @@ def compare(old: Path, new: Path) -> None:
     print("| method | budget | seed | FLOPs old / new | utility old | utility new | new - old |")
     print("|---|---|---|---|---|---|---|")
     for path in sorted(old.glob("*.json")):
+        if not (new / path.name).is_file():
+            continue
         a, b = (Plan.from_dict(json.loads(p.read_text())) for p in (path, new / path.name))
         method, budget, seed = path.stem.split("-")
         flops = f"{a.costs()['flops_ratio']:.4f} / {b.costs()['flops_ratio']:.4f}"
@@ -73,12 +75,14 @@ def main():
     p = sub.add_parser("plans")
     p.add_argument("--code", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated; MoPE-style takes over an hour on one core under the old fitter")
     c = sub.add_parser("compare")
     c.add_argument("--old", required=True)
     c.add_argument("--new", required=True)
     args = ap.parse_args()
     if args.cmd == "plans":
-        plans(args.code, Path(args.out))
+        plans(args.code, Path(args.out), [m.strip() for m in args.methods.split(",")])
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         compare(Path(args.old), Path(args.new))

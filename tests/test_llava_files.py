@@ -252,3 +252,14 @@ def test_a_plan_for_another_model_is_refused_in_one_line(export):
     with pytest.raises(HippError, match="the plan is for another model") as e:
         materialize(other, plan)
     assert "\n" not in str(e.value) and "language: 3 layers, 2 attention units" in str(e.value)
+
+
+def test_recover_refuses_a_llava_export_in_one_line(export, tmp_path, capsys):
+    """Recovery distils contrastive embeddings; a generative export gets one line, before any output."""
+    from hipp.cli.main import main
+
+    _, _, out, _ = export
+    code = main(["recover", "--model", str(out), "--out", str(tmp_path / "r")])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert "hipp recover does not run llava models yet" in err and not (tmp_path / "r").exists()

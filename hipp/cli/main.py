@@ -57,6 +57,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_recover(args) -> int:
+    from ..config import load_config
+    from ..recovery import RecoverConfig, recover
+
+    cfg = load_config(RecoverConfig, args.config) if args.config else RecoverConfig()
+    result = recover(args.model, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    if "val_utility_after" not in result:  # another process of a multi-process run
+        return 0
+    return _report(args, result, f"recovered export written to {result['out']}: validation utility "
+                                 f"{result['val_utility_before']:.4f} -> {result['val_utility_after']:.4f} "
+                                 f"(best at step {result['best_step']} of {result['steps_run']}"
+                                 f"{', stopped early' if result['stopped_early'] else ''}; {result['seconds']:.0f} s)")
+
+
 def _cmd_query(args) -> int:
     from .query import run
     return run(args)
@@ -243,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a LLaVA's image features (vision tower + projector; not its decoder)")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
     x.set_defaults(func=_cmd_export)
+    r = sub.add_parser("recover", help="distil an export back toward its base (also under accelerate launch)")
+    r.add_argument("--model", required=True, help="an export folder (hipp export); its base must be loadable")
+    r.add_argument("--config", help="YAML recovery config (default: hipp.recovery.RecoverConfig's values)")
+    r.add_argument("--out", required=True, help="output folder: the recovered export, its log and state")
+    r.add_argument("--resume", action="store_true", help="continue from the output folder's last state")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_overwrite_arg(r)
+    r.set_defaults(func=_cmd_recover)
     return p
 
 

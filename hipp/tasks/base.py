@@ -83,8 +83,10 @@ class Task(abc.ABC):
         """At most `size` pairs never trained on, for the data-driven baselines and polishing."""
 
     @abc.abstractmethod
-    def metrics(self, model, tokenizer, preprocess_cfg: dict) -> dict[str, float]:
-        """Flat `dataset/metric` floats of `model`, among them every one of `utility_keys`."""
+    def metrics(self, model, tokenizer, preprocess_cfg: dict, split: str = "test",
+                size: int | None = None) -> dict[str, float]:
+        """Flat `dataset/metric` floats of `model`, among them every one of `utility_keys`, on the task's
+        `split` ("val" for choices, "test" for reports), at most `size` items per dataset when given."""
 
     def utility(self, metrics: dict) -> float:
         from ..evaluation.pareto import utility_of

@@ -25,6 +25,7 @@ class EmbeddedTask(Task):
                           negatives: int = 1) -> Batch:
         return MixedBatches(seed, size, shape_fraction, negatives, image_size)(0)
 
-    def metrics(self, model, tokenizer, preprocess_cfg: dict) -> dict[str, float]:
+    def metrics(self, model, tokenizer, preprocess_cfg: dict, split: str = "test",
+                size: int | None = None) -> dict[str, float]:
         from ..evaluation.evaluate import DATASETS, evaluate
-        return evaluate(model, tokenizer, preprocess_cfg, DATASETS)
+        return evaluate(model, tokenizer, preprocess_cfg, DATASETS, n=size or 1000, fmnist_limit=size, split=split)

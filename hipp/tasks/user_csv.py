@@ -82,7 +82,9 @@ class CsvTask(Task):
         rows = self.held_out[:size]
         return _batch([_fit(path, image_size) for path, _ in rows], [caption for _, caption in rows])
 
-    def metrics(self, model, tokenizer, preprocess_cfg: dict) -> dict[str, float]:
+    def metrics(self, model, tokenizer, preprocess_cfg: dict, split: str = "test",
+                size: int | None = None) -> dict[str, float]:
+        """Retrieval over the held-out rows, whatever the split: they are the CSV's only unseen rows."""
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
         from ..evaluation.evaluate import retrieval_metrics

@@ -9,11 +9,13 @@ are all a resumed run needs to continue exactly as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..errors import HippError
+from ..storage import outputs
 from ..storage.fileio import load_tensors, save_tensors, write_text
 
 STATE_NAME = "train_state.safetensors"
@@ -89,6 +91,21 @@ def check_same_run(path, info: dict, now: dict) -> None:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise HippError(f"cannot resume {path}: the run's settings changed, {diffs[0]}{more}; "
                         "restore them or start a new --output")
+
+
+def check_output(out: Path, command: str, resume: bool, overwrite: bool, legacy=None) -> None:
+    """Read-only checks of a training run's output folder, made on every process before anything
+    loads: the command may write it (storage.outputs.check), --resume finds a state there, and a
+    non-empty folder needs --resume or --overwrite."""
+    outputs.check(out, command, overwrite, legacy=legacy)
+    if resume:
+        if not (out / STATE_NAME).is_file():
+            old = " (its state is an earlier release's pickled one, which HiPP no longer loads)" \
+                if (out / LEGACY_STATE_DIR).is_dir() else ""
+            raise HippError(f"nothing to resume in {out}: no {STATE_NAME}{old}; choose a new --output")
+    elif not overwrite and out.is_dir() and any(n != outputs.MARKER for n in os.listdir(out)):
+        raise HippError(f"output folder {out} is not empty; pass --resume to continue its run, "
+                        "--overwrite to start over in it, or choose another --output")
 
 
 def truncate_log(log: Path, step: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -189,20 +188,6 @@ def _earlier_run(out: Path) -> bool:
     return (out / CONFIG_NAME).is_file()
 
 
-def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    """Read-only checks of --output, made on every process before anything loads."""
-    outputs.check(out, COMMAND, overwrite, legacy=_earlier_run)
-    if resume:
-        if not (out / resume_state.STATE_NAME).is_file():
-            legacy = " (its state is an earlier release's pickled one, which HiPP no longer loads)" \
-                if (out / resume_state.LEGACY_STATE_DIR).is_dir() else ""
-            raise HippError(f"nothing to resume in {out}: no {resume_state.STATE_NAME}{legacy}; "
-                            "choose a new --output")
-    elif not overwrite and out.is_dir() and any(n != outputs.MARKER for n in os.listdir(out)):
-        raise HippError(f"output folder {out} is not empty; pass --resume to continue its run, "
-                        "--overwrite to start over in it, or choose another --output")
-
-
 def _run_identity(cfg: TrainConfig, base_print: str, processes: int) -> dict:
     """What a resumed run must share with the run it continues (hipp.training.resume.check_same_run)."""
     run = asdict(cfg)
@@ -236,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     if max_steps is not None and max_steps < 1:
         raise HippError(f"--max-steps must be at least 1, got {max_steps}")
     objectives_cfg = ObjectiveConfig.from_dict(cfg.objectives)
-    _check_output(out, resume, overwrite)
+    resume_state.check_output(out, COMMAND, resume, overwrite, legacy=_earlier_run)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
     with contextlib.ExitStack() as held:

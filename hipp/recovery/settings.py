@@ -1,0 +1,51 @@
+"""What a recovery run is configured with (the YAML of `hipp recover`), checked on creation so a bad
+value is one line before any model loads.
+
+Recovery is full fine-tuning of the exported (smaller) model by distillation from its base: every
+weight of the export learns. Full fine-tuning is the default and the only mode because the exports
+HiPP makes here are small (a few million parameters: a step costs less than the teacher's forward
+pass it distils from) and because a pruned model has already lost the capacity that low-rank
+adapters would have to stand in for; LoRA is the choice for billion-parameter bases and not here yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tasks import DEFAULT_TASK, get_task
+
+RECOVER_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class RecoverConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4
+    lr_schedule: str = "cosine"     # after a linear warm-up of warmup_steps
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    cosine_weight: float = 1.0      # the utility loss's embedding term (training.objectives.utility_loss)
+    grounding_weight: float = 1.0   # keep the teacher's true-vs-hard-negative margins (where batches have them)
+    task: str = DEFAULT_TASK        # where batches and validation metrics come from (hipp.tasks)
+    task_options: dict = field(default_factory=dict)
+    shape_fraction: float = 0.5     # the embedded task's data mix
+    negatives: int = 2
+    eval_every: int = 50            # validation utility every this many steps (and before the first)
+    val_size: int = 500             # validation items per dataset (the task's val split)
+    patience: int = 2               # evaluations without a better validation utility before stopping; 0: never
+    save_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        from ..config import above, at_least, check_values, one_of, within
+
+        check_values({
+            "steps": (self.steps, at_least(1)), "batch_size": (self.batch_size, at_least(2)),
+            "lr": (self.lr, above(0)), "lr_schedule": (self.lr_schedule, one_of(RECOVER_SCHEDULES)),
+            "warmup_steps": (self.warmup_steps, at_least(0)), "weight_decay": (self.weight_decay, at_least(0)),
+            "cosine_weight": (self.cosine_weight, at_least(0)), "grounding_weight": (self.grounding_weight, at_least(0)),
+            "shape_fraction": (self.shape_fraction, within(0, 1, open_low=True)),
+            "negatives": (self.negatives, at_least(0)), "eval_every": (self.eval_every, at_least(1)),
+            "val_size": (self.val_size, at_least(10)), "patience": (self.patience, at_least(0)),
+            "save_every": (self.save_every, at_least(1)), "seed": (self.seed, within(-2**32, 2**32))})
+        get_task(self.task, self.task_options)  # an unknown task or option fails here, before any model loads

@@ -1,0 +1,127 @@
+"""hipp recover: distillation of an export from its base, an ordinary export out, exact resume after
+kill -9, and one line for bad input."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hipp import load_model
+from hipp.cli.main import main
+from hipp.storage.checkpoint import PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME
+from hipp.storage.fileio import load_tensors
+from hipp.recovery.loop import BEST_NAME, LOG_NAME
+from hipp.training.resume import STATE_NAME
+from test_crash_safety import ENV
+from test_query import PREFS, assert_bad, cli, tiny_controller_dir  # noqa: F401
+
+STEPS = 6
+CONFIG = (f"steps: {STEPS}\nbatch_size: 8\neval_every: 2\nval_size: 10\nsave_every: 2\nwarmup_steps: 1\n"
+          "patience: 0\nlr: 1.0e-3\n")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_controller_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("recover") / "export"
+    assert main(["export", "--controller", str(tiny_controller_dir), "--pref", PREFS["partial"], "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recover-config") / "recover.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(export_dir, config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recover-run") / "out"
+    assert main(["recover", "--model", str(export_dir), "--config", str(config), "--out", str(out), "--json"]) == 0
+    return out
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+
+
+def test_a_recovered_export_is_an_ordinary_export_of_the_best_weights(export_dir, straight):
+    before, after = load_model(export_dir), load_model(straight)
+    assert type(after) is type(before)
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(after) == shapes(before)  # the plan's structure is kept
+    config = json.loads((straight / PRUNED_CONFIG_NAME).read_text())
+    recovery = config["recovery"]
+    assert recovery["steps_run"] == STEPS and not recovery["stopped_early"]
+    assert recovery["val_utility_after"] >= recovery["val_utility_before"]
+    rows = _log(straight)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    vals = {r["step"]: r["val_utility"] for r in rows if "val_utility" in r}
+    assert set(vals) == {0, 2, 4, 6} and recovery["best_step"] in vals
+    assert vals[recovery["best_step"]] == max(vals.values()) == recovery["val_utility_after"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[1:])
+    # the weights learnt: the last state differs from the export, and the export written is the best one
+    last = {k.split(".", 1)[1]: v for k, v in load_tensors(straight / STATE_NAME).items() if k.startswith("controller.")}
+    first = load_tensors(export_dir / PRUNED_WEIGHTS_NAME)
+    assert any(not torch.equal(last[k], first[k]) for k in first)
+    best, written = load_tensors(straight / BEST_NAME), load_tensors(straight / PRUNED_WEIGHTS_NAME)
+    assert all(torch.equal(best[k], written[k]) for k in best)
+
+
+def test_kill_9_then_resume_ends_as_an_uninterrupted_run(export_dir, config, straight, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hipp", "recover", "--model", str(export_dir), "--config", str(config),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (out / LOG_NAME).is_file() and len((out / LOG_NAME).read_text().splitlines()) >= 4:
+            break  # step 3 done: the state holds step 2, so step 3 is redone after the resume
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / PRUNED_CONFIG_NAME).exists()  # killed before the end: no export yet
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for name in (PRUNED_WEIGHTS_NAME, STATE_NAME):
+        a, b = load_tensors(straight / name), load_tensors(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["step"] for r in _log(out)] == list(range(STEPS + 1))  # each step once
+
+
+def _edit_config(folder: Path, edit) -> None:
+    path = folder / PRUNED_CONFIG_NAME
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_bad_input_is_one_line_and_writes_nothing(export_dir, config, tiny_controller_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    run = lambda model, *more: cli(capsys, "recover", "--model", model, "--out", out, *more)  # noqa: E731
+    assert_bad(*run(tiny_controller_dir), "is not a HiPP export")
+    assert_bad(*run(tmp_path / "nowhere"), "is not a HiPP export")
+    no_base = shutil.copytree(export_dir, tmp_path / "no-base")
+    _edit_config(no_base, lambda c: c["base"].update(model=str(tmp_path / "gone")))
+    assert_bad(*run(no_base), "the export's base model")
+    other = shutil.copytree(export_dir, tmp_path / "other")
+    _edit_config(other, lambda c: c["base"].update(fingerprint="0" * 16))
+    assert_bad(*run(other), "has weights fingerprint")
+    assert_bad(*run(export_dir, "--out", export_dir), "another folder than the export")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: -1\n")
+    assert_bad(*run(export_dir, "--config", bad), "lr")
+    bad.write_text("task: nope\n")
+    assert_bad(*run(export_dir, "--config", bad), "unknown task")
+    assert_bad(*run(export_dir, "--resume"), "nothing to resume")
+    assert not out.exists()
+    # an existing folder of someone else's is not overwritten
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_bad(*run(export_dir, "--config", config), "not empty")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
