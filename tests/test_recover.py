@@ -125,3 +125,53 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, config, tiny_contr
     (out / "notes.txt").write_text("mine")
     assert_bad(*run(export_dir, "--config", config), "not empty")
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+LAUNCHED = """
+import sys
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from hipp.cli.main import main
+
+held = []
+prepare = Accelerator.prepare
+
+
+def keep(self, *objects):
+    prepared = prepare(self, *objects)
+    held.append((self, prepared[0]))
+    return prepared
+
+
+Accelerator.prepare = keep
+code = main(["recover", "--model", sys.argv[1], "--config", sys.argv[2], "--out", sys.argv[3]])
+if code:
+    sys.exit(code)
+(acc, encoder), = held
+final = {k: v.detach().clone().contiguous() for k, v in acc.unwrap_model(encoder).state_dict().items()}
+save_file(final, f"{sys.argv[4]}/final{acc.process_index}of{acc.num_processes}.safetensors")
+"""
+
+
+def test_two_processes_recover_one_model(export_dir, config, tmp_path):
+    """Under `accelerate launch` with two CPU processes, each on its own half of every batch, both
+    processes end with the same weights (their gradients are averaged), and the main process writes
+    the export. Unsynchronised gradients would leave two different models."""
+    from safetensors.torch import load_file
+    from test_trainer import free_port
+
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port())]
+    out = tmp_path / "out"
+    r = subprocess.run(accelerate + [str(script), str(export_dir), str(config), str(out), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env={**ENV, "ACCELERATE_USE_CPU": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / f"final{i}of2.safetensors")) for i in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = load_tensors(export_dir / PRUNED_WEIGHTS_NAME)
+    assert any(not torch.equal(a["model." + k], first[k]) for k in first)  # they learnt, together
+    assert json.loads((out / PRUNED_CONFIG_NAME).read_text())["recovery"]["steps_run"] == STEPS
+    assert load_model(out) is not None

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from ..backends import image_size
@@ -43,6 +43,7 @@ from .settings import RecoverConfig
 
 COMMAND = "recover"
 LOG_NAME = "recover_log.jsonl"
+FROZEN = ("logit_scale", "logit_bias")  # the similarity scale (SigLIP: and bias) the loss never reads
 BEST_NAME = "best.safetensors"  # the best weights on validation so far (the state file holds the latest)
 
 
@@ -122,7 +123,8 @@ def recover(export, cfg: RecoverConfig, out, resume: bool = False, overwrite: bo
     if out.resolve() == export.resolve():
         raise HippError("--out must be another folder than the export it recovers")
     resume_state.check_output(out, COMMAND, resume, overwrite)
-    acc = Accelerator()
+    # an emptied attention or MLP branch leaves its norm and zero-sized weights out of the graph
+    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     with contextlib.ExitStack() as held:
         if acc.is_main_process:
             held.enter_context(outputs.claim(out, COMMAND, overwrite))
@@ -137,8 +139,11 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
     task = get_task(cfg.task, cfg.task_options)
     batches = task.batches(cfg.seed + 1, cfg.batch_size // acc.num_processes, image_size(student),
                            shape_fraction=cfg.shape_fraction, negatives=cfg.negatives)
-    student.requires_grad_(True).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for name, param in student.named_parameters():  # distilled at the teacher's scale: its own stays
+        param.requires_grad_(name.rsplit(".", 1)[-1] not in FROZEN)
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     run = {**asdict(cfg), "export": config["base"].get("fingerprint"), "plan": config.get("structure"),
            "num_processes": acc.num_processes}
     state_path, log = out / resume_state.STATE_NAME, out / LOG_NAME
