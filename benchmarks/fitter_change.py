@@ -18,6 +18,7 @@ from pathlib import Path
 BUDGETS = (0.3, 0.5, 0.7)
 METHODS = ("uniform", "random", "magnitude", "flap", "multiflow", "ecoflap", "mope")
 TEACHER = "checkpoints/teacher-tiny"
+CHANNEL_GROUP = 8  # the embedded recipe's (configs/hipp_tiny.yaml): the space the bench plans its baselines on
 
 
 def plans(code: str, out: Path, methods=METHODS) -> None:
@@ -28,7 +29,7 @@ def plans(code: str, out: Path, methods=METHODS) -> None:
 
     print("hipp from", Path(sys.modules["hipp"].__file__).parent, flush=True)
     model = load_model(TEACHER)
-    space = make_prunable(model)
+    space = make_prunable(model, CHANNEL_GROUP)
     calibration = B.make_calibration(model, get_tokenizer(TEACHER), preprocess_cfg(model))
     out.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
@@ -48,7 +49,7 @@ def compare(old: Path, new: Path) -> None:
     from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg
 
     model = load_model(TEACHER)
-    make_prunable(model)
+    make_prunable(model, CHANNEL_GROUP)
     tokenizer, pp = get_tokenizer(TEACHER), preprocess_cfg(model)
     calibration = B.make_calibration(model, tokenizer, pp)
     print("| method | budget | seed | FLOPs old / new | utility old | utility new | new - old |")
