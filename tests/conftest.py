@@ -55,3 +55,12 @@ def hf_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf-tiny") / "model"
     convert_folder(tiny_model_dir, out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared 2-core machine: a second torch thread only waits on the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,13 +17,7 @@ HAVE_FMNIST = (fashion_mnist.DEFAULT_ROOT / "t10k-labels-idx1-ubyte.gz").is_file
 SHAPE_KINDS = tuple(k for k in KINDS if k != "fmnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: a second thread only waits on the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def tiny_llava(processor, layers: int = 1, seed: int = 0):
