@@ -153,7 +153,7 @@ def test_no_stage_name_outside_the_backends_and_the_clip_task_code():
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "hipp"
-    task_code = {"export/pruned.py", "evaluation/evaluate.py", "evaluation/pareto.py", "baselines/calibration.py",
+    task_code = {"export/onnx.py", "evaluation/evaluate.py", "evaluation/pareto.py", "baselines/calibration.py",
                  "data/user.py"}
     named = set()
     for path in root.rglob("*.py"):
