@@ -246,6 +246,25 @@ def a_file(d: Path) -> Path:
     return png(d / "x.png")
 
 
+def exported(w: World, d: Path) -> Path:
+    """An export of the world's controller (utility=1) in the case folder."""
+    if not (d / "export").is_dir():
+        assert main(["export", "--controller", str(w.controller), *PREF, "--out", str(d / "export")]) == 0
+    return d / "export"
+
+
+def config_of(text: str):
+    def build(d: Path) -> Path:
+        (d / "recover.yaml").write_text(text)
+        return d / "recover.yaml"
+    return build
+
+
+def rc(model_of, *args, out_of=out):
+    """recover --model model_of(world, case folder) --out out_of(case folder), then args."""
+    return lambda w, d: ["recover", "--model", model_of(w, d), "--out", out_of(d), *_args(args, d)]
+
+
 def q(*args, command="query"):
     """query (or export / pareto / bench) on the trained controller."""
     return lambda w, d: [command, "--controller", w.controller, *_args(args, d)]
@@ -477,6 +496,15 @@ CASES = [
     case("convert-model-empty-folder", "", lambda w, d: ["convert", "--model", d, "--out", d / "out"]),
     case("convert-out-is-a-file", "is a file", lambda w, d: ["convert", "--model", w.model, "--out", png(d / "x.png")]),
     case("convert-out-not-hipps", "not empty", lambda w, d: ["convert", "--model", w.model, "--out", user_folder(d)]),
+    # recover (hipp/recovery/)
+    case("recover-model-not-an-export", "is not a HiPP export", rc(lambda w, d: w.controller)),
+    case("recover-model-missing", "is not a HiPP export", rc(lambda w, d: d / "none")),
+    case("recover-config-negative-lr", "lr", rc(exported, "--config", config_of("lr: -1\n"))),
+    case("recover-config-unknown-key", "", rc(exported, "--config", config_of("lr_max: 1\n"))),
+    case("recover-out-is-the-export", "another folder", lambda w, d: ["recover", "--model", exported(w, d),
+                                                                       "--out", d / "export"]),
+    case("recover-out-not-hipps", "not empty", rc(exported, out_of=user_folder)),
+    case("recover-resume-nothing", "nothing to resume", rc(exported, "--resume")),
     # the command line itself
     case("no-command", "", lambda w, d: []),
     case("unknown-command", "invalid choice", lambda w, d: ["prune"]),
@@ -578,7 +606,7 @@ def test_cases_are_many_distinct_and_cover_every_command(world, tmp_path):
     for i, c in enumerate(CASES):
         (tmp_path / str(i)).mkdir()
         commands.update(c.build(world, tmp_path / str(i))[:1])
-    assert commands == {"eval", "train", "query", "export", "pareto", "bench", "convert", "prune"}
+    assert commands == {"eval", "train", "query", "export", "pareto", "bench", "convert", "recover", "prune"}
 
 
 # --- real processes ------------------------------------------------------------------------------------
