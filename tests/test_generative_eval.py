@@ -188,6 +188,7 @@ def test_teacher_loss_averages_per_answer(pair):
     per_sample = answer_loss(logits, labels, "sample")
     assert torch.allclose(per_sample, torch.stack(each).mean(), atol=1e-4)
     assert not torch.allclose(per_sample, own, atol=1e-3)
+    assert torch.allclose(answer_loss(logits, labels, "mixed"), (per_sample + own) / 2, atol=1e-5)
 
 
 def test_a_llava_export_keeps_the_processor_and_writes_its_image_features_as_onnx(tmp_path):

@@ -4,7 +4,9 @@ Fashion-MNIST (captions, attribute questions, POPE existence questions, "What is
 
 The loss is the next-token cross-entropy on answer tokens only, averaged within each answer and
 then over answers (`loss_average: sample`), so a one-word POPE answer weighs as much as a caption;
-`token` averages over all answer tokens of the batch, as a causal LM's own loss does. Batch `step` is a pure function
+`token` averages over all answer tokens of the batch, as a causal LM's own loss does; `mixed` is the
+mean of the two (captions, whose tokens teach which attributes go with which object, keep their
+weight, and short answers get theirs). Batch `step` is a pure function
 of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ from hipp.storage.fileio import read_json, write_json
 from hipp.training import resume as resume_state
 
 
+LOSS_AVERAGES = ("sample", "token", "mixed")
+
+
 @dataclass
 class LlavaTeacherConfig:
     clip_teacher: str = "checkpoints/teacher-tiny"
@@ -47,8 +52,13 @@ class LlavaTeacherConfig:
     eval_every: int = 500
     eval_samples: int = 300
     save_every: int = 100
-    loss_average: str = "sample"  # "sample" or "token" (see the module docstring)
+    loss_average: str = "sample"  # "sample", "token" or "mixed" (their mean; see the module docstring)
     prompt_tokens: int = 96  # declared prompt length for costs: 64 image tokens + the longest question
+
+    def __post_init__(self):
+        from hipp.config import check_values, one_of
+
+        check_values({"loss_average": (self.loss_average, one_of(LOSS_AVERAGES))})
 
 
 def lr_scale(cfg: LlavaTeacherConfig, step: int) -> float:
@@ -65,9 +75,9 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> tor
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != -100
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * mask
-    if average == "token":
-        return nll.sum() / mask.sum().clamp(min=1)
-    return (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    token = nll.sum() / mask.sum().clamp(min=1)
+    sample = (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return {"token": token, "sample": sample, "mixed": 0.5 * (token + sample)}[average]
 
 
 def build(cfg: LlavaTeacherConfig, tokenizer):
