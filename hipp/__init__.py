@@ -1,4 +1,5 @@
-"""HiPP: preference-conditioned hierarchical pruning of CLIP-style vision-language models."""
+"""HiPP: preference-conditioned hierarchical pruning of vision-language models (CLIP-style dual
+encoders, LLaVA-style generative models)."""
 from .errors import HippError
 
 __version__ = "0.1.0"

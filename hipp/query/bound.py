@@ -62,20 +62,9 @@ def resolve_base(controller: Controller, controller_dir=None, base_model: str | 
     spec = base_model if base_model is not None else controller.extra.get("base_model")
     if not spec:
         raise HippError("the controller names no base model (controller.json extra.base_model); give --base-model")
+    from ..storage.checkpoint import look_up
+
     return look_up(str(spec), controller_dir)
-
-
-def look_up(spec: str, folder=None) -> str:
-    """A relative base folder as given when it exists, else found from `folder` (a controller's, an
-    export's) and its parents; an open_clip name or hub id comes back unchanged."""
-    path = Path(spec)
-    if path.exists() or path.is_absolute() or folder is None:
-        return spec
-    here = Path(folder).resolve()
-    for root in (here, *here.parents):
-        if (root / path).exists():
-            return str(root / path)
-    return spec
 
 
 def load_base(controller: Controller, controller_dir=None, base_model: str | None = None,

@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from ..backends import image_size
 from ..errors import HippError
-from ..query.bound import look_up
 from ..storage import outputs
 from ..storage.checkpoint import (PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_WEIGHTS_NAME, contrastive_only,
-                                  fingerprint, get_tokenizer, load_model, preprocess_cfg)
+                                  fingerprint, get_tokenizer, load_model, look_up, preprocess_cfg)
 from ..storage.fileio import load_tensors, read_json, save_tensors, write_json, write_text
 from ..tasks import get_task
 from ..training import resume as resume_state

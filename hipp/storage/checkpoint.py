@@ -57,6 +57,19 @@ def contrastive_only(model: torch.nn.Module, command: str) -> None:
                         "it takes open_clip, clip and siglip models")
 
 
+def look_up(spec: str, folder=None) -> str:
+    """A relative base folder as given when it exists, else found from `folder` (a controller's, an
+    export's) and its parents; an open_clip name or hub id comes back unchanged."""
+    path = Path(spec)
+    if path.exists() or path.is_absolute() or folder is None:
+        return spec
+    here = Path(folder).resolve()
+    for root in (here, *here.parents):
+        if (root / path).exists():
+            return str(root / path)
+    return spec
+
+
 def is_hub_id(spec) -> bool:
     """org/name: a transformers hub id. A missing path looks different (/, ./, more parts, or a
     first part that is a local folder: checkpoints/teacher-tiy is a typo, not a hub id)."""
