@@ -41,8 +41,12 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(export_dir, config, tmp_path_factory):
+    """An uninterrupted run, in a process of its own with the thread count the killed run below gets
+    (float sums, and so the weights, depend on it)."""
     out = tmp_path_factory.mktemp("recover-run") / "out"
-    assert main(["recover", "--model", str(export_dir), "--config", str(config), "--out", str(out), "--json"]) == 0
+    r = subprocess.run([sys.executable, "-m", "hipp", "recover", "--model", str(export_dir), "--config", str(config),
+                        "--out", str(out), "--json"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
     return out
 
 
