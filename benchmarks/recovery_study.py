@@ -69,8 +69,8 @@ def run_one(args, cfg: RecoverConfig, method: str, budget: float, out: Path) -> 
     info = recover(exported, cfg, recovered, resume=(recovered / "train_state.safetensors").is_file())
     seconds = time.time() - t
     after = test_metrics(recovered)
-    curve = [(r["step"], r["val_utility"]) for r in map(json.loads, (recovered / LOG_NAME).read_text().splitlines())
-             if "val_utility" in r]
+    curve = [(r["step"], r["val_utility"], r.get("val_grounding"))
+             for r in map(json.loads, (recovered / LOG_NAME).read_text().splitlines()) if "val_utility" in r]
     row = {"method": method, "budget": budget, "test_before": before, "test_after": after, "seconds": seconds,
            "best_step": info["best_step"], "steps_run": info["steps_run"], "val_curve": curve}
     write_json(done, row)
@@ -82,15 +82,20 @@ def figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax_u, ax_g) = plt.subplots(1, 2, figsize=(10, 4.2))
     for r in rows:
-        steps, vals = zip(*r["val_curve"])
-        ax.plot(steps, vals, marker="o", ms=3, label=f"{r['method']} @{r['budget']}")
-    ax.set_xlabel("recovery steps")
-    ax.set_ylabel("validation utility")
-    ax.set_title("Recovery of exported plans (embedded CLIP teacher)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        steps, util, ground = zip(*r["val_curve"])
+        line, = ax_u.plot(steps, util, marker="o", ms=3, label=f"{r['method']} @{r['budget']}")
+        if None not in ground:
+            ax_g.plot(steps, ground, marker="o", ms=3, color=line.get_color())
+            ax_g.axhline(ground[0], color=line.get_color(), lw=0.8, ls=":")  # the floor keep_grounding holds
+        ax_u.axvline(r["best_step"], color=line.get_color(), lw=0.8, ls="--")
+    for ax, name in ((ax_u, "validation utility"), (ax_g, "validation grounding (dotted: the export's own)")):
+        ax.set_xlabel("recovery steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_u.set_title("Recovery of exported plans (dashed: the kept step)")
+    ax_u.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 
+from hipp.cli.main import main
 from hipp.storage.checkpoint import WEIGHTS_NAME
 
 
@@ -34,14 +35,27 @@ def test_eval_json_on_a_saved_model(tiny_model_dir):
     assert out["flops"]["image"] > 0 and out["latency_ms"]["image"] > 0
 
 
-def test_eval_bad_input(tiny_model_dir, tmp_path):
-    assert_bad_input(hipp("eval", "--model", str(tmp_path / "nope")), "neither a model folder")
+def test_eval_bad_input(tiny_model_dir, tmp_path, capsys):
+    """Through the command line's entry point in this process; the missing dataset in a real process,
+    since its folder comes from the environment the process starts with."""
+    def bad(*args, needle):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+        out, err = capsys.readouterr()
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err and needle in lines[0], err
+        assert out == ""
+
+    bad("eval", "--model", str(tmp_path / "nope"), needle="neither a model folder")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_model_dir, corrupt)
     (corrupt / WEIGHTS_NAME).write_bytes(b"\x00" * 100)
-    assert_bad_input(hipp("eval", "--model", str(corrupt)), "not a readable safetensors")
-    assert_bad_input(hipp("eval", "--model", str(tiny_model_dir), "--data", "imagenet"), "unknown dataset 'imagenet'")
+    bad("eval", "--model", str(corrupt), needle="not a readable safetensors")
+    bad("eval", "--model", str(tiny_model_dir), "--data", "imagenet", needle="unknown dataset 'imagenet'")
+    bad("eval", needle="--model")
+    bad("frobnicate", needle="invalid choice")
     assert_bad_input(hipp("eval", "--model", str(tiny_model_dir), "--data", "fmnist",
                           env={"HIPP_FASHION_MNIST": str(tmp_path / "no-fmnist")}), "dataset-fashion-mnist")
-    assert_bad_input(hipp("eval"), "--model")
-    assert_bad_input(hipp("frobnicate"), "invalid choice")

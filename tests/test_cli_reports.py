@@ -16,7 +16,8 @@ def test_pareto_writes_the_front(tiny_controller_dir, tmp_path, capsys):  # noqa
 
 def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
     code, out, err = cli(capsys, "bench", "--controller", tiny_controller_dir, "--budgets", "0.5",
-                         "--methods", "uniform,magnitude", "--polish", 2, "--out", tmp_path / "bench", "--json")
+                         "--methods", "uniform,magnitude", "--polish", 2, "--out", tmp_path / "bench", "--json",
+                         "--test-items", 300)
     assert code == 0, err
     result = json.loads(out)
     ours = ("hipp", "hipp+polish")
@@ -24,6 +25,7 @@ def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_
     for row in result["results"]:
         assert row["budget"] == 0.5 and 0.48 <= row["flops_ratio"] <= 0.5
     assert set(result["hypervolume"]) == {"uniform", "magnitude", *ours}
+    assert result["settings"]["n"] == result["settings"]["fmnist_limit"] == 300
     assert result["train_seconds"]["hipp"] == result["train_seconds"]["hipp+polish"]
     utility = {r["method"]: r["utility"] for r in result["results"]}
     best = max(("uniform", "magnitude"), key=utility.get)
@@ -45,6 +47,8 @@ def test_bench_and_pareto_bad_input(tiny_controller_dir, tmp_path, capsys):  # n
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--budgets", "0.5,1.5", "--out", tmp_path / "b"),
                "(0, 1]")
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--budgets", "0", "--out", tmp_path / "b"), "(0, 1]")
+    assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--test-items", "3", "--out", tmp_path / "b"),
+               "--test-items must be at least 10")
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--methods", "pruneall", "--out", tmp_path / "b"),
                "pruneall")
     assert_bad(*cli(capsys, "bench", "--controller", ctrl, "--polish", -1, "--out", tmp_path / "b"), "whole number")

@@ -168,10 +168,10 @@ def test_pref_query_never_loads_the_vlm(tiny_controller_dir, tmp_path, capsys):
 
 # --- bound queries ---
 
-def test_ten_flops_bounds_are_met_just_below(loaded):
+def test_flops_bounds_across_the_range_are_met_just_below(loaded):
     controller, base = loaded
-    for bound in [0.3, 0.36, 0.43, 0.5, 0.55, 0.62, 0.7, 0.76, 0.83, 0.9]:
-        plan = plan_for_budget(controller, max_flops=bound, base=base)
+    for bound in [0.3, 0.43, 0.55, 0.7, 0.9]:
+        plan = plan_for_budget(controller, max_flops=bound, base=base, calib_n=32)  # the fit, not the ranking, is tested
         r = plan.costs()["flops_ratio"]
         assert bound - 0.02 <= r <= bound, (bound, r)
         assert plan.meta["max_flops"] == bound
@@ -186,9 +186,9 @@ def test_params_and_combined_bounds(loaded):
     controller, base = loaded
     # the tiny model's token embedding alone is ~94% of its parameters, so params bounds live above that
     for bound in (0.955, 0.97, 0.99):
-        r = plan_for_budget(controller, max_params=bound, base=base).costs()["params_ratio"]
+        r = plan_for_budget(controller, max_params=bound, base=base, calib_n=32).costs()["params_ratio"]
         assert bound - 0.02 <= r <= bound
-    c = plan_for_budget(controller, max_flops=0.6, max_params=0.97, base=base).costs()
+    c = plan_for_budget(controller, max_flops=0.6, max_params=0.97, base=base, calib_n=32).costs()
     assert c["flops_ratio"] <= 0.6 and c["params_ratio"] <= 0.97
     assert c["flops_ratio"] >= 0.58 or c["params_ratio"] >= 0.95  # one of the two bounds is tight
 

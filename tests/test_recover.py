@@ -15,7 +15,7 @@ from hipp import load_model
 from hipp.cli.main import main
 from hipp.storage.checkpoint import PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME
 from hipp.storage.fileio import load_tensors
-from hipp.recovery.loop import BEST_NAME, LOG_NAME
+from hipp.recovery.loop import BEST_NAME, LOG_NAME, is_better
 from hipp.training.resume import STATE_NAME
 from test_crash_safety import ENV
 from test_query import PREFS, assert_bad, cli, tiny_controller_dir  # noqa: F401
@@ -66,8 +66,11 @@ def test_a_recovered_export_is_an_ordinary_export_of_the_best_weights(export_dir
     rows = _log(straight)
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     vals = {r["step"]: r["val_utility"] for r in rows if "val_utility" in r}
-    assert set(vals) == {0, 2, 4, 6} and recovery["best_step"] in vals
-    assert vals[recovery["best_step"]] == max(vals.values()) == recovery["val_utility_after"]
+    ground = {r["step"]: r["val_grounding"] for r in rows if "val_utility" in r}
+    assert set(vals) == set(ground) == {0, 2, 4, 6} and recovery["best_step"] in vals
+    kept = {s: u for s, u in vals.items() if ground[s] >= ground[0]}  # keep_grounding: no step below the start
+    assert vals[recovery["best_step"]] == max(kept.values()) == recovery["val_utility_after"]
+    assert recovery["val_grounding_after"] == ground[recovery["best_step"]] >= recovery["val_grounding_before"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[1:])
     # the weights learnt: the last state differs from the export, and the export written is the best one
     last = {k.split(".", 1)[1]: v for k, v in load_tensors(straight / STATE_NAME).items() if k.startswith("controller.")}
@@ -75,6 +78,15 @@ def test_a_recovered_export_is_an_ordinary_export_of_the_best_weights(export_dir
     assert any(not torch.equal(last[k], first[k]) for k in first)
     best, written = load_tensors(straight / BEST_NAME), load_tensors(straight / PRUNED_WEIGHTS_NAME)
     assert all(torch.equal(best[k], written[k]) for k in best)
+
+
+def test_a_step_that_loses_grounding_is_never_the_best():
+    best = {"step": 0, "utility": 0.80, "grounding_floor": 0.90}
+    assert is_better({"val_utility": 0.85, "val_grounding": 0.90}, best, keep_grounding=True)
+    assert not is_better({"val_utility": 0.85, "val_grounding": 0.89}, best, keep_grounding=True)
+    assert is_better({"val_utility": 0.85, "val_grounding": 0.89}, best, keep_grounding=False)
+    assert not is_better({"val_utility": 0.80, "val_grounding": 0.95}, best, keep_grounding=True)  # utility must rise
+    assert is_better({"val_utility": 0.85}, {**best, "grounding_floor": None}, keep_grounding=True)  # no negatives
 
 
 def test_kill_9_then_resume_ends_as_an_uninterrupted_run(export_dir, config, straight, tmp_path):

@@ -125,6 +125,8 @@ def _cmd_bench(args) -> int:
     check_steps(args.polish)
     check_search(args.candidates, args.calib_images)
     check_device(args.device)
+    if args.test_items is not None and args.test_items < 10:
+        raise HippError(f"--test-items must be at least 10, got {args.test_items}")
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
         from ..baselines import get_method
@@ -152,7 +154,8 @@ def _bench(args, budgets, methods, out) -> dict:
     if args.polish:  # its own search, so its plan seconds are the whole query's
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
-                 controller=controller, controller_train_seconds=seconds, options=options, planners=planners)
+                 controller=controller, controller_train_seconds=seconds, options=options, planners=planners,
+                 **({} if args.test_items is None else {"n": args.test_items, "fmnist_limit": args.test_items}))
 
 
 def _cmd_convert(args) -> int:
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
+    b.add_argument("--test-items", type=int, metavar="N",
+                   help="measure on the first N test items of each dataset (default: the full test sets; "
+                        "fewer is quicker and noisier, and recorded in bench.json)")
     _add_overwrite_arg(b)
     _add_polish_arg(b, 0)  # off by default: on validation it raised utility for at most 2 of 5 seeds
     _add_search_args(b)

@@ -7,7 +7,9 @@ where the batch has them. Every weight of the export learns (settings.py says wh
 
 Validation utility (the task's val split) is measured before the first step and every `eval_every`
 steps; the best weights so far are kept, and after `patience` evaluations without a better one the
-run stops early. The output folder is an ordinary export of the best weights, loadable by
+run stops early. With `keep_grounding` (the default) weights whose validation grounding has fallen
+below the export's own are never the best, whatever their utility: recovery must not buy utility
+with hallucination. The output folder is an ordinary export of the best weights, loadable by
 `hipp.load_model`, with the run recorded in pruned_config.json under "recovery".
 
 Batch `i` of process `p` is a pure function of (seed, step, p) and the state file holds the weights,
@@ -72,6 +74,15 @@ def load_base_of(export: Path, config: dict):
         raise HippError(f"the base model {spec} has weights fingerprint {got}; the export was cut from "
                         f"{base.get('fingerprint')}")
     return model.eval().requires_grad_(False)
+
+
+def is_better(row: dict, best: dict, keep_grounding: bool) -> bool:
+    """A new best: higher validation utility and, with `keep_grounding`, grounding not below the floor
+    (the export's own, measured before the first step)."""
+    if row["val_utility"] <= best["utility"]:
+        return False
+    floor = best.get("grounding_floor")
+    return not (keep_grounding and floor is not None and row.get("val_grounding", floor) < floor)
 
 
 def lr_at(cfg: RecoverConfig, step: int) -> float:
@@ -157,25 +168,31 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
     raw = acc.unwrap_model(encoder).model
     t_dist = Distiller(teacher, None, tokenizer, pp, acc.device)
 
-    def validate() -> float:
+    def validate() -> dict:
+        """Validation utility and, where the task has hard negatives, grounding."""
         raw.eval()
         with torch.no_grad():
-            value = task.utility(task.metrics(raw, tokenizer, pp, split="val", size=cfg.val_size))
+            metrics = task.metrics(raw, tokenizer, pp, split="val", size=cfg.val_size)
         raw.train()
-        return value
+        out = {"val_utility": task.utility(metrics)}
+        if task.grounding_key in metrics:
+            out["val_grounding"] = float(metrics[task.grounding_key])
+        return out
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         outputs.mark(out, COMMAND)
         if start == 0:
-            best = {"step": 0, "utility": validate(), "evals_since": 0}
+            first = validate()
+            best = {"step": 0, "utility": first["val_utility"], "evals_since": 0,
+                    "grounding": first.get("val_grounding"), "grounding_floor": first.get("val_grounding")}
             save_tensors(out / BEST_NAME, raw.state_dict())
             resume_state.save(state_path, raw, opt, {"step": 0, "seconds": 0.0, "run": run, "best": best})
-            write_text(log, json.dumps({"step": 0, "val_utility": best["utility"]}) + "\n")
+            write_text(log, json.dumps({"step": 0, **first}) + "\n")
         else:
             resume_state.truncate_log(log, start)
     acc.wait_for_everyone()
-    before = (best or {}).get("utility") if start == 0 else _first_val(log)
+    before = _first_val(log)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="recover",
                disable=not acc.is_main_process)
     t0, stopped = time.time() - elapsed, None
@@ -193,9 +210,10 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
         bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
         if acc.is_main_process:
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                row["val_utility"] = validate()
-                if row["val_utility"] > best["utility"]:
-                    best = {"step": step + 1, "utility": row["val_utility"], "evals_since": 0}
+                row.update(validate())
+                if is_better(row, best, cfg.keep_grounding):
+                    best = {**best, "step": step + 1, "utility": row["val_utility"], "evals_since": 0,
+                            "grounding": row.get("val_grounding")}
                     save_tensors(out / BEST_NAME, raw.state_dict())
                 else:
                     best["evals_since"] += 1
@@ -217,10 +235,13 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
     return summary
 
 
-def _first_val(log: Path) -> float | None:
+def _first_val(log: Path) -> dict:
+    """The validation figures measured before the first step (the log's first line)."""
+    if not log.is_file():  # another process than the main one: the main one writes the export
+        return {}
     with log.open() as f:
         first = json.loads(f.readline() or "{}")
-    return first.get("val_utility")
+    return {k: v for k, v in first.items() if k.startswith("val_")}
 
 
 def _agree(acc: Accelerator, stopped: int | None) -> int | None:
@@ -240,7 +261,9 @@ def _write_export(cfg, export: Path, config: dict, out: Path, raw, best: dict, b
             shutil.copyfile(path, out / path.name)
     save_tensors(out / PRUNED_WEIGHTS_NAME, weights)
     recovery = {"config": asdict(cfg), "steps_run": stopped or cfg.steps, "stopped_early": bool(stopped),
-                "best_step": best["step"], "val_utility_before": before, "val_utility_after": best["utility"],
+                "best_step": best["step"], "val_utility_before": before.get("val_utility"),
+                "val_utility_after": best["utility"], "val_grounding_before": before.get("val_grounding"),
+                "val_grounding_after": best.get("grounding"), "keep_grounding": cfg.keep_grounding,
                 "seconds": seconds, "loss": "utility (similarity KL + cosine)" + (
                     " + grounding" if cfg.grounding_weight > 0 else ""),
                 "from_export": str(export), "previous_recovery": config.get("recovery")}

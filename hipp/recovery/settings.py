@@ -33,6 +33,7 @@ class RecoverConfig:
     eval_every: int = 50            # validation utility every this many steps (and before the first)
     val_size: int = 500             # validation items per dataset (the task's val split)
     patience: int = 2               # evaluations without a better validation utility before stopping; 0: never
+    keep_grounding: bool = True     # a checkpoint is kept only if its validation grounding is at least the start's
     save_every: int = 50
     seed: int = 0
 

@@ -39,6 +39,8 @@ class Task(abc.ABC):
     # Whether training batches carry hard-negative captions; the grounding objective needs them.
     has_negatives: ClassVar[bool]
     utility_keys: ClassVar[tuple[str, ...]]
+    # the metric that says how well hard negatives are told apart (None: the task has none)
+    grounding_key: ClassVar[str | None] = None
     # option name -> (accepted types, default); REQUIRED marks one with no default
     options: ClassVar[dict[str, tuple[tuple[type, ...], object]]] = {}
 

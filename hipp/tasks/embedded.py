@@ -7,7 +7,7 @@ the same batch.
 from __future__ import annotations
 
 from ..data.mixed import Batch, MixedBatches
-from ..evaluation.pareto import UTILITY_KEYS
+from ..evaluation.pareto import GROUNDING_KEY, UTILITY_KEYS
 from .base import Batches, Task, register
 
 
@@ -16,6 +16,7 @@ class EmbeddedTask(Task):
     name = "shapes-fmnist"
     has_negatives = True
     utility_keys = UTILITY_KEYS
+    grounding_key = GROUNDING_KEY
 
     def batches(self, seed: int, batch_size: int, image_size: int, *, shape_fraction: float = 0.5,
                 negatives: int = 2) -> Batches:
