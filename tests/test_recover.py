@@ -131,6 +131,8 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, config, tiny_contr
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: -1\n")
     assert_bad(*run(export_dir, "--config", bad), "lr")
+    bad.write_text("negatives: 6\n")  # more than a one-object scene has: the batch would mix counts
+    assert_bad(*run(export_dir, "--config", bad), "'negatives' must be in [0, 5]")
     bad.write_text("task: nope\n")
     assert_bad(*run(export_dir, "--config", bad), "unknown task")
     assert_bad(*run(export_dir, "--resume"), "nothing to resume")

@@ -28,6 +28,9 @@ class MixedBatches:
     def __init__(self, seed: int, batch_size: int, shape_fraction: float, n_negatives: int, image_size: int,
                  required_negatives: tuple[str, ...] = ()):
         self.seed, self.batch_size, self.n_negatives, self.size = seed, batch_size, n_negatives, image_size
+        if not 0 <= n_negatives <= shapes.MAX_NEGATIVES:  # a batch holds as many for every scene
+            raise HippError(f"negatives must be between 0 and {shapes.MAX_NEGATIVES} (the hard negatives every "
+                            f"scene has), got {n_negatives}")
         self.required = tuple(required_negatives)  # kinds always drawn (when the scene has them)
         unknown = set(self.required) - set(shapes.NEGATIVE_TYPES)
         if unknown or len(self.required) > n_negatives:

@@ -34,6 +34,7 @@ HELD_OUT_PAIRS = frozenset({
     ("yellow", "circle"), ("purple", "square"), ("white", "triangle"),
 })
 NEGATIVE_TYPES = ("swap", "color", "shape", "size", "position", "absent")
+MAX_NEGATIVES = len(NEGATIVE_TYPES) - 1  # every scene has them all but "swap", which needs two objects
 SPLITS = ("train", "val", "test")
 
 

@@ -38,6 +38,10 @@ from ..core.space import PruneSpace
 
 UTILITY_KEYS = ("shapes/zs_mean", "fmnist/acc")
 GROUNDING_KEY = "shapes/ground_mean"
+# a generative (LLaVA) model's: answers.UTILITY_KEYS, and POPE F1 under adversarial sampling
+GENERATIVE_UTILITY_KEYS = ("attr/mean", "pope/f1_mean", "caption/f1", "fmnist/acc")
+GENERATIVE_GROUNDING_KEY = "pope/adversarial_f1"
+GENERATIVE_N = 100  # instruction samples of each kind a LLaVA plan is answered on (10 kinds: 1000 answers)
 AXES = ("1 - utility", "flops_ratio")
 DATASETS = ("shapes", "fmnist")
 MODES = ("materialize", "gates")
@@ -45,8 +49,13 @@ MODES = ("materialize", "gates")
 
 # --- reading metrics ---------------------------------------------------------------------------
 
-def utility_of(metrics: dict, keys: Sequence[str] = UTILITY_KEYS) -> float:
-    """Mean of the utility metrics that were measured."""
+def _generative(metrics: dict) -> bool:
+    return GENERATIVE_GROUNDING_KEY in metrics or "caption/f1" in metrics
+
+
+def utility_of(metrics: dict, keys: Sequence[str] | None = None) -> float:
+    """Mean of the utility metrics that were measured (by default those of the model's family)."""
+    keys = keys or (GENERATIVE_UTILITY_KEYS if _generative(metrics) else UTILITY_KEYS)
     got = [metrics[k] for k in keys if k in metrics]
     if not got:
         raise HippError(f"none of the utility metrics {', '.join(keys)} was measured")
@@ -73,8 +82,22 @@ def utility_difference(a: dict, b: dict, keys: Sequence[str] = UTILITY_KEYS) -> 
     return mean, math.sqrt(var)
 
 
-def grounding_of(metrics: dict, key: str = GROUNDING_KEY) -> float | None:
+def grounding_of(metrics: dict, key: str | None = None) -> float | None:
+    key = key or (GENERATIVE_GROUNDING_KEY if _generative(metrics) else GROUNDING_KEY)
     return float(metrics[key]) if key in metrics else None
+
+
+def measure_metrics(model, tokenizer, preprocess_cfg: dict, datasets: Sequence[str] = DATASETS, n: int = 500,
+                    fmnist_limit: int | None = 2000, items: dict | None = None, split: str = "test") -> dict:
+    """A model's metrics as its family is judged: a contrastive model on `datasets` (hipp.evaluation.
+    evaluate), a generative one (`tokenizer`: its processor) answering GENERATIVE_N instructions of
+    each kind greedily (hipp.evaluation.generative; per-item scores are not kept there)."""
+    from ..storage.checkpoint import family
+    if family(model) == "llava":
+        from .generative import evaluate_generative
+        return evaluate_generative(model, tokenizer, split=split, n=GENERATIVE_N, latency=False)["metrics"]
+    return evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=items,
+                    split=split)
 
 
 # --- measuring one plan ------------------------------------------------------------------------
@@ -112,13 +135,11 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
         small = materialize(model, *plan.gates).eval()
     per_item = {} if items else None
     if small is not None and (mode == "materialize" or plan.meta.get("compensate")):
-        metrics = evaluate(small, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit, items=per_item,
-                           split=split)
+        metrics = measure_metrics(small, tokenizer, preprocess_cfg, datasets, n, fmnist_limit, per_item, split)
     else:
         device = next(model.parameters()).device
         with gated(model, map_gates(lambda t: t.to(device, torch.float32), plan.gates)):
-            metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit,
-                               items=per_item, split=split)
+            metrics = measure_metrics(model, tokenizer, preprocess_cfg, datasets, n, fmnist_limit, per_item, split)
     costs = plan.costs()
     out = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics),
            **{k: costs[k] for k in ("flops_ratio", "params_ratio", *(f"flops_ratio/{s}" for s in plan.space.stages))}}
@@ -210,7 +231,7 @@ def sweep(controller, model, tokenizer, preprocess_cfg: dict, points: int = 20, 
         bar.set_postfix(plans=len(measured))
     dense = None
     if include_dense:
-        metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit)
+        metrics = measure_metrics(model, tokenizer, preprocess_cfg, datasets, n, fmnist_limit)
         dense = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics)}
     result = summarise(rows, names, reference)
     result.update({"objective_names": names, "settings": settings, "dense": dense,

@@ -52,7 +52,7 @@ class Base:
     pretrained: str | None
     model_cfg: dict
     preprocess_cfg: dict
-    tokenizer: object
+    tokenizer: object        # a LLaVA model's: its LlavaProcessor
     fingerprint: str
 
 
@@ -72,7 +72,7 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
     """Load the frozen VLM, check it is the controller's (weights fingerprint, prune space), make it
     prunable, and put it on `device` (the fingerprint is taken on the CPU first)."""
     from ..backends import make_prunable
-    from ..storage.checkpoint import fingerprint, get_tokenizer, load_model, preprocess_cfg
+    from ..storage.checkpoint import family, fingerprint, get_processor, get_tokenizer, load_model, preprocess_cfg
 
     spec = resolve_base(controller, controller_dir, base_model)
     pretrained = controller.extra.get("pretrained")
@@ -91,6 +91,8 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
         raise HippError(f"the prune space of {spec} differs from the controller's (another architecture?)")
     model_cfg = base_config(model, spec)
     model.to(check_device(device))
+    if family(model) == "llava":  # images and text both go through its processor
+        return Base(model, spec, pretrained, model_cfg, {}, get_processor(spec), fp)
     return Base(model, spec, pretrained, model_cfg, preprocess_cfg(model), get_tokenizer(spec), fp)
 
 

@@ -127,6 +127,29 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     return losses
 
 
+@torch.no_grad()
+def generative_losses(base: Base, plans: list[Plan], n: int) -> list[float]:
+    """A generative model's plans ranked by the objectives it trains on: answer-token KL plus the yes /
+    no margin loss on existence questions, against the ungated model, on `n` validation instructions
+    (every kind in turn: whatever the ranking rule, the rest of the utility must not move)."""
+    from ..backends import gated, image_size
+    from ..tasks import get_task
+    from ..training.generative import GenerativeDistiller
+    from ..training.objectives import answer_kl, decision_loss
+
+    device = next(base.model.parameters()).device
+    batch = get_task("instruct").calibration_batch(image_size(base.model), n, seed=0)
+    distiller = GenerativeDistiller(base.model, None, base.tokenizer, device)
+    inputs = distiller.inputs(batch)
+    t_answers, t_margin = distiller.teacher(inputs, batch)
+    out = []
+    for plan in plans:
+        with gated(base.model, map_gates(lambda t: t.float(), plan.gates)):
+            s_answers, s_margin = distiller.forward(inputs)
+        out.append(float(answer_kl(t_answers, s_answers) + decision_loss(t_margin, s_margin)))
+    return out
+
+
 def _once_per_prompt_list(tokenizer):
     """Every candidate embeds the same class prompts; tokenising them again for each (a fifth of a
     ranking's time on the embedded teacher) changes nothing."""
@@ -150,6 +173,10 @@ def rank_losses(base: Base, plans: list[Plan], rank_by: str = RANK_BY, calib_n: 
     """Each plan's ranking loss (one of RANK_LOSSES) on `calib_n` val shape scenes + as many
     Fashion-MNIST train images (the domains the utility is measured on), and what it was."""
     check_rank_by(rank_by)
+    from ..storage.checkpoint import family
+    if family(base.model) == "llava":
+        return generative_losses(base, plans, calib_n), \
+            f"answer KL + yes/no loss on {calib_n} validation instructions (hard-gated vs ungated)"
     parts, names = [], []
     if rank_by in ("zero_shot", "both"):
         calib = zero_shot_calibration(base, calib_n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.shapes import MAX_NEGATIVES
 from ..tasks import DEFAULT_TASK, get_task
 
 RECOVER_SCHEDULES = ("constant", "cosine")
@@ -46,7 +47,7 @@ class RecoverConfig:
             "warmup_steps": (self.warmup_steps, at_least(0)), "weight_decay": (self.weight_decay, at_least(0)),
             "cosine_weight": (self.cosine_weight, at_least(0)), "grounding_weight": (self.grounding_weight, at_least(0)),
             "shape_fraction": (self.shape_fraction, within(0, 1, open_low=True)),
-            "negatives": (self.negatives, at_least(0)), "eval_every": (self.eval_every, at_least(1)),
+            "negatives": (self.negatives, within(0, MAX_NEGATIVES)), "eval_every": (self.eval_every, at_least(1)),
             "val_size": (self.val_size, at_least(10)), "patience": (self.patience, at_least(0)),
             "save_every": (self.save_every, at_least(1)), "seed": (self.seed, within(-2**32, 2**32))})
         get_task(self.task, self.task_options)  # an unknown task or option fails here, before any model loads

@@ -36,6 +36,8 @@ def get_task(name: str, options: dict | None = None) -> "Task":
 
 class Task(abc.ABC):
     name: ClassVar[str]
+    # the models it serves: "contrastive" (open_clip, CLIP, SigLIP) or "generative" (LLaVA)
+    family: ClassVar[str] = "contrastive"
     # Whether training batches carry hard-negative captions; the grounding objective needs them.
     has_negatives: ClassVar[bool]
     utility_keys: ClassVar[tuple[str, ...]]
@@ -66,6 +68,13 @@ class Task(abc.ABC):
                 raise HippError(f"task option task_options.{key} must be {want}, got {value!r}")
             out[key] = value
         return out
+
+    def check_model(self, model_family: str) -> None:
+        """Refuse a model this task's data and metrics do not fit, before training starts."""
+        kind = "generative" if model_family == "llava" else "contrastive"
+        if kind != self.family:
+            raise HippError(f"task {self.name!r} serves {self.family} models; a {model_family} model takes "
+                            f"task {'instruct' if kind == 'generative' else 'shapes-fmnist'}")
 
     def check_objectives(self, names: Sequence[str]) -> None:
         """Refuse objectives this task's data cannot train, before any model loads."""

@@ -11,6 +11,15 @@ when things go badly, so preference weights compare like with like:
               hinge:   sum relu(m_t - m_s) / sum |m_t|      (exceeding the teacher costs nothing)
               squared: mean (m_s - m_t)^2 / mean m_t^2      (any deviation costs)
               with m = cos(image, true caption) - cos(image, negative caption).
+Generative (LLaVA-style) models, on teacher-forced instruction samples:
+
+- utility   = KL(teacher || student) of the next-token distributions at the answer tokens,
+              averaged over them and divided by log V (the entropy of a uniform distribution
+              over the vocabulary), as the contrastive KL is divided by log B.
+- grounding = agreement with the teacher's yes / no on existence (POPE) questions, margin kept:
+              m = logit(yes) - logit(no) at the answer's first token, d = sign(m_t),
+              sum relu(|m_t| - d m_s) / sum |m_t|: 0 when the student says what the teacher
+              says at least as firmly, 1 when it is undecided, above 1 when it flips.
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
@@ -93,6 +102,23 @@ def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge"
     if mode == "squared":
         return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
     raise HippError(f"unknown grounding mode {mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
+
+
+# --- generative ------------------------------------------------------------------------------
+
+def answer_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """[T, V] logits at the T answer positions of a batch -> mean KL(teacher || student) / log V."""
+    norm = math.log(max(teacher_logits.shape[-1], 2))
+    return kl_rows(teacher_logits.detach().float(), student_logits.float()) / norm
+
+
+def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[P] yes-minus-no margins of the P existence questions -> the share of the teacher's decided
+    margin the student loses (module doc); 0 for a batch without such questions."""
+    mt = teacher_margin.detach().float()
+    if mt.numel() == 0:
+        return student_margin.sum() * 0.0
+    return torch.relu(mt.abs() - torch.sign(mt) * student_margin.float()).sum() / (mt.abs().sum() + eps)
 
 
 # --- costs ----------------------------------------------------------------------------------
@@ -199,10 +225,15 @@ class Objectives:
             out["utility"] = utility_loss(student, teacher, logit_scale, c.cosine_weight)
         if "grounding" in c.names:
             out["grounding"] = grounding_loss(*(grounding or (student, teacher)), mode=c.grounding_mode)
-        if "flops" in c.names or "params" in c.names:
-            ratios = expected_cost_ratios(self.space, probs)
-            out.update({k: ratios[k] for k in ("flops", "params") if k in c.names})
-        return out
+        return {**out, **self.costs(probs)}
+
+    def costs(self, probs: Gates) -> dict[str, torch.Tensor]:
+        """The cost objectives in use, as expected ratios of the dense model's."""
+        wanted = [k for k in ("flops", "params") if k in self.config.names]
+        if not wanted:
+            return {}
+        ratios = expected_cost_ratios(self.space, probs)
+        return {k: ratios[k] for k in wanted}
 
     def stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """[..., K] in name order (costs may carry a preference batch; scalars broadcast)."""

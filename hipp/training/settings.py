@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.preference import DEFAULT_OBJECTIVES
+from ..data.shapes import MAX_NEGATIVES
 from ..tasks import DEFAULT_TASK, get_task
 from ..core.preference import check_target_objectives
 from .objectives import ObjectiveConfig
@@ -77,7 +78,7 @@ class TrainConfig:
             "temperature_end": (self.temperature_end, above(0)),
             "data.batch_size": (self.data.batch_size, at_least(2)),
             "data.shape_fraction": (self.data.shape_fraction, within(0, 1, open_low=True)),
-            "data.negatives": (self.data.negatives, at_least(0)),
+            "data.negatives": (self.data.negatives, within(0, MAX_NEGATIVES)),
             "controller.hidden": (self.controller.hidden, at_least(1)),
             "controller.rank": (self.controller.rank, at_least(1)),
             "controller.depth": (self.controller.depth, at_least(1)),

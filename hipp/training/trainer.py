@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..backends import clear_gates, gated, image_size, make_prunable
-from ..storage.checkpoint import contrastive_only, fingerprint, get_tokenizer, load_model, preprocess_cfg
+from ..storage.checkpoint import family, fingerprint, get_processor, get_tokenizer, load_model, preprocess_cfg
 from ..controller.network import CONFIG_NAME, Controller
 from ..data import to_input
 from ..tasks import DEFAULT_TASK, Batches, get_task
@@ -100,6 +100,14 @@ class Distiller:
             return Embeddings(img, txt, neg), Embeddings(img[:n], txt[:n], neg)
         (s_all, s_g), (t_all, t_g) = views(*student), views(*teacher)
         return self.objectives.losses(map_gates(keep_prob, logits), s_all, t_all, self.scale, (s_g, t_g))
+
+
+def make_distiller(model, objectives: Objectives | None, spec, device):
+    """The step's computation for the model's family: contrastive embeddings or generated answers."""
+    if family(model) == "llava":
+        from .generative import GenerativeDistiller
+        return GenerativeDistiller(model, objectives, get_processor(spec), device)
+    return Distiller(model, objectives, get_tokenizer(spec), preprocess_cfg(model), device)
 
 
 def sample_preferences(cfg: TrainConfig, k: int, g: torch.Generator) -> torch.Tensor:
@@ -232,11 +240,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
 
 def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume: bool, max_steps) -> dict:
     model = load_model(cfg.model, cfg.pretrained, expect=cfg.family, seed=cfg.seed)
-    contrastive_only(model, "train")
+    task = get_task(cfg.task, cfg.task_options)
+    task.check_model(family(model))
     base_print = fingerprint(model)
     space = make_prunable(model, cfg.channel_group)
     model.to(acc.device)
-    pp, tokenizer = preprocess_cfg(model), get_tokenizer(cfg.model)
     objectives = Objectives(objectives_cfg, space)
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
     controller = Controller(space, objectives.names, **asdict(cfg.controller), flops_target=cfg.target_prob > 0)
@@ -260,10 +268,9 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
              "channel_group": cfg.channel_group,
              "train_config": asdict(cfg)}
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
-    batches = get_task(cfg.task, cfg.task_options).batches(
-        cfg.seed + 1, cfg.data.batch_size, image_size(model),
-        shape_fraction=cfg.data.shape_fraction, negatives=cfg.data.negatives)
-    distiller = Distiller(model, objectives, tokenizer, pp, acc.device)
+    batches = task.batches(cfg.seed + 1, cfg.data.batch_size, image_size(model),
+                           shape_fraction=cfg.data.shape_fraction, negatives=cfg.data.negatives)
+    distiller = make_distiller(model, objectives, cfg.model, acc.device)
     if acc.is_main_process:
         _start_output(out, raw, opt, identity, base_print, extra, start)
     acc.wait_for_everyone()

@@ -1,0 +1,67 @@
+"""The student-vs-teacher computation of one step for a generative (LLaVA-style) model.
+
+The teacher is the same frozen model with its gates open. Both read the same teacher-forced
+instruction samples (prompt, image, answer); what is compared is the next-token distribution at
+the answer tokens (utility) and the yes-minus-no margin at the first answer token of existence
+questions (grounding). Same interface as trainer.Distiller, so the training loop, its checks and
+the benchmarks take either.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backends import clear_gates, gated
+from ..core.gates import keep_prob, map_gates
+from ..data.words import IGNORE, encode
+from ..errors import HippError
+from .objectives import Objectives, answer_kl, decision_loss
+
+
+def answer_token(processor, word: str) -> int:
+    """The id of a one-token answer word, as it follows the prompt."""
+    ids = processor.tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise HippError(f"the tokenizer splits the answer {word!r} into {len(ids)} tokens; the grounding "
+                        "objective reads one yes and one no token")
+    return ids[0]
+
+
+class GenerativeDistiller:
+    def __init__(self, model, objectives: Objectives | None, processor, device):
+        self.model, self.objectives, self.processor, self.device = model, objectives, processor, device
+        self.yes, self.no = answer_token(processor, "yes"), answer_token(processor, "no")
+
+    def inputs(self, batch) -> tuple:
+        """Model inputs of the batch's samples, the answer positions ([B, L-1] bool over the logits
+        that predict an answer token) and, for each existence question, its row and first answer
+        position."""
+        enc = encode(self.processor, batch.samples, train=True)
+        answer = enc.pop("labels")[:, 1:] != IGNORE
+        rows = torch.tensor([i for i, s in enumerate(batch.samples) if s.kind.startswith("pope/")], dtype=torch.long)
+        first = answer.float().argmax(1)[rows]  # left padding: each row's answer is its last tokens
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        return enc, answer.to(self.device), rows.to(self.device), first.to(self.device)
+
+    def forward(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the answer positions [T, V] and the existence questions' yes-minus-no margins [P]."""
+        enc, answer, rows, first = inputs
+        logits = self.model(**enc, use_cache=False).logits[:, :-1]
+        at = logits[rows, first]
+        return logits[answer], at[:, self.yes] - at[:, self.no]
+
+    @torch.no_grad()
+    def teacher(self, inputs, batch) -> tuple:
+        clear_gates(self.model)
+        return self.forward(inputs)
+
+    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
+        """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
+        with gated(self.model, gates):
+            s_answers, s_margin = self.forward(inputs)
+        t_answers, t_margin = teacher
+        names, out = self.objectives.names, {}
+        if "utility" in names:
+            out["utility"] = answer_kl(t_answers, s_answers)
+        if "grounding" in names:
+            out["grounding"] = decision_loss(t_margin, s_margin)
+        return {**out, **self.objectives.costs(map_gates(keep_prob, logits))}

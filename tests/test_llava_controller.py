@@ -1,0 +1,118 @@
+"""A controller for a generative VLM: its objectives (answer-token KL, agreement with the teacher's
+yes / no), training on the embedded LLaVA teacher in one process and in two, and the plans a trained
+controller answers with (a preference, a FLOPs bound) exported as a model that generates."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hipp.cli.main import main
+from hipp.training.objectives import answer_kl, decision_loss
+from test_query import assert_bad, cli
+from test_trainer import LAUNCHED, free_port
+
+from conftest import LLAVA_TEACHER_DIR
+
+CONFIG = {"model": str(LLAVA_TEACHER_DIR), "task": "instruct", "channel_group": 64, "seed": 0, "steps": 2,
+          "pref_groups": 1, "save_every": 2, "lr": 1.0e-2, "controller": {"hidden": 16, "rank": 4},
+          "data": {"batch_size": 10}}
+
+
+def write_config(tmp_path, **over) -> str:
+    path = tmp_path / "llava.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "output": str(tmp_path / "out"), **over}))
+    return str(path)
+
+
+def test_answer_kl_is_zero_at_the_teacher_and_grows_with_the_change():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(7, 50, generator=g)
+    assert float(answer_kl(t, t)) == pytest.approx(0.0, abs=1e-7)
+    near, far = answer_kl(t, t + 0.1 * torch.randn(7, 50, generator=g)), answer_kl(t, torch.zeros(7, 50))
+    assert 0 < float(near) < float(far)
+    assert float(answer_kl(torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 100.0]]))) == pytest.approx(100 / math.log(2))
+
+
+def test_decision_loss_keeps_the_teachers_answer_and_its_margin():
+    teacher = torch.tensor([2.0, -1.0, 3.0])  # yes, no, yes
+    assert float(decision_loss(teacher, teacher)) == pytest.approx(0.0)
+    assert float(decision_loss(teacher, 2 * teacher)) == pytest.approx(0.0)  # firmer costs nothing
+    assert float(decision_loss(teacher, torch.zeros(3))) == pytest.approx(1.0)  # undecided: all of it lost
+    assert float(decision_loss(teacher, -teacher)) == pytest.approx(2.0)  # every answer flipped
+    empty = torch.zeros(0, requires_grad=True)
+    loss = decision_loss(empty.detach(), empty)
+    assert float(loss) == 0.0 and loss.requires_grad  # a batch without existence questions
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llava-ctrl")
+    assert main(["train", "--config", write_config(tmp)]) == 0
+    return tmp / "out"
+
+
+def test_training_logs_every_objective_and_plans_both_stages(trained, capsys):
+    import json
+    rows = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"utility", "grounding", "flops", "params"} and all(math.isfinite(r[k]) for k in r)
+        assert 0 <= r["utility"] and 0 <= r["grounding"] and 0 < r["flops"] <= 1
+    code, out, err = cli(capsys, "query", "--controller", trained, "--pref", "utility=0.2,flops=0.8", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert {"vision", "language"} <= set(plan) and 0 < plan["flops_ratio"] <= 1
+
+
+def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys):
+    import json
+
+    from hipp import load_model
+    from hipp.data import words
+    from hipp.data.instruct import make_samples
+    from hipp.storage.checkpoint import get_processor
+    code, out, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.5, "--candidates", 3,
+                         "--calib-images", 10, "--out", tmp_path / "export", "--json")
+    assert code == 0, err
+    assert 0.48 <= json.loads(out)["flops_ratio"] <= 0.5
+    search = json.loads((tmp_path / "export" / "pruned_config.json").read_text())["meta"]["search"]
+    assert "answer KL" in search["ranked_by"] and len(search["candidates"]) == 3
+    losses = [c["loss"] for c in search["candidates"]]
+    assert losses == sorted(losses) and losses[0] > 0  # ranked, and a pruned model is not the teacher
+    model, processor = load_model(tmp_path / "export"), get_processor(tmp_path / "export")
+    batch = words.encode(processor, make_samples("test", 3, seed=0), train=False)
+    batch.pop("answers")
+    tokens = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert tokens.shape[1] > batch["input_ids"].shape[1]  # it answers
+
+
+def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_dir):
+    assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, task="shapes-fmnist")),
+               "task 'shapes-fmnist' serves contrastive models")
+    assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, model=str(tiny_model_dir))),
+               "task 'instruct' serves generative models")
+    assert not (tmp_path / "out" / "controller.safetensors").exists()
+
+
+def test_two_processes_end_with_identical_controllers(tmp_path):
+    """`accelerate launch` with two CPU processes on the LLaVA teacher: each process's controller after
+    training equals the other's and the one saved."""
+    cfg = write_config(tmp_path)
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port())]
+    r = subprocess.run(accelerate + [str(script), cfg, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    initial, final = ([load_file(str(tmp_path / f"{kind}{i}of2.safetensors")) for i in (0, 1)]
+                      for kind in ("initial", "final"))
+    saved = load_file(str(tmp_path / "out" / "controller.safetensors"))
+    assert all(torch.equal(final[0][k], final[1][k]) and torch.equal(final[0][k], saved[k]) for k in saved)
+    assert any(not torch.equal(initial[0][k], final[0][k]) for k in saved)  # it learnt
