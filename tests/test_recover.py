@@ -68,9 +68,9 @@ def test_a_recovered_export_is_an_ordinary_export_of_the_best_weights(export_dir
     vals = {r["step"]: r["val_utility"] for r in rows if "val_utility" in r}
     ground = {r["step"]: r["val_grounding"] for r in rows if "val_utility" in r}
     assert set(vals) == set(ground) == {0, 2, 4, 6} and recovery["best_step"] in vals
-    kept = {s: u for s, u in vals.items() if ground[s] >= ground[0]}  # keep_grounding: no step below the start
+    kept = {s: u for s, u in vals.items() if ground[s] >= ground[0] - 0.01}  # keep_grounding, its default tolerance
     assert vals[recovery["best_step"]] == max(kept.values()) == recovery["val_utility_after"]
-    assert recovery["val_grounding_after"] == ground[recovery["best_step"]] >= recovery["val_grounding_before"]
+    assert recovery["val_grounding_after"] == ground[recovery["best_step"]] >= recovery["val_grounding_before"] - 0.01
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[1:])
     # the weights learnt: the last state differs from the export, and the export written is the best one
     last = {k.split(".", 1)[1]: v for k, v in load_tensors(straight / STATE_NAME).items() if k.startswith("controller.")}
@@ -87,6 +87,8 @@ def test_a_step_that_loses_grounding_is_never_the_best():
     assert is_better({"val_utility": 0.85, "val_grounding": 0.89}, best, keep_grounding=False)
     assert not is_better({"val_utility": 0.80, "val_grounding": 0.95}, best, keep_grounding=True)  # utility must rise
     assert is_better({"val_utility": 0.85}, {**best, "grounding_floor": None}, keep_grounding=True)  # no negatives
+    assert is_better({"val_utility": 0.85, "val_grounding": 0.895}, best, True, tolerance=0.01)  # a tie
+    assert not is_better({"val_utility": 0.85, "val_grounding": 0.885}, best, True, tolerance=0.01)
 
 
 def test_kill_9_then_resume_ends_as_an_uninterrupted_run(export_dir, config, straight, tmp_path, one_thread):

@@ -8,8 +8,8 @@ where the batch has them. Every weight of the export learns (settings.py says wh
 Validation utility (the task's val split) is measured before the first step and every `eval_every`
 steps; the best weights so far are kept, and after `patience` evaluations without a better one the
 run stops early. With `keep_grounding` (the default) weights whose validation grounding has fallen
-below the export's own are never the best, whatever their utility: recovery must not buy utility
-with hallucination. The output folder is an ordinary export of the best weights, loadable by
+below the export's own by more than `grounding_tolerance` are never the best, whatever their
+utility: recovery must not buy utility with hallucination. The output folder is an ordinary export of the best weights, loadable by
 `hipp.load_model`, with the run recorded in pruned_config.json under "recovery".
 
 Batch `i` of process `p` is a pure function of (seed, step, p) and the state file holds the weights,
@@ -76,13 +76,13 @@ def load_base_of(export: Path, config: dict):
     return model.eval().requires_grad_(False)
 
 
-def is_better(row: dict, best: dict, keep_grounding: bool) -> bool:
+def is_better(row: dict, best: dict, keep_grounding: bool, tolerance: float = 0.0) -> bool:
     """A new best: higher validation utility and, with `keep_grounding`, grounding not below the floor
-    (the export's own, measured before the first step)."""
+    (the export's own, measured before the first step) by more than `tolerance`."""
     if row["val_utility"] <= best["utility"]:
         return False
     floor = best.get("grounding_floor")
-    return not (keep_grounding and floor is not None and row.get("val_grounding", floor) < floor)
+    return not (keep_grounding and floor is not None and row.get("val_grounding", floor) < floor - tolerance)
 
 
 def lr_at(cfg: RecoverConfig, step: int) -> float:
@@ -211,7 +211,7 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
         if acc.is_main_process:
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row.update(validate())
-                if is_better(row, best, cfg.keep_grounding):
+                if is_better(row, best, cfg.keep_grounding, cfg.grounding_tolerance):
                     best = {**best, "step": step + 1, "utility": row["val_utility"], "evals_since": 0,
                             "grounding": row.get("val_grounding")}
                     save_tensors(out / BEST_NAME, raw.state_dict())
