@@ -62,8 +62,9 @@ def utility_of(metrics: dict, keys: Sequence[str] | None = None) -> float:
     return float(sum(got) / len(got))
 
 
-def utility_keys(metrics: dict, keys: Sequence[str] = UTILITY_KEYS) -> list[str]:
+def utility_keys(metrics: dict, keys: Sequence[str] | None = None) -> list[str]:
     """The utility metrics among `metrics` (what utility_of averages)."""
+    keys = keys or (GENERATIVE_UTILITY_KEYS if _generative(metrics) else UTILITY_KEYS)
     return [k for k in keys if k in metrics]
 
 
@@ -217,7 +218,9 @@ def sweep(controller, model, tokenizer, preprocess_cfg: dict, points: int = 20, 
     grid = simplex_grid(len(names), n_points=points, dtype=torch.float64)
     measured: dict[bytes, tuple[int, dict]] = {}
     rows = []
-    settings = {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "mode": mode}
+    from ..storage.checkpoint import family
+    settings = ({"generative": True, "per_kind": GENERATIVE_N, "mode": mode} if family(model) == "llava" else
+                {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "mode": mode})
     bar = tqdm(grid, desc="pareto", disable=not progress)
     for p in bar:
         plan = controller.plan(p)
@@ -295,6 +298,8 @@ def _fmt(v) -> str:
 
 
 def _measured(settings: dict) -> str:
+    if settings.get("generative"):
+        return f"{GENERATIVE_N} {settings.get('split', 'test')} instructions of each kind, answered greedily"
     parts = []
     for d in settings.get("datasets", []):
         parts.append(f"shapes (n={settings.get('n')})" if d == "shapes" else

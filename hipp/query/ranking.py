@@ -1,7 +1,9 @@
 """Ranking a bound query's candidate plans: each runs hard-gated on calibration images, against the
 same model ungated, and the lowest loss wins (hipp.query.bound, step 3). Calibration images are val
 shape scenes (never trained or evaluated on) and Fashion-MNIST train images, the domains the utility
-is measured on; the model computes where it lives and the losses are taken on the CPU.
+is measured on; the model computes where it lives and the losses are taken on the CPU. A generative
+(LLaVA) model's candidates are ranked by the objectives it trains on, on validation instructions
+(generative_losses).
 """
 from __future__ import annotations
 
