@@ -211,14 +211,16 @@ def test_a_damaged_llava_export_is_refused_in_one_line(export, tmp_path, damage,
 
 
 def test_eval_without_a_processor_and_train_refuse_a_llava_in_one_line(llava_dir, tmp_path, capsys):
-    """eval needs the folder's processor files; train's task is contrastive (encode_image / encode_text):
-    a LLaVA gets one line and status 2."""
+    """eval and the generative task need the folder's processor files, and the default (contrastive)
+    task refuses a LLaVA: one line and status 2 each."""
     from hipp.cli.main import main
 
-    cfg = tmp_path / "train.yaml"
+    cfg, instruct = tmp_path / "train.yaml", tmp_path / "instruct.yaml"
     cfg.write_text(f"model: {llava_dir}\noutput: {tmp_path / 'ctrl'}\n")
+    instruct.write_text(f"model: {llava_dir}\noutput: {tmp_path / 'ctrl'}\ntask: instruct\n")
     for args, says in ((["eval", "--model", str(llava_dir), "--data", "shapes"], "has no processor"),
-                       (["train", "--config", str(cfg)], "hipp train does not run llava models yet")):
+                       (["train", "--config", str(cfg)], "a llava model takes task instruct"),
+                       (["train", "--config", str(instruct)], "has no processor")):
         capsys.readouterr()
         code = main(args)
         out, err = capsys.readouterr()

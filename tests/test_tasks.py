@@ -164,7 +164,7 @@ def test_bad_task_settings_are_one_line(pairs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and needle in err[0], err
 
-    refused("unknown task 'imagenet'; choose from csv, shapes-fmnist", task="imagenet")
+    refused("unknown task 'imagenet'; choose from csv, instruct, shapes-fmnist", task="imagenet")
     refused("task 'csv' has no hard-negative captions, so it cannot train the grounding objective",
             task="csv", task_options=csv_options(pairs))  # the default objectives include grounding
     grounding_off = {"objectives": {"names": ["utility", "flops"]}, "task": "csv"}

@@ -49,9 +49,8 @@ def family(model: torch.nn.Module) -> str:
 
 
 def contrastive_only(model: torch.nn.Module, command: str) -> None:
-    """Controller training runs the contrastive tasks (encode_image / encode_text); a generative LLaVA
-    loads, materialises, exports and evaluates (hipp/evaluation/generative.py), but its training task
-    is not there yet: one line, not a traceback."""
+    """Commands whose loss is still contrastive only (recovery: encode_image / encode_text) refuse a
+    generative LLaVA in one line, not a traceback; controller training serves both families."""
     if family(model) == "llava":
         raise HippError(f"hipp {command} does not run llava models yet (load, materialise and export do); "
                         "it takes open_clip, clip and siglip models")
