@@ -9,8 +9,9 @@ Validation utility (the task's val split) is measured before the first step and 
 steps; the best weights so far are kept, and after `patience` evaluations without a better one the
 run stops early. With `keep_grounding` (the default) weights whose validation grounding has fallen
 below the export's own by more than `grounding_tolerance` are never the best, whatever their
-utility: recovery must not buy utility with hallucination. The output folder is an ordinary export of the best weights, loadable by
-`hipp.load_model`, with the run recorded in pruned_config.json under "recovery".
+utility: recovery must not buy utility with hallucination. The output folder is an ordinary export
+of the best weights, loadable by `hipp.load_model`, with the run recorded in pruned_config.json
+under "recovery".
 
 Batch `i` of process `p` is a pure function of (seed, step, p) and the state file holds the weights,
 the optimizer, the best weights' step and utility, so `--resume` after a kill ends where an
