@@ -19,9 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from . import untrusted
 from ..backends import get_backend
@@ -77,6 +75,15 @@ def is_hub_id(spec) -> bool:
             and not path.exists() and not path.parent.is_dir())
 
 
+def is_open_clip_name(spec) -> bool:
+    """One of open_clip's built-in model names. open_clip (with torchvision and transformers behind it,
+    seconds to import) is imported only for a name that could be one: they hold no "/"."""
+    if "/" in str(spec) or "\\" in str(spec):
+        return False
+    import open_clip
+    return str(spec) in open_clip.list_models()
+
+
 def load_model(spec: str | Path, pretrained: str | None = None, device: str = "cpu",
                expect: str | None = None, seed: int | None = None) -> torch.nn.Module:
     """A frozen, eval-mode model with encode_image / encode_text, from a folder or a model name.
@@ -101,7 +108,8 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str = "c
         model = _load_dir(path, expect)
     elif path.exists():
         raise HippError(f"{path} is a file; expected a model folder or a model name")
-    elif str(spec) in open_clip.list_models():
+    elif is_open_clip_name(spec):
+        import open_clip
         try:
             model = open_clip.create_model(str(spec), pretrained=pretrained)
         except Exception as e:  # hub unreachable, unknown tag, bad file: all user-facing here
@@ -229,6 +237,8 @@ def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
 
 def set_preprocess_cfg(model: torch.nn.Module, cfg: dict) -> None:
     if family(model) == "open_clip":
+        import open_clip
+        from open_clip.transform import PreprocessCfg
         open_clip.set_model_preprocess_cfg(model, {**PreprocessCfg().__dict__, **cfg})
     else:
         model.preprocess_cfg = dict(cfg)
@@ -246,6 +256,7 @@ def save_model(model: torch.nn.Module, path: str | Path, model_cfg: dict, prepro
 def preprocess_cfg(model: torch.nn.Module) -> dict:
     if family(model) != "open_clip":
         return dict(model.preprocess_cfg)
+    import open_clip
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
@@ -264,7 +275,8 @@ def get_tokenizer(spec: str | Path):
         if CONFIG_NAME not in configs:
             raise HippError(f"{path} has no {CONFIG_NAME} or {hf.HF_CONFIG}; not a model folder")
         return _open_clip_tokenizer(configs[CONFIG_NAME]["model_cfg"])
-    if str(spec) in open_clip.list_models():
+    if is_open_clip_name(spec):
+        import open_clip
         return open_clip.get_tokenizer(str(spec))
     if is_hub_id(spec):
         return hf.tokenizer(spec)
@@ -324,13 +336,15 @@ def get_preprocess(spec: str | Path):
         configs = checked_folder(path)
         own = configs.get(PRUNED_CONFIG_NAME) or configs.get(CONFIG_NAME)
         cfg = (own.get("preprocess_cfg") or {}) if own is not None else preprocess_cfg(load_model(spec))
-    elif str(spec) in open_clip.list_models():
+    elif is_open_clip_name(spec):
+        import open_clip
         _, _, preprocess = open_clip.create_model_and_transforms(str(spec))
         return preprocess
     elif is_hub_id(spec):
         cfg = preprocess_cfg(load_model(spec))
     else:
         raise _not_a_model(spec)
+    from open_clip.transform import PreprocessCfg, image_transform_v2
     return image_transform_v2(PreprocessCfg(**{**PreprocessCfg().__dict__, **cfg}), is_train=False)
 
 
