@@ -24,6 +24,7 @@ from ..data.instruct import ATTRIBUTE_KINDS, POPE_SAMPLINGS, Sample
 from ..errors import HippError
 
 UTILITY_KEYS = ("attr/mean", "pope/f1_mean", "caption/f1", "fmnist/acc")
+GROUNDING_KEY = "pope/adversarial_f1"  # hallucination robustness: POPE F1 under adversarial sampling
 _WORDS = {k: "|".join(sorted(v, key=len, reverse=True)) for k, v in shapes.ATTRIBUTES.items()}
 PHRASE = re.compile(f"a ({_WORDS['size']}) ({_WORDS['color']}) ({_WORDS['shape']}) at the ({_WORDS['position']})")
 

@@ -26,6 +26,7 @@ from ..backends import describe, gated, image_size, make_prunable
 from ..data import to_input
 from ..errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
+from .answers import GROUNDING_KEY as GENERATIVE_GROUNDING_KEY, UTILITY_KEYS as GENERATIVE_UTILITY_KEYS
 from .front import REFERENCE, hypervolume_2d, non_dominated, spearman
 from .plots import plot_front
 from ..storage.fileio import write_json, write_text
@@ -38,9 +39,6 @@ from ..core.space import PruneSpace
 
 UTILITY_KEYS = ("shapes/zs_mean", "fmnist/acc")
 GROUNDING_KEY = "shapes/ground_mean"
-# a generative (LLaVA) model's: answers.UTILITY_KEYS, and POPE F1 under adversarial sampling
-GENERATIVE_UTILITY_KEYS = ("attr/mean", "pope/f1_mean", "caption/f1", "fmnist/acc")
-GENERATIVE_GROUNDING_KEY = "pope/adversarial_f1"
 GENERATIVE_N = 100  # instruction samples of each kind a LLaVA plan is answered on (10 kinds: 1000 answers)
 AXES = ("1 - utility", "flops_ratio")
 DATASETS = ("shapes", "fmnist")

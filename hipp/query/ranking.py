@@ -134,22 +134,17 @@ def generative_losses(base: Base, plans: list[Plan], n: int) -> list[float]:
     """A generative model's plans ranked by the objectives it trains on: answer-token KL plus the yes /
     no margin loss on existence questions, against the ungated model, on `n` validation instructions
     (every kind in turn: whatever the ranking rule, the rest of the utility must not move)."""
-    from ..backends import gated, image_size
+    from ..backends import image_size
     from ..tasks import get_task
     from ..training.generative import GenerativeDistiller
-    from ..training.objectives import answer_kl, decision_loss
 
     device = next(base.model.parameters()).device
     batch = get_task("instruct").calibration_batch(image_size(base.model), n, seed=0)
     distiller = GenerativeDistiller(base.model, None, base.tokenizer, device)
     inputs = distiller.inputs(batch)
-    t_answers, t_margin = distiller.teacher(inputs, batch)
-    out = []
-    for plan in plans:
-        with gated(base.model, map_gates(lambda t: t.float(), plan.gates)):
-            s_answers, s_margin = distiller.forward(inputs)
-        out.append(float(answer_kl(t_answers, s_answers) + decision_loss(t_margin, s_margin)))
-    return out
+    teacher = distiller.teacher(inputs, batch)
+    return [float(sum(distiller.quality(map_gates(lambda t: t.float(), plan.gates), inputs, teacher).values()))
+            for plan in plans]
 
 
 def _once_per_prompt_list(tokenizer):

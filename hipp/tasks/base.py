@@ -73,8 +73,9 @@ class Task(abc.ABC):
         """Refuse a model this task's data and metrics do not fit, before training starts."""
         kind = "generative" if model_family == "llava" else "contrastive"
         if kind != self.family:
+            fitting = sorted(name for name, task in TASKS.items() if task.family == kind)
             raise HippError(f"task {self.name!r} serves {self.family} models; a {model_family} model takes "
-                            f"task {'instruct' if kind == 'generative' else 'shapes-fmnist'}")
+                            f"task {' or '.join(fitting)}")
 
     def check_objectives(self, names: Sequence[str]) -> None:
         """Refuse objectives this task's data cannot train, before any model loads."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.instruct import Sample, make_samples
-from ..evaluation.answers import UTILITY_KEYS
+from ..evaluation.answers import GROUNDING_KEY, UTILITY_KEYS
 from .base import Batches, Task, register
 
 CALIBRATION_SPLIT = "val"  # never trained on, as the contrastive task's calibration pairs
@@ -20,9 +20,6 @@ CALIBRATION_SPLIT = "val"  # never trained on, as the contrastive task's calibra
 class InstructBatch:
     samples: list[Sample]
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
 
 @register
 class InstructTask(Task):
@@ -30,7 +27,7 @@ class InstructTask(Task):
     family = "generative"
     has_negatives = True  # POPE probes about absent objects: what the grounding objective keeps
     utility_keys = UTILITY_KEYS
-    grounding_key = "pope/adversarial_f1"
+    grounding_key = GROUNDING_KEY
 
     def batches(self, seed: int, batch_size: int, image_size: int, *, shape_fraction: float = 0.5,
                 negatives: int = 2) -> Batches:

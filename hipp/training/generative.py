@@ -54,14 +54,14 @@ class GenerativeDistiller:
         clear_gates(self.model)
         return self.forward(inputs)
 
-    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
-        """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
+    def quality(self, gates, inputs, teacher: tuple) -> dict[str, torch.Tensor]:
+        """Utility and grounding losses of the model under `gates` against the teacher's outputs."""
         with gated(self.model, gates):
             s_answers, s_margin = self.forward(inputs)
         t_answers, t_margin = teacher
-        names, out = self.objectives.names, {}
-        if "utility" in names:
-            out["utility"] = answer_kl(t_answers, s_answers)
-        if "grounding" in names:
-            out["grounding"] = decision_loss(t_margin, s_margin)
-        return {**out, **self.objectives.costs(map_gates(keep_prob, logits))}
+        return {"utility": answer_kl(t_answers, s_answers), "grounding": decision_loss(t_margin, s_margin)}
+
+    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
+        """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
+        quality = {k: v for k, v in self.quality(gates, inputs, teacher).items() if k in self.objectives.names}
+        return {**quality, **self.objectives.costs(map_gates(keep_prob, logits))}
