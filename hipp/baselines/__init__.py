@@ -25,7 +25,9 @@ from .flap import flap_plan
 from .method import Context, Method
 from .mope import mope_plan
 from .multiflow import multiflow_plan
+from .shortgpt import shortgpt_plan
 from .simple import magnitude_plan, random_plan, uniform_plan
+from .taylor import taylor_plan, wanda_plan
 from .units import Scores
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -34,8 +36,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", random_plan, "random removal order, mean of 3 seeds", needs_calibration=False, seeds=3),
     Method("magnitude", magnitude_plan, "global L1 magnitude per FLOP, each layer keeps >= 10%",
            needs_calibration=False),
+    Method("shortgpt", shortgpt_plan, "ShortGPT-style: least block influence (1 - cos in/out) layers removed, "
+                                      "magnitude width for the rest"),
+    Method("taylor", taylor_plan, "LLM-Pruner-style first-order Taylor |dL/dg| on the task loss, global"),
+    Method("wanda", wanda_plan, "Wanda-style structured: |W_out| x input norm of the unit's features, global"),
     Method("mope", mope_plan, "MoPE-style: calibration damage of removing each unit; width, then depth"),
-    Method("multiflow", multiflow_plan, "MULTIFLOW-style: |w| x connected activation norms, per-tower budgets"),
+    Method("multiflow", multiflow_plan, "MULTIFLOW-style: |w| x connected activation norms, per-tower budgets",
+           families=("contrastive",)),
     Method("ecoflap", ecoflap_plan, "ECoFLaP-style: layer budgets from zeroth-order block importance, "
                                     "magnitude inside layers"),
     Method("flap", flap_plan, "FLAP-style: input fluctuation x weight norm, standardised, global; "

@@ -1,9 +1,11 @@
 """Per-feature activation moments of every block on calibration data (dense forward, hooks only).
 
-For each block: the input of attention (ln_1 output), its q/k/v projections, the per-head outputs
-entering out_proj, the attention branch output, and likewise the MLP input, hidden activation
-(after the non-linearity) and output. Moments are over every token of every calibration sample;
-the text tower also sees the hard-negative captions, as it would in use.
+For each block: the input of attention (ln_1 output), its q/k/v projections (packed in_proj models
+only), the per-head outputs entering the output projection, the attention branch output, and likewise
+the MLP input, hidden activation (after the non-linearity, times up under SwiGLU) and output; and the
+block's influence, 1 - cos(input, output) averaged over tokens (ShortGPT's). Moments are over every
+token of every calibration sample; the text tower also sees the hard-negative captions, as it would
+in use; a LLaVA reads its calibration instructions (prompt and answer, teacher-forced).
 """
 from __future__ import annotations
 
@@ -49,9 +51,41 @@ class Moments:
 @dataclass
 class BlockStats:
     points: dict[str, Moments] = field(default_factory=lambda: {p: Moments() for p in POINTS})
+    cos_sum: float = 0.0   # cosine of each token's hidden state before and after the block, summed
+    tokens: int = 0
+
+    @property
+    def influence(self) -> float:
+        """ShortGPT's block influence: 1 - the mean cosine between the block's input and output."""
+        return 1.0 - self.cos_sum / max(self.tokens, 1)
 
     def __getitem__(self, name: str) -> Moments:
         return self.points[name]
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def calibration_forward(model, calibration: Calibration, batch_size: int = 64) -> None:
+    """Dense forwards over the calibration batch (gates cleared), for hooks to watch."""
+    device = next(model.parameters()).device
+    batch = calibration.batch
+    clear_gates(model)
+    if calibration.generative:
+        from ..data.words import encode
+        for lo in range(0, len(batch.samples), batch_size):
+            enc = encode(calibration.tokenizer, batch.samples[lo:lo + batch_size], train=True)
+            enc.pop("labels")
+            model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False)
+        return
+    images = to_input(batch.images, calibration.preprocess_cfg).to(device)
+    texts = calibration.tokenizer(list(batch.captions) + list(batch.negatives)).to(device)
+    for x in images.split(batch_size):
+        model.encode_image(x)
+    for x in texts.split(batch_size):
+        model.encode_text(x)
 
 
 @torch.no_grad()
@@ -65,7 +99,8 @@ def activation_stats(model, calibration: Calibration, batch_size: int = 64) -> l
         def fn(module, args, output):
             x = args[0]
             s["attn_in"].add(x)
-            s["qkv"].add(F.linear(x, module.qkv_weight, module.qkv_bias))
+            if hasattr(module, "qkv_weight"):  # packed in_proj (open_clip, CLIP): MULTIFLOW reads it
+                s["qkv"].add(F.linear(x, module.qkv_weight, module.qkv_bias))
         return fn
 
     def io_hook(s, inp, out):
@@ -76,21 +111,22 @@ def activation_stats(model, calibration: Calibration, batch_size: int = 64) -> l
                 s[out].add(output)
         return fn
 
+    def block_hook(s):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            x, y = x.detach().float(), _first(output).detach().float()
+            s.cos_sum += float(F.cosine_similarity(x, y, dim=-1).sum())
+            s.tokens += x.shape[:-1].numel()
+        return fn
+
     for block, s in zip(blocks, stats):
-        hooks += [block.attn.register_forward_hook(attn_hook(s)),
-                  block.attn.out_proj.register_forward_hook(io_hook(s, "head_out", "attn_out")),
+        hooks += [block.register_forward_hook(block_hook(s), with_kwargs=True),
+                  block.attn.register_forward_hook(attn_hook(s)),
+                  block.attn.out_layer.register_forward_hook(io_hook(s, "head_out", "attn_out")),
                   block.mlp.fc_in.register_forward_hook(io_hook(s, "mlp_in", None)),
                   block.mlp.fc_out.register_forward_hook(io_hook(s, "hidden", "mlp_out"))]
-    batch = calibration.batch
-    device = next(model.parameters()).device
-    images = to_input(batch.images, calibration.preprocess_cfg).to(device)
-    texts = calibration.tokenizer(list(batch.captions) + list(batch.negatives)).to(device)
     try:
-        clear_gates(model)
-        for x in images.split(batch_size):
-            model.encode_image(x)
-        for x in texts.split(batch_size):
-            model.encode_text(x)
+        calibration_forward(model, calibration, batch_size)
     finally:
         for h in hooks:
             h.remove()

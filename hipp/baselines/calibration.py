@@ -7,6 +7,10 @@ Damage is what the controller is trained against: the utility (similarity distil
 grounding (hard-negative margin, when the batch has hard negatives) losses of the gated model vs
 the same model with gates open, computed by the trainer's Distiller.
 
+A generative (LLaVA) model's calibration set is a run of validation instructions of every kind, and
+its damage is the generative distiller's: answer-token KL plus the yes/no margin lost on existence
+questions (GenerativeDamage).
+
 Ablation scores need hundreds of gated forwards; `Damage.ablate` runs many gate sets in one pass
 (the batch repeated, one gate vector per sample), only through the tower being ablated (the other
 tower's dense embeddings are reused) and, when the gate sets touch nothing before layer `start`,
@@ -23,9 +27,9 @@ from ..backends import gated, image_size, tower_blocks
 from ..data.mixed import Batch
 from ..core.gates import Gates, map_gates
 from ..backends.modules import DroppedBlock
-from ..training.objectives import Embeddings, ObjectiveConfig, Objectives
+from ..training.objectives import Embeddings, ObjectiveConfig, Objectives, answer_kl, decision_loss
 from ..core.space import PruneSpace
-from ..tasks import DEFAULT_TASK, Task, get_task
+from ..tasks import DEFAULT_TASK, Task, default_task, get_task
 from ..training.trainer import Distiller
 
 CALIBRATION_SEED = 7919  # the controller trains on seed + 1 of its config (1 by default)
@@ -45,16 +49,29 @@ class Calibration:
 
     @property
     def size(self) -> int:
-        return len(self.batch.captions)
+        samples = getattr(self.batch, "samples", None)  # instructions; else image-caption pairs
+        return len(samples if samples is not None else self.batch.captions)
+
+    @property
+    def generative(self) -> bool:
+        return self.task.family == "generative"
 
 
 def make_calibration(model, tokenizer, preprocess_cfg: dict, size: int = 64, seed: int = CALIBRATION_SEED,
                      shape_fraction: float = 0.5, negatives: int = 1, task: Task | None = None) -> Calibration:
-    """At most `size` image-caption pairs of `task` (default the embedded one: `shape_fraction` of
-    them shape scenes with `negatives` hard negatives each)."""
-    task = task or get_task(DEFAULT_TASK)
+    """At most `size` image-caption pairs of `task` (default the embedded one of the model's family:
+    for a contrastive model `shape_fraction` of them shape scenes with `negatives` hard negatives
+    each; for a LLaVA, instructions of every kind in turn; `tokenizer` is then its processor)."""
+    from ..storage.checkpoint import family
+    task = task or default_task(family(model))
+    task.check_model(family(model))
     batch = task.calibration_batch(image_size(model), size, seed, shape_fraction=shape_fraction, negatives=negatives)
     return Calibration(batch, tokenizer, dict(preprocess_cfg), seed, task)
+
+
+def make_damage(model, calibration: Calibration, space: PruneSpace):
+    """The damage measure of the calibration's family: Damage or GenerativeDamage."""
+    return (GenerativeDamage if calibration.generative else Damage)(model, calibration, space)
 
 
 class Damage:
@@ -162,4 +179,54 @@ class Damage:
                 else:
                     neg = e[b:].view(self.batch.n_shapes, self.batch.n_negatives, -1) if t_neg is not None else None
                     out.append(self._loss(self.teacher[0], e[:b], neg))
+        return torch.tensor(out, dtype=torch.float64)
+
+
+class GenerativeDamage:
+    """answer-token KL + lost yes/no margin of gated forwards vs the dense model, on instructions.
+
+    Same interface as Damage; `ablate` runs the whole model (both stages) on the batch repeated
+    once per gate set, since a language-stage gate changes nothing before it but the vision
+    stage's output feeds every decoder layer."""
+
+    def __init__(self, model, calibration: Calibration, space: PruneSpace):
+        from ..training.generative import GenerativeDistiller
+
+        self.model, self.device = model, next(model.parameters()).device
+        self.distiller = GenerativeDistiller(model, None, calibration.tokenizer, self.device)
+        self.inputs = self.distiller.inputs(calibration.batch)
+        self.teacher = self.distiller.teacher(self.inputs, calibration.batch)
+
+    def _loss(self, answers: torch.Tensor, margins: torch.Tensor) -> float:
+        t_answers, t_margins = self.teacher
+        return float(answer_kl(t_answers, answers) + decision_loss(t_margins, margins))
+
+    @torch.no_grad()
+    def __call__(self, gates: Gates | None = None) -> float:
+        if gates is None:
+            return self._loss(*self.teacher)
+        with gated(self.model, map_gates(lambda t: t.to(self.device, torch.float32), gates)):
+            return self._loss(*self.distiller.forward(self.inputs))
+
+    @torch.no_grad()
+    def ablate(self, tower: str, gate_sets: list[Gates], start: int = 0, max_batch: int = 160) -> torch.Tensor:
+        """Damage of each unbatched gate set (`tower` and `start` are Damage's; the whole model runs)."""
+        enc, answer, rows, first = self.inputs
+        per = answer.shape[0]
+        n_answers, n_margins = (t.shape[0] for t in self.teacher)
+        chunk = max(1, max_batch // per)
+        out = []
+        for lo in range(0, len(gate_sets), chunk):
+            sets = gate_sets[lo:lo + chunk]
+            k = len(sets)
+            rep = lambda ts: torch.stack([t.float() for t in ts]).repeat_interleave(per, 0).to(self.device)
+            gates = (rep([s[0] for s in sets]), [rep([s[1][i] for s in sets]) for i in range(len(sets[0][1]))],
+                     [rep([s[2][i] for s in sets]) for i in range(len(sets[0][2]))])
+            inputs = ({key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in enc.items()}, answer.repeat(k, 1),
+                      torch.cat([rows + j * per for j in range(k)]), first.repeat(k))
+            with gated(self.model, gates):
+                answers, margins = self.distiller.forward(inputs)
+            for j in range(k):  # copy j's answer positions and questions are consecutive
+                out.append(self._loss(answers[j * n_answers:(j + 1) * n_answers],
+                                      margins[j * n_margins:(j + 1) * n_margins]))
         return torch.tensor(out, dtype=torch.float64)

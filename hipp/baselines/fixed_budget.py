@@ -2,7 +2,7 @@
 
 One free logit per layer, head and channel group, trained for one FLOPs target with the same
 Gumbel-sigmoid straight-through gates, temperature schedule, data and teacher pass as the
-controller (trainer.Distiller), batches drawn from the calibration's task. The loss is utility +
+controller (trainer.Distiller, or the generative distiller for a LLaVA), batches drawn from the calibration's task. The loss is utility +
 grounding (when the task has hard negatives) plus a Lagrangian that holds the expected FLOPs ratio
 at the target: lambda1 * (f - t) + lambda2 * (f - t)^2, the multipliers updated by gradient ascent.
 One such search is needed per budget, which is the cost the preference-conditioned controller
@@ -109,8 +109,12 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     ascent = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, maximize=True)
     task = calibration.task
     names = ("utility", "grounding", "flops") if task.has_negatives else ("utility", "flops")
-    distiller = Distiller(model, Objectives(ObjectiveConfig(names=names), space),
-                          calibration.tokenizer, calibration.preprocess_cfg, device)
+    objectives = Objectives(ObjectiveConfig(names=names), space)
+    if calibration.generative:
+        from ..training.generative import GenerativeDistiller
+        distiller = GenerativeDistiller(model, objectives, calibration.tokenizer, device)
+    else:
+        distiller = Distiller(model, objectives, calibration.tokenizer, calibration.preprocess_cfg, device)
     # its own data seed: neither the calibration batch nor the controller's training batches
     batches = task.batches(calibration.seed + 1000 + seed, cfg.batch_size, image_size(model),
                            shape_fraction=cfg.shape_fraction, negatives=cfg.negatives)

@@ -34,7 +34,7 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 def flap_scores(model, space: PruneSpace, stats: list[BlockStats]) -> Scores:
     heads, channels = [], []
     for block, spec, s in zip(prunable_blocks(model), space.layers, stats):
-        w_out = block.attn.out_proj.weight.detach().double().pow(2).sum(0)   # [H * hd]
+        w_out = block.attn.out_layer.weight.detach().double().pow(2).sum(0)  # [H * hd]
         w_proj = block.mlp.fc_out.weight.detach().double().pow(2).sum(0)     # [hidden]
         heads.append(standardize(head_sum(s["head_out"].var * w_out, spec)))
         channels.append(standardize(group_sum(s["hidden"].var * w_proj, spec)))

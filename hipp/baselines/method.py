@@ -16,7 +16,7 @@ from ..errors import HippError
 from ..core.plan import Plan
 from ..core.space import PruneSpace
 from .allocate import check_target
-from .calibration import Calibration, Damage
+from .calibration import Calibration, Damage, GenerativeDamage, make_damage
 
 
 @dataclass
@@ -32,8 +32,8 @@ class Context:
             self.cache[key] = compute()
         return self.cache[key]
 
-    def damage(self) -> Damage:
-        return self.cached("damage", lambda: Damage(self.model, self.calibration, self.space))
+    def damage(self) -> Damage | GenerativeDamage:
+        return self.cached("damage", lambda: make_damage(self.model, self.calibration, self.space))
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Method:
     seeds: int = 1            # plans per budget the evaluation averages over (random: 3)
     compensate: bool = False  # evaluate with FLAP-style bias compensation (hipp.export.slicing.compensate_bias)
     trains: bool = False      # learns gates per budget (not training-free): fixed_budget
+    families: tuple[str, ...] = ("contrastive", "generative")  # the model families it scores
 
     def __call__(self, model, space: PruneSpace, budget: float, calibration: Calibration | None = None,
                  seed: int = 0, cache: dict | None = None, options: dict | None = None) -> Plan:
@@ -58,6 +59,8 @@ class Method:
         group = space.layers[0].channel_group if space.layers else 1
         if describe(model, group) != space:  # checked before make_prunable touches the model
             raise HippError(f"baseline {self.name!r}: the model does not match the prune space it was given")
+        if self.needs_calibration and calibration.task.family not in self.families:
+            raise HippError(f"baseline {self.name!r} scores {' and '.join(self.families)} models only")
         make_prunable(model, group)
         options = dict(options or {})
         accepted = inspect.signature(self.plan).parameters

@@ -153,6 +153,12 @@ def _bench(args, budgets, methods, out) -> dict:
                                                       calib_n=args.calib_images)}
     if args.polish:  # its own search, so its plan seconds are the whole query's
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
+    from ..storage.checkpoint import family
+    if family(base.model) == "llava":
+        from ..evaluation.generative_bench import bench_generative
+        return bench_generative(base.model, base.tokenizer, controller.space, budgets, methods, out_dir=out,
+                                controller=controller, controller_train_seconds=seconds, options=options,
+                                planners=planners, **({} if args.test_items is None else {"n": args.test_items}))
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                  controller=controller, controller_train_seconds=seconds, options=options, planners=planners,
                  **({} if args.test_items is None else {"n": args.test_items, "fmnist_limit": args.test_items}))
@@ -233,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     b.add_argument("--test-items", type=int, metavar="N",
                    help="measure on the first N test items of each dataset (default: the full test sets; "
-                        "fewer is quicker and noisier, and recorded in bench.json)")
+                        "a LLaVA: N instructions of each kind, default 500; fewer is quicker and noisier, "
+                        "and recorded in bench.json)")
     _add_overwrite_arg(b)
     _add_polish_arg(b, 0)  # off by default: on validation it raised utility for at most 2 of 5 seeds
     _add_search_args(b)

@@ -149,11 +149,25 @@ def evaluate_generative(model, processor, split: str = "test", n: int = 200, see
     per sample, under "prefill" and "decode_token"."""
     from ..backends import num_params
 
+    if device is not None:
+        model.to(device)
+    samples, predictions = answer_all(model, processor, split, n, seed, batch_size, kinds)
+    metrics = score(samples, predictions)
+    prompt_tokens = words.prompt_lengths(processor, [s.question for s in samples])
+    rep = {"metrics": metrics, "utility": utility_of(metrics), "params": num_params(model),
+           "flops": costs(model, prompt_tokens), "split": split,
+           "samples": {k: sum(s.kind == k for s in samples) for k in dict.fromkeys(s.kind for s in samples)}}
+    if latency:
+        rep["latency_ms"] = latency_ms(model, processor, samples)
+    return rep
+
+
+def answer_all(model, processor, split: str = "test", n: int = 200, seed: int = 0, batch_size: int = 32,
+               kinds: tuple[str, ...] = KINDS) -> tuple[list, list[str]]:
+    """The samples (n of each kind of `split`) and the model's greedy answers to them, in order."""
     _check_args(split, n, batch_size)
     kinds = check_kinds(kinds)
     check_pair(model, processor)
-    if device is not None:
-        model.to(device)
     sets = eval_sets(split, n, seed, words.image_side(processor), kinds)
     samples, predictions = [], []
     for kind, group in sets.items():
@@ -161,10 +175,4 @@ def evaluate_generative(model, processor, split: str = "test", n: int = 200, see
         predictions += generate(model, processor, [s.image for s in group],
                                 [words.prompt(s.question) for s in group], limit, batch_size)
         samples += group
-    metrics = score(samples, predictions)
-    prompt_tokens = words.prompt_lengths(processor, [s.question for s in samples])
-    rep = {"metrics": metrics, "utility": utility_of(metrics), "params": num_params(model),
-           "flops": costs(model, prompt_tokens), "split": split, "samples": {k: len(v) for k, v in sets.items()}}
-    if latency:
-        rep["latency_ms"] = latency_ms(model, processor, samples)
-    return rep
+    return samples, predictions
