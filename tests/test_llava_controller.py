@@ -91,6 +91,24 @@ def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys)
     assert tokens.shape[1] > batch["input_ids"].shape[1]  # it answers
 
 
+def test_bench_answers_the_test_instructions_for_every_row(trained, tmp_path, capsys):
+    import json
+    code, out, err = cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform,shortgpt",
+                         "--test-items", 10, "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "b", "--json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert result["family"] == "generative" and result["settings"]["n"] == 10
+    assert {r["method"] for r in result["results"]} == {"uniform", "shortgpt", "hipp"}
+    for r in result["results"]:
+        assert 0.48 <= r["flops_ratio"] <= 0.5 and 0 <= r["utility"] <= 1
+        assert r["latency_ms"]["prefill"] > 0 and "pope/adversarial_f1" in r
+    cell = result["margins"]["hipp"]["0.5"]["uniform"]["utility"]
+    hipp, uniform = ({r["method"]: r for r in result["results"]}[m]["utility"] for m in ("hipp", "uniform"))
+    assert cell["diff"] == pytest.approx(hipp - uniform) and cell["se"] >= 0
+    assert set(result["hypervolume"]) == {"uniform", "shortgpt", "hipp"}
+    assert "hipp minus each method" in (tmp_path / "b" / "bench.md").read_text()
+
+
 def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_dir):
     assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, task="shapes-fmnist")),
                "task 'shapes-fmnist' serves contrastive models")

@@ -165,7 +165,7 @@ class ObjectiveConfig:
     grounding_mode: str = "hinge"
     cosine_weight: float = 1.0
     ideal: dict = field(default_factory=dict)   # Chebyshev reference point z_k (default 0)
-    scale: dict = field(default_factory=dict)   # Chebyshev normaliser s_k (default 1)
+    scale: dict = field(default_factory=dict)   # normaliser s_k of each loss (default 1), either scalarization
     smooth: float = 0.0
     rho: float = 0.0
 
@@ -246,8 +246,8 @@ class Objectives:
     def scalarize(self, losses: dict[str, torch.Tensor], pref: torch.Tensor) -> torch.Tensor:
         x = self.stack(losses)
         pref = pref.to(x)
-        if self.config.scalarization == "linear":
-            return linear_scalarize(x, pref)
-        ideal = torch.tensor([float(self.config.ideal.get(n, 0.0)) for n in self.names]).to(x)
         scale = torch.tensor([float(self.config.scale.get(n, 1.0)) for n in self.names]).to(x)
+        if self.config.scalarization == "linear":
+            return linear_scalarize(x / scale, pref)
+        ideal = torch.tensor([float(self.config.ideal.get(n, 0.0)) for n in self.names]).to(x)
         return chebyshev_scalarize(x, pref, ideal, scale, self.config.smooth, self.config.rho)
