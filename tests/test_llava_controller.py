@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,61 @@ def test_two_processes_end_with_identical_controllers(tmp_path):
     saved = load_file(str(tmp_path / "out" / "controller.safetensors"))
     assert all(torch.equal(final[0][k], final[1][k]) and torch.equal(final[0][k], saved[k]) for k in saved)
     assert any(not torch.equal(initial[0][k], final[0][k]) for k in saved)  # it learnt
+
+
+SHARDED = """
+import sys
+import hipp.training.trainer as T
+from safetensors.torch import save_file
+from hipp.cli.main import main
+
+held = {}
+average, shard = T.average_gradients, T.shard_base
+
+
+def keep(module, processes):
+    held.setdefault("module", module)
+    return average(module, processes)
+
+
+def spy(acc, model):
+    shard(acc, model)
+    held["acc"], held["param"] = acc, type(next(model.parameters())).__name__
+
+
+T.average_gradients, T.shard_base = keep, spy
+code = main(["train", "--config", sys.argv[1]])
+if code:
+    sys.exit(code)
+name = f"{held['acc'].process_index}of{held['acc'].num_processes}"
+save_file({k: v.detach().clone() for k, v in held["module"].state_dict().items()}, f"{sys.argv[2]}/final{name}.safetensors")
+open(f"{sys.argv[2]}/param{name}.txt", "w").write(held["param"])
+"""
+
+
+def test_the_fsdp_config_shards_the_base_and_trains_the_same_controller(tmp_path):
+    """`accelerate launch --config_file configs/accelerate_fsdp.yaml` with two CPU processes: the LLaVA
+    base's weights become shards (DTensors) on each process, and the controller both processes end
+    with, and the one saved, equals a plain two-process run's (the same steps, the same batches)."""
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for kind, script, launch in (("sharded", SHARDED, ["--config_file", str(root / "configs" / "accelerate_fsdp.yaml")]),
+                                 ("plain", LAUNCHED, ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                                      "--mixed_precision", "no", "--dynamo_backend", "no"])):
+        where = tmp_path / kind
+        where.mkdir()
+        (where / "launched.py").write_text(script)
+        cfg = tmp_path / f"{kind}.yaml"
+        cfg.write_text(yaml.safe_dump({**CONFIG, "steps": 3, "save_every": 3, "output": str(where / "out")}))
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(free_port())]
+        r = subprocess.run(accelerate + [str(where / "launched.py"), str(cfg), str(where)], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[kind] = load_file(str(where / "out" / "controller.safetensors"))
+    sharded = tmp_path / "sharded"
+    assert [(sharded / f"param{i}of2.txt").read_text() for i in (0, 1)] == ["DTensor", "DTensor"]
+    finals = [load_file(str(sharded / f"final{i}of2.safetensors")) for i in (0, 1)]
+    for k, v in runs["plain"].items():
+        assert torch.equal(finals[0][k], finals[1][k]) and torch.equal(finals[0][k], runs["sharded"][k])
+        assert torch.allclose(runs["sharded"][k], v, atol=1e-6)
+

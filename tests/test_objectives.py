@@ -127,6 +127,16 @@ def test_chebyshev_is_the_worst_weighted_term_and_linear_the_sum():
     assert float(chebyshev_scalarize(losses, pref, rho=0.1)) == pytest.approx(0.18 + 0.1 * 0.43)
 
 
+def test_loss_scales_divide_each_term_under_the_linear_scalarization_too():
+    space = small_space()
+    losses = {"utility": torch.tensor(0.1), "flops": torch.tensor(0.5)}
+    pref = torch.tensor([0.5, 0.5])
+    plain = Objectives(ObjectiveConfig(names=("utility", "flops")), space)
+    scaled = Objectives(ObjectiveConfig(names=("utility", "flops"), scale={"utility": 0.1}), space)
+    assert float(plain.scalarize(losses, pref)) == pytest.approx(0.5 * 0.1 + 0.5 * 0.5)
+    assert float(scaled.scalarize(losses, pref)) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+
+
 def test_chebyshev_gradient_reaches_only_the_worst_term_unless_smoothed():
     pref = torch.tensor([0.5, 0.3, 0.2])
     x = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)

@@ -6,7 +6,8 @@ out_proj input dimensions. Scores are standardised per layer and kind (zero mean
 which makes them comparable across layers, and units are then removed globally by standardised
 score (one structure over both towers). Removed units' mean output is folded into the output
 biases when the plan is evaluated (Method.compensate -> hipp.export.slicing.compensate_bias), so an
-emptied branch is kept as a bias rather than its layer dropped.
+emptied branch is kept as a bias rather than its layer dropped. A LLaVA's plan is measured without
+compensation (hipp.evaluation.generative_bench): its Llama-shaped o_proj / down_proj have no bias.
 """
 from __future__ import annotations
 

@@ -183,17 +183,19 @@ def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER)
     return out
 
 
-def write_outputs(result: dict, out_dir) -> dict:
-    """bench.json / .csv / .md / .png, built aside and swapped in together (hipp.storage.outputs.staged)."""
+def write_outputs(result: dict, out_dir, to_csv=None, to_markdown=None,
+                  title: str = "utility vs FLOPs at equal budgets") -> dict:
+    """bench.json / .csv / .md / .png, built aside and swapped in together (hipp.storage.outputs.staged);
+    `to_csv` / `to_markdown` write the table files of another bench object (default: this module's)."""
     out = Path(out_dir)
     names = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "png": "bench.png"}
     files = {k: str(out / v) for k, v in names.items()}
     series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
               for m in result["methods"]}
     with staged(out, "bench") as stage:
-        write_text(stage / names["csv"], rows_csv(result["results"]))
-        write_text(stage / names["md"], markdown(result))
-        plot_methods(series, stage / names["png"], "utility vs FLOPs at equal budgets",
+        write_text(stage / names["csv"], (to_csv or rows_csv)(result["results"]))
+        write_text(stage / names["md"], (to_markdown or markdown)(result))
+        plot_methods(series, stage / names["png"], title,
                      highlight=tuple(result.get("margins", ())), dense=(1.0, result["dense"]["utility"]))
         write_json(stage / names["json"], {**result, "files": files})
     return files

@@ -24,11 +24,8 @@ from ..baselines.allocate import BudgetError, check_target
 from ..baselines.calibration import make_calibration
 from ..errors import HippError
 from ..export.slicing import materialize
-from ..storage.fileio import write_json, write_text
-from ..storage.outputs import staged
 from .answers import score, utility_of
 from .generative import answer_all, latency_ms
-from .plots import plot_methods
 
 CONTROLLER = "hipp"
 POPE_F1 = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
@@ -36,7 +33,6 @@ JUDGED = ("utility", *POPE_F1)
 BOOTSTRAP = 300
 DEFAULT_METHODS = ("uniform", "magnitude", "shortgpt", "flap", "taylor", "wanda", "ecoflap", "mope",
                    "fixed_budget")
-FILES = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "png": "bench.png"}
 
 
 def judged(metrics: dict) -> dict[str, float]:
@@ -198,17 +194,8 @@ def _margins(rows: list[dict], answers: dict, ours: str, resamples) -> dict:
 
 
 def write_outputs(result: dict, out_dir) -> dict:
-    from pathlib import Path
-    files = {k: str(Path(out_dir) / v) for k, v in FILES.items()}
-    series = {m: [(r["flops_ratio"], r["utility"]) for r in result["results"] if r["method"] == m]
-              for m in result["methods"]}
-    with staged(out_dir, "bench") as stage:
-        write_text(stage / FILES["csv"], rows_csv(result["results"]))
-        write_text(stage / FILES["md"], markdown(result))
-        plot_methods(series, stage / FILES["png"], "utility vs FLOPs at equal budgets (LLaVA)",
-                     highlight=tuple(result.get("margins", ())), dense=(1.0, result["dense"]["utility"]))
-        write_json(stage / FILES["json"], {**result, "files": files})
-    return files
+    from .bench import write_outputs as write
+    return write(result, out_dir, rows_csv, markdown, "utility vs FLOPs at equal budgets (LLaVA)")
 
 
 def rows_csv(rows: list[dict]) -> str:

@@ -29,6 +29,7 @@ from ..storage.checkpoint import family, fingerprint, get_processor, get_tokeniz
 from ..controller.network import CONFIG_NAME, Controller
 from ..data import to_input
 from ..tasks import DEFAULT_TASK, Batches, get_task
+from .sharding import average_gradients, shard_base, uses_fsdp
 from ..errors import HippError
 from ..storage import outputs
 from . import resume as resume_state
@@ -261,7 +262,11 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise HippError(f"{state_path} does not fit this run's controller ({str(e).splitlines()[0]})") from None
         start, elapsed = int(info["step"]), float(info["seconds"])
-    controller, opt = acc.prepare(controller, opt)
+    sharded = uses_fsdp(acc)
+    if sharded:  # the base sharded, the controller whole on every process (sharding.py)
+        shard_base(acc, model)
+    else:
+        controller, opt = acc.prepare(controller, opt)
     acc.step = start  # gradient accumulation counts from the resumed step, as the uninterrupted run did
     raw = acc.unwrap_model(controller)
     extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "family": cfg.family,
@@ -290,12 +295,15 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
                     raise TrainingDiverged(f"loss became {float(total)} at step {step + 1}; stopped, the last "
                                            f"good checkpoint in {out} is kept (step {last_saved})")
                 acc.backward(total)
+                if sharded:
+                    average_gradients(raw, acc.num_processes)
                 if acc.scaler is None and not _gradients_finite(raw):  # fp16's scaler skips overflowing steps
                     raise TrainingDiverged(f"gradients became non-finite at step {step + 1}; stopped, the last "
                                            f"good checkpoint in {out} is kept (step {last_saved})")
                 set_lr(opt, cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps))
-                opt.step()
-                opt.zero_grad()
+                if not sharded or acc.sync_gradients:  # a prepared optimizer skips accumulation steps itself
+                    opt.step()
+                    opt.zero_grad()
         row = {"step": step + 1, "loss": float(total.detach()), "temperature": temperature(step),
                "lr": opt.param_groups[0]["lr"], **terms}
         bar.set_postfix({n: f"{v:.3f}" for n, v in terms.items()})
@@ -319,8 +327,9 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
         acc.end_training()
     summary = {"output": str(out), "steps": stop, "train_seconds": seconds,
                "controller_params": raw.num_parameters(), "controller_size_ratio": raw.size_ratio()}
-    if stop == cfg.steps and acc.is_main_process:
+    if stop == cfg.steps and (acc.is_main_process or sharded):  # a sharded base's forwards are collective
         summary["end_of_training"] = hard_vs_sampled(distiller, raw, batches, cfg.temperature_end,
                                                      alpha=cfg.dirichlet_alpha, seed=cfg.seed)
-        write_json(out / "training_summary.json", summary)
+        if acc.is_main_process:
+            write_json(out / "training_summary.json", summary)
     return summary
