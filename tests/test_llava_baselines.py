@@ -37,7 +37,7 @@ def test_llava_calibration_is_instructions_of_every_kind(setup):
 @pytest.mark.parametrize("name", [m for m, method in METHODS.items() if "generative" in method.families])
 def test_every_baseline_plans_the_llava_teacher_within_its_budget(setup, name):
     model, space, cal = setup
-    options = {"steps": 2, "batch_size": 10} if name == "fixed_budget" else None
+    options = {"fixed_budget": {"steps": 2, "batch_size": 10}, "mope": {"max_rounds": 1}}.get(name)
     plan = make_plan(name, model, space, 0.5, cal, options=options, cache={})
     assert 0.5 - TOLERANCE <= plan.costs()["flops_ratio"] <= 0.5 + 1e-9
     for stage in ("vision", "language"):  # neither stage is removed whole
