@@ -186,8 +186,9 @@ class GenerativeDamage:
     """answer-token KL + lost yes/no margin of gated forwards vs the dense model, on instructions.
 
     Same interface as Damage; `ablate` runs the whole model (both stages) on the batch repeated
-    once per gate set, since a language-stage gate changes nothing before it but the vision
-    stage's output feeds every decoder layer."""
+    once per gate set, with none of Damage's cached-prefix shortcut: image features enter the
+    decoder's sequence, so the language stage cannot be started from a cached layer input as
+    cheaply, and at this size the whole forward is fast enough."""
 
     def __init__(self, model, calibration: Calibration, space: PruneSpace):
         from ..training.generative import GenerativeDistiller
