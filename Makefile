@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo demo-llava test clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,30 @@ demo: setup data
 	@echo "== 5/5 the front: every hard plan on a simplex grid, measured"
 	$(PY) -m hipp pareto --controller $(DEMO)/controller --points 15 --out $(DEMO)/pareto
 	@echo "outputs: $(DEMO)/pareto (pareto.png, pareto.md, pareto.csv), $(DEMO)/controller (controller + training log), $(DEMO)/pruned-50 (model.safetensors, pruned_config.json), $(DEMO)/pruned-50.eval.json"
+
+LDEMO := runs/demo-llava
+
+# The same story on the embedded LLaVA teacher (about 12 minutes on 2 cores): train, three
+# preferences, export a <=50% FLOPs plan, let it answer, evaluate it, draw the front.
+demo-llava: setup
+	@echo "== 1/6 teacher: checkpoints/llava-tiny (see its MODEL_CARD.md)"
+	@echo "== 2/6 training the controller -> $(LDEMO)/controller"
+	@if [ -f $(LDEMO)/controller/controller.json ]; then \
+	  $(PY) -m hipp train --config configs/llava_controller.yaml --output $(LDEMO)/controller --resume; \
+	else $(PY) -m hipp train --config configs/llava_controller.yaml --output $(LDEMO)/controller; fi
+	@echo "== 3/6 three preferences"
+	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=1
+	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=0.5,grounding=0.2,flops=0.3
+	$(PY) -m hipp query --controller $(LDEMO)/controller --max-flops 0.5
+	@echo "== 4/6 export the <=50% FLOPs plan; it answers test questions"
+	$(PY) -m hipp export --controller $(LDEMO)/controller --max-flops 0.5 --out $(LDEMO)/pruned-50 --json > $(LDEMO)/export.json
+	$(PY) examples/ask.py --model $(LDEMO)/pruned-50 --n 4
+	@echo "== 5/6 evaluate it: POPE, attributes, captions, Fashion-MNIST"
+	$(PY) -m hipp eval --model $(LDEMO)/pruned-50 --json > $(LDEMO)/pruned-50.eval.json
+	$(PY) -m hipp eval --model $(LDEMO)/pruned-50
+	@echo "== 6/6 the front"
+	$(PY) -m hipp pareto --controller $(LDEMO)/controller --points 10 --out $(LDEMO)/pareto
+	@echo "outputs: $(LDEMO)/pareto, $(LDEMO)/controller, $(LDEMO)/pruned-50, $(LDEMO)/pruned-50.eval.json"
 
 test: setup data
 	$(PY) -m pytest

@@ -91,30 +91,14 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         calibration = make_calibration(model, tokenizer, preprocess_cfg)
     evaluate_args = {"datasets": datasets, "n": n, "fmnist_limit": fmnist_limit, "calibration": calibration,
                      "latency": True, "items": controller is not None}
-    jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
     planners = ((planners or {CONTROLLER: lambda b: controller.plan_within(max_flops=b)})
                 if controller is not None else {})
-    jobs += [(row, b, 0) for row in planners for b in budgets]
     if controller is not None and prepare(model, controller) != space:
         raise HippError("the controller's prune space differs from the one the baselines are given")
-    cache: dict = {}
     per: dict[tuple[str, float], list] = {}
-    failures = []
-    bar = tqdm(jobs, desc="bench", disable=not progress)
-    for name, budget, s in bar:
-        bar.set_postfix(method=name, budget=budget)
-        try:
-            if name in planners:
-                t0 = time.perf_counter()
-                plan = planners[name](budget)
-                plan.meta.update({"method": name, "seconds": time.perf_counter() - t0})
-            else:
-                plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))
-        except HippError as e:  # a budget out of reach is reported; the other methods and budgets still run
-            if name not in planners and not isinstance(e, BudgetError):
-                raise
-            failures.append({"method": name, "budget": budget, "seed": seed + s, "error": str(e)})
-            continue
+    failures: list[dict] = []
+    for name, budget, plan in planned(model, space, names, budgets, planners, calibration, seed, options, failures,
+                                      progress):
         result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, **evaluate_args)
         per.setdefault((name, budget), []).append((plan, result))
     rows = [_mean_rows(name, budget, [r for _, r in got], [p for p, _ in got]) for (name, budget), got in per.items()]
@@ -143,6 +127,31 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+def planned(model, space: PruneSpace, names, budgets, planners: dict, calibration, seed: int, options: dict,
+            failures: list, progress: bool = True):
+    """Yield (row name, budget, plan) for every method (each of its seeds) and every planner row at every
+    budget; a budget out of a method's reach, or a planner's refusal, goes to `failures` instead."""
+    jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
+    jobs += [(row, b, 0) for row in planners for b in budgets]
+    cache: dict = {}
+    bar = tqdm(jobs, desc="bench", disable=not progress)
+    for name, budget, s in bar:
+        bar.set_postfix(method=name, budget=budget)
+        try:
+            if name in planners:
+                t0 = time.perf_counter()
+                plan = planners[name](budget)
+                plan.meta.update({"method": name, "seconds": time.perf_counter() - t0})
+            else:
+                plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))
+        except HippError as e:  # the other methods and budgets still run
+            if name not in planners and not isinstance(e, BudgetError):
+                raise
+            failures.append({"method": name, "budget": budget, "seed": seed + s, "error": str(e)})
+            continue
+        yield name, budget, plan
 
 
 def _mean_items(per_seed: list[dict | None]) -> dict | None:

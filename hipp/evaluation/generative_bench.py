@@ -17,14 +17,14 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
-
 from ..baselines import METHODS, get_method
-from ..baselines.allocate import BudgetError, check_target
+from ..baselines.allocate import check_target
 from ..baselines.calibration import make_calibration
 from ..errors import HippError
 from ..export.slicing import materialize
 from .answers import score, utility_of
+from .bench import planned
+from .bench import write_outputs as write
 from .generative import answer_all, latency_ms
 
 CONTROLLER = "hipp"
@@ -113,24 +113,10 @@ def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=N
     if calibration is None and any(METHODS[m].needs_calibration for m in names):
         calibration = make_calibration(model, processor, getattr(model, "preprocess_cfg", {}))
     planners = dict(planners or ({CONTROLLER: lambda b: controller.plan_within(max_flops=b)} if controller else {}))
-    jobs = [(m, b, s) for m in names for b in budgets for s in range(METHODS[m].seeds)]
-    jobs += [(row, b, 0) for row in planners for b in budgets]
-    cache: dict = {}
     per: dict[tuple[str, float], list] = {}
-    failures = []
-    bar = tqdm(jobs, desc="bench", disable=not progress)
-    for name, budget, s in bar:
-        bar.set_postfix(method=name, budget=budget)
-        t0 = time.perf_counter()
-        try:
-            if name in planners:
-                plan = planners[name](budget)
-                plan.meta.update({"method": name, "seconds": time.perf_counter() - t0})
-            else:
-                plan = METHODS[name](model, space, budget, calibration, seed + s, cache, options.get(name))
-        except BudgetError as e:
-            failures.append({"method": name, "budget": budget, "seed": seed + s, "error": str(e)})
-            continue
+    failures: list[dict] = []
+    for name, budget, plan in planned(model, space, names, budgets, planners, calibration, seed, options, failures,
+                                      progress):
         row, answers = _measure(model, processor, plan, n, seed)
         per.setdefault((name, budget), []).append((plan, row, answers))
     rows = [_row(name, budget, got) for (name, budget), got in per.items()]
@@ -194,7 +180,6 @@ def _margins(rows: list[dict], answers: dict, ours: str, resamples) -> dict:
 
 
 def write_outputs(result: dict, out_dir) -> dict:
-    from .bench import write_outputs as write
     return write(result, out_dir, rows_csv, markdown, "utility vs FLOPs at equal budgets (LLaVA)")
 
 
