@@ -22,14 +22,16 @@ data:
 
 DEMO := runs/demo
 
+# $(call train_or_resume,CONFIG,OUT): train a controller, or continue the one already in OUT
+train_or_resume = @if [ -f $(2)/controller.json ]; then $(PY) -m hipp train --config $(1) --output $(2) --resume; \
+	else $(PY) -m hipp train --config $(1) --output $(2); fi
+
 # The main job on the embedded teacher: train a controller, query three preferences, export one
 # plan as a smaller model, evaluate it, draw the front. Re-running continues (or reuses) the trained controller.
 demo: setup data
 	@echo "== 1/5 teacher: checkpoints/teacher-tiny (see its MODEL_CARD.md)"
 	@echo "== 2/5 training the controller -> $(DEMO)/controller"
-	@if [ -f $(DEMO)/controller/controller.json ]; then \
-	  $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller --resume; \
-	else $(PY) -m hipp train --config configs/hipp_tiny.yaml --output $(DEMO)/controller; fi
+	$(call train_or_resume,configs/hipp_tiny.yaml,$(DEMO)/controller)
 	@echo "== 3/5 three preferences"
 	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=1
 	$(PY) -m hipp query --controller $(DEMO)/controller --pref utility=0.5,flops=0.5
@@ -49,9 +51,7 @@ LDEMO := runs/demo-llava
 demo-llava: setup
 	@echo "== 1/6 teacher: checkpoints/llava-tiny (see its MODEL_CARD.md)"
 	@echo "== 2/6 training the controller -> $(LDEMO)/controller"
-	@if [ -f $(LDEMO)/controller/controller.json ]; then \
-	  $(PY) -m hipp train --config configs/llava_controller.yaml --output $(LDEMO)/controller --resume; \
-	else $(PY) -m hipp train --config configs/llava_controller.yaml --output $(LDEMO)/controller; fi
+	$(call train_or_resume,configs/llava_controller.yaml,$(LDEMO)/controller)
 	@echo "== 3/6 three preferences"
 	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=1
 	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=0.5,grounding=0.2,flops=0.3
