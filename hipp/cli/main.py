@@ -164,6 +164,11 @@ def _bench(args, budgets, methods, out) -> dict:
                  **({} if args.test_items is None else {"n": args.test_items, "fmnist_limit": args.test_items}))
 
 
+def _cmd_profile(args) -> int:
+    from ..evaluation.profile import run
+    return run(args)
+
+
 def _cmd_convert(args) -> int:
     from ..backends.convert import convert_folder
 
@@ -196,6 +201,14 @@ def _add_plan_args(p) -> None:
     p.add_argument("--pref", help="preference SPEC: name=value,... or positional values")
     p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
     p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
+    p.add_argument("--max-latency", metavar="R|Nms",
+                   help="latency bound: a ratio of the dense model's predicted latency (0.5) or milliseconds per "
+                        "batch of the profile's batch size (12ms); needs a latency profile")
+    p.add_argument("--latency-profile", metavar="FILE",
+                   help="a profile from hipp profile (default: the one the controller trained with, if any); "
+                        "plans then also report their predicted latency")
+    p.add_argument("--round", type=int, metavar="N", help="keep MLP channels in multiples of N per layer")
+    p.add_argument("--round-heads", type=int, metavar="M", help="keep attention units in multiples of M per layer")
     _add_polish_arg(p, 0)
     _add_search_args(p)
 
@@ -270,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "a LLaVA's image features (vision tower + projector; not its decoder)")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
     x.set_defaults(func=_cmd_export)
+    pr = sub.add_parser("profile", help="time a model's blocks on this machine and fit its latency model")
+    pr.add_argument("--model", required=True, help="model folder, open_clip name (random weights) or hub id")
+    pr.add_argument("--out", required=True, help="the profile JSON file to write")
+    pr.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    pr.add_argument("--batch", type=int, help="inputs per timed call (default 32; a LLaVA: 8)")
+    pr.add_argument("--repeats", type=int, default=7, help="timed rounds per grid point (default 7)")
+    pr.add_argument("--validation", type=int, default=8,
+                    help="random plans timed whole to choose the model's form (default 8; 0: table)")
+    pr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice), recorded")
+    pr.add_argument("--json", action="store_true", help="print the profile's summary as one JSON object")
+    _add_overwrite_arg(pr)
+    pr.set_defaults(func=_cmd_profile)
     r = sub.add_parser("recover", help="distil an export back toward its base (also under accelerate launch)")
     r.add_argument("--model", required=True, help="an export folder (hipp export); its base must be loadable")
     r.add_argument("--config", help="YAML recovery config (default: hipp.recovery.RecoverConfig's values)")

@@ -3,22 +3,28 @@ the answer as JSON or as a table."""
 from __future__ import annotations
 
 from ..core.budget import check_bounds
+from ..core.latency import latency_for, parse_bound
 from ..controller.network import load_controller
 from ..errors import HippError
 from ..core.plan import Plan
 from ..core.preference import format_spec
 from ..query.bound import check_device, check_search, load_base, plan_for_budget
+from ..query.rounding import check_rounding, round_preference_plan
 
 
 def plan_from_args(args, need_base: bool = False):
-    """(controller, plan, base or None) for --pref / --max-flops / --max-params; bad input is a HippError."""
+    """(controller, plan, base or None) for --pref / --max-flops / --max-params / --max-latency; bad input
+    is a HippError."""
+    latency_text = getattr(args, "max_latency", None)
     bounds = {"max_flops": getattr(args, "max_flops", None), "max_params": getattr(args, "max_params", None)}
-    given = [k for k, v in bounds.items() if v is not None]
+    given = [k for k, v in bounds.items() if v is not None] + (["max_latency"] if latency_text is not None else [])
     if args.pref is not None and given:
-        raise HippError("give either --pref or a bound (--max-flops / --max-params), not both")
+        raise HippError("give either --pref or a bound (--max-flops / --max-params / --max-latency), not both")
     if args.pref is None and not given:
-        raise HippError("give --pref SPEC, --max-flops R or --max-params R")
-    if given:
+        raise HippError("give --pref SPEC, --max-flops R, --max-params R or --max-latency R")
+    if latency_text is not None:
+        parse_bound(latency_text)  # the form of the number, before anything loads
+    if bounds["max_flops"] is not None or bounds["max_params"] is not None:
         check_bounds(bounds["max_flops"], bounds["max_params"])
     polish_steps = getattr(args, "polish", 0)
     if polish_steps:
@@ -31,14 +37,24 @@ def plan_from_args(args, need_base: bool = False):
     device = getattr(args, "device", "cpu")
     check_device(device)  # before the controller and the model load
     controller = load_controller(args.controller)
+    latency = latency_for(controller.space, getattr(args, "latency_profile", None),
+                          controller.extra.get("latency_profile"))
+    rounding = check_rounding(controller.space, getattr(args, "round", None), getattr(args, "round_heads", None))
+    max_latency = None if latency_text is None else parse_bound(latency_text, latency)
+    if max_latency is not None and latency is None:
+        raise HippError("--max-latency needs a latency profile: give --latency-profile FILE (made by hipp profile)")
     base = None
     if args.pref is not None:
         pref = controller.preference(args.pref)  # validates before anything heavy is loaded
         if need_base:
             base = load_base(controller, args.controller, args.base_model, device)
-        return controller, controller.plan(pref), base
+        plan = controller.plan(pref) if rounding is None else round_preference_plan(controller, pref, rounding)
+        if latency is not None:
+            plan.meta["latency"] = latency.plan_report(plan)
+        return controller, plan, base
     base = load_base(controller, args.controller, args.base_model, device)
-    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search)
+    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search,
+                           max_latency=max_latency, latency=latency, rounding=rounding)
     if polish_steps:
         from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)
@@ -59,7 +75,8 @@ def format_table(plan: Plan) -> str:
         lines.append(f"flops target  {plan.meta['flops_target']:.3f} (the controller's target input)")
     search = plan.meta.get("search")
     if search:
-        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params") if k in plan.meta)
+        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params", "max_latency")
+                          if k in plan.meta)
         loss = search["loss"]
         lines.append(f"chosen for    {bound}: logit offset {search['logit_offset']:+.3f}, "
                      f"{search['units_added']} units topped up"
@@ -73,6 +90,14 @@ def format_table(plan: Plan) -> str:
     for kind in ("flops", "params"):
         per = ", ".join(f"{t} {s[t][f'{kind}_ratio']:.3f}" for t in plan.space.stages)
         lines.append(f"{kind + '_ratio':13s} {s[f'{kind}_ratio']:.4f}  ({per})")
+    lat = plan.meta.get("latency")
+    if lat:
+        per = ", ".join(f"{n} {ms:.2f} ms" for n, ms in lat["predicted_ms"].items() if n != "latency")
+        lines.append(f"{'latency':13s} {lat['predicted_ratio']:.4f}  (predicted {per} at batch {lat['batch']} "
+                     f"on {lat['device']}, {lat['form']} model)")
+    if "round" in plan.meta:
+        lines.append(f"{'rounded':13s} channels in multiples of {plan.meta['round']['channels']}, "
+                     f"attention units of {plan.meta['round']['units']}")
     lines.append(f"{'tower':6s} {'layer':>5s}  {'kept':4s}  {'heads':>7s}  {'channels':>11s}")
     for t in plan.space.stages:
         specs = plan.space.tower_layers(t)

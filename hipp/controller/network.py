@@ -220,7 +220,7 @@ HPARAM_BOOLS = ("factorised", "flops_target")
 MAX_WIDTH = 1 << 16             # hidden / rank / depth of any controller worth loading
 MAX_LAYER_FIELD = 1 << 31       # width, heads, tokens... of one layer of the base model
 EXTRA_TYPES = {"base_model": (str,), "pretrained": (str, type(None)), "family": (str, type(None)),
-               "train_config": (dict, type(None))}
+               "train_config": (dict, type(None)), "latency_profile": (dict, type(None))}
 
 
 def _is_int(v) -> bool:

@@ -4,8 +4,9 @@ units that still fit. The bound query fits every candidate preference's logits w
 fits its gates, and the baselines fit their importance scores (hipp.baselines.allocate).
 
 Bounds are ratios of the dense model: "flops" and "params" over every stage, "flops/<stage>" for one
-stage, and "flops@<i>" for the width units of layer i (as a share of the whole model's FLOPs). A key
-of -inf marks a unit that must stay out (the top-up never adds it).
+stage, "flops@<i>" for the width units of layer i (as a share of the whole model's FLOPs), and, with a
+latency model (hipp/core/latency.py), "latency" and "latency/<measure>". A key of -inf marks a unit
+that must stay out (the top-up never adds it).
 Without data, `sweep_within` picks among the controller's own plans along a preference sweep.
 """
 from __future__ import annotations
@@ -18,16 +19,17 @@ import torch
 from ..errors import HippError
 from .gates import couple
 from .plan import Plan
-from .preference import COSTS, sweep
+from .preference import sweep
 from .space import PruneSpace
 
 MARGIN = 1e-9  # the top-up stays this far inside the bound, so float round-off never crosses it
 
 
-def check_bounds(max_flops: float | None, max_params: float | None) -> dict[str, float]:
-    bounds = {k: v for k, v in (("flops", max_flops), ("params", max_params)) if v is not None}
+def check_bounds(max_flops: float | None, max_params: float | None, max_latency: float | None = None) -> dict[str, float]:
+    bounds = {k: v for k, v in (("flops", max_flops), ("params", max_params), ("latency", max_latency))
+              if v is not None}
     if not bounds:
-        raise HippError("give max_flops and/or max_params")
+        raise HippError("give max_flops, max_params and/or max_latency")
     for k, v in bounds.items():
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
             raise HippError(f"max_{k} must be a ratio in (0, 1], got {v}")
@@ -61,10 +63,11 @@ def sweep_within(controller, bounds: dict[str, float], points: int = 101) -> Pla
 
 class Units:
     """Every gate of a space as one flat vector: layers, then each layer's heads, then channel groups,
-    with what each unit adds to the FLOPs / params ratios when its layer is kept (PruneSpace.costs terms)."""
+    with what each unit adds to the FLOPs / params ratios when its layer is kept (PruneSpace.costs terms).
+    Latency is not a sum of fixed terms per unit; `latency` (a LatencyModel) prices it per layer."""
 
-    def __init__(self, space: PruneSpace):
-        self.space = space
+    def __init__(self, space: PruneSpace, latency=None):
+        self.space, self.latency = space, latency
         dense = space.dense_costs()
         df = sum(dense[f"flops/{t}"] for t in space.stages)
         dp = sum(dense[f"params/{t}"] for t in space.stages)
@@ -73,10 +76,12 @@ class Units:
         self.stage_flops = {t: dense[f"flops/{t}"] for t in space.stages}
         self.sizes = [L] + [l.num_heads for l in space.layers] + [l.num_channel_gates for l in space.layers]
         self.kind, self.layer, self.dflops, self.dparams, self.flops = [], [], [], [], []
+        self.size = []  # attention units or MLP channels a unit holds (0 for a layer)
 
-        def add(kind: str, i: int, flops: float, params: float) -> None:
+        def add(kind: str, i: int, flops: float, params: float, size: float = 0.0) -> None:
             self.kind.append(kind)
             self.layer.append(i)
+            self.size.append(size)
             self.flops.append(flops)
             self.dflops.append(flops / df)
             self.dparams.append(params / dp)
@@ -85,10 +90,10 @@ class Units:
             add("layer", i, 0.0, l.layer_params)
         for i, l in enumerate(space.layers):
             for _ in range(l.num_heads):
-                add("head", i, l.head_flops, l.head_params)
+                add("head", i, l.head_flops, l.head_params, 1.0)
         for i, l in enumerate(space.layers):
             for size in l.channel_sizes().tolist():
-                add("channel", i, size * l.channel_flops, size * l.channel_params)
+                add("channel", i, size * l.channel_flops, size * l.channel_params, size)
 
     def delta(self, key: str) -> list[float]:
         """What each unit adds to the ratio `key` (see the module docstring) when its layer is kept."""
@@ -103,15 +108,34 @@ class Units:
         if key.startswith("flops@"):
             i = int(key[6:])
             return [f if j == i else 0.0 for f, j in zip(self.dflops, self.layer)]
+        if key.startswith("latency"):
+            raise HippError("latency has no fixed share per unit (Units.tracker prices it)")
         raise HippError(f"unknown bound {key!r}")
+
+    def check_keys(self, keys) -> None:
+        if any(k.startswith("latency") for k in keys):
+            if self.latency is None:
+                raise HippError("a latency bound needs a latency profile (hipp profile; --latency-profile FILE)")
+            unknown = [k for k in keys if k.startswith("latency") and k not in self.latency.bound_keys()]
+            if unknown:
+                raise HippError(f"unknown latency bound {unknown[0]!r}; this profile has "
+                                f"{', '.join(self.latency.bound_keys())}")
+
+    def tracker(self, eff: list[float]):
+        return self.latency.tracker(eff, self.size, self.layer, self.kind)
 
     def measure(self, plan: Plan, keys) -> dict[str, float]:
         """The plan's ratio for each bound key: totals and stages from its exact costs, layers by sum."""
         c = plan.costs()
         eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
+        lat = None
         out = {}
         for key in keys:
-            if key in ("flops", "params"):
+            if key.startswith("latency"):
+                self.check_keys([key])
+                lat = lat or {k: float(v) for k, v in self.latency.ratios(*plan.gates).items()}
+                out[key] = lat[key]
+            elif key in ("flops", "params"):
                 out[key] = c[f"{key}_ratio"]
             elif key.startswith("flops/"):
                 out[key] = c[f"flops_ratio/{key[6:]}"]
@@ -131,9 +155,12 @@ class Units:
         return Plan.from_gates(self.space, gates, preference, meta)
 
 
-def ratios(plan: Plan) -> dict[str, float]:
+def ratios(plan: Plan, latency=None) -> dict[str, float]:
     c = plan.costs()
-    return {"flops": c["flops_ratio"], "params": c["params_ratio"]}
+    out = {"flops": c["flops_ratio"], "params": c["params_ratio"]}
+    if latency is not None:
+        out.update({k: float(v) for k, v in latency.ratios(*plan.gates).items()})
+    return out
 
 
 def meets(r: dict, bounds: dict) -> bool:
@@ -193,10 +220,13 @@ def top_up(units: Units, flat: torch.Tensor, start: int | torch.Tensor, bounds: 
     start = top_k(flat, start) if isinstance(start, int) else start
     plan = units.plan(start, {})
     eff = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep]).tolist()
-    keys = sorted(set(COSTS) | set(bounds))
+    keys = sorted(bounds)
+    units.check_keys(keys)
     cur = units.measure(plan, keys)
-    room = {key: bounds.get(key, math.inf) - margin for key in keys}
-    deltas = {key: units.delta(key) for key in keys}
+    room = {key: bounds[key] - margin for key in keys}
+    timed = [key for key in keys if key.startswith("latency")]
+    deltas = {key: units.delta(key) for key in keys if key not in timed}
+    tracker = units.tracker(eff) if timed else None
     added = 0
     for _ in range(2):
         for u in order:
@@ -205,8 +235,13 @@ def top_up(units: Units, flat: torch.Tensor, start: int | torch.Tensor, bounds: 
             layer = units.layer[u]
             if units.kind[u] != "layer" and not eff[layer]:
                 continue
-            new = {key: cur[key] + deltas[key][u] for key in keys}
+            new = {key: cur[key] + d[u] for key, d in deltas.items()}
+            if tracker is not None:
+                after = tracker.after(u)
+                new.update({key: after[key] for key in timed})
             if all(new[key] <= room[key] for key in keys):
                 eff[u], cur = 1.0, new
+                if tracker is not None:
+                    tracker.add(u)
                 added += 1
     return torch.tensor(eff, dtype=torch.float64), added

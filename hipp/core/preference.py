@@ -15,7 +15,7 @@ import torch
 from ..errors import HippError
 
 DEFAULT_OBJECTIVES = ("utility", "grounding", "flops", "params")
-COSTS = ("flops", "params")  # the cost objectives; the others measure quality
+COSTS = ("flops", "params", "latency")  # the cost objectives; the others measure quality
 
 
 def check_target_objectives(names) -> None:

@@ -86,13 +86,17 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         if abs(own[f"flops/{t}"] - costs[f"flops/{t}"]) > 1e-6 * max(costs[f"flops/{t}"], 1.0):
             raise AssertionError(f"{t} FLOPs of the materialised model differ from the plan's")
     num_params = sum(p.numel() for p in small.parameters())
+    latency = plan.meta.get("latency")
+    if latency is not None:  # predicted by the query; measured here, on this machine
+        from ..evaluation.profile import measure_export
+        latency = {**latency, **measure_export(base.model, plan.space, small, latency)}
     config = {
         "format": PRUNED_FORMAT, "version": PRUNED_VERSION, "hipp_version": __version__, "backend": backend,
         "model_cfg": base.model_cfg, "preprocess_cfg": base.preprocess_cfg,
         "structure": struct, "num_params": num_params,
         "preference": dict(plan.preference), "meta": dict(plan.meta), "costs": costs,
         "base": {"model": base.spec, "pretrained": base.pretrained, "fingerprint": base.fingerprint},
-        "compensated": compensated, "plan": plan.to_dict(),
+        "compensated": compensated, "plan": plan.to_dict(), "latency": latency,
     }
     with outputs.claim(out, COMMAND, overwrite, legacy=_earlier_export), outputs.staged(out, COMMAND) as stage:
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
@@ -119,7 +123,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         files = sorted(os.listdir(stage))
     result = summary(plan)
     result.update({"out": str(out), "files": files, "num_params": num_params, "compensated": compensated,
-                   "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint})
+                   "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint, "latency": latency})
     return result
 
 
@@ -150,6 +154,10 @@ def run(args) -> int:
         print(f"exported to {result['out']}: flops_ratio {result['flops_ratio']:.4f}, params_ratio "
               f"{result['params_ratio']:.4f}, {result['num_params']:,} parameters "
               f"(preference {result['preference_spec']})")
+        lat = result["latency"]
+        if lat and lat.get("measured_ratio") is not None:
+            print(f"latency ratio: predicted {lat['predicted_ratio']:.3f}, measured {lat['measured_ratio']:.3f} "
+                  f"(vs the dense materialisation, batch {lat['batch']}, {lat['measured_threads']} threads)")
         if result["onnx_max_abs_diff"]:
             diffs = ", ".join(f"{k} {v:.2e}" for k, v in result["onnx_max_abs_diff"].items())
             print(f"onnx max abs diff (onnxruntime vs torch): {diffs}")

@@ -205,11 +205,14 @@ class Candidate:
 
 @torch.no_grad()
 def bound_candidates(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
-                     n_rank: int = RANK_CANDIDATES, points: int = 11) -> list[Candidate]:
+                     n_rank: int = RANK_CANDIDATES, points: int = 11, max_latency: float | None = None,
+                     latency=None, rounding: tuple[int, int] | None = None) -> list[Candidate]:
     """Steps 1-2 of the module doc and the top-up: up to `n_rank` distinct plans that meet the bound(s),
-    the smallest logit offset first (then sweep order)."""
-    bounds = check_bounds(max_flops, max_params)
-    units = Units(controller.space)
+    the smallest logit offset first (then sweep order). `latency` (a LatencyModel) prices a latency
+    bound; `rounding` (channels, units) keeps counts per layer in those multiples (hipp.query.rounding)."""
+    bounds = check_bounds(max_flops, max_params, max_latency)
+    units = Units(controller.space, latency)
+    units.check_keys(bounds)
     names = controller.objective_names
     prefs, targets = search_preferences(controller, bounds, points)
     dtype = controller.trunk[0].weight.dtype
@@ -219,7 +222,7 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
         flat = units.flat(map_gates(lambda t: t[i].detach().cpu(), logits))
         fits.append((fit(units, flat, bounds, i), flat))
     if fits[0][0].k < 0:  # even the plan with no layer at all is over the bound: impossible
-        least = ratios(units.plan(torch.zeros(len(fits[0][1])), {}))
+        least = units.measure(units.plan(torch.zeros(len(fits[0][1])), {}), bounds)
         raise HippError(f"no plan meets {', '.join(f'max_{k}={v:g}' for k, v in bounds.items())}: the smallest "
                         f"possible plan (every layer dropped) has "
                         f"{', '.join(f'{k}_ratio {least[k]:.4f}' for k in bounds)}")
@@ -234,6 +237,9 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     candidates, seen = [], set()
     for found, flat in shortlist:
         mask, added = top_up(units, flat, found.k, bounds)
+        if rounding is not None:
+            from .rounding import round_to
+            mask, added = round_to(units, flat, mask, bounds, *rounding)
         pref = dict(zip(names, prefs[found.index].tolist()))
         target = float(targets[found.index])
         plan = units.plan(mask, pref, {"flops_target": target} if math.isfinite(target) else None)
@@ -241,7 +247,7 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
         if key in seen:
             continue
         seen.add(key)
-        assert meets(ratios(plan), bounds), "top-up crossed the bound"
+        assert meets(units.measure(plan, bounds), bounds), "top-up crossed the bound"
         candidates.append(Candidate(plan, found.offset, added))
     return candidates
 
@@ -249,19 +255,22 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
 @torch.no_grad()
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
                     base: Base | None = None, n_rank: int | None = None, calib_n: int | None = None,
-                    points: int = 11, rank_by: str = RANK_BY) -> Plan:
+                    points: int = 11, rank_by: str = RANK_BY, max_latency: float | None = None,
+                    latency=None, rounding: tuple[int, int] | None = None) -> Plan:
     """The plan that meets the bound(s) with the lowest ranking loss on a calibration batch (see module doc).
 
     `n_rank` candidates are ranked on `calib_n` images per loss (None: search_defaults for the model).
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
+    A latency bound needs `latency` (a LatencyModel); with one, the plan records its predicted latency.
     """
-    bounds = check_bounds(max_flops, max_params)
+    bounds = check_bounds(max_flops, max_params, max_latency)
+    Units(controller.space, latency).check_keys(bounds)
     check_rank_by(rank_by)  # before the search, not after it
     check_search(n_rank, calib_n)
     defaults = search_defaults(controller.space)
     n_rank = defaults["n_rank"] if n_rank is None else n_rank
     calib_n = defaults["calib_n"] if calib_n is None else calib_n
-    candidates = bound_candidates(controller, max_flops, max_params, n_rank, points)
+    candidates = bound_candidates(controller, max_flops, max_params, n_rank, points, max_latency, latency, rounding)
     if base is not None:
         losses, ranked_by = rank_losses(base, [c.plan for c in candidates], rank_by, calib_n)
     else:
@@ -272,10 +281,11 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     table = []
     for j in order:
         c = candidates[j]
-        r = ratios(c.plan)
+        r = ratios(c.plan, latency)
         table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
                       "logit_offset": c.offset,
                       "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
+                      **({"latency_ratio": r["latency"]} if latency is not None else {}),
                       "loss": None if math.isnan(losses[j]) else losses[j]})
     best = candidates[order[0]]
     tried = len(search_preferences(controller, bounds, points)[0])
@@ -285,4 +295,8 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
                                 "preferences_tried": tried,
                                 "logit_offset": best.offset, "units_added": best.added,
                                 "loss": table[0]["loss"], "candidates": table}
+    if rounding is not None:
+        best.plan.meta["round"] = {"channels": rounding[0], "units": rounding[1]}
+    if latency is not None:
+        best.plan.meta["latency"] = latency.plan_report(best.plan)
     return best.plan

@@ -23,6 +23,8 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
+- latency   = the same for the predicted latency of a measured profile (hipp/core/latency.py),
+              each layer priced at its expected unit and channel counts.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from ..core.gates import Gates
 from ..core.preference import DEFAULT_OBJECTIVES
 from ..core.space import PruneSpace
 
-KNOWN = ("utility", "grounding", "flops", "params")
+KNOWN = ("utility", "grounding", "flops", "params", "latency")
 SCALARIZATIONS = ("linear", "chebyshev")
 GROUNDING_MODES = ("hinge", "squared")
 
@@ -205,8 +207,10 @@ class ObjectiveConfig:
 class Objectives:
     """Computes the configured losses and scalarises them under a preference (same name order)."""
 
-    def __init__(self, config: ObjectiveConfig, space: PruneSpace):
-        self.config, self.space = config, space
+    def __init__(self, config: ObjectiveConfig, space: PruneSpace, latency=None):
+        if ("latency" in config.names) != (latency is not None):
+            raise HippError("the latency objective and a latency profile go together (latency_profile in the config)")
+        self.config, self.space, self.latency = config, space, latency
 
     @property
     def names(self) -> tuple:
@@ -230,10 +234,13 @@ class Objectives:
     def costs(self, probs: Gates) -> dict[str, torch.Tensor]:
         """The cost objectives in use, as expected ratios of the dense model's."""
         wanted = [k for k in ("flops", "params") if k in self.config.names]
-        if not wanted:
-            return {}
-        ratios = expected_cost_ratios(self.space, probs)
-        return {k: ratios[k] for k in wanted}
+        out = {}
+        if wanted:
+            ratios = expected_cost_ratios(self.space, probs)
+            out = {k: ratios[k] for k in wanted}
+        if self.latency is not None:
+            out["latency"] = self.latency.ratios(*probs)["latency"]
+        return out
 
     def stack(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """[..., K] in name order (costs may carry a preference batch; scalars broadcast)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.preference import DEFAULT_OBJECTIVES
+from ..errors import HippError
 from ..data.shapes import MAX_NEGATIVES
 from ..tasks import DEFAULT_TASK, get_task
 from ..core.preference import check_target_objectives
@@ -59,6 +60,7 @@ class TrainConfig:
     objectives: dict = field(default_factory=lambda: {"names": list(DEFAULT_OBJECTIVES)})
     task: str = DEFAULT_TASK  # what the batches come from (hipp.tasks); data.* sizes its batches
     task_options: dict = field(default_factory=dict)  # the task's own settings, e.g. a CSV's path
+    latency_profile: str | None = None  # a hipp profile file: needed by (and only by) the latency objective
 
     def __post_init__(self):
         from ..config import above, at_least, check_values, finite, one_of, within
@@ -86,6 +88,9 @@ class TrainConfig:
             "mixed_precision": (self.mixed_precision, one_of(("no", "bf16", "fp16"))),
             "lr_schedule": (self.lr_schedule, one_of(LR_SCHEDULES))})
         names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
+        if ("latency" in names) != (self.latency_profile is not None):
+            raise HippError("the latency objective needs latency_profile (a file from hipp profile), and "
+                            "latency_profile needs 'latency' among objectives.names")
         if self.target_prob > 0:
             check_target_objectives(names)
         get_task(self.task, self.task_options).check_objectives(names)

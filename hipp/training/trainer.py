@@ -38,6 +38,7 @@ from ..core.gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, s
 from .objectives import Embeddings, ObjectiveConfig, Objectives
 from .settings import LR_SCHEDULES, TrainConfig
 from ..core.preference import COSTS, sample_dirichlet
+from ..core.latency import latency_for
 
 LOG_NAME = "train_log.jsonl"
 
@@ -246,7 +247,8 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
     base_print = fingerprint(model)
     space = make_prunable(model, cfg.channel_group)
     model.to(acc.device)
-    objectives = Objectives(objectives_cfg, space)
+    latency = latency_for(space, cfg.latency_profile) if cfg.latency_profile else None
+    objectives = Objectives(objectives_cfg, space, latency)
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
     controller = Controller(space, objectives.names, **asdict(cfg.controller), flops_target=cfg.target_prob > 0)
     opt = torch.optim.AdamW(controller.param_groups(cfg.bias_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -271,7 +273,7 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
     raw = acc.unwrap_model(controller)
     extra = {"base_model": str(cfg.model), "pretrained": cfg.pretrained, "family": cfg.family,
              "channel_group": cfg.channel_group,
-             "train_config": asdict(cfg)}
+             "train_config": asdict(cfg), **({"latency_profile": latency.profile} if latency else {})}
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
     batches = task.batches(cfg.seed + 1, cfg.data.batch_size, image_size(model),
                            shape_fraction=cfg.data.shape_fraction, negatives=cfg.data.negatives)

@@ -1,0 +1,98 @@
+"""Latency bounds on the embedded teacher: measured latency of the exported plans, and utility at equal
+latency for a controller trained with latency against one trained with FLOPs (same recipe otherwise).
+
+For each bound r:
+- "latency": the latency controller's plan for `--max-latency r` (its own stored profile);
+- "flops":   the FLOPs controller's plan for `--max-flops r`;
+- "latency@flops": the latency controller's plan for a latency bound equal to the "flops" plan's
+  predicted latency, so the two land at the same latency and their utilities compare.
+Each plan is materialised and timed per tower in rounds interleaved with the project's dense
+materialisation and with the stock model as a user loads it (open_clip's own CLIP, whose attention
+is nn.MultiheadAttention's fast path), at the profile's batch size; the latency ratio is
+(image + text) / (dense image + dense text). Utility (zero-shot shapes + Fashion-MNIST, test split)
+comes with per-item scores, so the "latency@flops" minus "flops" difference has a paired standard
+error.
+
+    python benchmarks/latency_bounds.py --latency-controller runs/hipp-tiny-latency --flops-controller runs/hipp-tiny \
+        --bounds 0.3,0.5,0.7 --out runs/latency/bounds-s0.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hipp.controller.network import load_controller  # noqa: E402
+from hipp.core.latency import latency_for  # noqa: E402
+from hipp.core.plan import Plan  # noqa: E402
+from hipp.evaluation.pareto import evaluate_plan, utility_difference  # noqa: E402
+from hipp.evaluation.profile import Timer, measures_for  # noqa: E402
+from hipp.export.slicing import materialize  # noqa: E402
+from hipp.query.bound import load_base, plan_for_budget  # noqa: E402
+from hipp.storage.checkpoint import load_model  # noqa: E402
+from hipp.storage.fileio import write_json  # noqa: E402
+
+
+def timed(base, space, plan, stock, timer) -> dict:
+    small = materialize(base.model, plan).eval()
+    dense = materialize(base.model, Plan.dense(space)).eval()
+    ms = {}
+    for name in timer.measures:
+        t_small, t_dense, t_stock = timer.times([small, dense, stock], name)
+        ms.update({f"ms/{name}": t_small, f"dense_ms/{name}": t_dense, f"stock_ms/{name}": t_stock,
+                   f"speedup/{name}": t_dense / t_small, f"stock_speedup/{name}": t_stock / t_small})
+    names = list(timer.measures)
+    total = lambda key: sum(ms[f"{key}/{n}"] for n in names)  # noqa: E731
+    ms["measured_ratio"] = total("ms") / total("dense_ms")
+    ms["stock_ratio"] = total("ms") / total("stock_ms")
+    return ms
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--latency-controller", required=True)
+    p.add_argument("--flops-controller", required=True)
+    p.add_argument("--bounds", default="0.3,0.5,0.7")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--n", type=int, default=1000, help="test shape scenes (and Fashion-MNIST images) for utility")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    lat_c, flops_c = load_controller(args.latency_controller), load_controller(args.flops_controller)
+    lm = latency_for(lat_c.space, stored=lat_c.extra.get("latency_profile"))
+    torch.set_num_threads(lm.profile["threads"])
+    base = load_base(lat_c, args.latency_controller)
+    space = lat_c.space
+    stock = load_model(base.spec).eval()  # the model as open_clip builds it, not made prunable
+    timer = Timer(measures_for(stock, space, lm.profile["batch"], torch.device("cpu")), torch.device("cpu"),
+                  args.repeats, 2)
+    rows = []
+    for r in (float(x) for x in args.bounds.split(",")):
+        plans = {"latency": plan_for_budget(lat_c, max_latency=r, base=base, latency=lm),
+                 "flops": plan_for_budget(flops_c, max_flops=r, base=base, latency=lm)}
+        equal = plans["flops"].meta["latency"]["predicted_ratio"]
+        plans["latency@flops"] = plan_for_budget(lat_c, max_latency=equal, base=base, latency=lm)
+        results = {}
+        for name, plan in plans.items():
+            ev = evaluate_plan(base.model, plan, base.tokenizer, base.preprocess_cfg, n=args.n,
+                               fmnist_limit=args.n, items=True)
+            results[name] = ev
+            row = {"bound": r, "plan": name, "utility": ev["utility"], "grounding": ev["grounding"],
+                   "flops_ratio": ev["flops_ratio"], "predicted_ratio": plan.meta["latency"]["predicted_ratio"],
+                   **timed(base, space, plan, stock, timer)}
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        diff, se = utility_difference(results["latency@flops"]["items"], results["flops"]["items"])
+        rows.append({"bound": r, "plan": "latency@flops - flops", "utility_diff": diff, "se": se})
+        print(f"bound {r}: utility latency@flops - flops = {diff:+.4f} ± {se:.4f}", flush=True)
+    write_json(args.out, {"latency_controller": args.latency_controller, "flops_controller": args.flops_controller,
+                          "batch": lm.profile["batch"], "threads": torch.get_num_threads(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
