@@ -5,7 +5,9 @@ For each bound r:
 - "latency": the latency controller's plan for `--max-latency r` (its own stored profile);
 - "flops":   the FLOPs controller's plan for `--max-flops r`;
 - "latency@flops": the latency controller's plan for a latency bound equal to the "flops" plan's
-  predicted latency, so the two land at the same latency and their utilities compare.
+  predicted latency, so the two land at the same latency and their utilities compare;
+- "flops-controller@latency": the FLOPs controller's plan for `--max-latency r` (the profile bounds
+  its search; its training never saw latency).
 Each plan is materialised and timed per tower in rounds interleaved with the project's dense
 materialisation and with the stock model as a user loads it (open_clip's own CLIP, whose attention
 is nn.MultiheadAttention's fast path), at the profile's batch size; the latency ratio is
@@ -15,6 +17,7 @@ error.
 
     python benchmarks/latency_bounds.py --latency-controller runs/hipp-tiny-latency --flops-controller runs/hipp-tiny \
         --bounds 0.3,0.5,0.7 --out runs/latency/bounds-s0.json
+    python benchmarks/latency_bounds.py --summary runs/latency/bounds-s*.json    # mean ± sd over seeds
 """
 from __future__ import annotations
 
@@ -53,7 +56,44 @@ def timed(base, space, plan, stock, timer) -> dict:
     return ms
 
 
+def summary(paths: list[str]) -> None:
+    """Mean ± sd over the runs (one per training seed) of what each bound's plans measured."""
+    import statistics
+
+    from hipp.storage.fileio import read_json
+
+    runs = [read_json(p)["rows"] for p in paths]
+    ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f}"  # noqa: E731
+    print(f"{len(runs)} runs; mean ± sd over them")
+    for b in sorted({r["bound"] for r in runs[0]}):
+        pick = lambda plan, key: [r[key] for rows in runs for r in rows if r["bound"] == b and r["plan"] == plan]  # noqa: E731
+        lat = pick("latency", "measured_ratio")
+        print(f"bound {b}: latency plan measured ratio {ms(lat)} (off by {ms([abs(x / b - 1) for x in lat])}), "
+              f"utility {ms(pick('latency', 'utility'))}, FLOPs {ms(pick('latency', 'flops_ratio'))}")
+        for t in ("image", "text"):
+            print(f"  {t}: speed-up vs dense {ms(pick('latency', f'speedup/{t}'))}, vs stock "
+                  f"{ms(pick('latency', f'stock_speedup/{t}'))}; the FLOPs plan at {b}: vs dense "
+                  f"{ms(pick('flops', f'speedup/{t}'))}, vs stock {ms(pick('flops', f'stock_speedup/{t}'))}")
+        print(f"  FLOPs plan at {b}: measured latency ratio {ms(pick('flops', 'measured_ratio'))}, utility "
+              f"{ms(pick('flops', 'utility'))}; latency plan at its latency: measured "
+              f"{ms(pick('latency@flops', 'measured_ratio'))}, utility {ms(pick('latency@flops', 'utility'))}")
+        diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
+                 if r["bound"] == b and r["plan"] == "latency@flops - flops"]
+        print("  utility, latency minus FLOPs controller at equal latency, per seed: "
+              + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs))
+        same = pick("flops-controller@latency", "measured_ratio")
+        if same:
+            diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
+                     if r["bound"] == b and r["plan"] == "latency - flops-controller@latency"]
+            print(f"  FLOPs controller under --max-latency {b}: measured {ms(same)}, utility "
+                  f"{ms(pick('flops-controller@latency', 'utility'))}; latency controller minus it, per seed: "
+                  + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs))
+
+
 def main(argv=None) -> int:
+    if argv is None and "--summary" in sys.argv:
+        summary(sys.argv[sys.argv.index("--summary") + 1:])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latency-controller", required=True)
     p.add_argument("--flops-controller", required=True)
@@ -76,6 +116,7 @@ def main(argv=None) -> int:
                  "flops": plan_for_budget(flops_c, max_flops=r, base=base, latency=lm)}
         equal = plans["flops"].meta["latency"]["predicted_ratio"]
         plans["latency@flops"] = plan_for_budget(lat_c, max_latency=equal, base=base, latency=lm)
+        plans["flops-controller@latency"] = plan_for_budget(flops_c, max_latency=r, base=base, latency=lm)
         results = {}
         for name, plan in plans.items():
             ev = evaluate_plan(base.model, plan, base.tokenizer, base.preprocess_cfg, n=args.n,
@@ -88,6 +129,8 @@ def main(argv=None) -> int:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         diff, se = utility_difference(results["latency@flops"]["items"], results["flops"]["items"])
         rows.append({"bound": r, "plan": "latency@flops - flops", "utility_diff": diff, "se": se})
+        d2, se2 = utility_difference(results["latency"]["items"], results["flops-controller@latency"]["items"])
+        rows.append({"bound": r, "plan": "latency - flops-controller@latency", "utility_diff": d2, "se": se2})
         print(f"bound {r}: utility latency@flops - flops = {diff:+.4f} ± {se:.4f}", flush=True)
     write_json(args.out, {"latency_controller": args.latency_controller, "flops_controller": args.flops_controller,
                           "batch": lm.profile["batch"], "threads": torch.get_num_threads(), "rows": rows})

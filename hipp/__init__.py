@@ -3,14 +3,15 @@ encoders, LLaVA-style generative models)."""
 from .errors import HippError
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "materialize", "HippError"]
+__all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "materialize", "profile",
+           "LatencyModel", "HippError"]
 
 # Imported on first use (PEP 562): open_clip alone takes seconds to import, `hipp query --pref` needs
 # only torch and the controller, and importing the package imports no torch at all, so a Ctrl-C while
 # the CLI starts is caught by its handler instead of printing a traceback.
 _LAZY = {"load_model": "storage.checkpoint", "get_tokenizer": "storage.checkpoint",
          "get_preprocess": "storage.checkpoint", "load_controller": "controller.network",
-         "materialize": "export.slicing"}
+         "materialize": "export.slicing", "profile": "evaluation.profile", "LatencyModel": "core.latency"}
 
 
 def __getattr__(name):

@@ -266,6 +266,17 @@ def test_profile_measures_a_real_model(tiny, one_thread):
     assert set(got) == {"image", "text", "dense/image", "dense/text", "ratio/image", "ratio/text"}
 
 
+def test_profile_takes_a_model_as_loaded(tiny_model_dir, one_thread):
+    """The README's Python use: a model straight from hipp.load_model, never made prunable."""
+    import hipp
+    from hipp.backends import describe
+
+    model = hipp.load_model(tiny_model_dir)
+    space = describe(model, CHANNEL_GROUP)
+    prof = hipp.profile(model, space, batch=2, repeats=1, warmup=0, validation=0, progress=False)
+    assert hipp.LatencyModel(prof, space).dense_ms["latency"] > 0
+
+
 def test_profile_times_a_transformers_clip(hf_tiny_dir, one_thread):
     model = load_model(hf_tiny_dir)
     space = make_prunable(model, CHANNEL_GROUP)
@@ -365,3 +376,34 @@ def test_profile_command_writes_a_usable_profile(tiny_model_dir, tmp_path, capsy
     assert summary["form"] == "table" and summary["threads"] == 1
     model = load_model(tiny_model_dir)
     LatencyModel(json.loads(out_file.read_text()), make_prunable(model, CHANNEL_GROUP))
+
+
+def test_a_controller_trained_with_latency_carries_its_profile(tiny_model_dir, tmp_path, capsys, one_thread):
+    import yaml
+
+    from hipp.config import load_config
+    from hipp.controller.network import load_controller
+    from hipp.training.trainer import TrainConfig, train
+
+    model = load_model(tiny_model_dir)
+    space = make_prunable(model, 16)
+    prof = tmp_path / "profile.json"
+    prof.write_text(json.dumps(synthetic_profile(space)))
+    cfg = {"model": str(tiny_model_dir), "output": str(tmp_path / "out"), "channel_group": 16, "steps": 3,
+           "pref_groups": 2, "controller": {"hidden": 16, "rank": 4},
+           "data": {"batch_size": 8, "shape_fraction": 1.0, "negatives": 2},
+           "objectives": {"names": ["utility", "grounding", "latency", "params"]}, "latency_profile": str(prof)}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    train(load_config(TrainConfig, tmp_path / "cfg.yaml"))
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < row["latency"] <= 1 for row in log)
+    controller = load_controller(tmp_path / "out")
+    assert controller.extra["latency_profile"] == synthetic_profile(space)
+    code, out, err = run_cli(capsys, "query", "--controller", tmp_path / "out", "--max-latency", "0.7",
+                             "--candidates", "2", "--calib-images", "32", "--json")
+    assert code == 0, err
+    assert json.loads(out)["meta"]["latency"]["predicted_ratio"] <= 0.7
+    del cfg["latency_profile"]  # the objective without its profile is refused when the config loads
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(HippError, match="needs latency_profile"):
+        load_config(TrainConfig, tmp_path / "bad.yaml")

@@ -177,8 +177,8 @@ def test_objectives_end_to_end_and_config_validation():
     assert costs_only.stack(losses).shape == (3, 2)
     with pytest.raises(HippError, match="unknown scalarization 'pbi'"):
         ObjectiveConfig(scalarization="pbi")
-    with pytest.raises(HippError, match="among utility, grounding, flops, params"):
-        ObjectiveConfig(names=("utility", "latency"))
+    with pytest.raises(HippError, match="among utility, grounding, flops, params, latency"):
+        ObjectiveConfig(names=("utility", "speed"))
     with pytest.raises(HippError, match="unknown objectives setting 'weights'"):
         ObjectiveConfig.from_dict({"weights": [1, 2]})
     with pytest.raises(HippError, match="ideal names 'params'"):

@@ -1,7 +1,7 @@
 """Latency as a cost: a per-block latency model measured on one device, and a plan's latency from it.
 
 A profile (made by `hipp profile`, hipp/evaluation/profile.py) holds, for each *measure* of a model
-(a CLIP model's "image" and "text" encoders; a LLaVA's "prefill" and one "decode" step), the time
+(a CLIP model's image and text encoders, named as its stages; a LLaVA's "prefill" and one "decode" step), the time
 the measure spends outside its blocks (`fixed_ms`: embeddings, final norms, heads) and, for each
 block *kind* (layers of one stage with one shape), the time of one kept block on a grid of
 (attention units kept, MLP channels kept). A dropped layer costs nothing: it is removed.

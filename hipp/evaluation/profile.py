@@ -7,14 +7,17 @@ layers of that kind at (u, c) and drops every other layer; one block then costs
 (time of that plan - time of the plan with every layer dropped) / layers kept. The plan with every
 layer dropped gives each measure's fixed time.
 
-Measures: a CLIP-style model's "image" (encode_image) and "text" (encode_text) at `batch` inputs; a
+Measures: a CLIP-style model's two towers, one per stage (encode_image, encode_text) at `batch` inputs; a
 LLaVA's "prefill" (image + prompt tokens, the last position's logits, as generate asks) and
 "decode" (one more token against the prefill's KV cache), with a weight of `steps` decoded tokens.
 Inputs are synthetic: latency depends on shapes, not values.
 
-Timings are medians of `repeats` rounds after `warmup`, in interleaved order within a grid point
-so that drift in machine load hits both sides alike. After the grid, `validation` random plans
-are timed whole and each form's mean absolute error on them picks the profile's form.
+Timings are medians of `repeats` rounds after `warmup`, the models of one grid point interleaved
+(the order flips every round): the plan, the all-dropped model and the kind's full-size block on the
+same layers. Machine speed drifts by ±15% over seconds on a shared 2-core box; it moves all three
+alike, so each point is scaled to the kind's median full-block time. After the grid, `validation`
+random plans are timed whole, interleaved with the dense materialisation, and the form whose
+predicted latency ratio (plan / dense) is closest to the measured one becomes the profile's form.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def llava_inputs(model, space: PruneSpace, batch: int, device="cpu", seed: int =
     cfg = model.config
     vision = cfg.vision_config
     image_tokens = (vision.image_size // vision.patch_size) ** 2
-    prompt = space.tower_layers("language")[0].tokens
+    prompt = space.tower_layers(space.stages[-1])[0].tokens
     if prompt <= image_tokens:
         raise HippError(f"the declared prompt ({prompt} tokens) does not hold the {image_tokens} image tokens")
     g = torch.Generator().manual_seed(seed)
@@ -96,9 +99,9 @@ def measures_for(model, space: PruneSpace, batch: int, device, steps: int = 8) -
             return m(input_ids=inputs["input_ids"][:, -1:], attention_mask=torch.cat([inputs["attention_mask"], mask], 1),
                      cache=cache, use_cache=True, logits_to_keep=1)
 
-        return {"prefill": Measure(("vision", "language"), 1.0, prefill),
-                "decode": Measure(("language",), float(steps), decode,
-                                  setup=lambda m: prefill(m).cache)}
+        stages = space.stages  # the vision tower, then the decoder: a decoded token runs the decoder alone
+        return {"prefill": Measure(tuple(stages), 1.0, prefill),
+                "decode": Measure(stages[-1:], float(steps), decode, setup=lambda m: prefill(m).cache)}
     images, tokens = clip_inputs(model, batch, device)
     stages = space.stages
     return {stages[0]: Measure((stages[0],), 1.0, lambda m, _=None: m.encode_image(images)),
