@@ -264,7 +264,6 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     A latency bound needs `latency` (a LatencyModel); with one, the plan records its predicted latency.
     """
     bounds = check_bounds(max_flops, max_params, max_latency)
-    Units(controller.space, latency).check_keys(bounds)
     check_rank_by(rank_by)  # before the search, not after it
     check_search(n_rank, calib_n)
     defaults = search_defaults(controller.space)
