@@ -22,7 +22,7 @@ from test_trainer import write_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 12
-LONG = 40
+LONG = 24
 
 
 def _cmd(*args):
@@ -87,14 +87,14 @@ def long_straight(tiny_model_dir, tmp_path_factory):
     return _uninterrupted(tiny_model_dir, tmp_path_factory, LONG, 3)
 
 
-def test_kill_9_at_five_random_moments_then_resume_equals_an_uninterrupted_run(long_straight, tiny_model_dir,
-                                                                               tmp_path):
-    """One kill during start-up, four at random steps (a random fraction of a step after one ends), each
+def test_kill_9_at_three_random_moments_then_resume_equals_an_uninterrupted_run(long_straight, tiny_model_dir,
+                                                                                tmp_path):
+    """One kill during start-up, two at random steps (a random fraction of a step after one ends), each
     followed by --resume; saves come every 3 steps, so most kills lose steps that must be redone."""
     cfg_path = write_config(tmp_path, tiny_model_dir, steps=LONG, save_every=3, lr_schedule="cosine")
     out = tmp_path / "out"
     rng, reached = random.Random(17), []
-    targets = [None] + sorted(rng.sample(range(2, LONG - 2), 4))
+    targets = [None] + sorted(rng.sample(range(2, LONG - 2), 2))
     for target in targets:
         resume = ["--resume"] if (out / STATE_NAME).exists() else []
         proc = subprocess.Popen(_cmd("train", "--config", cfg_path, *resume),
@@ -108,7 +108,7 @@ def test_kill_9_at_five_random_moments_then_resume_equals_an_uninterrupted_run(l
         proc.wait()
         _assert_consistent(out)
         reached.append(len(_log_steps_so_far(out)) if (out / "train_log.jsonl").exists() else None)
-    assert sum(1 for r in reached if r is not None and 0 < r < LONG) >= 3, reached  # kills came mid-training
+    assert sum(1 for r in reached if r is not None and 0 < r < LONG) >= 2, reached  # kills came mid-training
     _finish(cfg_path, out)
     a, b = _weights(long_straight), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

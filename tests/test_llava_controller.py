@@ -118,25 +118,6 @@ def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_di
     assert not (tmp_path / "out" / "controller.safetensors").exists()
 
 
-def test_two_processes_end_with_identical_controllers(tmp_path):
-    """`accelerate launch` with two CPU processes on the LLaVA teacher: each process's controller after
-    training equals the other's and the one saved."""
-    cfg = write_config(tmp_path)
-    script = tmp_path / "launched.py"
-    script.write_text(LAUNCHED)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(free_port())]
-    r = subprocess.run(accelerate + [str(script), cfg, str(tmp_path)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    initial, final = ([load_file(str(tmp_path / f"{kind}{i}of2.safetensors")) for i in (0, 1)]
-                      for kind in ("initial", "final"))
-    saved = load_file(str(tmp_path / "out" / "controller.safetensors"))
-    assert all(torch.equal(final[0][k], final[1][k]) and torch.equal(final[0][k], saved[k]) for k in saved)
-    assert any(not torch.equal(initial[0][k], final[0][k]) for k in saved)  # it learnt
-
-
 SHARDED = """
 import sys
 import hipp.training.trainer as T
@@ -167,10 +148,12 @@ open(f"{sys.argv[2]}/param{name}.txt", "w").write(held["param"])
 """
 
 
-def test_the_fsdp_config_shards_the_base_and_trains_the_same_controller(tmp_path):
-    """`accelerate launch --config_file configs/accelerate_fsdp.yaml` with two CPU processes: the LLaVA
-    base's weights become shards (DTensors) on each process, and the controller both processes end
-    with, and the one saved, equals a plain two-process run's (the same steps, the same batches)."""
+def test_two_processes_plain_and_sharded_end_with_identical_controllers(tmp_path):
+    """`accelerate launch` with two CPU processes on the LLaVA teacher, plainly and with
+    `--config_file configs/accelerate_fsdp.yaml`. Plainly, each process's controller after training
+    equals the other's and the one saved, and it learnt. Sharded, the base's weights become shards
+    (DTensors) on each process, and the controller both processes end with, and the one saved, equals
+    the plain run's (the same steps, the same batches)."""
     root = Path(__file__).resolve().parents[1]
     runs = {}
     for kind, script, launch in (("sharded", SHARDED, ["--config_file", str(root / "configs" / "accelerate_fsdp.yaml")]),
@@ -186,6 +169,12 @@ def test_the_fsdp_config_shards_the_base_and_trains_the_same_controller(tmp_path
                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
         assert r.returncode == 0, r.stderr[-3000:]
         runs[kind] = load_file(str(where / "out" / "controller.safetensors"))
+    plain = tmp_path / "plain"
+    initial, final = ([load_file(str(plain / f"{kind}{i}of2.safetensors")) for i in (0, 1)]
+                      for kind in ("initial", "final"))
+    assert all(torch.equal(final[0][k], final[1][k]) and torch.equal(final[0][k], runs["plain"][k])
+               for k in runs["plain"])
+    assert any(not torch.equal(initial[0][k], final[0][k]) for k in runs["plain"])  # it learnt
     sharded = tmp_path / "sharded"
     assert [(sharded / f"param{i}of2.txt").read_text() for i in (0, 1)] == ["DTensor", "DTensor"]
     finals = [load_file(str(sharded / f"final{i}of2.safetensors")) for i in (0, 1)]
