@@ -39,8 +39,8 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
-    """The prune space of a model, plain or prunable.
+def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> PruneSpace:
+    """The prune space of a model, plain or prunable; with `tokens`, also its backend's token levels.
 
     Also describes a materialised (pruned) model as it is: its layers keep their original indices,
     dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
@@ -56,19 +56,23 @@ def describe(model: nn.Module, channel_group: int = 1) -> PruneSpace:
             width, heads, head_dim, hidden = b.block_shape(block)
             layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, stage.tokens, channel_group,
                                     **b.layer_fields(block)))
+    levels = b.token_levels(model) if tokens else ()
+    if tokens and not levels:
+        raise HippError(f"a {b.name} model has no token level to prune (visual tokens: llava models)")
     return PruneSpace(tuple(layers), {n: s.fixed_flops for n, s in stages.items()},
-                      {n: float(s.fixed_params) for n, s in stages.items()})
+                      {n: float(s.fixed_params) for n, s in stages.items()}, tuple(levels))
 
 
 def dense_flops(model: nn.Module) -> dict[str, float]:
     return {t: v for t, v in describe(model).dense_costs().items() if t.startswith("flops/")}
 
 
-def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
+def make_prunable(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> PruneSpace:
     """Swap every block of both towers for its gated class in place (parameters shared, keys unchanged).
 
     Calling it again only changes the channel grouping. Returns the prune space, whose layer order
-    (image layers, then text layers) is the order set_gates expects.
+    (image layers, then text layers) is the order set_gates expects; with `tokens`, the space also
+    holds the backend's token levels.
     """
     if not isinstance(channel_group, int) or channel_group < 1:
         raise HippError(f"channel_group must be a positive integer, got {channel_group!r}")
@@ -86,7 +90,7 @@ def make_prunable(model: nn.Module, channel_group: int = 1) -> PruneSpace:
     for resblocks, i, block in swaps:
         block.mlp.channel_group = channel_group
         resblocks[i] = carry_hooks(resblocks[i], block)
-    return describe(model, channel_group)
+    return describe(model, channel_group, tokens)
 
 
 def prunable_blocks(model: nn.Module) -> list[GatedBlock]:

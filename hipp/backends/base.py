@@ -94,6 +94,10 @@ class Backend(abc.ABC):
     def build(self, model_cfg: dict) -> nn.Module:
         """A model with fresh weights from the family's config dict (as exports record it)."""
 
+    def token_levels(self, model: nn.Module) -> tuple:
+        """The token levels (hipp.core.space.TokenLevel) a plan for this model may prune; none by default."""
+        return ()
+
     def rebind(self, model: nn.Module) -> None:
         """Repair what copying blocks into `model` left pointing at another model (e.g. a config the
         blocks keep a reference to). Most families keep no such reference."""

@@ -96,6 +96,9 @@ class HFAttention(HeadGatedAttention):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
         out, _ = attend(self, q, k, v, attn_mask, scaling=self.scale,
                         dropout=self.dropout if self.training else 0.0, **kwargs)
+        rows = getattr(self, "cls_row", None)
+        if rows is not None:  # the class token's attention [B, H, T], which ranks a LLaVA's visual tokens
+            rows.append((torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * self.scale).softmax(-1)[:, :, 0])
         return out  # [B, T, H, hd]: transformers' attention functions return it transposed
 
     def keep_heads(self, heads: torch.Tensor) -> "HFAttention":

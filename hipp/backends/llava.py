@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import HippError
 from ..storage import untrusted
+from . import visual_tokens
 from .base import Backend, Stage, register
 from .decoder import DecoderBlock
 from .hf import HFBlock
@@ -90,6 +91,14 @@ class LlavaBackend(Backend):
                   "language": _count(model) - vision_params - _count(*blocks["language"])}
         flops = {"vision": patch_flops + proj_flops, "language": 2.0 * head.in_features * head.out_features}
         tokens = {"vision": emb.num_positions, "language": self.context_length(model)}
+        budget = visual_tokens.installed(model)
+        if budget is not None:  # a model that prunes its own visual tokens costs what it runs
+            shed = budget.of - budget.kept
+            tokens["language"] -= shed
+            flops["vision"] -= proj_flops * shed / image
+            attn = visual_tokens._ranking_attention(model, budget.layer)
+            if attn is not None:
+                flops["vision"] += 2.0 * attn.num_heads * attn.head_dim * emb.num_positions
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
 
     def block_shape(self, block: nn.Module) -> tuple[int, int, int, int]:
@@ -114,6 +123,9 @@ class LlavaBackend(Backend):
         if DecoderBlock.is_decoder_layer(block):
             return DecoderBlock.from_layer(block, channel_group)
         return HFBlock.from_layer(block, channel_group)
+
+    def token_levels(self, model: nn.Module) -> tuple:
+        return (visual_tokens.token_level(model),)
 
     def image_size(self, model: nn.Module) -> int:
         return int(model.config.vision_config.image_size)

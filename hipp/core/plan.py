@@ -1,5 +1,8 @@
 """A hard pruning plan: which layers, heads and MLP channel groups survive, and what that costs.
 
+Where the space has token levels, the plan also says how many of each level's tokens survive
+(`token_keep`, whole counts); the weights' gates stay the (layer, heads, channels) triple.
+
 Masks are 0/1 float tensors in PruneSpace layer order with the hierarchy applied (a dropped
 layer keeps no heads or channels). On disk a plan lists kept *indices* per layer, the readable
 form a materialiser or a person needs; costs are always recomputed from the space, never trusted.
@@ -20,6 +23,20 @@ FORMAT = "hipp-plan"
 VERSION = 1
 
 
+def _token_counts(x, space: PruneSpace) -> torch.Tensor:
+    """[levels] whole counts in [1, tokens] per level (every token where x is None)."""
+    if x is None:
+        return space.all_tokens()
+    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu().reshape(-1)
+    if len(t) != len(space.tokens):
+        raise HippError(f"plan keeps tokens at {len(t)} levels; its space has {len(space.tokens)}")
+    for k, level in zip(t.tolist(), space.tokens):
+        if k != int(k) or not 1 <= k <= level.tokens:
+            raise HippError(f"plan keeps {k:g} of the {level.tokens} {level.stage} tokens; "
+                            f"expected a whole number from 1 to {level.tokens}")
+    return t
+
+
 def _hard(x, n: int, what: str) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
     if t.shape != (n,):
@@ -37,6 +54,7 @@ class Plan:
     channel_keep: list[torch.Tensor]    # per layer [num_channel_gates]
     preference: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # free-form provenance, e.g. {"max_flops": 0.5}
+    token_keep: torch.Tensor | None = None  # [levels] kept counts; None: every token
 
     def __post_init__(self):
         layers = self.space.layers
@@ -49,12 +67,13 @@ class Plan:
                   for i, (c, l) in enumerate(zip(self.channel_keep, layers))])
         self.layer_keep, self.head_keep, self.channel_keep = couple(gates)
         self.preference = {k: float(v) for k, v in self.preference.items()}
+        self.token_keep = _token_counts(self.token_keep, self.space)
 
     @classmethod
-    def from_gates(cls, space: PruneSpace, gates: Gates, preference=None, meta=None) -> "Plan":
+    def from_gates(cls, space: PruneSpace, gates: Gates, preference=None, meta=None, token_keep=None) -> "Plan":
         """From one unbatched hard gate triple (hierarchy is applied here if it was not)."""
         layer, heads, channels = gates
-        return cls(space, layer, list(heads), list(channels), dict(preference or {}), dict(meta or {}))
+        return cls(space, layer, list(heads), list(channels), dict(preference or {}), dict(meta or {}), token_keep)
 
     @classmethod
     def dense(cls, space: PruneSpace, preference=None) -> "Plan":
@@ -67,7 +86,12 @@ class Plan:
 
     def mask_key(self) -> bytes:
         """Identity of the hard masks alone (preferences differ, plans often coincide)."""
-        return b"".join(t.bool().numpy().tobytes() for t in (self.layer_keep, *self.head_keep, *self.channel_keep))
+        return b"".join(t.bool().numpy().tobytes() for t in (self.layer_keep, *self.head_keep, *self.channel_keep)) \
+            + self.token_keep.numpy().tobytes()
+
+    @property
+    def prunes_tokens(self) -> bool:
+        return bool((self.token_keep < self.space.all_tokens()).any())
 
     # --- indices, for materialising ---
     def kept_heads(self, i: int) -> list[int]:
@@ -85,7 +109,7 @@ class Plan:
     # --- costs ---
     def costs(self) -> dict[str, float]:
         """Absolute FLOPs / params per tower and in total, with ratios vs the dense model."""
-        got = {k: float(v) for k, v in self.space.costs(*self.gates).items()}
+        got = {k: float(v) for k, v in self.space.costs(*self.gates, self.token_keep).items()}
         dense = self.space.dense_costs()
         out = dict(got)
         for kind in ("flops", "params"):
@@ -112,6 +136,9 @@ class Plan:
                 "flops_ratio": c[f"flops_ratio/{t}"], "params_ratio": c[f"params_ratio/{t}"],
                 "flops": c[f"flops/{t}"], "params": c[f"params/{t}"],
             }
+            for level, k in zip(self.space.tokens, self.token_keep.tolist()):
+                if level.stage == t:
+                    out[t]["tokens_kept"] = int(k)
         if self.meta:
             out["meta"] = dict(self.meta)
         return out
@@ -124,7 +151,10 @@ class Plan:
         c = self.costs()
         return {"format": FORMAT, "version": VERSION, "preference": dict(self.preference), "meta": dict(self.meta),
                 "flops_ratio": c["flops_ratio"], "params_ratio": c["params_ratio"],  # informative only
-                "layers": layers, "space": self.space.to_dict()}
+                "layers": layers, "space": self.space.to_dict(),
+                **({"tokens": [{"stage": level.stage, "kept": int(k), "of": level.tokens, "rule": level.rule}
+                               for level, k in zip(self.space.tokens, self.token_keep.tolist())]}
+                   if self.space.tokens else {})}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
@@ -159,8 +189,18 @@ class Plan:
             layer_keep.append(1.0 if e["kept"] else 0.0)
             heads.append(mask(e["heads"], spec.num_heads, f"layer {i} heads"))
             channels.append(mask(e["channel_gates"], spec.num_channel_gates, f"layer {i} channel_gates"))
+        kept = None
+        if space.tokens:
+            levels = d.get("tokens")
+            if not isinstance(levels, list) or len(levels) != len(space.tokens) or \
+                    not all(isinstance(e, dict) and "kept" in e for e in levels):
+                raise HippError(f"{where}: its space prunes tokens, so 'tokens' must list one entry with 'kept' "
+                                f"per level ({len(space.tokens)})")
+            kept = [e["kept"] for e in levels]
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in kept):
+                raise HippError(f"{where}: tokens 'kept' must be whole numbers")
         return cls(space, torch.tensor(layer_keep, dtype=torch.float64), heads, channels,
-                   dict(d.get("preference") or {}), dict(d.get("meta") or {}))
+                   dict(d.get("preference") or {}), dict(d.get("meta") or {}), kept)
 
     def save(self, path) -> None:
         write_json(path, self.to_dict())
@@ -173,6 +213,6 @@ class Plan:
         if not isinstance(other, Plan):
             return NotImplemented
         return (self.space == other.space and self.preference == other.preference
-                and torch.equal(self.layer_keep, other.layer_keep)
+                and torch.equal(self.layer_keep, other.layer_keep) and torch.equal(self.token_keep, other.token_keep)
                 and all(torch.equal(a, b) for a, b in zip(self.head_keep, other.head_keep))
                 and all(torch.equal(a, b) for a, b in zip(self.channel_keep, other.channel_keep)))

@@ -7,6 +7,11 @@ FLOPs follow torch.utils.flop_counter's convention: 2 per multiply-accumulate of
 (linear layers, patch embedding, attention scores and mixing); norms, softmax and activations
 count nothing. Costs are per sample (one image, one caption at full context length, or one prefill of
 a decoder's declared prompt length), priced by the cost models of hipp/core/costs.py.
+
+A space may also hold token levels (`TokenLevel`): a count of tokens a plan keeps, which every layer
+of a stage after a given one then processes instead of all. Attention's work grows with the square of
+the tokens, so a layer's unit costs are then a function of the kept count (`LayerSpec.unit_flops_at`),
+exact for whole counts and differentiable in a soft one.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from functools import cached_property
 
 import torch
 
-from .costs import AttentionCost, BlockCost, MLPCost, NormCost
+from .costs import AttentionCost, BlockCost, Load, MLPCost, NormCost
 
 # fields a CLIP / ViT block leaves at these values; to_dict omits them, so files written before
 # decoder blocks existed are read back unchanged and still compare equal
@@ -89,8 +94,41 @@ class LayerSpec:
         """Parameters a kept layer holds whatever its units: norms, output biases."""
         return self.block_cost.layer_params
 
+    def unit_flops_at(self, tokens):
+        """(FLOPs of one attention unit, of one MLP channel) when the layer processes `tokens` tokens
+        (a number or a tensor, soft counts included): attention is linear in tokens and in scored
+        pairs (tokens squared), the MLP linear in tokens."""
+        attention, mlp = self.block_cost.attention, self.block_cost.mlp
+        per_token, per_pair = attention.unit_flops(Load(1, 0)), attention.unit_flops(Load(0, 1))
+        return per_token * tokens + per_pair * tokens * tokens, mlp.unit_flops(Load(1, 0)) * tokens
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in BLOCK_DEFAULTS or v != BLOCK_DEFAULTS[k]}
+
+
+@dataclass(frozen=True)
+class TokenLevel:
+    """Tokens a plan may prune: of the `tokens` prunable ones (a LLaVA's image tokens), a plan keeps
+    a count, ranked by `rule`; every layer of `stage` after layer `after` (-1: all of them) then
+    processes that many instead. Outside the blocks, `fixed_stage` spends `per_token_flops` per kept
+    token (LLaVA's projector), and ranking costs `rank_flops` per attention unit of layer `rank_layer`
+    (of `rank_stage`) that the plan keeps: its class token's attention row, computed only when tokens go."""
+    stage: str
+    tokens: int
+    after: int = -1
+    rule: str = "cls"
+    steps: int = 16            # a controller keeps a multiple of tokens / steps
+    fixed_stage: str = ""
+    per_token_flops: float = 0.0
+    rank_stage: str = ""
+    rank_layer: int = -1
+    rank_flops: float = 0.0
+
+    def reaches(self, spec: LayerSpec) -> bool:
+        return spec.tower == self.stage and spec.index > self.after
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -98,6 +136,7 @@ class PruneSpace:
     layers: tuple[LayerSpec, ...]
     fixed_flops: dict = field(default_factory=dict)   # tower -> FLOPs outside the blocks
     fixed_params: dict = field(default_factory=dict)  # tower -> params outside the blocks
+    tokens: tuple[TokenLevel, ...] = ()               # token levels, when the plan prunes tokens too
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -114,26 +153,47 @@ class PruneSpace:
                 "heads": sum(l.num_heads for l in self.layers),
                 "channels": sum(l.num_channel_gates for l in self.layers)}
 
-    def costs(self, layer_keep, head_keep, channel_keep) -> dict[str, torch.Tensor]:
+    def costs(self, layer_keep, head_keep, channel_keep, token_keep=None) -> dict[str, torch.Tensor]:
         """FLOPs and params per tower for (soft or hard) keep values.
 
         layer_keep: [L]; head_keep / channel_keep: lists of [num_heads] / [num_channel_gates]
-        per layer, with an optional leading batch dimension throughout. Hierarchy applies here:
-        a head or channel costs only as much as its layer is kept.
+        per layer; token_keep: [len(self.tokens)] kept counts (None: every token); each with an
+        optional leading batch dimension. Hierarchy applies here: a head or channel costs only as
+        much as its layer is kept.
         """
         out = {f"{kind}/{t}": 0.0 for kind in ("flops", "params") for t in self.stages}
+        shed = self._shed(token_keep)
         for i, spec in enumerate(self.layers):
             z = layer_keep[..., i]
             heads = head_keep[i].sum(-1)
             chans = (channel_keep[i] * spec.channel_sizes().to(channel_keep[i])).sum(-1)
-            flops = z * (heads * spec.head_flops + chans * spec.channel_flops)
+            head_flops, channel_flops = spec.head_flops, spec.channel_flops
+            if shed is not None:
+                gone = sum((g for level, g in zip(self.tokens, shed) if level.reaches(spec)), 0.0)
+                head_flops, channel_flops = spec.unit_flops_at(spec.tokens - gone)
+                head_flops = head_flops + sum(
+                    (level.rank_flops * (g > 0) for level, g in zip(self.tokens, shed)
+                     if (level.rank_stage, level.rank_layer) == (spec.tower, spec.index)), 0.0)
+            flops = z * (heads * head_flops + chans * channel_flops)
             params = z * (heads * spec.head_params + chans * spec.channel_params + spec.layer_params)
             out[f"flops/{spec.tower}"] = out[f"flops/{spec.tower}"] + flops
             out[f"params/{spec.tower}"] = out[f"params/{spec.tower}"] + params
         for t in self.stages:
             out[f"flops/{t}"] = out[f"flops/{t}"] + self.fixed_flops.get(t, 0.0)
             out[f"params/{t}"] = out[f"params/{t}"] + self.fixed_params.get(t, 0.0)
+        for level, g in zip(self.tokens, shed or ()):
+            if level.fixed_stage:
+                out[f"flops/{level.fixed_stage}"] = out[f"flops/{level.fixed_stage}"] - level.per_token_flops * g
         return out
+
+    def _shed(self, token_keep):
+        """Tokens each level drops ([..., levels] -> a list of [...]), or None when all are kept."""
+        if token_keep is None or not self.tokens:
+            return None
+        keep = torch.as_tensor(token_keep, dtype=torch.float64)
+        if keep.shape[-1:] != (len(self.tokens),):
+            raise ValueError(f"token_keep must end in {len(self.tokens)} levels, got shape {tuple(keep.shape)}")
+        return [level.tokens - keep[..., j] for j, level in enumerate(self.tokens)]
 
     def dense_costs(self) -> dict[str, float]:
         ones = self.all_kept()
@@ -144,10 +204,21 @@ class PruneSpace:
                 [torch.ones(l.num_heads, dtype=torch.float64) for l in self.layers],
                 [torch.ones(l.num_channel_gates, dtype=torch.float64) for l in self.layers])
 
+    def all_tokens(self) -> torch.Tensor:
+        """Every token kept, as the [levels] counts PruneSpace.costs takes."""
+        return torch.tensor([float(level.tokens) for level in self.tokens], dtype=torch.float64)
+
+    def with_tokens(self, *levels: TokenLevel) -> "PruneSpace":
+        return PruneSpace(self.layers, self.fixed_flops, self.fixed_params, tuple(levels))
+
     def to_dict(self) -> dict:
-        return {"layers": [l.to_dict() for l in self.layers],
-                "fixed_flops": dict(self.fixed_flops), "fixed_params": dict(self.fixed_params)}
+        out = {"layers": [l.to_dict() for l in self.layers],
+               "fixed_flops": dict(self.fixed_flops), "fixed_params": dict(self.fixed_params)}
+        if self.tokens:  # files of spaces without tokens read back unchanged
+            out["tokens"] = [level.to_dict() for level in self.tokens]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneSpace":
-        return cls(tuple(LayerSpec(**l) for l in d["layers"]), dict(d["fixed_flops"]), dict(d["fixed_params"]))
+        return cls(tuple(LayerSpec(**l) for l in d["layers"]), dict(d["fixed_flops"]), dict(d["fixed_params"]),
+                   tuple(TokenLevel(**t) for t in d.get("tokens") or ()))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import visual_tokens
 from ..backends.hf import TOKENIZER_FILES
 from ..storage.checkpoint import (CONFIG_NAME, PROCESSOR_FILES, PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_VERSION,
                                   PRUNED_WEIGHTS_NAME)
@@ -98,6 +99,9 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         "base": {"model": base.spec, "pretrained": base.pretrained, "fingerprint": base.fingerprint},
         "compensated": compensated, "plan": plan.to_dict(), "latency": latency,
     }
+    budget = visual_tokens.installed(small)
+    if budget is not None:  # load_model re-installs it: the export prunes its visual tokens itself
+        config["visual_tokens"] = budget.to_dict()
     with outputs.claim(out, COMMAND, overwrite, legacy=_earlier_export), outputs.staged(out, COMMAND) as stage:
         save_tensors(stage / PRUNED_WEIGHTS_NAME, small.state_dict())
         if backend == "open_clip":  # what open_clip's local-dir tokenizer / transform read
@@ -113,7 +117,9 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
             pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
             onnx_diffs = export_llava_onnx(small, stage, pixels)
             config["onnx"] = {"files": {"image_features": LLAVA_ONNX_FILE}, "max_abs_diff": onnx_diffs,
-                              "atol": ONNX_ATOL, "outputs": "projected image features; the decoder is not exported"}
+                              "atol": ONNX_ATOL, "outputs": "projected image features; the decoder is not exported"
+                              + ("; every image token (the visual-token ranking runs in hipp.load_model's model)"
+                                 if budget is not None else "")}
         elif onnx:
             images, tokens = calibration(base, 3, seed=2)
             onnx_diffs = export_onnx(small, stage, images, tokens)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import backend_for, describe, get_backend, prunable_blocks, set_gates, tower_blocks
+from ..backends import backend_for, describe, get_backend, prunable_blocks, set_gates, tower_blocks, visual_tokens
 from ..errors import HippError
 from ..backends.modules import DroppedBlock, GatedBlock, carry_hooks
 from ..core.space import PruneSpace
@@ -102,7 +102,7 @@ def _unpack(model, layer_keep, head_keep, channel_keep):
     if head_keep is None and channel_keep is None and hasattr(layer_keep, "gates"):
         space = getattr(layer_keep, "space", None)
         if space is not None and space.layers:
-            own = describe(model, space.layers[0].channel_group)
+            own = describe(model, space.layers[0].channel_group, tokens=bool(space.tokens))
             if own != space:
                 raise HippError(f"the plan is for another model: its prune space ({_shape(space)}) is not this "
                                 f"model's ({_shape(own)})")
@@ -120,7 +120,9 @@ def _shape(space) -> str:
 
 def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None) -> nn.Module:
     """A new, physically smaller copy of `model` for a hard plan (a Plan or its gate triple);
-    `model` itself is left untouched."""
+    `model` itself is left untouched. A Plan that prunes visual tokens is installed on the copy
+    (backends/visual_tokens.py), which then prunes them itself."""
+    plan = layer_keep if head_keep is None and channel_keep is None and hasattr(layer_keep, "token_keep") else None
     layer_keep, head_keep, channel_keep = _unpack(model, layer_keep, head_keep, channel_keep)
     plans = iter(layer_plans(model, layer_keep, head_keep, channel_keep))
     gated = iter(_gated(model))
@@ -135,6 +137,8 @@ def materialize(model: nn.Module, layer_keep, head_keep=None, channel_keep=None)
     # the originals (which may also carry non-leaf gate tensors that deepcopy refuses)
     smaller = copy.deepcopy(model, memo=replaced)
     backend_for(smaller).rebind(smaller)
+    if plan is not None and plan.prunes_tokens:
+        visual_tokens.install(smaller, visual_tokens.for_plan(plan))
     return smaller
 
 

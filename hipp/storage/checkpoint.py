@@ -232,6 +232,12 @@ def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
     if n != config["num_params"]:
         raise HippError(f"{path} holds {n:,} parameters; {PRUNED_CONFIG_NAME} says {config['num_params']:,}")
     set_preprocess_cfg(model, config.get("preprocess_cfg") or {})
+    budget = config.get("visual_tokens")
+    if budget is not None:  # the export prunes its visual tokens itself, as the plan said
+        from ..backends import visual_tokens
+        if family(model) != "llava":
+            raise HippError(f"{path}: {PRUNED_CONFIG_NAME} sets visual tokens for a {family(model)} model")
+        visual_tokens.install(model, visual_tokens.VisualTokens.from_dict(budget, f"{path}: visual_tokens"))
     return model
 
 

@@ -1,0 +1,141 @@
+"""Visual tokens as a plan level on a LLaVA: exact costs with the quadratic attention term, the
+class-token ranking, hard-gated equals materialised (logits, greedy generations, a hand-written
+decode loop), exports that prune their tokens themselves after a reload, and bad budgets in one line."""
+import pytest
+import torch
+
+from hipp.backends import backend_for, describe, gated, make_prunable, visual_tokens
+from hipp.backends.visual_tokens import VisualTokens, pruning
+from hipp.core.plan import Plan
+from hipp.core.space import TokenLevel
+from hipp.errors import HippError
+from hipp.export.slicing import materialize
+from conftest import counted_flops
+from test_llava import decode_by_hand, generate, logits, plans, prompts, tiny_llava
+
+
+def token_plan(space, gates, kept: int) -> Plan:
+    return Plan.from_gates(space, gates, token_keep=[kept])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_token_level_is_priced_as_the_flop_counter_counts_the_pruned_model(kind):
+    """Every language layer processes the kept image tokens plus the text; the projector runs on the
+    kept tokens; the class-token row of the rank layer is paid when tokens go. Exact, per stage."""
+    model = tiny_llava(kind)
+    space = make_prunable(model, tokens=True)
+    level = space.tokens[0]
+    image = backend_for(model).image_tokens(model)
+    assert (level.stage, level.tokens, level.rank_stage) == ("language", image, "vision")
+    assert level.rank_layer == (1 if kind == "llama" else 2)  # the layer whose output is the feature
+    gates = plans(space)["partial_and_dropped"]
+    for kept in (1, 5, image):
+        plan = token_plan(space, gates, kept)
+        small = materialize(model, plan)
+        assert (visual_tokens.installed(small) is None) == (kept == image)
+        with torch.no_grad():
+            counted = counted_flops(lambda: small(**prompts(small, batch=1), logits_to_keep=1))
+        c = plan.costs()
+        assert counted == c["flops/vision"] + c["flops/language"]
+        assert describe(small).dense_costs()["flops/language"] == c["flops/language"]
+    full = token_plan(space, space.all_kept(), image).costs()
+    assert full["flops_ratio"] == 1.0 and full["flops"] == sum(describe(model).dense_costs()[f"flops/{t}"]
+                                                              for t in space.stages)
+
+
+def test_soft_token_counts_are_differentiable_and_match_whole_ones():
+    model = tiny_llava("llama")
+    space = make_prunable(model, tokens=True)
+    keep = torch.tensor([7.0], dtype=torch.float64, requires_grad=True)
+    soft = space.costs(*space.all_kept(), keep)["flops/language"]
+    soft.backward()
+    assert float(keep.grad) > 0  # more tokens cost more
+    hard = space.costs(*space.all_kept(), torch.tensor([7.0], dtype=torch.float64))["flops/language"]
+    assert float(soft.detach()) == float(hard)
+    spec = space.tower_layers("language")[0]
+    t = spec.tokens - (space.tokens[0].tokens - 7)
+    head, chan = spec.unit_flops_at(t)
+    assert head == spec.block_cost.attention.unit_flops(t) and chan == spec.block_cost.mlp.unit_flops(t)
+
+
+@pytest.mark.parametrize("kind,plan", [("llama", "partial_and_dropped"), ("qwen2", "partial_and_dropped"),
+                                       ("llama", "empty_branches")])
+def test_hard_gated_equals_materialised_with_tokens_pruned(kind, plan):
+    model = tiny_llava(kind)
+    inputs = prompts(model)
+    space = make_prunable(model, channel_group=8 if kind == "llama" else 1, tokens=True)
+    gates = plans(space)[plan]
+    weights_only = materialize(model, Plan.from_gates(space, gates))
+    p = token_plan(space, gates, 6)
+    with gated(model, p.gates), pruning(model, visual_tokens.for_plan(p)):
+        hard, hard_tokens, hard_steps = logits(model, inputs), generate(model, inputs), decode_by_hand(model, inputs)
+    assert visual_tokens.installed(model) is None  # the block leaves the model as it was
+    small = materialize(model, p)
+    got = logits(small, inputs)
+    assert got.shape[1] == inputs["input_ids"].shape[1] - (space.tokens[0].tokens - 6)  # a shorter prompt
+    assert torch.allclose(got, hard, atol=1e-5, rtol=0)
+    assert torch.equal(generate(small, inputs), hard_tokens)
+    assert torch.allclose(decode_by_hand(small, inputs), hard_steps, atol=1e-5, rtol=0)
+    assert (got[:, -1] - logits(weights_only, inputs)[:, -1]).abs().max() > 1e-4  # the tokens matter
+
+
+def test_the_ranking_keeps_the_tokens_the_class_token_attends_to_most():
+    model = tiny_llava("llama")
+    space = make_prunable(model, tokens=True)
+    level = space.tokens[0]
+    spec = VisualTokens(4, level.tokens, level.rank_layer)
+    inputs = prompts(model, batch=2)
+    attn = backend_for(model).blocks(model)["vision"][level.rank_layer].attn
+    with torch.no_grad(), visual_tokens._recording(attn) as rows:
+        out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, return_dict=True)
+    scores = rows[0].sum(1)[:, 1:]  # every head, the class token's own column left out
+    chosen = scores.topk(4, -1).indices.sort(-1).values
+    with torch.no_grad():
+        features = visual_tokens.select_features(model, inputs["pixel_values"], spec)
+        hidden = out.hidden_states[-2][:, 1:]
+        expected = model.model.multi_modal_projector(hidden.gather(1, chosen[..., None].expand(-1, -1, hidden.shape[-1])))
+    assert torch.allclose(features, expected, atol=1e-6)
+    assert not torch.equal(chosen[0], torch.arange(4))  # not simply the first tokens
+
+
+def test_a_plan_without_the_rank_layer_keeps_evenly_spaced_tokens():
+    model = tiny_llava("llama")
+    space = make_prunable(model, tokens=True)
+    level = space.tokens[0]
+    layer_keep, heads, chans = space.all_kept()
+    layer_keep[level.rank_layer] = 0.0  # vision layers come first in the space
+    p = token_plan(space, (layer_keep, heads, chans), 4)
+    inputs = prompts(model)
+    with gated(model, p.gates), pruning(model, visual_tokens.for_plan(p)):
+        hard = logits(model, inputs)
+    small = materialize(model, p)
+    assert torch.allclose(logits(small, inputs), hard, atol=1e-5, rtol=0)
+    assert visual_tokens._ranking_attention(small, level.rank_layer) is None
+    assert visual_tokens._choose(None, 1, 16, 4, "cpu").tolist() == [[2, 6, 10, 14]]
+    with torch.no_grad():
+        counted = counted_flops(lambda: small(**prompts(small, batch=1), logits_to_keep=1))
+    assert counted == p.costs()["flops/vision"] + p.costs()["flops/language"]
+
+
+def test_plans_with_tokens_round_trip_and_bad_counts_are_one_line(tmp_path):
+    model = tiny_llava("llama")
+    space = make_prunable(model, tokens=True)
+    p = token_plan(space, space.all_kept(), 3)
+    p.save(tmp_path / "plan.json")
+    back = Plan.load(tmp_path / "plan.json")
+    assert back == p and back.summary()["language"]["tokens_kept"] == 3
+    assert p.mask_key() != token_plan(space, space.all_kept(), 4).mask_key()
+    for bad in (0, 17, 2.5):
+        with pytest.raises(HippError, match="whole number from 1 to 16"):
+            token_plan(space, space.all_kept(), bad)
+    plain = describe(model)
+    assert Plan.dense(plain).summary()["language"].get("tokens_kept") is None
+    with pytest.raises(HippError, match="its space has 0"):
+        Plan.from_gates(plain, plain.all_kept(), token_keep=[3])
+    with pytest.raises(HippError, match="no token level"):
+        from conftest import TINY_CFG  # a CLIP model has none
+        import open_clip
+        describe(open_clip.CLIP(**TINY_CFG), tokens=True)
+    with pytest.raises(HippError, match="whole number"):
+        VisualTokens(0, 16, 1)
+    assert TokenLevel(**space.tokens[0].to_dict()) == space.tokens[0]
