@@ -13,7 +13,12 @@ position's logits only, as generate() asks for) is timed against the dense model
 the all-kept plan, in interleaved rounds. Printed: the plan's FLOPs ratio r, the median speed-up,
 1/r and speed-up / (1/r).
 
+With `--token-share S` the plans are joint: each keeps the share S of the image tokens (ranked by the
+vision tower's class-token attention, hipp/backends/visual_tokens.py) and the uniform weight plan
+spends what is left of r; the materialised model prunes its tokens itself.
+
     python benchmarks/llava_real_width.py --max-flops 0.5,0.3 --layers 2 --repeats 5
+    python benchmarks/llava_real_width.py --max-flops 0.3 --token-share 0.5 --layers 2 --repeats 5
     python benchmarks/llava_real_width.py --small     # the same path at toy widths, in seconds
 """
 from __future__ import annotations
@@ -29,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hipp.backends import gated, make_prunable  # noqa: E402
+from hipp.backends import gated, make_prunable, visual_tokens  # noqa: E402
+from hipp.backends.visual_tokens import pruning  # noqa: E402
 from hipp.baselines.allocate import uniform  # noqa: E402
 from hipp.baselines.units import Scores  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
@@ -95,12 +101,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--small", action="store_true", help="toy widths: checks the path, times nothing real")
+    p.add_argument("--token-share", type=float, help="joint plans keeping this share of the image tokens")
     p.add_argument("--out", help="also write the rows here as JSON")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     cfg, image_tokens = llava_config(args.layers, args.small)
     model = transformers.LlavaForConditionalGeneration(cfg).eval().requires_grad_(False)
-    space = make_prunable(model, args.channel_group)
+    space = make_prunable(model, args.channel_group, tokens=args.token_share is not None)
+    kept = None if args.token_share is None else [max(1, round(args.token_share * image_tokens))]
     inputs = prompt(cfg, image_tokens)
     g = torch.Generator().manual_seed(0)  # which units go does not matter for speed, only how many
     scores = Scores([torch.rand(l.num_heads, generator=g, dtype=torch.float64) for l in space.layers],
@@ -110,16 +118,16 @@ def main(argv=None) -> int:
         dense_logits = prefill(dense, inputs)
     rows = []
     for r in (float(x) for x in args.max_flops.split(",")):
-        plan = uniform(space, r, scores)
+        plan = uniform(space, r, scores, token_keep=kept)
         small = materialize(model, plan).eval()
-        with torch.inference_mode(), gated(model, plan.gates):
+        with torch.inference_mode(), gated(model, plan.gates), pruning(model, visual_tokens.for_plan(plan)):
             hard = prefill(model, inputs)
         with torch.inference_mode():
             diff = float((prefill(small, inputs) - hard).abs().max())
         t_dense, t_small = interleaved(dense, small, inputs, args.repeats, args.warmup)
         costs = plan.costs()
         speedup = statistics.median(t_dense) / statistics.median(t_small)
-        rows.append({"max_flops": r, "flops_ratio": costs["flops_ratio"],
+        rows.append({"max_flops": r, "flops_ratio": costs["flops_ratio"], "tokens_kept": kept,
                      **{k: v for k, v in costs.items() if k.startswith("flops_ratio/")},
                      "max_abs_logit_diff": diff, "logit_scale": float(dense_logits.abs().max()),
                      "dense_s": statistics.median(t_dense), "pruned_s": statistics.median(t_small),
@@ -131,6 +139,8 @@ def main(argv=None) -> int:
             "params": sum(p.numel() for p in model.parameters()), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=1))
+    if kept is not None:
+        print(f"joint plans: {kept[0]} of {image_tokens} image tokens kept")
     print(f"LLaVA-1.5-7B widths{' (toy)' if args.small else ''}, {args.layers} + {args.layers} layers, "
           f"{info['params'] / 1e6:.0f} M params, batch 1, {info['prefill_tokens']} prefill tokens, "
           f"{info['threads']} threads, medians of {args.repeats} interleaved rounds")

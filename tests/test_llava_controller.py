@@ -182,3 +182,49 @@ def test_two_processes_plain_and_sharded_end_with_identical_controllers(tmp_path
         assert torch.equal(finals[0][k], finals[1][k]) and torch.equal(finals[0][k], runs["sharded"][k])
         assert torch.allclose(runs["sharded"][k], v, atol=1e-6)
 
+
+
+def test_a_joint_plan_exports_a_model_that_prunes_its_own_tokens(trained, tmp_path, capsys):
+    """--visual-tokens with a FLOPs bound: the plan keeps half the image tokens; the export records the
+    budget, hipp.load_model re-installs it, and its greedy answers are the hard-gated base's, token for
+    token; hipp eval prices the shorter prompts."""
+    import json
+
+    from hipp import load_model
+    from hipp.backends import gated, visual_tokens
+    from hipp.core.plan import Plan
+    from hipp.data import words
+    from hipp.data.instruct import make_samples
+    from hipp.query.bound import load_base
+    from hipp.controller.network import load_controller
+    from hipp.storage.checkpoint import get_processor
+    code, out, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.6, "--visual-tokens", 0.5,
+                         "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "export", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["language"]["tokens_kept"] == 32 and 0.58 <= summary["flops_ratio"] <= 0.6
+    config = json.loads((tmp_path / "export" / "pruned_config.json").read_text())
+    assert config["visual_tokens"]["kept"] == 32 and config["visual_tokens"]["of"] == 64
+    plan = Plan.from_dict(config["plan"])
+    model, processor = load_model(tmp_path / "export"), get_processor(tmp_path / "export")
+    assert visual_tokens.installed(model) == visual_tokens.for_plan(plan)
+    batch = words.encode(processor, make_samples("test", 8, seed=3), train=False)
+    batch.pop("answers")
+    base = load_base(load_controller(trained), trained, None, "cpu")
+    with torch.no_grad():
+        ours = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        with gated(base.model, plan.gates), visual_tokens.pruning(base.model, visual_tokens.for_plan(plan)):
+            hard = base.model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, hard) and torch.equal(ours[:, :batch["input_ids"].shape[1]], batch["input_ids"])
+    from hipp.evaluation.generative import costs
+    shorter, full = costs(model, [96])["prefill"], costs(load_model(tmp_path / "export"), [96])["prefill"]
+    assert shorter == full  # the installed budget comes back with every load
+    visual_tokens.install(model, None)
+    assert costs(model, [96])["prefill"] > shorter
+
+
+def test_visual_tokens_bad_input_is_one_line(trained, tmp_path, capsys, tiny_model_dir):
+    assert_bad(*cli(capsys, "query", "--controller", trained, "--max-flops", 0.5, "--visual-tokens", "2"),
+               "--visual-tokens takes shares in (0, 1]")
+    assert_bad(*cli(capsys, "query", "--controller", trained, "--pref", "utility=1", "--visual-tokens", "0.5"),
+               "--visual-tokens needs a bound")

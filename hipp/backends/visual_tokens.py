@@ -157,14 +157,21 @@ def select_features(model: nn.Module, pixel_values: torch.Tensor, spec: VisualTo
     return inner.multi_modal_projector(kept)
 
 
-def shorten(model: nn.Module, input_ids: torch.Tensor, attention_mask, spec: VisualTokens):
-    """Drop the placeholders of the pruned tokens: of each image's run of `of`, the first `kept` stay."""
+def kept_columns(model: nn.Module, input_ids: torch.Tensor, spec: VisualTokens) -> torch.Tensor:
+    """[B, L] bool: the prompt positions that stay. Of each image's run of `of` placeholders the first
+    `kept` stay (they receive the kept features, in order); every other position stays."""
     is_image = input_ids == model.config.image_token_id
     run = (is_image.long().cumsum(1) - 1) % spec.of
     keep = ~(is_image & (run >= spec.kept))
     lengths = keep.sum(1)
     if bool((lengths != lengths[0]).any()):
         raise HippError("with visual-token pruning every prompt of a batch needs the same number of images")
+    return keep
+
+
+def shorten(model: nn.Module, input_ids: torch.Tensor, attention_mask, spec: VisualTokens):
+    """The prompt without the placeholders of the pruned tokens (kept_columns)."""
+    keep = kept_columns(model, input_ids, spec)
     rows = input_ids.shape[0]
     ids = input_ids[keep].reshape(rows, -1)
     mask = None if attention_mask is None else attention_mask[keep].reshape(rows, -1)

@@ -54,14 +54,14 @@ def _dense(space: PruneSpace, towers) -> float:
 
 
 def finish(space: PruneSpace, target: float, layer_keep, head_keep, channel_keep, meta: dict | None,
-           tolerance: float = TOLERANCE, drop_empty: bool = True) -> Plan:
+           tolerance: float = TOLERANCE, drop_empty: bool = True, token_keep=None) -> Plan:
     """Drop emptied layers (optional), build the Plan and hold it to the target window."""
     layer_keep = torch.as_tensor(layer_keep, dtype=torch.float64).clone()
     if drop_empty:
         for i in range(len(space.layers)):
             if head_keep[i].sum() == 0 and channel_keep[i].sum() == 0:
                 layer_keep[i] = 0.0  # only two output biases were left: the layer is gone
-    plan = Plan(space, layer_keep, head_keep, channel_keep, meta=dict(meta or {}))
+    plan = Plan(space, layer_keep, head_keep, channel_keep, meta=dict(meta or {}), token_keep=token_keep)
     got = plan.costs()["flops_ratio"]
     if got > target + 1e-9:
         raise BudgetError(f"cannot prune down to a FLOPs ratio of {target:g}: the fixed costs and the units "
@@ -80,12 +80,13 @@ def _protected(scores: torch.Tensor, min_keep: float) -> torch.Tensor:
 
 
 def fit_keys(space: PruneSpace, target: float, heads, channels, layer_keep, *, per_tower: bool = False,
-             layer_budgets=None, top_up_units: bool = True) -> tuple[Units, torch.Tensor]:
+             layer_budgets=None, top_up_units: bool = True, token_keep=None) -> tuple[Units, torch.Tensor]:
     """Per-unit keys (higher = kept first; +inf = must stay, -inf = must go) -> the effective 0/1
     mask of the one fitter (hipp.core.budget): the largest top-k meeting the FLOPs bound (per
     stage with `per_tower`, per layer with `layer_budgets` in prunable FLOPs), then the top-up; with
-    layer budgets a last top-up without them spends what their rounding left over."""
-    units = Units(space)
+    layer budgets a last top-up without them spends what their rounding left over. `token_keep`: the
+    token counts of the space's token levels the plan keeps (hipp.core.space; None: all)."""
+    units = Units(space, token_keep=token_keep)
     lk = torch.as_tensor(layer_keep, dtype=torch.float64)
 
     def gone(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -149,7 +150,7 @@ def allocate(space: PruneSpace, target: float, scores: Scores, *, key: str = "de
 
 
 def uniform(space: PruneSpace, target: float, scores: Scores, tolerance: float = TOLERANCE,
-            meta: dict | None = None) -> Plan:
+            meta: dict | None = None, token_keep=None) -> Plan:
     """Every layer keeps the same share of its heads and of its channel groups (the best by `scores`).
 
     A unit's key is minus its rank within its layer and kind as a share of their number, so the
@@ -165,7 +166,7 @@ def uniform(space: PruneSpace, target: float, scores: Scores, tolerance: float =
         return -(rank + 0.5) / len(s)
 
     units, mask = fit_keys(space, target, [share(h) for h in scores.heads], [share(c) for c in scores.channels],
-                           torch.ones(len(space.layers)), top_up_units=False)
+                           torch.ones(len(space.layers)), top_up_units=False, token_keep=token_keep)
     plan = units.plan(mask, {})
     return finish(space, target, plan.layer_keep, plan.head_keep, plan.channel_keep, {"key": "uniform", **(meta or {})},
-                  tolerance)
+                  tolerance, token_keep=token_keep)

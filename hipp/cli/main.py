@@ -153,6 +153,13 @@ def _bench(args, budgets, methods, out) -> dict:
                                                       calib_n=args.calib_images)}
     if args.polish:  # its own search, so its plan seconds are the whole query's
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
+    if args.visual_tokens is not None:
+        from ..query import tokens
+        level = tokens.token_level(base.model)
+        kept = tokens.counts(level, tokens.parse_shares(args.visual_tokens))
+        planners[tokens.JOINT] = lambda b: plan_for_budget(controller, max_flops=b, base=base, n_rank=args.candidates,
+                                                           calib_n=args.calib_images, token_counts=kept)
+        planners[tokens.ONLY] = lambda b: tokens.tokens_only(controller.space.with_tokens(level), b)
     from ..storage.checkpoint import family
     if family(base.model) == "llava":
         from ..evaluation.generative_bench import bench_generative
@@ -209,6 +216,9 @@ def _add_plan_args(p) -> None:
                         "plans then also report their predicted latency")
     p.add_argument("--round", type=int, metavar="N", help="keep MLP channels in multiples of N per layer")
     p.add_argument("--round-heads", type=int, metavar="M", help="keep attention units in multiples of M per layer")
+    p.add_argument("--visual-tokens", metavar="S",
+                   help="llava, with a bound: keep this share of the image tokens (0.25), the best of several "
+                        "(0.25,0.5) or of quarters ('search'), ranked by the vision tower's class-token attention")
     _add_polish_arg(p, 0)
     _add_search_args(p)
 
@@ -249,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controller_args(b)
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
+    b.add_argument("--visual-tokens", metavar="S",
+                   help="llava: also the joint weight + token plans (the bound search choosing among these token "
+                        "shares, or 'search') and the tokens-only plans on the dense weights")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     b.add_argument("--test-items", type=int, metavar="N",
                    help="measure on the first N test items of each dataset (default: the full test sets; "

@@ -10,6 +10,7 @@ from ..core.plan import Plan
 from ..core.preference import format_spec
 from ..query.bound import check_device, check_search, load_base, plan_for_budget
 from ..query.rounding import check_rounding, round_preference_plan
+from ..query.tokens import counts, parse_shares, token_level
 
 
 def plan_from_args(args, need_base: bool = False):
@@ -26,12 +27,21 @@ def plan_from_args(args, need_base: bool = False):
         parse_bound(latency_text)  # the form of the number, before anything loads
     if bounds["max_flops"] is not None or bounds["max_params"] is not None:
         check_bounds(bounds["max_flops"], bounds["max_params"])
+    shares = getattr(args, "visual_tokens", None)
+    if shares is not None:
+        shares = parse_shares(shares)
+        if not given:
+            raise HippError("--visual-tokens needs a bound (--max-flops / --max-params): the weights are fitted to it")
+        if latency_text is not None:
+            raise HippError("a latency bound does not price visual tokens yet; bound FLOPs or params instead")
     polish_steps = getattr(args, "polish", 0)
     if polish_steps:
         from ..query.polish import check_steps  # lazily: polishing needs open_clip, a preference query does not
         check_steps(polish_steps)
     if polish_steps and bounds["max_flops"] is None:
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
+    if polish_steps and shares is not None:
+        raise HippError("--polish does not take --visual-tokens yet")
     search = {"n_rank": getattr(args, "candidates", None), "calib_n": getattr(args, "calib_images", None)}
     check_search(**search)
     device = getattr(args, "device", "cpu")
@@ -53,8 +63,9 @@ def plan_from_args(args, need_base: bool = False):
             plan.meta["latency"] = latency.plan_report(plan)
         return controller, plan, base
     base = load_base(controller, args.controller, args.base_model, device)
+    token_counts = None if shares is None else counts(token_level(base.model), shares)
     plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search,
-                           max_latency=max_latency, latency=latency, rounding=rounding)
+                           max_latency=max_latency, latency=latency, rounding=rounding, token_counts=token_counts)
     if polish_steps:
         from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)
@@ -95,6 +106,9 @@ def format_table(plan: Plan) -> str:
         per = ", ".join(f"{n} {ms:.2f} ms" for n, ms in lat["predicted_ms"].items() if n != "latency")
         lines.append(f"{'latency':13s} {lat['predicted_ratio']:.4f}  (predicted {per} at batch {lat['batch']} "
                      f"on {lat['device']}, {lat['form']} model)")
+    for level, kept in zip(plan.space.tokens, plan.token_keep.tolist()):
+        lines.append(f"{'tokens':13s} {int(kept)}/{level.tokens} {level.stage} image tokens kept "
+                     f"(ranked by {level.rule} attention)")
     if "round" in plan.meta:
         lines.append(f"{'rounded':13s} channels in multiples of {plan.meta['round']['channels']}, "
                      f"attention units of {plan.meta['round']['units']}")

@@ -66,8 +66,14 @@ class Units:
     with what each unit adds to the FLOPs / params ratios when its layer is kept (PruneSpace.costs terms).
     Latency is not a sum of fixed terms per unit; `latency` (a LatencyModel) prices it per layer."""
 
-    def __init__(self, space: PruneSpace, latency=None):
+    def __init__(self, space: PruneSpace, latency=None, token_keep=None):
+        """`token_keep`: the token counts every plan built here keeps (None: all), which set the units'
+        FLOPs; ratios stay those of the dense model with every token."""
+        if token_keep is not None and latency is not None:
+            raise HippError("a latency bound does not price visual tokens yet; bound FLOPs or params instead")
         self.space, self.latency = space, latency
+        self.token_keep = None if token_keep is None else torch.as_tensor(token_keep, dtype=torch.float64)
+        at = [(float(h), float(c)) for h, c in space.unit_flops(self.token_keep)]
         dense = space.dense_costs()
         df = sum(dense[f"flops/{t}"] for t in space.stages)
         dp = sum(dense[f"params/{t}"] for t in space.stages)
@@ -90,10 +96,10 @@ class Units:
             add("layer", i, 0.0, l.layer_params)
         for i, l in enumerate(space.layers):
             for _ in range(l.num_heads):
-                add("head", i, l.head_flops, l.head_params, 1.0)
+                add("head", i, at[i][0], l.head_params, 1.0)
         for i, l in enumerate(space.layers):
             for size in l.channel_sizes().tolist():
-                add("channel", i, size * l.channel_flops, size * l.channel_params, size)
+                add("channel", i, size * at[i][1], size * l.channel_params, size)
 
     def delta(self, key: str) -> list[float]:
         """What each unit adds to the ratio `key` (see the module docstring) when its layer is kept."""
@@ -152,7 +158,7 @@ class Units:
         parts = list(mask.double().split(self.sizes))
         L = len(self.space.layers)
         gates = couple((parts[0], parts[1:1 + L], parts[1 + L:]))
-        return Plan.from_gates(self.space, gates, preference, meta)
+        return Plan.from_gates(self.space, gates, preference, meta, self.token_keep)
 
 
 def ratios(plan: Plan, latency=None) -> dict[str, float]:

@@ -163,17 +163,10 @@ class PruneSpace:
         """
         out = {f"{kind}/{t}": 0.0 for kind in ("flops", "params") for t in self.stages}
         shed = self._shed(token_keep)
-        for i, spec in enumerate(self.layers):
+        for i, (spec, (head_flops, channel_flops)) in enumerate(zip(self.layers, self._unit_flops(shed))):
             z = layer_keep[..., i]
             heads = head_keep[i].sum(-1)
             chans = (channel_keep[i] * spec.channel_sizes().to(channel_keep[i])).sum(-1)
-            head_flops, channel_flops = spec.head_flops, spec.channel_flops
-            if shed is not None:
-                gone = sum((g for level, g in zip(self.tokens, shed) if level.reaches(spec)), 0.0)
-                head_flops, channel_flops = spec.unit_flops_at(spec.tokens - gone)
-                head_flops = head_flops + sum(
-                    (level.rank_flops * (g > 0) for level, g in zip(self.tokens, shed)
-                     if (level.rank_stage, level.rank_layer) == (spec.tower, spec.index)), 0.0)
             flops = z * (heads * head_flops + chans * channel_flops)
             params = z * (heads * spec.head_params + chans * spec.channel_params + spec.layer_params)
             out[f"flops/{spec.tower}"] = out[f"flops/{spec.tower}"] + flops
@@ -184,6 +177,22 @@ class PruneSpace:
         for level, g in zip(self.tokens, shed or ()):
             if level.fixed_stage:
                 out[f"flops/{level.fixed_stage}"] = out[f"flops/{level.fixed_stage}"] - level.per_token_flops * g
+        return out
+
+    def unit_flops(self, token_keep=None) -> list:
+        """Per layer, (FLOPs of one attention unit, of one MLP channel) at the kept token counts."""
+        return self._unit_flops(self._shed(token_keep))
+
+    def _unit_flops(self, shed) -> list:
+        if shed is None:
+            return [(spec.head_flops, spec.channel_flops) for spec in self.layers]
+        out = []
+        for spec in self.layers:
+            gone = sum((g for level, g in zip(self.tokens, shed) if level.reaches(spec)), 0.0)
+            head, channel = spec.unit_flops_at(spec.tokens - gone)
+            rank = sum((level.rank_flops * (g > 0) for level, g in zip(self.tokens, shed)
+                        if (level.rank_stage, level.rank_layer) == (spec.tower, spec.index)), 0.0)
+            out.append((head + rank, channel))
         return out
 
     def _shed(self, token_keep):

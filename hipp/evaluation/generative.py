@@ -102,9 +102,12 @@ def costs(model, prompt_tokens: list[int]) -> dict[str, float]:
     """Analytic FLOPs per sample (hipp/core/costs.py): prefill of the image and a prompt of each given
     length (averaged), and one generated token right after such a prompt (averaged). Logits are
     computed for the last position only, as generate does."""
-    from ..backends import describe
+    from ..backends import describe, visual_tokens
 
-    space = describe(model)
+    space = describe(model)  # a model that prunes its visual tokens: the vision stage as it runs
+    budget = visual_tokens.installed(model)
+    if budget is not None:  # ... and every prompt shorter by the image tokens it drops
+        prompt_tokens = [t - (budget.of - budget.kept) for t in prompt_tokens]
     fixed = space.fixed_flops
     vision = fixed.get("vision", 0.0) + sum(l.block_cost.flops(l.tokens) for l in space.tower_layers("vision"))
     language = space.tower_layers("language")

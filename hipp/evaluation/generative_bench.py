@@ -89,7 +89,7 @@ def hypervolume_3d(points: list[tuple[float, float, float]], ref=(1.0, 1.0, 1.0)
 
 
 def _measure(model, processor, plan, n: int, seed: int) -> tuple[dict, Answers]:
-    small = materialize(model, *plan.gates).eval()
+    small = materialize(model, plan).eval()  # a plan's visual-token budget comes along
     answers = Answers(*answer_all(small, processor, "test", n, seed))
     costs = plan.costs()
     row = {"flops_ratio": costs["flops_ratio"], "params_ratio": costs["params_ratio"],
@@ -157,7 +157,8 @@ def _row(method: str, budget: float, got: list) -> dict:
             "latency_ms": {k: sum(r["latency_ms"][k] for r in rows) / len(rows) for k in rows[0]["latency_ms"]},
             "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
             "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
-            "layers_kept": [int(p.layer_keep.sum()) for p in plans]}
+            "layers_kept": [int(p.layer_keep.sum()) for p in plans],
+            "tokens_kept": [[int(k) for k in p.token_keep] for p in plans]}
 
 
 def _margins(rows: list[dict], answers: dict, ours: str, resamples) -> dict:
@@ -206,13 +207,13 @@ def markdown(result: dict) -> str:
              f"dense model: utility {f(d['utility'])}, POPE F1 random / popular / adversarial "
              f"{' / '.join(f(d[k]) for k in POPE_F1)}; {st['n']} test instructions of each kind, answered "
              f"greedily; hypervolume over {', '.join(result['reference']['axes'])} against (1, 1, 1).", "",
-             "| method | budget | FLOPs | utility | POPE F1 rnd / pop / adv | prefill ms | layers kept |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | budget | FLOPs | utility | POPE F1 rnd / pop / adv | prefill ms | layers kept | image tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
         for r in (r for r in result["results"] if r["budget"] == b):
             lines.append(f"| {r['method']} | {b:g} | {f(r['flops_ratio'])} | {f(r['utility'])} | "
                          f"{' / '.join(f(r[k]) for k in POPE_F1)} | {r['latency_ms'].get('prefill', 0):.2f} | "
-                         f"{r['layers_kept'][0]} |")
+                         f"{r['layers_kept'][0]} | {'/'.join(map(str, r['tokens_kept'][0])) or 'all'} |")
     lines += ["", "| method | hypervolume | train s | plan s |", "|---|---|---|---|"]
     for m in result["methods"]:
         t = result["train_seconds"].get(m)

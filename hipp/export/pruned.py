@@ -76,7 +76,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         small = compensate_bias(base.model, *gates, images=images.to(device), texts=texts.to(device))
         compensated = {"images": len(images), "texts": len(texts)}
     else:
-        small = materialize(base.model, *gates)
+        small = materialize(base.model, plan)  # with its visual-token budget, if it has one
     small = small.cpu().eval().requires_grad_(False)  # saved, checked and exported from the CPU, wherever the base ran
     struct = structure(plan.space, *gates)
     if model_structure(small) != struct:

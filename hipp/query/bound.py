@@ -35,6 +35,7 @@ from ..errors import HippError
 from ..core.plan import Plan
 from ..core.preference import COSTS, format_spec, simplex_grid, sweep
 from .ranking import CALIB_IMAGES, RANK_BY, check_rank_by, rank_losses
+from .tokens import token_level
 
 # Ranking: how many distinct fits are run (each on CALIB_IMAGES val scenes + Fashion-MNIST images
 # for the embedded teacher, see search_defaults). At 48 + 48 the loss's noise swapped candidates 3 points apart at a FLOPs ratio of 0.3
@@ -206,12 +207,24 @@ class Candidate:
 @torch.no_grad()
 def bound_candidates(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
                      n_rank: int = RANK_CANDIDATES, points: int = 11, max_latency: float | None = None,
-                     latency=None, rounding: tuple[int, int] | None = None) -> list[Candidate]:
+                     latency=None, rounding: tuple[int, int] | None = None, tokens=None) -> list[Candidate]:
     """Steps 1-2 of the module doc and the top-up: up to `n_rank` distinct plans that meet the bound(s),
     the smallest logit offset first (then sweep order). `latency` (a LatencyModel) prices a latency
-    bound; `rounding` (channels, units) keeps counts per layer in those multiples (hipp.query.rounding)."""
+    bound; `rounding` (channels, units) keeps counts per layer in those multiples (hipp.query.rounding).
+    `tokens` = (a TokenLevel, kept counts): the weights are fitted at each count in turn, whose plans
+    keep that many tokens, up to `n_rank` candidates each (so that every count, all tokens included,
+    has the candidates a weights-only query would rank)."""
     bounds = check_bounds(max_flops, max_params, max_latency)
-    units = Units(controller.space, latency)
+    if tokens is None:
+        return _candidates(controller, Units(controller.space, latency), bounds, n_rank, points, rounding)
+    level, counts = tokens
+    space = controller.space.with_tokens(level)
+    return [c for k in counts
+            for c in _candidates(controller, Units(space, latency, [k]), bounds, n_rank, points, rounding)]
+
+
+def _candidates(controller: Controller, units: Units, bounds: dict, n_rank: int, points: int,
+                rounding) -> list[Candidate]:
     units.check_keys(bounds)
     names = controller.objective_names
     prefs, targets = search_preferences(controller, bounds, points)
@@ -256,12 +269,14 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
                     base: Base | None = None, n_rank: int | None = None, calib_n: int | None = None,
                     points: int = 11, rank_by: str = RANK_BY, max_latency: float | None = None,
-                    latency=None, rounding: tuple[int, int] | None = None) -> Plan:
+                    latency=None, rounding: tuple[int, int] | None = None, token_counts=None) -> Plan:
     """The plan that meets the bound(s) with the lowest ranking loss on a calibration batch (see module doc).
 
     `n_rank` candidates are ranked on `calib_n` images per loss (None: search_defaults for the model).
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
     A latency bound needs `latency` (a LatencyModel); with one, the plan records its predicted latency.
+    `token_counts`: visual tokens to keep, one count or several to choose among (the ranking chooses);
+    the base model's token level prices them (hipp/backends/visual_tokens.py).
     """
     bounds = check_bounds(max_flops, max_params, max_latency)
     check_rank_by(rank_by)  # before the search, not after it
@@ -269,7 +284,13 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     defaults = search_defaults(controller.space)
     n_rank = defaults["n_rank"] if n_rank is None else n_rank
     calib_n = defaults["calib_n"] if calib_n is None else calib_n
-    candidates = bound_candidates(controller, max_flops, max_params, n_rank, points, max_latency, latency, rounding)
+    tokens = None
+    if token_counts is not None:
+        if base is None:
+            raise HippError("a visual-token budget needs the base model, whose token level prices it")
+        tokens = (token_level(base.model), list(token_counts))
+    candidates = bound_candidates(controller, max_flops, max_params, n_rank, points, max_latency, latency, rounding,
+                                  tokens)
     if base is not None:
         losses, ranked_by = rank_losses(base, [c.plan for c in candidates], rank_by, calib_n)
     else:
@@ -282,6 +303,7 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
         c = candidates[j]
         r = ratios(c.plan, latency)
         table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
+                      **({"tokens_kept": [int(k) for k in c.plan.token_keep]} if tokens else {}),
                       "logit_offset": c.offset,
                       "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
                       **({"latency_ratio": r["latency"]} if latency is not None else {}),

@@ -134,7 +134,7 @@ def generative_losses(base: Base, plans: list[Plan], n: int) -> list[float]:
     """A generative model's plans ranked by the objectives it trains on: answer-token KL plus the yes /
     no margin loss on existence questions, against the ungated model, on `n` validation instructions
     (every kind in turn: whatever the ranking rule, the rest of the utility must not move)."""
-    from ..backends import image_size
+    from ..backends import image_size, visual_tokens
     from ..tasks import get_task
     from ..training.generative import GenerativeDistiller
 
@@ -143,7 +143,8 @@ def generative_losses(base: Base, plans: list[Plan], n: int) -> list[float]:
     distiller = GenerativeDistiller(base.model, None, base.tokenizer, device)
     inputs = distiller.inputs(batch)
     teacher = distiller.teacher(inputs, batch)
-    return [float(sum(distiller.quality(map_gates(lambda t: t.float(), plan.gates), inputs, teacher).values()))
+    return [float(sum(distiller.quality(map_gates(lambda t: t.float(), plan.gates), inputs, teacher,
+                                        visual_tokens.for_plan(plan)).values()))
             for plan in plans]
 
 

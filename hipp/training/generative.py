@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import clear_gates, gated
+from ..backends import clear_gates, gated, visual_tokens
 from ..core.gates import keep_prob, map_gates
 from ..data.words import IGNORE, encode
 from ..errors import HippError
@@ -45,6 +45,11 @@ class GenerativeDistiller:
     def forward(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the answer positions [T, V] and the existence questions' yes-minus-no margins [P]."""
         enc, answer, rows, first = inputs
+        budget = visual_tokens.installed(self.model)
+        if budget is not None:  # the prompt loses pruned image tokens: their columns leave the answer mask
+            keep = visual_tokens.kept_columns(self.model, enc["input_ids"], budget)
+            answer = torch.nn.functional.pad(answer, (0, 1))[keep].reshape(len(keep), -1)[:, :-1]
+            first = answer.float().argmax(1)[rows]
         logits = self.model(**enc, use_cache=False).logits[:, :-1]
         at = logits[rows, first]
         return logits[answer], at[:, self.yes] - at[:, self.no]
@@ -54,9 +59,10 @@ class GenerativeDistiller:
         clear_gates(self.model)
         return self.forward(inputs)
 
-    def quality(self, gates, inputs, teacher: tuple) -> dict[str, torch.Tensor]:
-        """Utility and grounding losses of the model under `gates` against the teacher's outputs."""
-        with gated(self.model, gates):
+    def quality(self, gates, inputs, teacher: tuple, tokens=None) -> dict[str, torch.Tensor]:
+        """Utility and grounding losses of the model under `gates` (and a visual-token budget, None:
+        every token) against the teacher's outputs."""
+        with gated(self.model, gates), visual_tokens.pruning(self.model, tokens):
             s_answers, s_margin = self.forward(inputs)
         t_answers, t_margin = teacher
         return {"utility": answer_kl(t_answers, s_answers), "grounding": decision_loss(t_margin, s_margin)}

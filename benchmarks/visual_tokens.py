@@ -1,0 +1,125 @@
+"""Visual tokens on the LLaVA teacher: joint weight + token plans against weights only and tokens only.
+
+For each FLOPs budget and each share of the image tokens, the controller's bound search fits the
+weights to what the tokens leave (hipp.query.bound, token_counts); the share 1 is the weights-only
+plan. Tokens only keeps every weight and as many tokens as the budget allows (FoPru / HiPrune-style,
+ranked by the vision tower's class-token attention); where even one token is over the budget the row
+says so. On the dense weights, the class-token ranking is also set against evenly spaced tokens at
+the same counts (which rule ranks better). Each plan is materialised and answers the same `--n`
+instructions of every kind of `--split`; utility and POPE adversarial F1 come with the paired
+bootstrap standard error of their difference from the budget's weights-only plan (or, for the
+ranking rows, from the class-token rule at the same count).
+
+    python benchmarks/visual_tokens.py --controller runs/hipp-llava-tiny --split test --n 300 \
+        --budgets 0.3,0.5 --shares 1,0.75,0.5,0.25 --out runs/tokens/test
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hipp.backends import visual_tokens  # noqa: E402
+from hipp.controller.network import load_controller  # noqa: E402
+from hipp.core.plan import Plan  # noqa: E402
+from hipp.errors import HippError  # noqa: E402
+from hipp.evaluation.generative import answer_all  # noqa: E402
+from hipp.evaluation.generative_bench import Answers, judged  # noqa: E402
+from hipp.export.slicing import materialize  # noqa: E402
+from hipp.query.bound import load_base, plan_for_budget  # noqa: E402
+from hipp.query.tokens import counts, token_level, tokens_only  # noqa: E402
+from hipp.storage.fileio import write_json, write_text  # noqa: E402
+
+KEYS = ("utility", "pope/adversarial_f1")
+
+
+def answers(base, plan: Plan, split: str, n: int) -> Answers:
+    small = materialize(base.model, plan).eval()
+    return Answers(*answer_all(small, base.tokenizer, split, n))
+
+
+def row(name: str, budget, plan: Plan, got: Answers, ref: Answers | None, resamples) -> dict:
+    out = {"row": name, "budget": budget, "flops_ratio": plan.costs()["flops_ratio"],
+           "tokens_kept": [int(k) for k in plan.token_keep], **judged(got.metrics)}
+    if ref is not None:
+        se = got.paired_se(ref, resamples)
+        mine, theirs = judged(got.metrics), judged(ref.metrics)
+        out["vs_ref"] = {k: {"diff": mine[k] - theirs[k], "se": se[k]} for k in KEYS}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--controller", required=True)
+    ap.add_argument("--split", default="val", choices=("val", "test"))
+    ap.add_argument("--n", type=int, default=100, help="instructions of each kind")
+    ap.add_argument("--budgets", default="0.3,0.5")
+    ap.add_argument("--shares", default="1,0.75,0.5,0.25")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    controller = load_controller(args.controller)
+    base = load_base(controller, args.controller)
+    level = token_level(base.model)
+    space = controller.space.with_tokens(level)
+    kept = sorted(counts(level, [float(s) for s in args.shares.split(",")]), reverse=True)
+    dense = answers(base, Plan.dense(space), args.split, args.n)
+    resamples = dense.resamples()
+    rows = [row("dense", None, Plan.dense(space), dense, None, resamples)]
+    for budget in (float(b) for b in args.budgets.split(",")):
+        ref = None
+        for k in kept:
+            plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k])
+            got = answers(base, plan, args.split, args.n)
+            ref = ref or got  # the first count is every token: the weights-only plan
+            rows.append(row("weights" if k == level.tokens else "joint", budget, plan, got,
+                            None if got is ref else ref, resamples))
+            print(rows[-1], flush=True)
+        try:
+            plan = tokens_only(space, budget)
+            rows.append(row("tokens", budget, plan, answers(base, plan, args.split, args.n), ref, resamples))
+        except HippError as e:
+            rows.append({"row": "tokens", "budget": budget, "error": str(e)})
+        print(rows[-1], flush=True)
+    for k in kept[1:]:  # which ranking: the class token's attention against evenly spaced tokens
+        plan = Plan.from_gates(space, space.all_kept(), token_keep=[k])
+        cls = answers(base, plan, args.split, args.n)
+        rows.append(row("dense weights, cls", None, plan, cls, dense, resamples))
+        rank = visual_tokens._ranking_attention
+        visual_tokens._ranking_attention = lambda model, layer: None  # no attention: evenly spaced
+        try:
+            rows.append(row("dense weights, spaced", None, plan, answers(base, plan, args.split, args.n), cls,
+                            resamples))
+        finally:
+            visual_tokens._ranking_attention = rank
+        print(rows[-2:], flush=True)
+    out = Path(args.out)
+    result = {"controller": args.controller, "split": args.split, "n": args.n, "rows": rows,
+              "seconds": time.time() - t0}
+    write_json(out / "result.json", result)
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# Visual tokens ({args.split}, {args.n} per kind)", "",
+             "| row | budget | FLOPs | tokens | utility | POPE adv F1 | utility vs ref | POPE adv vs ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['budget']} | - | - | - | - | {r['error']} | |")
+            continue
+        vs = r.get("vs_ref", {})
+        cells = [f"{vs[k]['diff']:+.3f} ± {vs[k]['se']:.3f}" if k in vs else "" for k in KEYS]
+        lines.append(f"| {r['row']} | {r['budget'] if r['budget'] is not None else '-'} | {f(r['flops_ratio'])} | "
+                     f"{r['tokens_kept'][0]} | {f(r['utility'])} | {f(r['pope/adversarial_f1'])} | {' | '.join(cells)} |")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"{time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
