@@ -12,6 +12,7 @@ from hipp.errors import HippError
 from hipp.export.slicing import materialize
 from conftest import counted_flops
 from test_llava import decode_by_hand, generate, logits, plans, prompts, tiny_llava
+from test_query import tiny_controller_dir  # noqa: F401  (a fixture)
 
 
 def token_plan(space, gates, kept: int) -> Plan:
@@ -86,7 +87,7 @@ def test_the_ranking_keeps_the_tokens_the_class_token_attends_to_most():
     spec = VisualTokens(4, level.tokens, level.rank_layer)
     inputs = prompts(model, batch=2)
     attn = backend_for(model).blocks(model)["vision"][level.rank_layer].attn
-    with torch.no_grad(), visual_tokens._recording(attn) as rows:
+    with torch.no_grad(), visual_tokens.recording(attn) as rows:
         out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, return_dict=True)
     scores = rows[0].sum(1)[:, 1:]  # every head, the class token's own column left out
     chosen = scores.topk(4, -1).indices.sort(-1).values
@@ -111,7 +112,7 @@ def test_a_plan_without_the_rank_layer_keeps_evenly_spaced_tokens():
     small = materialize(model, p)
     assert torch.allclose(logits(small, inputs), hard, atol=1e-5, rtol=0)
     assert visual_tokens._ranking_attention(small, level.rank_layer) is None
-    assert visual_tokens._choose(None, 1, 16, 4, "cpu").tolist() == [[2, 6, 10, 14]]
+    assert visual_tokens.choose(None, 1, 16, 4, "cpu").tolist() == [[2, 6, 10, 14]]
     with torch.no_grad():
         counted = counted_flops(lambda: small(**prompts(small, batch=1), logits_to_keep=1))
     assert counted == p.costs()["flops/vision"] + p.costs()["flops/language"]
@@ -133,9 +134,64 @@ def test_plans_with_tokens_round_trip_and_bad_counts_are_one_line(tmp_path):
     with pytest.raises(HippError, match="its space has 0"):
         Plan.from_gates(plain, plain.all_kept(), token_keep=[3])
     with pytest.raises(HippError, match="no token level"):
-        from conftest import TINY_CFG  # a CLIP model has none
-        import open_clip
-        describe(open_clip.CLIP(**TINY_CFG), tokens=True)
+        from test_hf_backend import tiny_hf  # SigLIP: no class token to rank by
+        describe(tiny_hf("siglip"), tokens=True)
     with pytest.raises(HippError, match="whole number"):
         VisualTokens(0, 16, 1)
     assert TokenLevel(**space.tokens[0].to_dict()) == space.tokens[0]
+
+
+# --- a CLIP-style image tower (EViT-style: patches kept after a layer) ---
+
+def clip_models(hf_tiny_dir, tiny_model_dir):
+    from hipp.storage.checkpoint import load_model
+    return {"open_clip": load_model(tiny_model_dir), "hf": load_model(hf_tiny_dir)}
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf"])
+def test_a_clip_tower_keeps_the_patches_its_class_token_attends_to(family, hf_tiny_dir, tiny_model_dir):
+    """After layer `after` only the class token and the kept patches go on: hard-gated equals
+    materialised, the materialised model is priced as the flop counter counts it, the level is in
+    the space, and fewer tokens change the embedding."""
+    model = clip_models(hf_tiny_dir, tiny_model_dir)[family]
+    space = make_prunable(model, tokens=True)
+    level = space.tokens[0]
+    assert (level.stage, level.tokens, level.after, level.rank_layer) == ("image", 16, 0, 0)
+    layer_keep, heads, chans = space.all_kept()
+    heads[0][1] = 0.0  # the rank layer loses a head: the ranking reads the kept ones only
+    chans[1][: len(chans[1]) // 2] = 0.0
+    plan = Plan.from_gates(space, (layer_keep, heads, chans), token_keep=[5])
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), gated(model, plan.gates), pruning(model, visual_tokens.for_plan(plan)):
+        hard = model.encode_image(images)
+    small = materialize(model, plan)
+    with torch.no_grad():
+        got, weights_only = small.encode_image(images), materialize(model, Plan.from_gates(space, plan.gates)).encode_image(images)
+        counted = counted_flops(lambda: small.encode_image(images[:1]))
+    assert torch.allclose(got, hard, atol=1e-5, rtol=0)
+    assert (got - weights_only).abs().max() > 1e-3
+    assert counted == plan.costs()["flops/image"] == describe(small).dense_costs()["flops/image"]
+
+
+def test_a_clip_export_with_tokens_reloads_pruning_them(tiny_controller_dir, tmp_path, capsys):
+    import json
+
+    from hipp import load_model
+    from hipp.cli.main import main
+    from hipp.query.bound import load_base
+    from hipp.controller.network import load_controller
+    assert main(["export", "--controller", str(tiny_controller_dir), "--max-flops", "0.6", "--visual-tokens", "0.5",
+                 "--candidates", "2", "--calib-images", "8", "--out", str(tmp_path / "e"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image"]["tokens_kept"] == 8 and 0.58 <= out["flops_ratio"] <= 0.6
+    config = json.loads((tmp_path / "e" / "pruned_config.json").read_text())
+    assert config["visual_tokens"]["stage"] == "image" and config["visual_tokens"]["kept"] == 8
+    plan = Plan.from_dict(config["plan"])
+    model = load_model(tmp_path / "e")
+    base = load_base(load_controller(tiny_controller_dir), tiny_controller_dir, None, "cpu")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), gated(base.model, plan.gates), pruning(base.model, visual_tokens.for_plan(plan)):
+        hard = base.model.encode_image(images)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), hard, atol=1e-5, rtol=0)
+    assert describe(model).dense_costs()["flops/image"] == plan.costs()["flops/image"]

@@ -16,6 +16,7 @@ from ..errors import HippError
 from .base import Backend, DualEncoder, Stage, backend_for, register, registered, unregister
 from .base import get as get_backend
 from .modules import DroppedBlock, GatedBlock, carry_hooks
+from . import visual_tokens
 from ..core.space import LayerSpec, PruneSpace
 
 __all__ = ["Backend", "DualEncoder", "Stage", "backend_for", "get_backend", "register", "registered", "unregister",
@@ -48,19 +49,25 @@ def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> 
     """
     b = backend_for(model)
     stages = b.stages(model)
+    fixed = {n: s.fixed_flops for n, s in stages.items()}
+    budget = visual_tokens.installed(model)
+    tower = budget if budget is not None and budget.stage != "language" else None  # LLaVA prices its own
     layers = []
     for name, stage in stages.items():
         for i, block in enumerate(stage.blocks):
+            if tower is not None and (name, i) == (tower.stage, tower.layer):
+                attn = visual_tokens.ranking_attention(block)  # the class-token row it ranks by
+                fixed[name] += 0.0 if attn is None else 2.0 * attn.num_heads * attn.head_dim * stage.tokens
             if isinstance(block, DroppedBlock):
                 continue
             width, heads, head_dim, hidden = b.block_shape(block)
-            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, stage.tokens, channel_group,
-                                    **b.layer_fields(block)))
+            shorter = tower is not None and name == tower.stage and i > tower.layer
+            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, 1 + tower.kept if shorter else stage.tokens,
+                                    channel_group, **b.layer_fields(block)))
     levels = b.token_levels(model) if tokens else ()
     if tokens and not levels:
         raise HippError(f"a {b.name} model has no token level to prune (visual tokens: llava models)")
-    return PruneSpace(tuple(layers), {n: s.fixed_flops for n, s in stages.items()},
-                      {n: float(s.fixed_params) for n, s in stages.items()}, tuple(levels))
+    return PruneSpace(tuple(layers), fixed, {n: float(s.fixed_params) for n, s in stages.items()}, tuple(levels))
 
 
 def dense_flops(model: nn.Module) -> dict[str, float]:

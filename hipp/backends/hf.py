@@ -96,9 +96,7 @@ class HFAttention(HeadGatedAttention):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
         out, _ = attend(self, q, k, v, attn_mask, scaling=self.scale,
                         dropout=self.dropout if self.training else 0.0, **kwargs)
-        rows = getattr(self, "cls_row", None)
-        if rows is not None:  # the class token's attention [B, H, T], which ranks a LLaVA's visual tokens
-            rows.append((torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * self.scale).softmax(-1)[:, :, 0])
+        self.record_cls(q, k)
         return out  # [B, T, H, hd]: transformers' attention functions return it transposed
 
     def keep_heads(self, heads: torch.Tensor) -> "HFAttention":
@@ -190,6 +188,15 @@ class HFBackend(Backend):
         params = {"image": image - _count(*blocks["image"]), "text": _count(model) - image - _count(*blocks["text"])}
         tokens = {"image": hf.vision_model.embeddings.num_positions, "text": self.context_length(model)}
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
+
+    def token_levels(self, model: HFVLM) -> tuple:
+        """CLIP's patches after a quarter of the image layers (SigLIP has no class token to rank by)."""
+        if not hasattr(model.hf, "visual_projection"):
+            return ()
+        from . import tower_tokens
+        blocks = self.blocks(model)["image"]
+        return (tower_tokens.level("image", blocks, model.hf.vision_model.embeddings.num_positions,
+                                   tower_tokens.default_after(len(blocks)), self.block_shape(blocks[0])[2]),)
 
     @staticmethod
     def _fixed_flops(model: HFVLM) -> dict[str, float]:

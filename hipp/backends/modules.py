@@ -89,6 +89,13 @@ class HeadGatedAttention(PrunableBranch):
     def heads_out(self, x: torch.Tensor, attn_mask=None, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
+    def record_cls(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """While `cls_row` is a list (backends/visual_tokens.py), append the class token's attention
+        [B, H, T] from the per-head queries and keys [B, H, T, hd]: what ranks tokens for pruning."""
+        rows = getattr(self, "cls_row", None)
+        if rows is not None:
+            rows.append((torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * self.head_dim ** -0.5).softmax(-1)[:, :, 0])
+
     @property
     def units(self) -> int:
         return self.num_heads

@@ -102,6 +102,7 @@ class PrunableAttention(HeadGatedAttention):
         batch, tokens, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        self.record_cls(q, k)
         mask = _additive_mask(attn_mask, batch, tokens, q.dtype)  # q's dtype: under autocast it may differ from x's
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
@@ -192,6 +193,15 @@ class OpenClipBackend(Backend):
         params = {"image": image - _count(*blocks["image"]), "text": _count(model) - image - _count(*blocks["text"])}
         tokens = {"image": model.visual.positional_embedding.shape[0], "text": self.context_length(model)}
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
+
+    def token_levels(self, model: nn.Module) -> tuple:
+        """The image patches after a quarter of the image layers, ranked by the class token's attention."""
+        if getattr(model.visual, "class_embedding", None) is None:
+            return ()
+        from . import tower_tokens
+        blocks = self.blocks(model)["image"]
+        return (tower_tokens.level("image", blocks, model.visual.positional_embedding.shape[0],
+                                   tower_tokens.default_after(len(blocks)), self.block_shape(blocks[0])[2]),)
 
     @staticmethod
     def _fixed_flops(model: nn.Module) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """Visual tokens as a level of the plan: a LLaVA passes on only the k image tokens its vision tower's
-class token attends to most (FoPru / HiPrune-style ranking, before the language model).
+class token attends to most (FoPru / HiPrune-style ranking, before the language model); a CLIP-style
+image tower keeps the k patches its class token attends to most after a chosen layer (EViT-style,
+backends/tower_tokens.py). This module holds the budget, the ranking and the LLaVA path.
 
 The ranking is training-free and computed in the forward pass: the class token's attention row in
 the vision layer whose output LLaVA takes as image features (`rank_layer`), summed over the heads the
@@ -34,11 +36,14 @@ ATTRIBUTE = "hipp_visual_tokens"  # where an installed budget rides on the model
 
 @dataclass(frozen=True)
 class VisualTokens:
-    """A token budget: keep `kept` of each image's `of` tokens, ranked by `rule` at vision layer `layer`."""
+    """A token budget: keep `kept` of each image's `of` tokens, ranked by `rule` at vision layer `layer`;
+    for a LLaVA (`stage` "language") before the language model, for an image tower (`stage` its name)
+    after its layer `layer`."""
     kept: int
     of: int
     layer: int
     rule: str = "cls"
+    stage: str = "language"
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -52,7 +57,7 @@ class VisualTokens:
     @classmethod
     def from_dict(cls, d, where: str = "visual_tokens") -> "VisualTokens":
         try:
-            return cls(**{k: d[k] for k in ("kept", "of", "layer", "rule")})
+            return cls(**{k: d[k] for k in ("kept", "of", "layer", "rule")}, stage=d.get("stage", "language"))
         except (KeyError, TypeError):
             raise HippError(f"{where} needs kept, of, layer and rule") from None
 
@@ -96,7 +101,11 @@ def _ranking_attention(model: nn.Module, layer: int):
     """The rank layer's attention when the model (as gated or materialised now) still computes one."""
     if layer < 0:
         return None
-    block = _vision(model).encoder.layers[layer]
+    return ranking_attention(_vision(model).encoder.layers[layer])
+
+
+def ranking_attention(block: nn.Module):
+    """The block's attention, unless the block (as gated or materialised now) computes none."""
     if isinstance(block, DroppedBlock) or not hasattr(block, "attn") or block.attn.empty:
         return None
     gate = getattr(block, "layer_gate", None)
@@ -108,7 +117,7 @@ def _ranking_attention(model: nn.Module, layer: int):
 
 
 @contextmanager
-def _recording(attn):
+def recording(attn):
     if attn is None:
         yield None
         return
@@ -119,7 +128,7 @@ def _recording(attn):
         attn.cls_row = None
 
 
-def _scores(rows: list, attn) -> torch.Tensor:
+def scores_of(rows: list, attn) -> torch.Tensor:
     """[B, T] class-token attention summed over the (gate-weighted) attention units."""
     probs = rows[-1]  # [B, H, T]
     b, h, t = probs.shape
@@ -130,7 +139,7 @@ def _scores(rows: list, attn) -> torch.Tensor:
     return per_unit.sum(1)
 
 
-def _choose(scores: torch.Tensor | None, batch: int, n: int, k: int, device) -> torch.Tensor:
+def choose(scores: torch.Tensor | None, batch: int, n: int, k: int, device) -> torch.Tensor:
     """[B, k] indices of the kept tokens, ascending."""
     if scores is None:  # evenly spaced
         idx = ((torch.arange(k, device=device, dtype=torch.float64) + 0.5) * n / k).long()
@@ -142,17 +151,17 @@ def select_features(model: nn.Module, pixel_values: torch.Tensor, spec: VisualTo
     """[images, k, D] projected features of the kept tokens."""
     inner = model.model
     attn = _ranking_attention(model, spec.layer)
-    with _recording(attn) as rows:
+    with recording(attn) as rows:
         out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     hidden = torch.cat([out.hidden_states[h] for h in _feature_layers(model)], dim=-1)
-    scores = _scores(rows, attn) if attn is not None else None
+    scores = scores_of(rows, attn) if attn is not None else None
     if model.config.vision_feature_select_strategy == "default":  # the class token is no image feature
         hidden = hidden[:, 1:]
         scores = None if scores is None else scores[:, 1:]
     n = hidden.shape[1]
     if n != spec.of:
         raise HippError(f"the vision tower gives {n} image tokens; the token budget is for {spec.of}")
-    idx = _choose(scores, hidden.shape[0], n, spec.kept, hidden.device)
+    idx = choose(scores, hidden.shape[0], n, spec.kept, hidden.device)
     kept = hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     return inner.multi_modal_projector(kept)
 
@@ -217,13 +226,18 @@ def _generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kw
 
 
 def install(model: nn.Module, spec: VisualTokens | None) -> nn.Module:
-    """Make `model` prune its visual tokens to `spec` in forward and generate (None, or every token
-    kept: its own methods again). Returns the model."""
+    """Make `model` prune its visual tokens to `spec` (None, or every token kept: its own forward
+    again): a LLaVA in forward and generate, an image tower after the budget's layer. Returns the model."""
+    from . import tower_tokens
+
     for name in ("forward", "generate"):
         model.__dict__.pop(name, None)
+    tower_tokens.remove(model)
     keep = spec is not None and spec.kept < spec.of
     setattr(model, ATTRIBUTE, spec if keep else None)
-    if keep:
+    if keep and spec.stage != "language":
+        tower_tokens.attach(model, spec)
+    elif keep:
         model.forward = types.MethodType(_forward, model)
         model.generate = types.MethodType(_generate, model)
     return model
@@ -236,8 +250,8 @@ def installed(model: nn.Module) -> VisualTokens | None:
 def for_plan(plan) -> VisualTokens | None:
     """The budget a plan sets (None when it keeps every token or has no token level)."""
     for level, k in zip(plan.space.tokens, plan.token_keep.tolist()):
-        if level.stage == "language" and k < level.tokens:
-            return VisualTokens(int(k), level.tokens, level.rank_layer, level.rule)
+        if k < level.tokens:
+            return VisualTokens(int(k), level.tokens, level.rank_layer, level.rule, level.stage)
     return None
 
 

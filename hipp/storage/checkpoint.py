@@ -235,9 +235,10 @@ def _load_pruned(path: Path, config: dict) -> torch.nn.Module:
     budget = config.get("visual_tokens")
     if budget is not None:  # the export prunes its visual tokens itself, as the plan said
         from ..backends import visual_tokens
-        if family(model) != "llava":
-            raise HippError(f"{path}: {PRUNED_CONFIG_NAME} sets visual tokens for a {family(model)} model")
-        visual_tokens.install(model, visual_tokens.VisualTokens.from_dict(budget, f"{path}: visual_tokens"))
+        spec = visual_tokens.VisualTokens.from_dict(budget, f"{path}: visual_tokens")
+        if (spec.stage == "language") != (family(model) == "llava"):
+            raise HippError(f"{path}: {PRUNED_CONFIG_NAME} sets {spec.stage} tokens for a {family(model)} model")
+        visual_tokens.install(model, spec)
     return model
 
 
