@@ -17,6 +17,7 @@ from .base import Backend, DualEncoder, Stage, backend_for, register, registered
 from .base import get as get_backend
 from .modules import DroppedBlock, GatedBlock, carry_hooks
 from . import visual_tokens
+from ..core.gates import map_gates
 from ..core.space import LayerSpec, PruneSpace
 
 __all__ = ["Backend", "DualEncoder", "Stage", "backend_for", "get_backend", "register", "registered", "unregister",
@@ -145,6 +146,18 @@ def gated(model: nn.Module, gates):
     finally:
         for block, before in zip(blocks, saved):
             block.set_gates(*before)
+
+
+@contextmanager
+def hard_plan(model: nn.Module, plan):
+    """Run `model` as a hard plan prunes it inside the block: its gates (as float32 where the model
+    lives) and its visual-token budget, as its materialised copy computes."""
+    import torch
+
+    device = next(model.parameters()).device
+    gates = map_gates(lambda t: t.to(device, torch.float32), plan.gates)
+    with gated(model, gates), visual_tokens.pruning(model, visual_tokens.for_plan(plan)):
+        yield model
 
 
 def clear_gates(model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..backends import describe, gated, image_size, make_prunable
+from ..backends import describe, hard_plan, image_size, make_prunable
 from ..data import to_input
 from ..errors import HippError
 from .evaluate import check_datasets, evaluate, latency_ms
@@ -31,7 +31,6 @@ from .front import REFERENCE, hypervolume_2d, non_dominated, spearman
 from .plots import plot_front
 from ..storage.fileio import write_json, write_text
 from ..storage.outputs import staged
-from ..core.gates import map_gates
 from ..export.slicing import compensate_bias, materialize
 from ..core.plan import Plan
 from ..core.preference import format_spec, simplex_grid
@@ -131,13 +130,12 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
         images, texts = calibration_inputs(calibration, preprocess_cfg)
         small = compensate_bias(model, *plan.gates, images=images, texts=texts).eval()
     elif mode == "materialize" or latency:
-        small = materialize(model, *plan.gates).eval()
+        small = materialize(model, plan).eval()
     per_item = {} if items else None
     if small is not None and (mode == "materialize" or plan.meta.get("compensate")):
         metrics = measure_metrics(small, tokenizer, preprocess_cfg, datasets, n, fmnist_limit, per_item, split)
     else:
-        device = next(model.parameters()).device
-        with gated(model, map_gates(lambda t: t.to(device, torch.float32), plan.gates)):
+        with hard_plan(model, plan):
             metrics = measure_metrics(model, tokenizer, preprocess_cfg, datasets, n, fmnist_limit, per_item, split)
     costs = plan.costs()
     out = {"metrics": metrics, "utility": utility_of(metrics), "grounding": grounding_of(metrics),

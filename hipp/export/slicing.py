@@ -102,8 +102,8 @@ def _unpack(model, layer_keep, head_keep, channel_keep):
     if head_keep is None and channel_keep is None and hasattr(layer_keep, "gates"):
         space = getattr(layer_keep, "space", None)
         if space is not None and space.layers:
-            own = describe(model, space.layers[0].channel_group, tokens=bool(space.tokens))
-            if own != space:
+            own = describe(model, space.layers[0].channel_group)
+            if own != space.with_tokens():  # the token level is the plan's choice (which layer, which rule)
                 raise HippError(f"the plan is for another model: its prune space ({_shape(space)}) is not this "
                                 f"model's ({_shape(own)})")
         return layer_keep.gates

@@ -64,7 +64,7 @@ def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Utility loss of each plan's hard-gated model against the same model ungated (lower is better)."""
-    from ..backends import clear_gates, gated
+    from ..backends import clear_gates, hard_plan
     from ..training.objectives import Embeddings, utility_loss
 
     model = base.model
@@ -75,7 +75,7 @@ def utility_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     scale = model.logit_scale.exp()
     out = []
     for plan in plans:
-        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
+        with hard_plan(model, plan):
             student = Embeddings(model.encode_image(images), model.encode_text(tokens))
         out.append(float(utility_loss(student, teacher, scale)))
     return out
@@ -98,7 +98,7 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     """Each plan's zero-shot loss: KL(ungated || hard-gated) of the class distributions over the shape
     attributes and the Fashion-MNIST classes on calibration images (from zero_shot_calibration),
     weighted as the utility weighs its metrics (the shape attributes share half)."""
-    from ..backends import clear_gates, gated
+    from ..backends import clear_gates, hard_plan
     from ..data.fashion_mnist import class_prompts
     from ..evaluation.evaluate import class_embeddings, shape_class_embeddings
     from ..training.objectives import kl_rows
@@ -123,7 +123,7 @@ def zero_shot_losses(base: Base, plans: list[Plan], calib) -> list[float]:
     teacher = logits(model)
     losses = []
     for plan in plans:
-        with gated(model, map_gates(lambda t: t.float(), plan.gates)):
+        with hard_plan(model, plan):
             student = logits(model)
         losses.append(sum(w * float(kl_rows(t, s)) for (w, t), (_, s) in zip(teacher, student)))
     return losses
