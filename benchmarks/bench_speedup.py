@@ -33,6 +33,7 @@ from hipp.export.slicing import materialize
 from hipp.core.plan import Plan
 from hipp.evaluation.profile import Timer, measures_for
 from hipp.query.bound import load_base, plan_for_budget
+from hipp.query.tokens import counts, parse_shares, token_level
 from hipp.storage.checkpoint import load_model
 
 
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--channel-group", type=int, default=64, help="channel grouping for --model")
     p.add_argument("--max-flops", default="0.3,0.5,0.7", help="comma-separated FLOPs bounds")
     p.add_argument("--pref", action="append", default=[], help="also time this preference's plan (repeatable)")
+    p.add_argument("--visual-tokens", metavar="S",
+                   help="with --controller: also the joint weight + token plans at each bound (as hipp query's option)")
     p.add_argument("--base-model", help="override the controller's base model")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per model and tower")
@@ -77,6 +80,10 @@ def main(argv=None) -> int:
             model, space, spec = base.model, controller.space, base.spec
             plans = [(f"max_flops={r:g}", plan_for_budget(controller, max_flops=r, base=base)) for r in bounds]
             plans += [(f"pref {s}", controller.plan(s)) for s in args.pref]
+            if args.visual_tokens:
+                kept = counts(token_level(model), parse_shares(args.visual_tokens))
+                plans += [(f"max_flops={r:g}+tokens", plan_for_budget(controller, max_flops=r, base=base,
+                                                                      token_counts=kept)) for r in bounds]
         elif args.model:
             model, spec = random_model(args.model), args.model
             space = make_prunable(model, args.channel_group)

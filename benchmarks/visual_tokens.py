@@ -12,6 +12,10 @@ ranking rows, from the class-token rule at the same count).
 
     python benchmarks/visual_tokens.py --controller runs/hipp-llava-tiny --split test --n 300 \
         --budgets 0.3,0.5 --shares 1,0.75,0.5,0.25 --out runs/tokens/test
+
+`--check N` instead compares each joint plan's materialised model with the hard-gated base on N test
+prompts: the largest logit difference of the prompts' last positions, and whether the greedy
+generations (16 tokens) are identical.
 """
 from __future__ import annotations
 
@@ -53,6 +57,23 @@ def row(name: str, budget, plan: Plan, got: Answers, ref: Answers | None, resamp
     return out
 
 
+def check(base, plan: Plan, n: int) -> dict:
+    from hipp.backends import hard_plan
+    from hipp.data import words
+    from hipp.data.instruct import make_samples
+
+    small = materialize(base.model, plan).eval()
+    batch = words.encode(base.tokenizer, make_samples("test", n, seed=0), train=False)
+    batch.pop("answers")
+    with torch.no_grad():
+        ours, tokens = small(**batch).logits[:, -1], small.generate(**batch, max_new_tokens=16, do_sample=False)
+        with hard_plan(base.model, plan):
+            hard, hard_tokens = (base.model(**batch).logits[:, -1],
+                                 base.model.generate(**batch, max_new_tokens=16, do_sample=False))
+    return {"prompts": n, "max_abs_logit_diff": float((ours - hard).abs().max()),
+            "identical_generations": int((tokens == hard_tokens).all(1).sum()) if tokens.shape == hard_tokens.shape else 0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--controller", required=True)
@@ -60,6 +81,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100, help="instructions of each kind")
     ap.add_argument("--budgets", default="0.3,0.5")
     ap.add_argument("--shares", default="1,0.75,0.5,0.25")
+    ap.add_argument("--check", type=int, metavar="N", help="only compare exports with the hard-gated model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -69,6 +91,15 @@ def main() -> int:
     level = token_level(base.model)
     space = controller.space.with_tokens(level)
     kept = sorted(counts(level, [float(s) for s in args.shares.split(",")]), reverse=True)
+    if args.check:
+        checks = []
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for k in kept:
+                plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k])
+                checks.append({"budget": budget, "tokens_kept": k, **check(base, plan, args.check)})
+                print(checks[-1], flush=True)
+        write_json(Path(args.out) / "check.json", checks)
+        return 0
     dense = answers(base, Plan.dense(space), args.split, args.n)
     resamples = dense.resamples()
     rows = [row("dense", None, Plan.dense(space), dense, None, resamples)]

@@ -62,7 +62,8 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
             "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
             "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
             "seeds": [{"seed": p.meta.get("seed", 0), "flops_ratio": r["flops_ratio"], "utility": r["utility"],
-                       "grounding": r["grounding"]} for p, r in zip(plans, results)]}
+                       "grounding": r["grounding"], "tokens_kept": [int(t) for t in p.token_keep]}
+                      for p, r in zip(plans, results)]}
 
 
 def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
@@ -162,8 +163,9 @@ def _mean_items(per_seed: list[dict | None]) -> dict | None:
 
 
 def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER) -> dict[str, dict]:
-    """Per budget: the utility of row `ours` minus the best training-free method's (named) and minus
-    the fixed-budget gates (one gate training per budget), where those were run. With `items` ((method, budget)
+    """Per budget: the utility of row `ours` minus the best training-free method's (named), minus
+    the fixed-budget gates (one gate training per budget) and minus the other planners' rows, where those
+    were run. With `items` ((method, budget)
     -> per-item scores), `se` holds each difference's paired standard error."""
     items = items or {}
     out = {}
@@ -179,7 +181,8 @@ def margins(rows: list[dict], items: dict | None = None, ours: str = CONTROLLER)
             best = max(free, key=free.get)
             entry.update(best_training_free=best, over_training_free=utility - free[best])
             against["over_training_free"] = best
-        for m in (m for m in at if m in METHODS and METHODS[m].trains):
+        # methods that train, and the other planners' rows (e.g. hipp+tokens against hipp)
+        for m in (m for m in at if m != ours and (m not in METHODS or METHODS[m].trains)):
             entry[f"vs_{m}"] = utility - at[m]
             against[f"vs_{m}"] = m
         for key, m in against.items():
