@@ -30,11 +30,13 @@ def test_bench_runs_chosen_methods_with_the_controller(tiny_controller_dir, tmp_
     utility = {r["method"]: r["utility"] for r in result["results"]}
     best = max(("uniform", "magnitude"), key=utility.get)
     md = (tmp_path / "bench" / "bench.md").read_text()
-    for row in ours:
+    for row, other in zip(ours, reversed(ours)):  # each planner's row is also set against the other's
         margin = result["margins"][row]["0.5"]
-        se = margin.pop("se")["over_training_free"]
-        assert margin == {"best_training_free": best, "over_training_free": utility[row] - utility[best]}
-        assert 0 <= se < 0.5
+        errors = margin.pop("se")
+        se = errors["over_training_free"]
+        assert margin == {"best_training_free": best, "over_training_free": utility[row] - utility[best],
+                          f"vs_{other}": utility[row] - utility[other]}
+        assert 0 <= se < 0.5 and 0 <= errors[f"vs_{other}"] < 0.5
         assert (f"- {row} @0.5: {utility[row] - utility[best]:+.3f} ± {se:.3f} over the best training-free method "
                 f"({best})") in md
     detail = md.split("## Every method at every budget")[1]

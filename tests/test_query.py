@@ -293,7 +293,7 @@ def test_impossible_and_invalid_bounds(loaded, tiny_controller_dir, capsys):
     (["--max-flops", "abc"], "invalid float value"),
     (["--max-flops", "2"], r"max_flops must be a ratio in (0, 1], got 2"),
     (["--max-params", "nan"], "max_params must be a ratio"),
-    (["--max-flops", "0.5", "--visual-tokens", "0.5"], "visual tokens are a level of llava models"),
+    (["--max-latency", "0.5", "--visual-tokens", "0.5"], "a latency bound does not price visual tokens yet"),
     (["--max-flops", "0.5", "--visual-tokens", "half"], "--visual-tokens takes shares"),
 ])
 def test_bad_query_input(tiny_controller_dir, capsys, args, needle):
