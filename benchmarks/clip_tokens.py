@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hipp.backends import backend_for, make_prunable, tower_tokens, visual_tokens  # noqa: E402
+from hipp.backends import backend_for, make_prunable, tower_tokens  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
 from hipp.evaluation.pareto import evaluate_plan  # noqa: E402
 from hipp.storage.checkpoint import get_tokenizer, load_model, preprocess_cfg  # noqa: E402
@@ -52,12 +52,12 @@ def main() -> int:
             plan = Plan.from_gates(space.with_tokens(level), space.all_kept(), token_keep=[kept])
             rows.append({"after": after, "kept": kept, "rule": "cls", **measure(plan)})
             if after == default.after:
-                rank = visual_tokens.ranking_attention
-                visual_tokens.ranking_attention = lambda block: None  # evenly spaced patches
+                rank = tower_tokens.ranking_attention
+                tower_tokens.ranking_attention = lambda block: None  # evenly spaced patches
                 try:
                     rows.append({"after": after, "kept": kept, "rule": "spaced", **measure(plan)})
                 finally:
-                    visual_tokens.ranking_attention = rank
+                    tower_tokens.ranking_attention = rank
             print(rows[-1], flush=True)
     print(f"{'after':>5s} {'kept':>4s} {'rule':>6s} {'FLOPs':>6s} {'image':>6s} {'utility':>8s} {'grounding':>9s}")
     for r in rows:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hipp.backends import visual_tokens  # noqa: E402
+from hipp.backends import llava_tokens  # noqa: E402
 from hipp.controller.network import load_controller  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
 from hipp.errors import HippError  # noqa: E402
@@ -122,13 +122,13 @@ def main() -> int:
         plan = Plan.from_gates(space, space.all_kept(), token_keep=[k])
         cls = answers(base, plan, args.split, args.n)
         rows.append(row("dense weights, cls", None, plan, cls, dense, resamples))
-        rank = visual_tokens._ranking_attention
-        visual_tokens._ranking_attention = lambda model, layer: None  # no attention: evenly spaced
+        rank = llava_tokens.rank_attention
+        llava_tokens.rank_attention = lambda model, layer: None  # no attention: evenly spaced
         try:
             rows.append(row("dense weights, spaced", None, plan, answers(base, plan, args.split, args.n), cls,
                             resamples))
         finally:
-            visual_tokens._ranking_attention = rank
+            llava_tokens.rank_attention = rank
         print(rows[-2:], flush=True)
     out = Path(args.out)
     result = {"controller": args.controller, "split": args.split, "n": args.n, "rows": rows,

@@ -4,7 +4,7 @@ decode loop), exports that prune their tokens themselves after a reload, and bad
 import pytest
 import torch
 
-from hipp.backends import backend_for, describe, gated, make_prunable, visual_tokens
+from hipp.backends import backend_for, describe, gated, llava_tokens, make_prunable, visual_tokens
 from hipp.backends.visual_tokens import VisualTokens, pruning
 from hipp.core.plan import Plan
 from hipp.core.space import TokenLevel
@@ -111,7 +111,7 @@ def test_a_plan_without_the_rank_layer_keeps_evenly_spaced_tokens():
         hard = logits(model, inputs)
     small = materialize(model, p)
     assert torch.allclose(logits(small, inputs), hard, atol=1e-5, rtol=0)
-    assert visual_tokens._ranking_attention(small, level.rank_layer) is None
+    assert llava_tokens.rank_attention(small, level.rank_layer) is None
     assert visual_tokens.choose(None, 1, 16, 4, "cpu").tolist() == [[2, 6, 10, 14]]
     with torch.no_grad():
         counted = counted_flops(lambda: small(**prompts(small, batch=1), logits_to_keep=1))

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..errors import HippError
 from ..storage import untrusted
-from . import visual_tokens
+from . import llava_tokens
 from .base import Backend, Stage, register
+from .token_rank import installed
 from .decoder import DecoderBlock
 from .hf import HFBlock
 from .modules import DroppedBlock, GatedBlock
@@ -40,13 +41,6 @@ def _is_llava(model: nn.Module) -> bool:
 
 def _count(*modules: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def _tower(model: nn.Module) -> nn.Module:
-    """The module holding the vision tower's embeddings and encoder (transformers 5 flattened
-    CLIPVisionModel; SiglipVisionModel still nests a vision_model)."""
-    tower = model.model.vision_tower
-    return getattr(tower, "vision_model", tower)
 
 
 def _capture_hooks(*models: nn.Module) -> None:
@@ -67,18 +61,13 @@ class LlavaBackend(Backend):
     def blocks(self, model: nn.Module) -> dict[str, nn.ModuleList]:
         inner = model.model
         _capture_hooks(inner.vision_tower, inner.language_model)  # a flag check after the first call
-        return {"vision": _tower(model).encoder.layers, "language": inner.language_model.layers}
+        return {"vision": llava_tokens.vision(model).encoder.layers, "language": inner.language_model.layers}
 
-    @staticmethod
-    def image_tokens(model: nn.Module) -> int:
-        """Image features LLaVA puts into the prompt: the tower's positions, less CLIP's class token
-        under the "default" feature selection."""
-        positions = _tower(model).embeddings.num_positions
-        return positions - (model.config.vision_feature_select_strategy == "default")
+    image_tokens = staticmethod(llava_tokens.image_tokens)
 
     def stages(self, model: nn.Module) -> dict[str, Stage]:
         blocks, inner = self.blocks(model), model.model
-        emb = _tower(model).embeddings
+        emb = llava_tokens.vision(model).embeddings
         conv, projector = emb.patch_embedding, inner.multi_modal_projector
         image = self.image_tokens(model)
         kh, kw = conv.kernel_size
@@ -91,12 +80,12 @@ class LlavaBackend(Backend):
                   "language": _count(model) - vision_params - _count(*blocks["language"])}
         flops = {"vision": patch_flops + proj_flops, "language": 2.0 * head.in_features * head.out_features}
         tokens = {"vision": emb.num_positions, "language": self.context_length(model)}
-        budget = visual_tokens.installed(model)
+        budget = installed(model)
         if budget is not None:  # a model that prunes its own visual tokens costs what it runs
             shed = budget.of - budget.kept
             tokens["language"] -= shed
             flops["vision"] -= proj_flops * shed / image
-            attn = visual_tokens._ranking_attention(model, budget.layer)
+            attn = llava_tokens.rank_attention(model, budget.layer)
             if attn is not None:
                 flops["vision"] += 2.0 * attn.num_heads * attn.head_dim * emb.num_positions
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
@@ -125,7 +114,7 @@ class LlavaBackend(Backend):
         return HFBlock.from_layer(block, channel_group)
 
     def token_levels(self, model: nn.Module) -> tuple:
-        return (visual_tokens.token_level(model),)
+        return (llava_tokens.token_level(model),)
 
     def image_size(self, model: nn.Module) -> int:
         return int(model.config.vision_config.image_size)
@@ -158,7 +147,7 @@ class LlavaBackend(Backend):
         attend 0, 1, ...: the KV cache reads the sequence length from its layer 0, which a dropped
         or emptied layer would leave empty."""
         blocks = self.blocks(model)
-        vision_cfg = _tower(model).config
+        vision_cfg = llava_tokens.vision(model).config
         for block in blocks["vision"]:
             if isinstance(block, HFBlock):
                 block.attn.config = vision_cfg

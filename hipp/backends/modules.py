@@ -90,7 +90,7 @@ class HeadGatedAttention(PrunableBranch):
         raise NotImplementedError
 
     def record_cls(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """While `cls_row` is a list (backends/visual_tokens.py), append the class token's attention
+        """While `cls_row` is a list (backends/token_rank.py), append the class token's attention
         [B, H, T] from the per-head queries and keys [B, H, T, hd]: what ranks tokens for pruning."""
         rows = getattr(self, "cls_row", None)
         if rows is not None:

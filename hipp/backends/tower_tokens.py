@@ -1,7 +1,7 @@
 """Token pruning inside a CLIP-style image tower (EViT-style): after layer K, only the class token and
 the k patches it attended to most in layer K go on to the later layers.
 
-The ranking is visual_tokens' (the class token's attention row in layer K, summed over the heads the
+The ranking is token_rank's (the class token's attention row in layer K, summed over the heads the
 plan keeps there; evenly spaced patches when the plan leaves layer K no attention). A forward hook
 on block K gathers the kept positions from its output, in their original order, so every later block,
 and the tower's pooling of the class token, run on 1 + k positions. The hook object travels with a
@@ -14,7 +14,8 @@ from torch import nn
 
 from ..core.space import TokenLevel
 from ..errors import HippError
-from . import visual_tokens
+from .base import backend_for
+from .token_rank import VisualTokens, choose, ranking_attention, scores_of
 
 
 def default_after(layers: int) -> int:
@@ -34,16 +35,16 @@ def level(stage: str, blocks: nn.ModuleList, positions: int, after: int, head_di
 class KeepTokens:
     """The forward pre-hook and hook of block K: record the class-token row, then keep 1 + k positions."""
 
-    def __init__(self, spec: visual_tokens.VisualTokens):
+    def __init__(self, spec: VisualTokens):
         self.spec = spec
 
     def before(self, block: nn.Module, args) -> None:
-        attn = visual_tokens.ranking_attention(block)
+        attn = ranking_attention(block)
         if attn is not None:
             attn.cls_row = []
 
     def after(self, block: nn.Module, args, output):
-        attn = visual_tokens.ranking_attention(block)
+        attn = ranking_attention(block)
         rows = None if attn is None else attn.cls_row
         if attn is not None:
             attn.cls_row = None
@@ -51,23 +52,21 @@ class KeepTokens:
         if x.shape[1] != self.spec.of + 1:
             raise HippError(f"image layer {self.spec.layer} gives {x.shape[1] - 1} patches; the token budget is "
                             f"for {self.spec.of}")
-        scores = visual_tokens.scores_of(rows, attn)[:, 1:] if rows else None
-        idx = visual_tokens.choose(scores, x.shape[0], self.spec.of, self.spec.kept, x.device) + 1
+        scores = scores_of(rows, attn)[:, 1:] if rows else None
+        idx = choose(scores, x.shape[0], self.spec.of, self.spec.kept, x.device) + 1
         idx = torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1)  # the class token always stays
         kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
 
-def _block(model: nn.Module, spec: visual_tokens.VisualTokens) -> nn.Module:
-    from . import backend_for
-
+def _block(model: nn.Module, spec: VisualTokens) -> nn.Module:
     blocks = backend_for(model).blocks(model).get(spec.stage)
     if blocks is None or not 0 <= spec.layer < len(blocks):
         raise HippError(f"the model has no {spec.stage} layer {spec.layer} to prune tokens after")
     return blocks[spec.layer]
 
 
-def attach(model: nn.Module, spec: visual_tokens.VisualTokens) -> None:
+def attach(model: nn.Module, spec: VisualTokens) -> None:
     block, hook = _block(model, spec), KeepTokens(spec)
     block.register_forward_pre_hook(hook.before)
     block.register_forward_hook(hook.after)

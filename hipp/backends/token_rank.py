@@ -1,0 +1,101 @@
+"""A token budget and the training-free rule that ranks tokens by it: the class token's attention row
+in one layer, summed over the attention units the plan keeps there (their gates weigh them), so that
+a hard-gated model and its materialised copy rank alike. Where the plan leaves that layer no
+attention, evenly spaced tokens are kept. Used by both places tokens are pruned: before a LLaVA's
+language model (llava_tokens.py) and inside a CLIP image tower (tower_tokens.py)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import HippError
+from .modules import DroppedBlock
+
+RULES = ("cls",)
+ATTRIBUTE = "hipp_visual_tokens"  # where an installed budget rides on the model
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """A token budget: keep `kept` of each image's `of` tokens, ranked by `rule` at vision layer `layer`;
+    for a LLaVA (`stage` "language") before the language model, for an image tower (`stage` its name)
+    after its layer `layer`."""
+    kept: int
+    of: int
+    layer: int
+    rule: str = "cls"
+    stage: str = "language"
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise HippError(f"unknown visual-token rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        if isinstance(self.kept, bool) or not isinstance(self.kept, int) or not 1 <= self.kept <= self.of:
+            raise HippError(f"visual tokens kept must be a whole number from 1 to {self.of}, got {self.kept!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "visual_tokens") -> "VisualTokens":
+        try:
+            return cls(**{k: d[k] for k in ("kept", "of", "layer", "rule")}, stage=d.get("stage", "language"))
+        except (KeyError, TypeError):
+            raise HippError(f"{where} needs kept, of, layer and rule") from None
+
+
+def ranking_attention(block: nn.Module):
+    """The block's attention, unless the block (as gated or materialised now) computes none."""
+    if isinstance(block, DroppedBlock) or not hasattr(block, "attn") or block.attn.empty:
+        return None
+    gate = getattr(block, "layer_gate", None)
+    heads = block.attn.head_gate
+    if (gate is not None and not bool(torch.as_tensor(gate).ne(0).any())) or \
+            (heads is not None and not bool(heads.ne(0).any())):
+        return None  # hard-gated away: its materialised copy has no such attention
+    return block.attn
+
+
+@contextmanager
+def recording(attn):
+    if attn is None:
+        yield None
+        return
+    attn.cls_row = []
+    try:
+        yield attn.cls_row
+    finally:
+        attn.cls_row = None
+
+
+def scores_of(rows: list, attn) -> torch.Tensor:
+    """[B, T] class-token attention summed over the (gate-weighted) attention units."""
+    probs = rows[-1]  # [B, H, T]
+    b, h, t = probs.shape
+    per_unit = probs.reshape(b, attn.units, h // attn.units, t).sum(2)  # [B, U, T]
+    gate = attn.head_gate
+    if gate is not None:
+        per_unit = per_unit * gate.to(per_unit.dtype).reshape(gate.shape[:-1] + (attn.units, 1))
+    return per_unit.sum(1)
+
+
+def choose(scores: torch.Tensor | None, batch: int, n: int, k: int, device) -> torch.Tensor:
+    """[B, k] indices of the kept tokens, ascending."""
+    if scores is None:  # evenly spaced
+        idx = ((torch.arange(k, device=device, dtype=torch.float64) + 0.5) * n / k).long()
+        return idx.expand(batch, k)
+    return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+def installed(model: nn.Module) -> VisualTokens | None:
+    return getattr(model, ATTRIBUTE, None)
+
+
+def for_plan(plan) -> VisualTokens | None:
+    """The budget a plan sets (None when it keeps every token or has no token level)."""
+    for level, k in zip(plan.space.tokens, plan.token_keep.tolist()):
+        if k < level.tokens:
+            return VisualTokens(int(k), level.tokens, level.rank_layer, level.rule, level.stage)
+    return None
