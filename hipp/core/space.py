@@ -117,7 +117,6 @@ class TokenLevel:
     tokens: int
     after: int = -1
     rule: str = "cls"
-    steps: int = 16            # a controller keeps a multiple of tokens / steps
     fixed_stage: str = ""
     per_token_flops: float = 0.0
     rank_stage: str = ""
