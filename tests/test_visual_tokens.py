@@ -195,3 +195,22 @@ def test_a_clip_export_with_tokens_reloads_pruning_them(tiny_controller_dir, tmp
     with torch.no_grad():
         assert torch.allclose(model.encode_image(images), hard, atol=1e-5, rtol=0)
     assert describe(model).dense_costs()["flops/image"] == plan.costs()["flops/image"]
+
+
+def test_a_malformed_token_budget_in_an_export_is_one_line(tiny_controller_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from hipp.cli.main import main
+    from hipp.storage.checkpoint import load_model
+    assert main(["export", "--controller", str(tiny_controller_dir), "--max-flops", "0.6", "--visual-tokens", "0.5",
+                 "--candidates", "1", "--calib-images", "8", "--out", str(tmp_path / "e")]) == 0
+    for name, change, needle in (("layer", "x", "whole numbers"), ("stage", "language", "sets language tokens"),
+                                 ("kept", 99, "from 1 to 16"), ("rule", "fastv", "unknown visual-token rule")):
+        bad = tmp_path / name
+        shutil.copytree(tmp_path / "e", bad)
+        config = json.loads((bad / "pruned_config.json").read_text())
+        config["visual_tokens"][name] = change
+        (bad / "pruned_config.json").write_text(json.dumps(config))
+        with pytest.raises(HippError, match=needle):
+            load_model(bad)

@@ -32,7 +32,11 @@ class VisualTokens:
     def __post_init__(self):
         if self.rule not in RULES:
             raise HippError(f"unknown visual-token rule {self.rule!r}; expected one of {', '.join(RULES)}")
-        if isinstance(self.kept, bool) or not isinstance(self.kept, int) or not 1 <= self.kept <= self.of:
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not (whole(self.of) and whole(self.layer) and isinstance(self.stage, str)):
+            raise HippError(f"a visual-token budget needs whole numbers of tokens and a layer, got "
+                            f"of={self.of!r}, layer={self.layer!r}")
+        if not whole(self.kept) or not 1 <= self.kept <= self.of:
             raise HippError(f"visual tokens kept must be a whole number from 1 to {self.of}, got {self.kept!r}")
 
     def to_dict(self) -> dict:
