@@ -214,3 +214,23 @@ def test_a_malformed_token_budget_in_an_export_is_one_line(tiny_controller_dir, 
         (bad / "pruned_config.json").write_text(json.dumps(config))
         with pytest.raises(HippError, match=needle):
             load_model(bad)
+
+
+def test_bench_sets_the_joint_plan_against_weights_only(tiny_controller_dir, tmp_path, capsys):
+    import json
+
+    from hipp.cli.main import main
+    assert main(["bench", "--controller", str(tiny_controller_dir), "--budgets", "0.6", "--methods", "uniform",
+                 "--visual-tokens", "0.5", "--candidates", "1", "--calib-images", "8", "--test-items", "50",
+                 "--out", str(tmp_path / "b"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in result["results"]}
+    assert {"uniform", "hipp", "hipp+tokens"} <= set(rows)
+    assert rows["hipp+tokens"]["seeds"][0]["tokens"] == ["8/16"] and rows["hipp"]["seeds"][0]["tokens"] == []
+    margin = result["margins"]["hipp+tokens"]["0.6"]
+    assert margin["vs_hipp"] == pytest.approx(rows["hipp+tokens"]["utility"] - rows["hipp"]["utility"])
+    assert margin["se"]["vs_hipp"] >= 0
+    tokens_only = rows.get("tokens")  # every weight kept: reached, or refused with its reason
+    assert tokens_only is not None and tokens_only["flops_ratio"] <= 0.6 or \
+        any(f["method"] == "tokens" and "tokens alone cannot reach" in f["error"] for f in result["failures"])
+    assert "- hipp+tokens @0.6 keeps 8/16 image tokens" in (tmp_path / "b" / "bench.md").read_text()

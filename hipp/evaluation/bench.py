@@ -62,7 +62,8 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
             "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
             "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
             "seeds": [{"seed": p.meta.get("seed", 0), "flops_ratio": r["flops_ratio"], "utility": r["utility"],
-                       "grounding": r["grounding"], "tokens_kept": [int(t) for t in p.token_keep]}
+                       "grounding": r["grounding"],
+                       "tokens": [f"{int(k)}/{level.tokens}" for level, k in zip(p.space.tokens, p.token_keep.tolist())]}
                       for p, r in zip(plans, results)]}
 
 
@@ -272,6 +273,10 @@ def markdown(result: dict) -> str:
                  f"method ({m['best_training_free']})"] if "best_training_free" in m else []
         parts += [f"{100 * v:+.1f}{pm(k, 100, 1)} points vs {k[3:]}" for k, v in m.items() if k.startswith("vs_")]
         notes += [f"- {row} @{budget}: " + ", ".join(parts)] if parts else []
+    for r in result["results"]:  # rows whose plans prune tokens too (hipp bench --visual-tokens)
+        kept = sorted({t for seed in r.get("seeds", []) for t in seed.get("tokens", [])})
+        if kept and any(int(t.split("/")[0]) < int(t.split("/")[1]) for t in kept):
+            notes.append(f"- {r['method']} @{r['budget']:g} keeps {', '.join(kept)} image tokens")
     if any("se" in m for _, _, m in every):
         notes.append("- ± is the standard error of the paired difference over the same test items.")
     fixed = ((result["settings"].get("options") or {}).get("fixed_budget"))
