@@ -234,3 +234,19 @@ def test_bench_sets_the_joint_plan_against_weights_only(tiny_controller_dir, tmp
     assert tokens_only is not None and tokens_only["flops_ratio"] <= 0.6 or \
         any(f["method"] == "tokens" and "tokens alone cannot reach" in f["error"] for f in result["failures"])
     assert "- hipp+tokens @0.6 keeps 8/16 image tokens" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_a_token_count_whose_smallest_plan_is_over_the_bound_is_skipped_not_fatal():
+    """At a FLOPs bound of 0.015 only a plan with few image tokens fits at all (the projector and the
+    language model's prompt cost too much with all 16): the search keeps the counts that fit."""
+    from hipp.controller.network import Controller
+    from hipp.query.bound import bound_candidates
+    model = tiny_llava("llama")
+    space = make_prunable(model, 8)
+    level = make_prunable(model, 8, tokens=True).tokens[0]
+    controller = Controller(space, ["utility", "flops"], hidden=8, rank=2, depth=1)
+    found = bound_candidates(controller, max_flops=0.015, n_rank=2, tokens=(level, [16, 8, 1]))
+    assert found and {int(c.plan.token_keep[0]) for c in found} <= {8, 1}
+    assert all(c.plan.costs()["flops_ratio"] <= 0.015 for c in found)
+    with pytest.raises(HippError, match="no plan meets max_flops=0.005"):
+        bound_candidates(controller, max_flops=0.005, n_rank=2, tokens=(level, [16, 8]))

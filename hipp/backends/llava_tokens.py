@@ -146,8 +146,6 @@ def _generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kw
     return full
 
 
-
-
 def attach(model: nn.Module) -> None:
     """Make `model` prune to its installed budget (token_rank.ATTRIBUTE) in forward and generate."""
     model.forward = types.MethodType(_forward, model)

@@ -217,8 +217,8 @@ def _add_plan_args(p) -> None:
     p.add_argument("--round", type=int, metavar="N", help="keep MLP channels in multiples of N per layer")
     p.add_argument("--round-heads", type=int, metavar="M", help="keep attention units in multiples of M per layer")
     p.add_argument("--visual-tokens", metavar="S",
-                   help="llava, with a bound: keep this share of the image tokens (0.25), the best of several "
-                        "(0.25,0.5) or of quarters ('search'), ranked by the vision tower's class-token attention")
+                   help="with a bound: keep this share of the image tokens (0.25), the best of several (0.25,0.5) "
+                        "or of quarters ('search'), ranked by the class token's attention (llava, CLIP)")
     _add_polish_arg(p, 0)
     _add_search_args(p)
 
@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budgets", default="0.3,0.5,0.7", help="comma-separated FLOPs ratios in (0, 1]")
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--visual-tokens", metavar="S",
-                   help="llava: also the joint weight + token plans (the bound search choosing among these token "
-                        "shares, or 'search') and the tokens-only plans on the dense weights")
+                   help="also the joint weight + token plans (the bound search choosing among these token "
+                        "shares, or 'search') and the tokens-only plans on the dense weights (llava, CLIP)")
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     b.add_argument("--test-items", type=int, metavar="N",
                    help="measure on the first N test items of each dataset (default: the full test sets; "

@@ -219,8 +219,15 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
         return _candidates(controller, Units(controller.space, latency), bounds, n_rank, points, rounding)
     level, counts = tokens
     space = controller.space.with_tokens(level)
-    return [c for k in counts
-            for c in _candidates(controller, Units(space, latency, [k]), bounds, n_rank, points, rounding)]
+    found, refused = [], None
+    for k in counts:  # a count whose smallest plan is over the bound adds no candidate
+        try:
+            found += _candidates(controller, Units(space, latency, [k]), bounds, n_rank, points, rounding)
+        except HippError as e:
+            refused = e
+    if not found:
+        raise refused
+    return found
 
 
 def _candidates(controller: Controller, units: Units, bounds: dict, n_rank: int, points: int,

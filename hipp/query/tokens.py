@@ -1,5 +1,6 @@
-"""What a query's `--visual-tokens` asks for: the share of a LLaVA's image tokens a plan keeps, one
-share or several for the bound search to choose among (hipp.query.bound), or `search` for quarters."""
+"""What a query's `--visual-tokens` asks for: the share of a model's image tokens a plan keeps (a
+LLaVA's, or a CLIP image tower's patches), one share or several for the bound search to choose among
+(hipp.query.bound), or `search` for quarters."""
 from __future__ import annotations
 
 import math
@@ -17,7 +18,8 @@ def token_level(model) -> TokenLevel:
     """The model's one token level, or one line saying it has none."""
     levels = backend_for(model).token_levels(model)
     if not levels:
-        raise HippError(f"visual tokens are a level of llava models; a {backend_for(model).name} model has none")
+        raise HippError(f"this {backend_for(model).name} model has no visual-token level (it needs a class token "
+                        "to rank by: llava and CLIP models have one, SigLIP has none)")
     return levels[0]
 
 
