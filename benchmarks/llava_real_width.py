@@ -20,6 +20,7 @@ spends what is left of r; the materialised model prunes its tokens itself.
     python benchmarks/llava_real_width.py --max-flops 0.5,0.3 --layers 2 --repeats 5
     python benchmarks/llava_real_width.py --max-flops 0.3 --token-share 0.5 --layers 2 --repeats 5
     python benchmarks/llava_real_width.py --small     # the same path at toy widths, in seconds
+    python benchmarks/llava_real_width.py --analytic  # the full depth priced from shapes, no weights
 """
 from __future__ import annotations
 
@@ -91,6 +92,24 @@ def interleaved(a, b, inputs, repeats: int, warmup: int) -> tuple[list[float], l
     return ta, tb
 
 
+def analytic(small: bool) -> int:
+    """Costs of the real depth from shapes alone (a model on the meta device holds no weights)."""
+    import transformers
+
+    from hipp.backends import describe
+
+    cfg, image_tokens = llava_config(2, small)
+    cfg.vision_config.num_hidden_layers, cfg.text_config.num_hidden_layers = 24, 32
+    with torch.device("meta"):
+        space = describe(transformers.LlavaForConditionalGeneration(cfg), tokens=True)
+    dense = space.dense_costs()
+    print(f"vision tower: {dense['flops/vision'] / (dense['flops/vision'] + dense['flops/language']):.3f} of a prefill")
+    for kept in (1, image_tokens // 6, image_tokens // 4, image_tokens // 2):
+        ratio = Plan.from_gates(space, space.all_kept(), token_keep=[kept]).costs()["flops_ratio"]
+        print(f"every weight, {kept} of {image_tokens} image tokens: FLOPs ratio {ratio:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     import transformers
 
@@ -103,7 +122,12 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="toy widths: checks the path, times nothing real")
     p.add_argument("--token-share", type=float, help="joint plans keeping this share of the image tokens")
     p.add_argument("--out", help="also write the rows here as JSON")
+    p.add_argument("--analytic", action="store_true",
+                   help="only price the full-depth model (24 vision + 32 decoder layers, no weights): the vision "
+                        "tower's share of a prefill and what tokens alone reach")
     args = p.parse_args(argv)
+    if args.analytic:
+        return analytic(args.small)
     torch.manual_seed(0)
     cfg, image_tokens = llava_config(args.layers, args.small)
     model = transformers.LlavaForConditionalGeneration(cfg).eval().requires_grad_(False)

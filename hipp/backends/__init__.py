@@ -17,6 +17,7 @@ from .base import Backend, DualEncoder, Stage, backend_for, register, registered
 from .base import get as get_backend
 from .modules import DroppedBlock, GatedBlock, carry_hooks
 from . import visual_tokens
+from .token_rank import row_flops
 from ..core.gates import map_gates
 from ..core.space import LayerSpec, PruneSpace
 
@@ -58,7 +59,7 @@ def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> 
         for i, block in enumerate(stage.blocks):
             if tower is not None and (name, i) == (tower.stage, tower.layer):
                 attn = visual_tokens.ranking_attention(block)  # the class-token row it ranks by
-                fixed[name] += 0.0 if attn is None else 2.0 * attn.num_heads * attn.head_dim * stage.tokens
+                fixed[name] += 0.0 if attn is None else row_flops(attn.num_heads, attn.head_dim, stage.tokens)
             if isinstance(block, DroppedBlock):
                 continue
             width, heads, head_dim, hidden = b.block_shape(block)
@@ -67,7 +68,7 @@ def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> 
                                     channel_group, **b.layer_fields(block)))
     levels = b.token_levels(model) if tokens else ()
     if tokens and not levels:
-        raise HippError(f"a {b.name} model has no token level to prune (visual tokens: llava models)")
+        raise HippError(f"a {b.name} model has no token level to prune (it needs a class token to rank by)")
     return PruneSpace(tuple(layers), fixed, {n: float(s.fixed_params) for n, s in stages.items()}, tuple(levels))
 
 

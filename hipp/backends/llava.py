@@ -26,7 +26,7 @@ from ..errors import HippError
 from ..storage import untrusted
 from . import llava_tokens
 from .base import Backend, Stage, register
-from .token_rank import installed
+from .token_rank import installed, row_flops
 from .decoder import DecoderBlock
 from .hf import HFBlock
 from .modules import DroppedBlock, GatedBlock
@@ -87,7 +87,7 @@ class LlavaBackend(Backend):
             flops["vision"] -= proj_flops * shed / image
             attn = llava_tokens.rank_attention(model, budget.layer)
             if attn is not None:
-                flops["vision"] += 2.0 * attn.num_heads * attn.head_dim * emb.num_positions
+                flops["vision"] += row_flops(attn.num_heads, attn.head_dim, emb.num_positions)
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
 
     def block_shape(self, block: nn.Module) -> tuple[int, int, int, int]:

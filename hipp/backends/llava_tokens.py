@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.space import TokenLevel
 from ..errors import HippError
-from .token_rank import ATTRIBUTE, VisualTokens, choose, ranking_attention, recording, scores_of
+from .token_rank import ATTRIBUTE, VisualTokens, choose, ranking_attention, recording, row_flops, scores_of
 
 
 def vision(model: nn.Module) -> nn.Module:
@@ -56,7 +56,7 @@ def token_level(model: nn.Module) -> TokenLevel:
     per_token = 2.0 * sum(lin.in_features * lin.out_features for lin in (projector.linear_1, projector.linear_2))
     layer = rank_layer(model)
     attn = tower.encoder.layers[layer].self_attn if layer >= 0 else None
-    rank = 2.0 * attn.head_dim * tower.embeddings.num_positions if attn is not None else 0.0
+    rank = row_flops(1, attn.head_dim, tower.embeddings.num_positions) if attn is not None else 0.0
     return TokenLevel("language", image, rule="cls", fixed_stage="vision", per_token_flops=per_token,
                       rank_stage="vision", rank_layer=layer, rank_flops=rank)
 

@@ -50,6 +50,12 @@ class VisualTokens:
             raise HippError(f"{where} needs kept, of, layer and rule") from None
 
 
+def row_flops(heads: int, head_dim: int, positions: int) -> float:
+    """FLOPs of the class token's attention row over `positions` keys in `heads` heads (one query
+    against every key: 2 per multiply-accumulate, as torch.utils.flop_counter counts)."""
+    return 2.0 * heads * head_dim * positions
+
+
 def ranking_attention(block: nn.Module):
     """The block's attention, unless the block (as gated or materialised now) computes none."""
     if isinstance(block, DroppedBlock) or not hasattr(block, "attn") or block.attn.empty:

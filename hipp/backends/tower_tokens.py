@@ -15,7 +15,7 @@ from torch import nn
 from ..core.space import TokenLevel
 from ..errors import HippError
 from .base import backend_for
-from .token_rank import VisualTokens, choose, ranking_attention, scores_of
+from .token_rank import VisualTokens, choose, ranking_attention, row_flops, scores_of
 
 
 def default_after(layers: int) -> int:
@@ -29,7 +29,7 @@ def level(stage: str, blocks: nn.ModuleList, positions: int, after: int, head_di
     if not 0 <= after < len(blocks) - 1:
         raise HippError(f"tokens can be pruned after image layer 0 to {len(blocks) - 2}, not {after}")
     return TokenLevel(stage, positions - 1, after=after, rule="cls", rank_stage=stage, rank_layer=after,
-                      rank_flops=2.0 * head_dim * positions)
+                      rank_flops=row_flops(1, head_dim, positions))
 
 
 class KeepTokens:
