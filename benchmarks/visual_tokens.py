@@ -4,8 +4,10 @@ For each FLOPs budget and each share of the image tokens, the controller's bound
 weights to what the tokens leave (hipp.query.bound, token_counts); the share 1 is the weights-only
 plan. Tokens only keeps every weight and as many tokens as the budget allows (FoPru / HiPrune-style,
 ranked by the vision tower's class-token attention); where even one token is over the budget the row
-says so. On the dense weights, the class-token ranking is also set against evenly spaced tokens at
-the same counts (which rule ranks better). Each plan is materialised and answers the same `--n`
+says so. On the dense weights, the class-token ranking is also set against evenly spaced tokens and
+against the FastV-style text rule (the prompt's last token's attention in language layer K, tokens
+leaving after it; `--text-after` lists the Ks) at the same counts: which rule ranks better. `--rule`
+chooses the rule of the joint and tokens-only rows. Each plan is materialised and answers the same `--n`
 instructions of every kind of `--split`; utility and POPE adversarial F1 come with the paired
 bootstrap standard error of their difference from the budget's weights-only plan (or, for the
 ranking rows, from the class-token rule at the same count).
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hipp.backends import llava_tokens  # noqa: E402
+from hipp.backends import decoder_tokens, llava_tokens  # noqa: E402
 from hipp.controller.network import load_controller  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
 from hipp.errors import HippError  # noqa: E402
@@ -81,6 +83,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100, help="instructions of each kind")
     ap.add_argument("--budgets", default="0.3,0.5")
     ap.add_argument("--shares", default="1,0.75,0.5,0.25")
+    ap.add_argument("--rule", default="cls", choices=("cls", "text"), help="rule of the joint and tokens rows")
+    ap.add_argument("--text-after", default="0,1", help="language layers after which the text rule prunes")
+    ap.add_argument("--after", type=int, help="that layer for the joint and tokens rows (default: the backend's)")
     ap.add_argument("--check", type=int, metavar="N", help="only compare exports with the hard-gated model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -88,14 +93,16 @@ def main() -> int:
     t0 = time.time()
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
-    level = token_level(base.model)
+    if args.after is not None:  # a study of the cut: every level the rows build prunes after this layer
+        decoder_tokens.default_after = lambda layers: args.after
+    level = token_level(base.model, args.rule)
     space = controller.space.with_tokens(level)
     kept = sorted(counts(level, [float(s) for s in args.shares.split(",")]), reverse=True)
     if args.check:
         checks = []
-        for budget in (float(b) for b in args.budgets.split(",")):
+        for budget in (float(b) for b in args.budgets.split(",") if b):
             for k in kept:
-                plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k])
+                plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)
                 checks.append({"budget": budget, "tokens_kept": k, **check(base, plan, args.check)})
                 print(checks[-1], flush=True)
         write_json(Path(args.out) / "check.json", checks)
@@ -103,10 +110,10 @@ def main() -> int:
     dense = answers(base, Plan.dense(space), args.split, args.n)
     resamples = dense.resamples()
     rows = [row("dense", None, Plan.dense(space), dense, None, resamples)]
-    for budget in (float(b) for b in args.budgets.split(",")):
+    for budget in (float(b) for b in args.budgets.split(",") if b):
         ref = None
         for k in kept:
-            plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k])
+            plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)
             got = answers(base, plan, args.split, args.n)
             ref = ref or got  # the first count is every token: the weights-only plan
             rows.append(row("weights" if k == level.tokens else "joint", budget, plan, got,
@@ -118,8 +125,9 @@ def main() -> int:
         except HippError as e:
             rows.append({"row": "tokens", "budget": budget, "error": str(e)})
         print(rows[-1], flush=True)
-    for k in kept[1:]:  # which ranking: the class token's attention against evenly spaced tokens
-        plan = Plan.from_gates(space, space.all_kept(), token_keep=[k])
+    cls_space = controller.space.with_tokens(token_level(base.model, "cls"))
+    for k in kept[1:]:  # which ranking: the class token's attention against evenly spaced tokens and text
+        plan = Plan.from_gates(cls_space, cls_space.all_kept(), token_keep=[k])
         cls = answers(base, plan, args.split, args.n)
         rows.append(row("dense weights, cls", None, plan, cls, dense, resamples))
         rank = llava_tokens.rank_attention
@@ -129,7 +137,12 @@ def main() -> int:
                             resamples))
         finally:
             llava_tokens.rank_attention = rank
-        print(rows[-2:], flush=True)
+        for after in (int(a) for a in args.text_after.split(",")):
+            text_space = controller.space.with_tokens(decoder_tokens.level(base.model, after))
+            text = Plan.from_gates(text_space, text_space.all_kept(), token_keep=[k])
+            rows.append(row(f"dense weights, text after {after}", None, text, answers(base, text, args.split, args.n),
+                            cls, resamples))
+        print(rows[-3:], flush=True)
     out = Path(args.out)
     result = {"controller": args.controller, "split": args.split, "n": args.n, "rows": rows,
               "seconds": time.time() - t0}

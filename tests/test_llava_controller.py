@@ -95,18 +95,21 @@ def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys)
 def test_bench_answers_the_test_instructions_for_every_row(trained, tmp_path, capsys):
     import json
     code, out, err = cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform,shortgpt",
-                         "--test-items", 10, "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "b", "--json")
+                         "--test-items", 10, "--candidates", 2, "--calib-images", 10, "--visual-tokens", "0.5",
+                         "--out", tmp_path / "b", "--json")
     assert code == 0, err
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert result["family"] == "generative" and result["settings"]["n"] == 10
-    assert {r["method"] for r in result["results"]} == {"uniform", "shortgpt", "hipp"}
+    assert {r["method"] for r in result["results"]} == {"uniform", "shortgpt", "hipp", "hipp+tokens"}
+    # tokens alone, by either rule, cannot reach half the FLOPs: recorded, not fatal
+    assert {f["method"] for f in result["failures"]} == {"tokens", "tokens/cls"}  # the text rule is the default
     for r in result["results"]:
         assert 0.48 <= r["flops_ratio"] <= 0.5 and 0 <= r["utility"] <= 1
         assert r["latency_ms"]["prefill"] > 0 and "pope/adversarial_f1" in r
     cell = result["margins"]["hipp"]["0.5"]["uniform"]["utility"]
     hipp, uniform = ({r["method"]: r for r in result["results"]}[m]["utility"] for m in ("hipp", "uniform"))
     assert cell["diff"] == pytest.approx(hipp - uniform) and cell["se"] >= 0
-    assert set(result["hypervolume"]) == {"uniform", "shortgpt", "hipp"}
+    assert set(result["hypervolume"]) == {"uniform", "shortgpt", "hipp", "hipp+tokens"}
     assert "hipp minus each method" in (tmp_path / "b" / "bench.md").read_text()
 
 
@@ -184,10 +187,11 @@ def test_two_processes_plain_and_sharded_end_with_identical_controllers(tmp_path
 
 
 
-def test_a_joint_plan_exports_a_model_that_prunes_its_own_tokens(trained, tmp_path, capsys):
-    """--visual-tokens with a FLOPs bound: the plan keeps half the image tokens; the export records the
-    budget, hipp.load_model re-installs it, and its greedy answers are the hard-gated base's, token for
-    token; hipp eval prices the shorter prompts."""
+@pytest.mark.parametrize("rule", ["cls", "text"])
+def test_a_joint_plan_exports_a_model_that_prunes_its_own_tokens(trained, tmp_path, capsys, rule):
+    """--visual-tokens with a FLOPs bound: the plan keeps half the image tokens, ranked before the
+    language model or inside it; the export records the budget, hipp.load_model re-installs it, and
+    its greedy answers are the hard-gated base's, token for token; hipp eval prices the shorter prompts."""
     import json
 
     from hipp import load_model
@@ -199,12 +203,14 @@ def test_a_joint_plan_exports_a_model_that_prunes_its_own_tokens(trained, tmp_pa
     from hipp.controller.network import load_controller
     from hipp.storage.checkpoint import get_processor
     code, out, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.6, "--visual-tokens", 0.5,
-                         "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "export", "--json")
+                         "--token-rule", rule, "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "export",
+                         "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["language"]["tokens_kept"] == 32 and 0.58 <= summary["flops_ratio"] <= 0.6
     config = json.loads((tmp_path / "export" / "pruned_config.json").read_text())
     assert config["visual_tokens"]["kept"] == 32 and config["visual_tokens"]["of"] == 64
+    assert config["visual_tokens"]["rule"] == rule
     plan = Plan.from_dict(config["plan"])
     model, processor = load_model(tmp_path / "export"), get_processor(tmp_path / "export")
     assert visual_tokens.installed(model) == visual_tokens.for_plan(plan)

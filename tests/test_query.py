@@ -295,6 +295,8 @@ def test_impossible_and_invalid_bounds(loaded, tiny_controller_dir, capsys):
     (["--max-params", "nan"], "max_params must be a ratio"),
     (["--max-latency", "0.5", "--visual-tokens", "0.5"], "a latency bound does not price visual tokens yet"),
     (["--max-flops", "0.5", "--visual-tokens", "half"], "--visual-tokens takes shares"),
+    (["--max-flops", "0.5", "--token-rule", "text"], "--token-rule ranks the tokens --visual-tokens keeps"),
+    (["--max-flops", "0.5", "--visual-tokens", "0.5", "--token-rule", "text"], "ranks its visual tokens by 'cls' only"),
 ])
 def test_bad_query_input(tiny_controller_dir, capsys, args, needle):
     assert_bad(*cli(capsys, "query", "--controller", tiny_controller_dir, *args), needle)

@@ -24,7 +24,7 @@ def test_the_token_level_is_priced_as_the_flop_counter_counts_the_pruned_model(k
     """Every language layer processes the kept image tokens plus the text; the projector runs on the
     kept tokens; the class-token row of the rank layer is paid when tokens go. Exact, per stage."""
     model = tiny_llava(kind)
-    space = make_prunable(model, tokens=True)
+    space = make_prunable(model, tokens="cls")
     level = space.tokens[0]
     image = backend_for(model).image_tokens(model)
     assert (level.stage, level.tokens, level.rank_stage) == ("language", image, "vision")
@@ -46,7 +46,7 @@ def test_the_token_level_is_priced_as_the_flop_counter_counts_the_pruned_model(k
 
 def test_soft_token_counts_are_differentiable_and_match_whole_ones():
     model = tiny_llava("llama")
-    space = make_prunable(model, tokens=True)
+    space = make_prunable(model, tokens="cls")
     keep = torch.tensor([7.0], dtype=torch.float64, requires_grad=True)
     soft = space.costs(*space.all_kept(), keep)["flops/language"]
     soft.backward()
@@ -64,7 +64,7 @@ def test_soft_token_counts_are_differentiable_and_match_whole_ones():
 def test_hard_gated_equals_materialised_with_tokens_pruned(kind, plan):
     model = tiny_llava(kind)
     inputs = prompts(model)
-    space = make_prunable(model, channel_group=8 if kind == "llama" else 1, tokens=True)
+    space = make_prunable(model, channel_group=8 if kind == "llama" else 1, tokens="cls")
     gates = plans(space)[plan]
     weights_only = materialize(model, Plan.from_gates(space, gates))
     p = token_plan(space, gates, 6)
@@ -82,14 +82,14 @@ def test_hard_gated_equals_materialised_with_tokens_pruned(kind, plan):
 
 def test_the_ranking_keeps_the_tokens_the_class_token_attends_to_most():
     model = tiny_llava("llama")
-    space = make_prunable(model, tokens=True)
+    space = make_prunable(model, tokens="cls")
     level = space.tokens[0]
     spec = VisualTokens(4, level.tokens, level.rank_layer)
     inputs = prompts(model, batch=2)
     attn = backend_for(model).blocks(model)["vision"][level.rank_layer].attn
     with torch.no_grad(), visual_tokens.recording(attn) as rows:
         out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, return_dict=True)
-    scores = rows[0].sum(1)[:, 1:]  # every head, the class token's own column left out
+    scores = rows[0].softmax(-1).sum(1)[:, 1:]  # every head, the class token's own column left out
     chosen = scores.topk(4, -1).indices.sort(-1).values
     with torch.no_grad():
         features = visual_tokens.select_features(model, inputs["pixel_values"], spec)
@@ -101,7 +101,7 @@ def test_the_ranking_keeps_the_tokens_the_class_token_attends_to_most():
 
 def test_a_plan_without_the_rank_layer_keeps_evenly_spaced_tokens():
     model = tiny_llava("llama")
-    space = make_prunable(model, tokens=True)
+    space = make_prunable(model, tokens="cls")
     level = space.tokens[0]
     layer_keep, heads, chans = space.all_kept()
     layer_keep[level.rank_layer] = 0.0  # vision layers come first in the space
@@ -120,7 +120,7 @@ def test_a_plan_without_the_rank_layer_keeps_evenly_spaced_tokens():
 
 def test_plans_with_tokens_round_trip_and_bad_counts_are_one_line(tmp_path):
     model = tiny_llava("llama")
-    space = make_prunable(model, tokens=True)
+    space = make_prunable(model, tokens="cls")
     p = token_plan(space, space.all_kept(), 3)
     p.save(tmp_path / "plan.json")
     back = Plan.load(tmp_path / "plan.json")
@@ -139,6 +139,83 @@ def test_plans_with_tokens_round_trip_and_bad_counts_are_one_line(tmp_path):
     with pytest.raises(HippError, match="whole number"):
         VisualTokens(0, 16, 1)
     assert TokenLevel(**space.tokens[0].to_dict()) == space.tokens[0]
+
+
+# --- inside a LLaVA's language model (FastV-style: the text rule) ---
+
+def padded(model):
+    """Two prompts, the first left-padded by one position (its mask's zero)."""
+    inputs = prompts(model)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, 0] = 0
+    return inputs
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_text_rule_is_priced_exactly_and_hard_gated_equals_materialised(kind):
+    """Layers up to K see every token, later ones the text and the kept image tokens; the plans drop
+    language layer 0 (then the rank layer: evenly spaced tokens, and the first cache layer is a
+    shorter one) or empty branches. Logits keep the prompt's length; padded generations and a
+    hand-written decode loop (positions from the cache) agree token for token."""
+    from hipp.backends import decoder_tokens
+    from hipp.query.tokens import token_level
+    model = tiny_llava(kind)
+    assert token_level(model).rule == "text" and token_level(model).after == 1  # a llava's default
+    level = decoder_tokens.level(model, after=0)
+    assert (level.after, level.rank_stage, level.rank_layer) == (0, "language", 0)
+    space = make_prunable(model).with_tokens(level)
+    inputs = padded(model)
+    for name in ("partial_and_dropped", "empty_branches", None):
+        gates = plans(space)[name] if name else space.all_kept()
+        p = token_plan(space, gates, 5)
+        with gated(model, p.gates), pruning(model, visual_tokens.for_plan(p)):
+            hard, hard_tokens, hard_steps = logits(model, inputs), generate(model, inputs), decode_by_hand(model, inputs)
+        small = materialize(model, p)
+        assert visual_tokens.installed(small).rule == "text"
+        got = logits(small, inputs)
+        assert got.shape == hard.shape and got.shape[1] == inputs["input_ids"].shape[1]
+        assert torch.allclose(got[:, -1], hard[:, -1], atol=1e-5, rtol=0)
+        assert torch.equal(generate(small, inputs), hard_tokens)
+        assert torch.allclose(decode_by_hand(small, inputs), hard_steps, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            counted = counted_flops(lambda: small(**prompts(small, batch=1), logits_to_keep=1))
+        c = p.costs()
+        assert counted == c["flops/vision"] + c["flops/language"]
+        assert describe(small).dense_costs()["flops/language"] == c["flops/language"]
+    dense = logits(model, inputs)[:, -1]
+    assert (hard[:, -1] - dense).abs().max() > 1e-4  # the tokens matter
+
+
+def test_the_text_rule_keeps_the_image_tokens_the_last_token_attends_to_most():
+    """Layer K's attention row of the prompt's last token, by hand from its input hidden states:
+    softmax over the unpadded keys, summed over the query heads; the hooks keep its top k."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from hipp.query.tokens import token_level
+    model = tiny_llava("llama")
+    make_prunable(model)
+    level = token_level(model, "text")
+    inputs = padded(model)
+    lm = model.model.language_model
+    with torch.no_grad():
+        states = model(**inputs, output_hidden_states=True).hidden_states
+        layer = lm.layers[level.rank_layer]
+        x = layer.input_layernorm(states[level.rank_layer])
+        attn, (b, t) = layer.self_attn, x.shape[:2]
+        q, k = (p(x).view(b, t, -1, attn.head_dim).transpose(1, 2) for p in (attn.q_proj, attn.k_proj))
+        positions = torch.arange(t)[None]
+        q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(x, positions))
+        k = k.repeat_interleave(attn.num_key_value_groups, 1)
+        row = (q[:, :, -1:] @ k.transpose(-1, -2))[:, :, 0] * attn.head_dim ** -0.5
+        probs = row.masked_fill(inputs["attention_mask"][:, None] == 0, float("-inf")).softmax(-1).sum(1)
+        image = inputs["input_ids"] == model.config.image_token_id
+        scores = probs.masked_fill(~image, float("-inf"))
+        expected = scores.topk(4, -1).indices.sort(-1).values
+        with pruning(model, VisualTokens(4, level.tokens, level.rank_layer, "text")):
+            model(**inputs)
+            keep = model.hipp_drop_tokens.keep
+    got = (keep & image).nonzero()[:, 1].reshape(2, 4)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[0], got[1])
 
 
 # --- a CLIP-style image tower (EViT-style: patches kept after a layer) ---
@@ -243,7 +320,7 @@ def test_a_token_count_whose_smallest_plan_is_over_the_bound_is_skipped_not_fata
     from hipp.query.bound import bound_candidates
     model = tiny_llava("llama")
     space = make_prunable(model, 8)
-    level = make_prunable(model, 8, tokens=True).tokens[0]
+    level = make_prunable(model, 8, tokens="cls").tokens[0]
     controller = Controller(space, ["utility", "flops"], hidden=8, rank=2, depth=1)
     found = bound_candidates(controller, max_flops=0.015, n_rank=2, tokens=(level, [16, 8, 1]))
     assert found and {int(c.plan.token_keep[0]) for c in found} <= {8, 1}

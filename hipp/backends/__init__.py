@@ -42,8 +42,9 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> PruneSpace:
-    """The prune space of a model, plain or prunable; with `tokens`, also its backend's token levels.
+def describe(model: nn.Module, channel_group: int = 1, tokens: bool | str = False) -> PruneSpace:
+    """The prune space of a model, plain or prunable; with `tokens`, also its backend's token levels
+    (True: ranked by its default rule; a rule's name: by that one).
 
     Also describes a materialised (pruned) model as it is: its layers keep their original indices,
     dropped layers (DroppedBlock) are left out, so `dense_costs()` is that model's own cost through
@@ -53,20 +54,21 @@ def describe(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> 
     stages = b.stages(model)
     fixed = {n: s.fixed_flops for n, s in stages.items()}
     budget = visual_tokens.installed(model)
-    tower = budget if budget is not None and budget.stage != "language" else None  # LLaVA prices its own
+    # a budget pruning after a layer shortens the later ones (before a LLaVA's language model, its stages say)
+    within = budget if budget is not None and budget.after >= 0 else None
     layers = []
     for name, stage in stages.items():
         for i, block in enumerate(stage.blocks):
-            if tower is not None and (name, i) == (tower.stage, tower.layer):
-                attn = visual_tokens.ranking_attention(block)  # the class-token row it ranks by
+            if within is not None and (name, i) == (within.stage, within.layer):
+                attn = visual_tokens.ranking_attention(block)  # the attention row it ranks by
                 fixed[name] += 0.0 if attn is None else row_flops(attn.num_heads, attn.head_dim, stage.tokens)
             if isinstance(block, DroppedBlock):
                 continue
             width, heads, head_dim, hidden = b.block_shape(block)
-            shorter = tower is not None and name == tower.stage and i > tower.layer
-            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden, 1 + tower.kept if shorter else stage.tokens,
+            layers.append(LayerSpec(name, i, width, heads, head_dim, hidden,
+                                    stage.tokens - (within.shed_at(name, i) if within else 0),
                                     channel_group, **b.layer_fields(block)))
-    levels = b.token_levels(model) if tokens else ()
+    levels = b.token_levels(model, None if tokens is True else tokens) if tokens else ()
     if tokens and not levels:
         raise HippError(f"a {b.name} model has no token level to prune (it needs a class token to rank by)")
     return PruneSpace(tuple(layers), fixed, {n: float(s.fixed_params) for n, s in stages.items()}, tuple(levels))
@@ -76,7 +78,7 @@ def dense_flops(model: nn.Module) -> dict[str, float]:
     return {t: v for t, v in describe(model).dense_costs().items() if t.startswith("flops/")}
 
 
-def make_prunable(model: nn.Module, channel_group: int = 1, tokens: bool = False) -> PruneSpace:
+def make_prunable(model: nn.Module, channel_group: int = 1, tokens: bool | str = False) -> PruneSpace:
     """Swap every block of both towers for its gated class in place (parameters shared, keys unchanged).
 
     Calling it again only changes the channel grouping. Returns the prune space, whose layer order

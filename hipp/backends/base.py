@@ -94,8 +94,9 @@ class Backend(abc.ABC):
     def build(self, model_cfg: dict) -> nn.Module:
         """A model with fresh weights from the family's config dict (as exports record it)."""
 
-    def token_levels(self, model: nn.Module) -> tuple:
-        """The token levels (hipp.core.space.TokenLevel) a plan for this model may prune; none by default."""
+    def token_levels(self, model: nn.Module, rule: str | None = None) -> tuple:
+        """The token levels (hipp.core.space.TokenLevel) a plan for this model may prune, ranked by
+        `rule` where the backend offers several (None: its default); none by default."""
         return ()
 
     def rebind(self, model: nn.Module) -> None:

@@ -78,6 +78,8 @@ class GQAAttention(HeadGatedAttention):
         shape = (*x.shape[:-1], -1, self.head_dim)
         q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if getattr(self, "cls_row", None) is not None:  # ranking visual tokens (decoder_tokens.py)
+            self.record_cls(q, k.repeat_interleave(self.num_key_value_groups, 1))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)

@@ -189,7 +189,7 @@ class HFBackend(Backend):
         tokens = {"image": hf.vision_model.embeddings.num_positions, "text": self.context_length(model)}
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
 
-    def token_levels(self, model: HFVLM) -> tuple:
+    def token_levels(self, model: HFVLM, rule: str | None = None) -> tuple:
         """CLIP's patches after a quarter of the image layers (SigLIP has no class token to rank by)."""
         if not hasattr(model.hf, "visual_projection"):
             return ()

@@ -81,7 +81,8 @@ class LlavaBackend(Backend):
         flops = {"vision": patch_flops + proj_flops, "language": 2.0 * head.in_features * head.out_features}
         tokens = {"vision": emb.num_positions, "language": self.context_length(model)}
         budget = installed(model)
-        if budget is not None:  # a model that prunes its own visual tokens costs what it runs
+        if budget is not None and budget.after < 0:  # pruned before the language model: it costs what it runs
+            # (after a language layer, describe() shortens the later layers)
             shed = budget.of - budget.kept
             tokens["language"] -= shed
             flops["vision"] -= proj_flops * shed / image
@@ -113,8 +114,14 @@ class LlavaBackend(Backend):
             return DecoderBlock.from_layer(block, channel_group)
         return HFBlock.from_layer(block, channel_group)
 
-    def token_levels(self, model: nn.Module) -> tuple:
-        return (llava_tokens.token_level(model),)
+    def token_levels(self, model: nn.Module, rule: str | None = None) -> tuple:
+        """Image tokens ranked by the prompt's last token after an early language layer ("text", the
+        default: on validation it kept far more utility at the same FLOPs, docs/studies/visual-tokens.md)
+        or by the vision tower's class token before the language model ("cls")."""
+        if rule == "cls":
+            return (llava_tokens.token_level(model),)
+        from . import decoder_tokens
+        return (decoder_tokens.level(model),)
 
     def image_size(self, model: nn.Module) -> int:
         return int(model.config.vision_config.image_size)

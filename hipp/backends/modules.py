@@ -90,11 +90,13 @@ class HeadGatedAttention(PrunableBranch):
         raise NotImplementedError
 
     def record_cls(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """While `cls_row` is a list (backends/token_rank.py), append the class token's attention
-        [B, H, T] from the per-head queries and keys [B, H, T, hd]: what ranks tokens for pruning."""
+        """While `cls_row` is a list (backends/token_rank.py), append the attention logits [B, H, T] of
+        query `row_query` (0: the class token; -1: the last) from the per-head queries and keys
+        [B, H, T, hd]: what ranks tokens for pruning."""
         rows = getattr(self, "cls_row", None)
         if rows is not None:
-            rows.append((torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * self.head_dim ** -0.5).softmax(-1)[:, :, 0])
+            at = getattr(self, "row_query", 0) % q.shape[2]
+            rows.append(torch.matmul(q[:, :, at:at + 1], k.transpose(-1, -2))[:, :, 0] * self.head_dim ** -0.5)
 
     @property
     def units(self) -> int:

@@ -194,7 +194,7 @@ class OpenClipBackend(Backend):
         tokens = {"image": model.visual.positional_embedding.shape[0], "text": self.context_length(model)}
         return {s: Stage(blocks[s], tokens[s], flops[s], params[s]) for s in blocks}
 
-    def token_levels(self, model: nn.Module) -> tuple:
+    def token_levels(self, model: nn.Module, rule: str | None = None) -> tuple:
         """The image patches after a quarter of the image layers, ranked by the class token's attention."""
         if getattr(model.visual, "class_embedding", None) is None:
             return ()

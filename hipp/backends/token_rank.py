@@ -1,8 +1,10 @@
-"""A token budget and the training-free rule that ranks tokens by it: the class token's attention row
-in one layer, summed over the attention units the plan keeps there (their gates weigh them), so that
-a hard-gated model and its materialised copy rank alike. Where the plan leaves that layer no
-attention, evenly spaced tokens are kept. Used by both places tokens are pruned: before a LLaVA's
-language model (llava_tokens.py) and inside a CLIP image tower (tower_tokens.py)."""
+"""A token budget and the training-free rules that rank tokens by it: one query's attention row in
+one layer, summed over the attention units the plan keeps there (their gates weigh them), so that a
+hard-gated model and its materialised copy rank alike. The query is the vision tower's class token
+(rule "cls") or, inside a LLaVA's language model, the prompt's last token (rule "text", FastV-style).
+Where the plan leaves that layer no attention, evenly spaced tokens are kept. Used by every place
+tokens are pruned: before a LLaVA's language model (llava_tokens.py), inside it (decoder_tokens.py)
+and inside a CLIP image tower (tower_tokens.py)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -14,15 +16,16 @@ from torch import nn
 from ..errors import HippError
 from .modules import DroppedBlock
 
-RULES = ("cls",)
+RULES = ("cls", "text")
 ATTRIBUTE = "hipp_visual_tokens"  # where an installed budget rides on the model
 
 
 @dataclass(frozen=True)
 class VisualTokens:
-    """A token budget: keep `kept` of each image's `of` tokens, ranked by `rule` at vision layer `layer`;
-    for a LLaVA (`stage` "language") before the language model, for an image tower (`stage` its name)
-    after its layer `layer`."""
+    """A token budget: keep `kept` of each image's `of` tokens, ranked by `rule` at layer `layer` of
+    `rank_stage`: for an image tower (`stage` its name) after its layer `layer`; for a LLaVA (`stage`
+    "language") before the language model under "cls" (ranked at vision layer `layer`), after its
+    layer `layer` under "text"."""
     kept: int
     of: int
     layer: int
@@ -38,6 +41,19 @@ class VisualTokens:
                             f"of={self.of!r}, layer={self.layer!r}")
         if not whole(self.kept) or not 1 <= self.kept <= self.of:
             raise HippError(f"visual tokens kept must be a whole number from 1 to {self.of}, got {self.kept!r}")
+
+    @property
+    def rank_stage(self) -> str:
+        return "vision" if self.stage == "language" and self.rule == "cls" else self.stage
+
+    @property
+    def after(self) -> int:
+        """The layer of `stage` after which tokens leave (-1: before its first)."""
+        return self.layer if self.rank_stage == self.stage else -1
+
+    def shed_at(self, stage: str, index: int) -> int:
+        """Tokens that layer `index` of `stage` no longer sees."""
+        return self.of - self.kept if stage == self.stage and index > self.after else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,9 +96,13 @@ def recording(attn):
         attn.cls_row = None
 
 
-def scores_of(rows: list, attn) -> torch.Tensor:
-    """[B, T] class-token attention summed over the (gate-weighted) attention units."""
-    probs = rows[-1]  # [B, H, T]
+def scores_of(rows: list, attn, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] the recorded query's attention, summed over the (gate-weighted) attention units;
+    `valid` [B, T] bool leaves padding out of the softmax."""
+    logits = rows[-1]  # [B, H, T]
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = logits.softmax(-1)
     b, h, t = probs.shape
     per_unit = probs.reshape(b, attn.units, h // attn.units, t).sum(2)  # [B, U, T]
     gate = attn.head_gate

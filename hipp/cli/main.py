@@ -155,11 +155,14 @@ def _bench(args, budgets, methods, out) -> dict:
         planners[POLISHED] = lambda b: polish(base, controller, planners[CONTROLLER](b), args.polish)
     if args.visual_tokens is not None:
         from ..query import tokens
-        level = tokens.token_level(base.model)
+        level = tokens.token_level(base.model, args.token_rule)
         kept = tokens.counts(level, tokens.parse_shares(args.visual_tokens))
         planners[tokens.JOINT] = lambda b: plan_for_budget(controller, max_flops=b, base=base, n_rank=args.candidates,
-                                                           calib_n=args.calib_images, token_counts=kept)
-        planners[tokens.ONLY] = lambda b: tokens.tokens_only(controller.space.with_tokens(level), b)
+                                                           calib_n=args.calib_images, token_counts=kept,
+                                                           token_rule=level.rule)
+        for other in tokens.levels(base.model):  # tokens alone, by each rule the model offers
+            name = tokens.ONLY if other.rule == level.rule else f"{tokens.ONLY}/{other.rule}"
+            planners[name] = lambda b, other=other: tokens.tokens_only(controller.space.with_tokens(other), b)
     from ..storage.checkpoint import family
     if family(base.model) == "llava":
         from ..evaluation.generative_bench import bench_generative
@@ -218,7 +221,8 @@ def _add_plan_args(p) -> None:
     p.add_argument("--round-heads", type=int, metavar="M", help="keep attention units in multiples of M per layer")
     p.add_argument("--visual-tokens", metavar="S",
                    help="with a bound: keep this share of the image tokens (0.25), the best of several (0.25,0.5) "
-                        "or of quarters ('search'), ranked by the class token's attention (llava, CLIP)")
+                        "or of quarters ('search'), ranked as --token-rule says (llava, CLIP)")
+    _add_rule_arg(p)
     _add_polish_arg(p, 0)
     _add_search_args(p)
 
@@ -231,6 +235,14 @@ def _add_polish_arg(p, default: int) -> None:
     p.add_argument("--polish", type=int, default=default, metavar="N",
                    help=f"polish each FLOPs-bound plan with N free-gate steps at the bound (default {default}; 120 is "
                         "the studied setting, about 0.6 s a step on the embedded teacher, 2 CPU cores)")
+
+
+def _add_rule_arg(p) -> None:
+    from ..backends.token_rank import RULES
+    p.add_argument("--token-rule", choices=RULES,
+                   help="what ranks the visual tokens: in a llava, the prompt's last token in an early language "
+                        "layer, tokens leaving after it (text, FastV-style: a llava's default), or the vision "
+                        "tower's class token (cls: before a llava's language model; a CLIP tower's only rule)")
 
 
 def _add_overwrite_arg(p) -> None:
@@ -261,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated baseline names (default: all)")
     b.add_argument("--visual-tokens", metavar="S",
                    help="also the joint weight + token plans (the bound search choosing among these token "
-                        "shares, or 'search') and the tokens-only plans on the dense weights (llava, CLIP)")
+                        "shares, or 'search') and the tokens-only plans on the dense weights, for each rule the "
+                        "model offers (llava, CLIP)")
+    _add_rule_arg(b)
     b.add_argument("--out", required=True, help="output folder for bench.md / .json / .csv / .png")
     b.add_argument("--test-items", type=int, metavar="N",
                    help="measure on the first N test items of each dataset (default: the full test sets; "

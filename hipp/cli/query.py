@@ -34,6 +34,8 @@ def plan_from_args(args, need_base: bool = False):
             raise HippError("--visual-tokens needs a bound (--max-flops / --max-params): the weights are fitted to it")
         if latency_text is not None:
             raise HippError("a latency bound does not price visual tokens yet; bound FLOPs or params instead")
+    elif getattr(args, "token_rule", None) is not None:
+        raise HippError("--token-rule ranks the tokens --visual-tokens keeps; give --visual-tokens too")
     polish_steps = getattr(args, "polish", 0)
     if polish_steps:
         from ..query.polish import check_steps  # lazily: polishing needs open_clip, a preference query does not
@@ -63,9 +65,11 @@ def plan_from_args(args, need_base: bool = False):
             plan.meta["latency"] = latency.plan_report(plan)
         return controller, plan, base
     base = load_base(controller, args.controller, args.base_model, device)
-    token_counts = None if shares is None else counts(token_level(base.model), shares)
+    rule = getattr(args, "token_rule", None)
+    token_counts = None if shares is None else counts(token_level(base.model, rule), shares)
     plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search,
-                           max_latency=max_latency, latency=latency, rounding=rounding, token_counts=token_counts)
+                           max_latency=max_latency, latency=latency, rounding=rounding, token_counts=token_counts,
+                           token_rule=rule)
     if polish_steps:
         from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)

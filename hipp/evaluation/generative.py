@@ -106,14 +106,15 @@ def costs(model, prompt_tokens: list[int]) -> dict[str, float]:
 
     space = describe(model)  # a model that prunes its visual tokens: the vision stage as it runs
     budget = visual_tokens.installed(model)
-    if budget is not None:  # ... and every prompt shorter by the image tokens it drops
-        prompt_tokens = [t - (budget.of - budget.kept) for t in prompt_tokens]
+    # ... and each language layer sees (and caches) the prompt less the image tokens it no longer sees
+    shed = {l.index: budget.shed_at("language", l.index) if budget else 0 for l in space.tower_layers("language")}
     fixed = space.fixed_flops
     vision = fixed.get("vision", 0.0) + sum(l.block_cost.flops(l.tokens) for l in space.tower_layers("vision"))
     language = space.tower_layers("language")
-    head = fixed.get("language", 0.0)
-    prefill = [vision + head + sum(l.block_cost.flops(t) for l in language) for t in prompt_tokens]
-    decode = [head + sum(l.block_cost.decode_flops(t, 1) for l in language) for t in prompt_tokens]
+    head = 2.0 * model.lm_head.in_features * model.lm_head.out_features  # decoding ranks no tokens
+    prefill = [vision + fixed.get("language", 0.0) + sum(l.block_cost.flops(t - shed[l.index]) for l in language)
+               for t in prompt_tokens]
+    decode = [head + sum(l.block_cost.decode_flops(t - shed[l.index], 1) for l in language) for t in prompt_tokens]
     return {"prefill": sum(prefill) / len(prefill), "decode_token": sum(decode) / len(decode)}
 
 

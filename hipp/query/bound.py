@@ -276,14 +276,16 @@ def _candidates(controller: Controller, units: Units, bounds: dict, n_rank: int,
 def plan_for_budget(controller: Controller, max_flops: float | None = None, max_params: float | None = None,
                     base: Base | None = None, n_rank: int | None = None, calib_n: int | None = None,
                     points: int = 11, rank_by: str = RANK_BY, max_latency: float | None = None,
-                    latency=None, rounding: tuple[int, int] | None = None, token_counts=None) -> Plan:
+                    latency=None, rounding: tuple[int, int] | None = None, token_counts=None,
+                    token_rule: str | None = None) -> Plan:
     """The plan that meets the bound(s) with the lowest ranking loss on a calibration batch (see module doc).
 
     `n_rank` candidates are ranked on `calib_n` images per loss (None: search_defaults for the model).
     Without `base` the candidates cannot be run, and the fit needing the smallest offset wins.
     A latency bound needs `latency` (a LatencyModel); with one, the plan records its predicted latency.
     `token_counts`: visual tokens to keep, one count or several to choose among (the ranking chooses);
-    the base model's token level prices them (hipp/backends/visual_tokens.py).
+    the base model's token level (ranked by `token_rule`, None: its default) prices them
+    (hipp/backends/visual_tokens.py).
     """
     bounds = check_bounds(max_flops, max_params, max_latency)
     check_rank_by(rank_by)  # before the search, not after it
@@ -295,7 +297,7 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     if token_counts is not None:
         if base is None:
             raise HippError("a visual-token budget needs the base model, whose token level prices it")
-        tokens = (token_level(base.model), list(token_counts))
+        tokens = (token_level(base.model, token_rule), list(token_counts))
     candidates = bound_candidates(controller, max_flops, max_params, n_rank, points, max_latency, latency, rounding,
                                   tokens)
     if base is not None:

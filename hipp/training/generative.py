@@ -46,7 +46,8 @@ class GenerativeDistiller:
         """Logits at the answer positions [T, V] and the existence questions' yes-minus-no margins [P]."""
         enc, answer, rows, first = inputs
         budget = visual_tokens.installed(self.model)
-        if budget is not None:  # the prompt loses pruned image tokens: their columns leave the answer mask
+        if budget is not None and budget.after < 0:  # the prompt loses pruned image tokens: their columns leave
+            # the answer mask (pruned inside the language model, logits keep the prompt's length)
             keep = visual_tokens.kept_columns(self.model, enc["input_ids"], budget)
             answer = torch.nn.functional.pad(answer, (0, 1))[keep].reshape(len(keep), -1)[:, :-1]
             first = answer.float().argmax(1)[rows]
