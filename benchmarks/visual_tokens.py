@@ -83,7 +83,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100, help="instructions of each kind")
     ap.add_argument("--budgets", default="0.3,0.5")
     ap.add_argument("--shares", default="1,0.75,0.5,0.25")
-    ap.add_argument("--rule", default="cls", choices=("cls", "text"), help="rule of the joint and tokens rows")
+    ap.add_argument("--rule", choices=("cls", "text"), help="rule of the joint and tokens rows (default: the model's)")
+    ap.add_argument("--no-ranking", action="store_true", help="skip the dense-weight rows of the ranking rules")
     ap.add_argument("--text-after", default="0,1", help="language layers after which the text rule prunes")
     ap.add_argument("--after", type=int, help="that layer for the joint and tokens rows (default: the backend's)")
     ap.add_argument("--check", type=int, metavar="N", help="only compare exports with the hard-gated model")
@@ -126,7 +127,7 @@ def main() -> int:
             rows.append({"row": "tokens", "budget": budget, "error": str(e)})
         print(rows[-1], flush=True)
     cls_space = controller.space.with_tokens(token_level(base.model, "cls"))
-    for k in kept[1:]:  # which ranking: the class token's attention against evenly spaced tokens and text
+    for k in [] if args.no_ranking else kept[1:]:  # which ranking: the class token's attention against evenly spaced tokens and text
         plan = Plan.from_gates(cls_space, cls_space.all_kept(), token_keep=[k])
         cls = answers(base, plan, args.split, args.n)
         rows.append(row("dense weights, cls", None, plan, cls, dense, resamples))
