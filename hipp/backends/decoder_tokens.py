@@ -21,7 +21,7 @@ from torch import nn
 from ..core.space import TokenLevel
 from ..errors import HippError
 from .base import backend_for
-from .token_rank import VisualTokens, choose, ranking_attention, row_flops, scores_of
+from .token_rank import VisualTokens, choose, recorded, record_from, row_flops, scores_of
 
 
 def default_after(layers: int) -> int:
@@ -96,15 +96,11 @@ class DropTokens:
 
     # --- layer K ---
     def rank_before(self, block: nn.Module, args) -> None:
-        attn = ranking_attention(block) if self.image is not None else None
-        if attn is not None:
-            attn.cls_row, attn.row_query = [], -1
+        if self.image is not None:
+            record_from(block, query=-1)
 
     def rank_after(self, block: nn.Module, args, output):
-        attn = ranking_attention(block)
-        rows = None if attn is None else attn.cls_row
-        if attn is not None:
-            attn.cls_row, attn.row_query = None, 0
+        attn, rows = recorded(block)
         if self.image is None:
             return output
         x = output[0] if isinstance(output, tuple) else output

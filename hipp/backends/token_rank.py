@@ -96,6 +96,22 @@ def recording(attn):
         attn.cls_row = None
 
 
+def record_from(block: nn.Module, query: int = 0) -> None:
+    """Have the block's attention (if it computes one) record query `query`'s row in its next forward."""
+    attn = ranking_attention(block)
+    if attn is not None:
+        attn.cls_row, attn.row_query = [], query
+
+
+def recorded(block: nn.Module):
+    """(the block's ranking attention or None, the rows it recorded or None); recording stops."""
+    attn = ranking_attention(block)
+    rows = None if attn is None else attn.cls_row
+    if attn is not None:
+        attn.cls_row, attn.row_query = None, 0
+    return attn, rows
+
+
 def scores_of(rows: list, attn, valid: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] the recorded query's attention, summed over the (gate-weighted) attention units;
     `valid` [B, T] bool leaves padding out of the softmax."""

@@ -15,7 +15,7 @@ from torch import nn
 from ..core.space import TokenLevel
 from ..errors import HippError
 from .base import backend_for
-from .token_rank import VisualTokens, choose, ranking_attention, row_flops, scores_of
+from .token_rank import VisualTokens, choose, recorded, record_from, row_flops, scores_of
 
 
 def default_after(layers: int) -> int:
@@ -39,15 +39,10 @@ class KeepTokens:
         self.spec = spec
 
     def before(self, block: nn.Module, args) -> None:
-        attn = ranking_attention(block)
-        if attn is not None:
-            attn.cls_row = []
+        record_from(block)
 
     def after(self, block: nn.Module, args, output):
-        attn = ranking_attention(block)
-        rows = None if attn is None else attn.cls_row
-        if attn is not None:
-            attn.cls_row = None
+        attn, rows = recorded(block)
         x = output[0] if isinstance(output, tuple) else output
         if x.shape[1] != self.spec.of + 1:
             raise HippError(f"image layer {self.spec.layer} gives {x.shape[1] - 1} patches; the token budget is "
