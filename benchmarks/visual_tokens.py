@@ -7,7 +7,10 @@ ranked by the vision tower's class-token attention); where even one token is ove
 says so. On the dense weights, the class-token ranking is also set against evenly spaced tokens and
 against the FastV-style text rule (the prompt's last token's attention in language layer K, tokens
 leaving after it; `--text-after` lists the Ks) at the same counts: which rule ranks better. `--rule`
-chooses the rule of the joint and tokens-only rows. Each plan is materialised and answers the same `--n`
+chooses the rule of the joint and tokens-only rows. A controller trained to choose the count itself
+(`visual_tokens: text` in its config) adds a row "hipp chooses": its bound query, each preference's
+weights fitted at that preference's own count; `--weights-controller` then takes the weights-only
+rows from a controller trained without tokens (the same recipe otherwise). Each plan is materialised and answers the same `--n`
 instructions of every kind of `--split`; utility and POPE adversarial F1 come with the paired
 bootstrap standard error of their difference from the budget's weights-only plan (or, for the
 ranking rows, from the class-token rule at the same count).
@@ -87,6 +90,7 @@ def main() -> int:
     ap.add_argument("--no-ranking", action="store_true", help="skip the dense-weight rows of the ranking rules")
     ap.add_argument("--text-after", default="0,1", help="language layers after which the text rule prunes")
     ap.add_argument("--after", type=int, help="that layer for the joint and tokens rows (default: the backend's)")
+    ap.add_argument("--weights-controller", help="a controller trained without tokens, for the weights-only rows")
     ap.add_argument("--check", type=int, metavar="N", help="only compare exports with the hard-gated model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -111,13 +115,29 @@ def main() -> int:
     dense = answers(base, Plan.dense(space), args.split, args.n)
     resamples = dense.resamples()
     rows = [row("dense", None, Plan.dense(space), dense, None, resamples)]
+    weights_only = None
+    if args.weights_controller:
+        other = load_controller(args.weights_controller)
+        weights_only = (other, load_base(other, args.weights_controller))
     for budget in (float(b) for b in args.budgets.split(",") if b):
         ref = None
+        if weights_only:
+            plan = plan_for_budget(weights_only[0], max_flops=budget, base=weights_only[1])
+            ref = answers(weights_only[1], plan, args.split, args.n)
+            rows.append(row("weights", budget, plan, ref, None, resamples))
+            print(rows[-1], flush=True)
+        if controller.space.tokens:
+            plan = plan_for_budget(controller, max_flops=budget, base=base)
+            got = answers(base, plan, args.split, args.n)
+            ref = ref or got
+            rows.append(row("hipp chooses", budget, plan, got, None if got is ref else ref, resamples))
+            print(rows[-1], flush=True)
         for k in kept:
             plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)
             got = answers(base, plan, args.split, args.n)
             ref = ref or got  # the first count is every token: the weights-only plan
-            rows.append(row("weights" if k == level.tokens else "joint", budget, plan, got,
+            rows.append(row("weights, same controller" if k == level.tokens and weights_only else
+                            "weights" if k == level.tokens else "joint", budget, plan, got,
                             None if got is ref else ref, resamples))
             print(rows[-1], flush=True)
         try:

@@ -26,6 +26,25 @@ def _rows(units: torch.Tensor, per_unit: int) -> torch.Tensor:
     return (units[:, None] * per_unit + torch.arange(per_unit, device=units.device)).flatten()
 
 
+def weighted_attention(q, k, v, mask, scaling: float, weight: torch.Tensor) -> torch.Tensor:
+    """Attention over per-head q, k, v [B, H, T, hd] whose keys count by `weight` [B, S]: the softmax
+    of scores + log(weight), computed as probabilities times weight renormalised, so that a weight of 0
+    keeps a finite gradient. With 0/1 weights a key of weight 0 is as good as absent. `mask`: the
+    model's 4D mask (bool: True attends; float: added), None: causal. Returns [B, T, H, hd]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask.dtype == torch.bool:  # the dtype's least value, not -inf: a padded query's row stays finite
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask[..., :scores.shape[-1]]
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype) * weight[:, None, None, :].to(q.dtype)
+    # a pruned token seeing only pruned ones gets 0, not 0/0 (its output is never read)
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    return torch.matmul(probs, v).transpose(1, 2)
+
+
 class GQAAttention(HeadGatedAttention):
     """Grouped-query self-attention with rotary positions and a KV cache, any number of k/v groups (0 included)."""
 
@@ -82,6 +101,10 @@ class GQAAttention(HeadGatedAttention):
             self.record_cls(q, k.repeat_interleave(self.num_key_value_groups, 1))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if getattr(self, "key_weight", None) is not None:  # training's soft visual tokens (decoder_tokens.py)
+            return weighted_attention(q, k.repeat_interleave(self.num_key_value_groups, 1),
+                                      v.repeat_interleave(self.num_key_value_groups, 1), attn_mask, self.scaling,
+                                      self.key_weight)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         if self.sliding_window is not None:  # Qwen2's sliding layers; Llama has none
             kwargs["sliding_window"] = self.sliding_window

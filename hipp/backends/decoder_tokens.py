@@ -10,14 +10,21 @@ shorter sequence, the earlier layers' the whole one; decoding keeps the prompt's
 FastV does); the last layer scatters its output back to the prompt's length, with zeros at the
 pruned positions, so logits line up with the input ids for every caller. The model's `forward` is
 patched to tell the hooks where the image tokens are (a prefill) or that a decoding step runs.
+
+Training a controller that chooses the count (`weighing`) keeps every position instead: layer K ranks
+alike, and each later layer's attention weighs an image token's key by its chunk's gate
+(hipp/core/token_gates.py). With 0/1 gates the text's outputs are those of the dropped tokens, since
+positions are kept as FastV keeps them and the causal mask hides the rest.
 """
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..core import token_gates
 from ..core.space import TokenLevel
 from ..errors import HippError
 from .base import backend_for
@@ -105,12 +112,8 @@ class DropTokens:
             return output
         x = output[0] if isinstance(output, tuple) else output
         batch, of = x.shape[0], self.spec.of
-        image = _positions(self.image) if self.image.any() else self.image.new_zeros(batch, 0, dtype=torch.long)
-        if image.shape[1] % of or not image.shape[1]:
-            raise HippError(f"the prompt holds {image.shape[1]} image tokens per row; the token budget is for "
-                            f"{of} per image")
-        runs = image.reshape(batch * (image.shape[1] // of), of)
-        scores = scores_of(rows, attn, self.valid).gather(1, image).reshape_as(runs) if rows else None
+        runs = _image_runs(self.image, of)
+        scores = scores_of(rows, attn, self.valid).gather(1, runs.reshape(batch, -1)).reshape_as(runs) if rows else None
         kept = runs.gather(1, choose(scores, runs.shape[0], of, self.spec.kept, x.device))
         self.keep = ~self.image
         self.keep[torch.arange(batch, device=x.device).repeat_interleave(kept.numel() // batch), kept.flatten()] = True
@@ -173,3 +176,51 @@ def remove(model: nn.Module) -> None:
     if "hipp_drop_tokens" in model.__dict__:
         del model.hipp_drop_tokens
         model.__dict__.pop("forward", None)
+
+
+def _image_runs(image: torch.Tensor, of: int) -> torch.Tensor:
+    """[runs, of] the positions of each image's tokens in the prompt, or one line saying they do not fit."""
+    batch = image.shape[0]
+    positions = _positions(image) if image.any() else image.new_zeros(batch, 0, dtype=torch.long)
+    if positions.shape[1] % of or not positions.shape[1]:
+        raise HippError(f"the prompt holds {positions.shape[1]} image tokens per row; the token budget is for "
+                        f"{of} per image")
+    return positions.reshape(batch * (positions.shape[1] // of), of)
+
+
+@contextmanager
+def weighing(model: nn.Module, level: TokenLevel, chunks: torch.Tensor, input_ids: torch.Tensor, attention_mask=None):
+    """Run the prefill of `input_ids` with the image tokens after language layer `level.after` weighed
+    by `chunks` [G] (kept chunks, soft or 0/1), ranked as DropTokens ranks them."""
+    blocks = backend_for(model).blocks(model)["language"]
+    image = input_ids == model.config.image_token_id
+    valid = None if attention_mask is None else attention_mask.bool()
+    runs = _image_runs(image, level.tokens)
+    later = [b.attn for b in blocks[level.after + 1:] if hasattr(b, "attn")]
+
+    def rank(block, args, output):
+        attn, rows = recorded(block)
+        if rows:
+            scores = scores_of(rows, attn, valid).gather(1, runs.reshape(image.shape[0], -1))
+            order = scores.reshape_as(runs).argsort(dim=-1, descending=True, stable=True)
+            w = token_gates.token_weights(order.argsort(dim=-1), chunks, level.tokens)
+        else:  # no attention to rank by: the evenly spaced tokens of the hard count, as DropTokens keeps
+            k = int(token_gates.kept_count(chunks.detach().round(), level.tokens))
+            kept = choose(None, runs.shape[0], level.tokens, k, input_ids.device)
+            w = chunks.new_zeros(runs.shape).scatter(1, kept, 1.0)
+        weight = torch.ones(image.shape, dtype=w.dtype, device=w.device)
+        weight = weight.masked_scatter(image, w.reshape(-1))
+        for attn in later:
+            attn.key_weight = weight
+        return output
+
+    handles = [blocks[level.after].register_forward_pre_hook(lambda block, args: record_from(block, query=-1)),
+               blocks[level.after].register_forward_hook(rank)]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for attn in later:
+            attn.key_weight = None
+        recorded(blocks[level.after])

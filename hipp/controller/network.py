@@ -12,6 +12,10 @@ by a penalty that holds the expected FLOPs at the target. A bound query can then
 made for that very cost, as a fixed-budget run would train one, instead of only searching the
 preferences for a plan that happens to land near it.
 
+Where the space has a token level (a LLaVA's visual tokens), one more linear map h -> chunk logits
+chooses how many tokens a plan keeps (hipp/core/token_gates.py); `forward(..., with_tokens=True)`
+returns them beside the gate logits and `plan` turns them into the plan's count.
+
 The budget / allocation terms are the "overall budget x layer allocation" factorisation: a
 preference can move every unit of a kind together with one scalar, which makes the trade-off
 easy to steer, while the low-rank heads choose *which* units go. All preference-dependent
@@ -34,6 +38,7 @@ from ..core.gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
 from ..core.plan import Plan
 from ..core.preference import DEFAULT_OBJECTIVES, as_dict, check_target_objectives
 from ..core.space import PruneSpace
+from ..core import token_gates
 
 CONFIG_NAME = "controller.json"
 WEIGHTS_NAME = "controller.safetensors"
@@ -98,16 +103,30 @@ class Controller(nn.Module):
                 nn.init.zeros_(lin.bias)
         else:
             self.budget = self.allocation = None
+        # a token level's chunk logits (hipp/core/token_gates.py): they start with every chunk kept
+        self.token_gates = [token_gates.gates_of(level.tokens) for level in space.tokens]
+        self.tokens = None
+        if space.tokens:
+            self.tokens = nn.Linear(hidden, sum(self.token_gates))
+            nn.init.zeros_(self.tokens.weight)
+            with torch.no_grad():
+                self.tokens.bias.copy_(torch.cat([token_gates.init_raw(g, init_bias) for g in self.token_gates]))
 
     # --- the map ---
+    @property
+    def tokens_arg(self) -> str | bool:
+        """make_prunable's / describe's `tokens` for the space this controller plans in."""
+        return self.space.tokens[0].rule if self.space.tokens else False
+
     @property
     def takes_target(self) -> bool:
         return self.hparams["flops_target"]
 
-    def forward(self, pref: torch.Tensor, target: torch.Tensor | None = None) -> Gates:
+    def forward(self, pref: torch.Tensor, target: torch.Tensor | None = None, with_tokens: bool = False):
         """pref [B, K] (or [K]) on the simplex -> logits (layer [B, L], heads [B, h_l], channels [B, c_l]).
 
-        `target` [B] (or a scalar): FLOPs ratios to plan for, NaN where a row has none."""
+        `target` [B] (or a scalar): FLOPs ratios to plan for, NaN where a row has none. `with_tokens`:
+        (those logits, a list of [B, G] chunk logits per token level of the space)."""
         single = pref.dim() == 1
         if single:
             pref = pref.unsqueeze(0)
@@ -143,13 +162,31 @@ class Controller(nn.Module):
                     piece = piece + alloc[:, 0 if kind == "head" else 1, i:i + 1]
                 (heads if kind == "head" else channels)[i] = piece
         logits = (layer_logits, heads, channels)
-        return map_gates(lambda x: x.squeeze(0), logits) if single else logits
+        if single:
+            logits = map_gates(lambda x: x.squeeze(0), logits)
+        if not with_tokens:
+            return logits
+        # the trunk learns from the weights' gates only: trained through it with straight-through chunks,
+        # the token head flattened it on the LLaVA teacher (every preference's plan at FLOPs 0.467)
+        chunks = [] if self.tokens is None else \
+            [token_gates.chunk_logits(raw) for raw in self.tokens(h.detach()).split(self.token_gates, dim=-1)]
+        return logits, [c.squeeze(0) for c in chunks] if single else chunks
+
+    @torch.no_grad()
+    def token_counts(self, pref: torch.Tensor, target=None) -> torch.Tensor:
+        """[B, levels] the whole token counts the plans of a batch of preferences keep."""
+        dtype = self.trunk[0].weight.dtype
+        _, chunks = self(pref.to(dtype), None if target is None else torch.as_tensor(target).to(dtype), with_tokens=True)
+        counts = [token_gates.kept_count(token_gates.hard(c.double().cpu()), level.tokens)
+                  for c, level in zip(chunks, self.space.tokens)]
+        return torch.stack(counts, -1) if counts else torch.zeros(pref.shape[0], 0, dtype=torch.float64)
 
     def param_groups(self, bias_lr_mult: float = 1.0) -> list[dict]:
         """Optimiser groups: the per-unit biases (the logit part every preference shares, like the
         fixed-budget gates' free logits) with their own learning-rate multiplier, the rest at 1."""
-        bias = [p for n, p in self.named_parameters() if n.startswith("bias.")]
-        rest = [p for n, p in self.named_parameters() if not n.startswith("bias.")]
+        shared = lambda n: n.startswith("bias.") or n == "tokens.bias"  # noqa: E731  (chunk logits alike)
+        bias = [p for n, p in self.named_parameters() if shared(n)]
+        rest = [p for n, p in self.named_parameters() if not shared(n)]
         return [{"params": rest, "lr_mult": 1.0}, {"params": bias, "lr_mult": float(bias_lr_mult)}]
 
     def keep_probs(self, pref: torch.Tensor, target=None) -> Gates:
@@ -171,8 +208,9 @@ class Controller(nn.Module):
         p = self.preference(pref)
         x = torch.tensor([p[n] for n in self.objective_names], dtype=self.trunk[0].weight.dtype,
                          device=self.trunk[0].weight.device)
-        hard = hard_plan(self(x))
-        return Plan.from_gates(self.space, map_gates(lambda t: t.detach().cpu().double(), hard), p, meta)
+        kept = self.token_counts(x[None])[0] if self.space.tokens else None
+        return Plan.from_gates(self.space, map_gates(lambda t: t.detach().cpu().double(), hard_plan(self(x))), p, meta,
+                               kept)
 
     @torch.no_grad()
     def plan_within(self, max_flops: float | None = None, max_params: float | None = None,

@@ -162,9 +162,9 @@ def measure_latency(model, tokenizer, batch: int = 32) -> dict:
 def prepare(model, controller) -> PruneSpace:
     """Make `model` prunable with the controller's grouping and check that it is the controller's model."""
     group = controller.space.layers[0].channel_group if controller.space.layers else 1
-    if describe(model, group) != controller.space:  # checked before make_prunable touches the model
+    if describe(model, group, controller.tokens_arg) != controller.space:  # before make_prunable touches the model
         raise HippError("the controller was trained on a different model: the prune spaces differ")
-    space = make_prunable(model, group)
+    space = make_prunable(model, group, controller.tokens_arg)
     if controller.fingerprint:
         from ..storage.checkpoint import fingerprint
         if fingerprint(model) != controller.fingerprint:

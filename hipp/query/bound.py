@@ -87,7 +87,7 @@ def load_base(controller: Controller, controller_dir=None, base_model: str | Non
     groups = {l.channel_group for l in controller.space.layers}
     if len(groups) != 1:
         raise HippError(f"the controller's space mixes channel groups {sorted(groups)}; HiPP uses one")
-    space = make_prunable(model, groups.pop())
+    space = make_prunable(model, groups.pop(), tokens=controller.tokens_arg)
     if space != controller.space:
         raise HippError(f"the prune space of {spec} differs from the controller's (another architecture?)")
     model_cfg = base_config(model, spec)
@@ -215,14 +215,19 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     keep that many tokens, up to `n_rank` candidates each (so that every count, all tokens included,
     has the candidates a weights-only query would rank)."""
     bounds = check_bounds(max_flops, max_params, max_latency)
-    if tokens is None:
+    if tokens is None and not controller.space.tokens:
         return _candidates(controller, Units(controller.space, latency), bounds, n_rank, points, rounding)
-    level, counts = tokens
-    space = controller.space.with_tokens(level)
+    if tokens is None:  # the controller chooses the count: each preference's weights are fitted at its own
+        prefs, targets = search_preferences(controller, bounds, points)
+        own = controller.token_counts(prefs, targets if controller.takes_target else None)[:, 0]
+        space, per_count = controller.space, [(int(k), own == k) for k in torch.unique(own).tolist()]
+    else:
+        level, counts = tokens
+        space, per_count = controller.space.with_tokens(level), [(k, None) for k in counts]
     found, refused = [], None
-    for k in counts:  # a count whose smallest plan is over the bound adds no candidate
+    for k, rows in per_count:  # a count whose smallest plan is over the bound adds no candidate
         try:
-            found += _candidates(controller, Units(space, latency, [k]), bounds, n_rank, points, rounding)
+            found += _candidates(controller, Units(space, latency, [k]), bounds, n_rank, points, rounding, rows)
         except HippError as e:
             refused = e
     if not found:
@@ -231,14 +236,15 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
 
 
 def _candidates(controller: Controller, units: Units, bounds: dict, n_rank: int, points: int,
-                rounding) -> list[Candidate]:
+                rounding, rows: torch.Tensor | None = None) -> list[Candidate]:
+    """`rows`: which of the search's preferences to fit (None: all)."""
     units.check_keys(bounds)
     names = controller.objective_names
     prefs, targets = search_preferences(controller, bounds, points)
     dtype = controller.trunk[0].weight.dtype
     logits = controller(prefs.to(dtype), targets.to(dtype) if controller.takes_target else None)
     fits = []
-    for i in range(len(prefs)):
+    for i in range(len(prefs)) if rows is None else rows.nonzero()[:, 0].tolist():
         flat = units.flat(map_gates(lambda t: t[i].detach().cpu(), logits))
         fits.append((fit(units, flat, bounds, i), flat))
     if fits[0][0].k < 0:  # even the plan with no layer at all is over the bound: impossible
@@ -312,7 +318,7 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
         c = candidates[j]
         r = ratios(c.plan, latency)
         table.append({"preference": format_spec(c.plan.preference), "flops_target": c.plan.meta.get("flops_target"),
-                      **({"tokens_kept": [int(k) for k in c.plan.token_keep]} if tokens else {}),
+                      **({"tokens_kept": [int(k) for k in c.plan.token_keep]} if c.plan.space.tokens else {}),
                       "logit_offset": c.offset,
                       "units_added": c.added, "flops_ratio": r["flops"], "params_ratio": r["params"],
                       **({"latency_ratio": r["latency"]} if latency is not None else {}),

@@ -96,7 +96,7 @@ def round_preference_plan(controller, pref, rounding: tuple[int, int]):
     plan = controller.plan(pref)
     x = torch.tensor([plan.preference[n] for n in controller.objective_names], dtype=controller.trunk[0].weight.dtype,
                      device=controller.trunk[0].weight.device)
-    units = Units(controller.space)
+    units = Units(controller.space, token_keep=plan.token_keep if controller.space.tokens else None)  # its own count
     flat = units.flat(map_gates(lambda t: t.detach().cpu(), controller(x)))
     mask = torch.cat([plan.layer_keep, *plan.head_keep, *plan.channel_keep])
     mask, _ = round_to(units, flat, mask, {}, *rounding)

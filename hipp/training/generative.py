@@ -8,9 +8,12 @@ the benchmarks take either.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..backends import clear_gates, gated, visual_tokens
+from ..backends import clear_gates, decoder_tokens, gated, visual_tokens
+from ..core import token_gates
 from ..core.gates import keep_prob, map_gates
 from ..data.words import IGNORE, encode
 from ..errors import HippError
@@ -60,15 +63,28 @@ class GenerativeDistiller:
         clear_gates(self.model)
         return self.forward(inputs)
 
-    def quality(self, gates, inputs, teacher: tuple, tokens=None) -> dict[str, torch.Tensor]:
+    def quality(self, gates, inputs, teacher: tuple, tokens=None, chunks=None) -> dict[str, torch.Tensor]:
         """Utility and grounding losses of the model under `gates` (and a visual-token budget, None:
-        every token) against the teacher's outputs."""
-        with gated(self.model, gates), visual_tokens.pruning(self.model, tokens):
+        every token; or a controller's kept chunks [G] of the space's token level) against the teacher's outputs."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(gated(self.model, gates))
+            stack.enter_context(visual_tokens.pruning(self.model, tokens))
+            if chunks is not None:
+                enc = inputs[0]
+                stack.enter_context(decoder_tokens.weighing(self.model, self.objectives.space.tokens[0], chunks,
+                                                            enc["input_ids"], enc.get("attention_mask")))
             s_answers, s_margin = self.forward(inputs)
         t_answers, t_margin = teacher
         return {"utility": answer_kl(t_answers, s_answers), "grounding": decision_loss(t_margin, s_margin)}
 
-    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
-        """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
-        quality = {k: v for k, v in self.quality(gates, inputs, teacher).items() if k in self.objectives.names}
-        return {**quality, **self.objectives.costs(map_gates(keep_prob, logits))}
+    def losses(self, logits, gates, inputs, teacher: tuple, batch, tokens=None) -> dict[str, torch.Tensor]:
+        """Objectives of the student under `gates` (and `tokens`: the token level's chunk logits and kept
+        chunks, from Controller(..., with_tokens=True)); expected costs from the keep-probabilities."""
+        chunk_logits, chunks = tokens if tokens else (None, None)
+        if chunks is not None and len(chunks) != 1:
+            raise HippError("a LLaVA trains one visual-token level, the language model's")
+        quality = self.quality(gates, inputs, teacher, chunks=None if chunks is None else chunks[0])
+        quality = {k: v for k, v in quality.items() if k in self.objectives.names}
+        counts = None if chunks is None else torch.stack(
+            [token_gates.kept_count(keep_prob(c), level.tokens) for c, level in zip(chunk_logits, self.objectives.space.tokens)], -1)
+        return {**quality, **self.objectives.costs(map_gates(keep_prob, logits), counts)}

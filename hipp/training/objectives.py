@@ -125,10 +125,11 @@ def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, ep
 
 # --- costs ----------------------------------------------------------------------------------
 
-def expected_cost_ratios(space: PruneSpace, probs: Gates) -> dict[str, torch.Tensor]:
+def expected_cost_ratios(space: PruneSpace, probs: Gates, token_keep=None) -> dict[str, torch.Tensor]:
     """Expected FLOPs / params over every stage as a fraction of dense, from *uncoupled*
-    keep-probabilities (PruneSpace.costs applies the hierarchy). Also per stage ("flops/<stage>")."""
-    got = space.costs(*probs)
+    keep-probabilities (PruneSpace.costs applies the hierarchy) and expected kept token counts
+    (None: every token). Also per stage ("flops/<stage>")."""
+    got = space.costs(*probs, token_keep)
     dense = space.dense_costs()
     out = {}
     for kind in ("flops", "params"):
@@ -210,6 +211,8 @@ class Objectives:
     def __init__(self, config: ObjectiveConfig, space: PruneSpace, latency=None):
         if ("latency" in config.names) != (latency is not None):
             raise HippError("the latency objective and a latency profile go together (latency_profile in the config)")
+        if latency is not None and space.tokens:
+            raise HippError("a latency profile does not price visual tokens yet; train visual tokens with FLOPs")
         self.config, self.space, self.latency = config, space, latency
 
     @property
@@ -231,12 +234,13 @@ class Objectives:
             out["grounding"] = grounding_loss(*(grounding or (student, teacher)), mode=c.grounding_mode)
         return {**out, **self.costs(probs)}
 
-    def costs(self, probs: Gates) -> dict[str, torch.Tensor]:
-        """The cost objectives in use, as expected ratios of the dense model's."""
+    def costs(self, probs: Gates, token_keep=None) -> dict[str, torch.Tensor]:
+        """The cost objectives in use, as expected ratios of the dense model's (`token_keep`: expected
+        kept counts per token level, None: every token)."""
         wanted = [k for k in ("flops", "params") if k in self.config.names]
         out = {}
         if wanted:
-            ratios = expected_cost_ratios(self.space, probs)
+            ratios = expected_cost_ratios(self.space, probs, token_keep)
             out = {k: ratios[k] for k in wanted}
         if self.latency is not None:
             out["latency"] = self.latency.ratios(*probs)["latency"]

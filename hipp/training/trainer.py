@@ -34,6 +34,7 @@ from ..errors import HippError
 from ..storage import outputs
 from . import resume as resume_state
 from ..storage.fileio import write_json, write_text
+from ..core import token_gates
 from ..core.gates import TemperatureSchedule, hard_plan, keep_prob, map_gates, sample_gates
 from .objectives import Embeddings, ObjectiveConfig, Objectives
 from .settings import LR_SCHEDULES, TrainConfig
@@ -92,8 +93,10 @@ class Distiller:
         clear_gates(self.model)  # the teacher: the same frozen weights, gates open
         return self.encode(inputs, batch)
 
-    def losses(self, logits, gates, inputs, teacher: tuple, batch) -> dict[str, torch.Tensor]:
+    def losses(self, logits, gates, inputs, teacher: tuple, batch, tokens=None) -> dict[str, torch.Tensor]:
         """Objectives of the student under `gates`; expected costs from the logits' keep-probabilities."""
+        if tokens:
+            raise HippError("a CLIP-style controller does not choose visual tokens; its plans take them in queries")
         with gated(self.model, gates):
             student = self.encode(inputs, batch)
 
@@ -137,6 +140,19 @@ def sample_targets(cfg: TrainConfig, prefs: torch.Tensor, names, g: torch.Genera
     return torch.where(chosen[:, None], q, prefs), torch.where(chosen, drawn, targets)
 
 
+def student_gates(controller, pref, target, generator, temperature: float, hard: bool = False) -> tuple:
+    """(gates, token chunks or None, logits) of one preference (and FLOPs target, None: none): sampled
+    from the controller (`hard`: its deterministic plan); the chunks as Distiller.losses takes them,
+    relaxed rather than straight-through (hipp/core/token_gates.py says why)."""
+    logits, chunk_logits = controller(pref, target, with_tokens=True)
+    gates = hard_plan(logits) if hard else sample_gates(logits, temperature, generator)
+    tokens = None
+    if chunk_logits:  # drawn after the gates, so a run without tokens keeps its random stream
+        tokens = (chunk_logits, [token_gates.hard(c) if hard else token_gates.sample(c, temperature, generator, hard=False)
+                                 for c in chunk_logits])
+    return gates, tokens, logits
+
+
 def process_loss(cfg: TrainConfig, step: int, process: int, processes: int, controller, takes_target: bool,
                  distiller: Distiller, batches, temperature: float,
                  autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -158,8 +174,8 @@ def process_loss(cfg: TrainConfig, step: int, process: int, processes: int, cont
     with autocast():
         total, terms = 0.0, {n: 0.0 for n in names}
         for p, t, (batch, inputs, teacher) in zip(prefs, targets.tolist(), groups):
-            logits = controller(p, t if takes_target else None)
-            losses = distiller.losses(logits, sample_gates(logits, temperature, g), inputs, teacher, batch)
+            gates, tokens, logits = student_gates(controller, p, t if takes_target else None, g, temperature)
+            losses = distiller.losses(logits, gates, inputs, teacher, batch, tokens)
             loss = distiller.objectives.scalarize(losses, p)
             if math.isfinite(t):
                 loss = loss + cfg.target_penalty * (losses["flops"] - t) ** 2
@@ -182,9 +198,9 @@ def hard_vs_sampled(distiller: Distiller, controller: Controller, batches: Batch
         inputs = distiller.inputs(batch)
         teacher = distiller.teacher(inputs, batch)
         for p in prefs.to(distiller.device):
-            logits = controller(p)
-            sampled.append(distiller.losses(logits, sample_gates(logits, temperature, g), inputs, teacher, batch))
-            hard.append(distiller.losses(logits, hard_plan(logits), inputs, teacher, batch))
+            for rows, is_hard in ((sampled, False), (hard, True)):
+                gates, tokens, logits = student_gates(controller, p, None, g, temperature, is_hard)
+                rows.append(distiller.losses(logits, gates, inputs, teacher, batch, tokens))
     names = [n for n in ("utility", "grounding") if n in distiller.objectives.names]
     mean = lambda rows, n: float(sum(float(r[n]) for r in rows) / len(rows))  # noqa: E731
     return {f"{n}_{kind}": mean(rows, n) for n in names for kind, rows in (("hard", hard), ("sampled", sampled))}
@@ -203,6 +219,8 @@ def _run_identity(cfg: TrainConfig, base_print: str, processes: int) -> dict:
     run = asdict(cfg)
     if run["task"] == DEFAULT_TASK and not run["task_options"]:  # as a run from before tasks recorded it
         del run["task"], run["task_options"]
+    if run["visual_tokens"] is None:  # as a run from before controllers chose tokens
+        del run["visual_tokens"]
     return {**run, "base_fingerprint": base_print, "num_processes": processes}
 
 
@@ -245,7 +263,9 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
     task = get_task(cfg.task, cfg.task_options)
     task.check_model(family(model))
     base_print = fingerprint(model)
-    space = make_prunable(model, cfg.channel_group)
+    if cfg.visual_tokens and family(model) != "llava":
+        raise HippError(f"visual_tokens: a controller chooses visual tokens for a LLaVA only, not a {family(model)} model")
+    space = make_prunable(model, cfg.channel_group, tokens=cfg.visual_tokens or False)
     model.to(acc.device)
     latency = latency_for(space, cfg.latency_profile) if cfg.latency_profile else None
     objectives = Objectives(objectives_cfg, space, latency)
