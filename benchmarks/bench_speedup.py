@@ -27,7 +27,7 @@ import torch
 
 from hipp.backends import make_prunable
 from hipp.baselines import make_plan
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.errors import HippError
 from hipp.export.slicing import materialize
 from hipp.core.plan import Plan

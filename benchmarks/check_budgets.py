@@ -7,7 +7,7 @@ import argparse
 import json
 import time
 
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.query.bound import load_base, plan_for_budget
 
 

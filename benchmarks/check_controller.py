@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hipp.backends import clear_gates, set_gates
 from hipp.storage.checkpoint import fingerprint
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.evaluation.evaluate import evaluate
 from hipp.storage.fileio import write_json
 from hipp.evaluation.front import spearman

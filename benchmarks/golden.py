@@ -35,7 +35,7 @@ def measure(steps: int) -> dict:
 
     from hipp.baselines import make_calibration, make_plans
     from hipp.config import load_config
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     from hipp.query.bound import bound_candidates, candidate_preferences, load_base, plan_for_budget
     from hipp.training.trainer import TrainConfig, train
 

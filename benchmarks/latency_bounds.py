@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hipp.controller.network import load_controller  # noqa: E402
+from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.latency import latency_for  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
 from hipp.evaluation.pareto import evaluate_plan, utility_difference  # noqa: E402

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hipp.controller.network import load_controller  # noqa: E402
+from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.budget import Units, fit, top_up  # noqa: E402
 from hipp.core.gates import map_gates  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402

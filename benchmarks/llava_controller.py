@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from hipp.controller.network import load_controller  # noqa: E402
+from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.preference import sweep  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
 from hipp.evaluation.generative import evaluate_generative  # noqa: E402

@@ -13,12 +13,14 @@ position's logits only, as generate() asks for) is timed against the dense model
 the all-kept plan, in interleaved rounds. Printed: the plan's FLOPs ratio r, the median speed-up,
 1/r and speed-up / (1/r).
 
-With `--token-share S` the plans are joint: each keeps the share S of the image tokens (ranked by the
-vision tower's class-token attention, hipp/backends/visual_tokens.py) and the uniform weight plan
-spends what is left of r; the materialised model prunes its tokens itself.
+With `--token-share S` the plans are joint: each keeps the share S of the image tokens and the uniform
+weight plan spends what is left of r; the materialised model prunes its tokens itself. `--token-rule`
+ranks them (hipp/backends/visual_tokens.py): "text" (a LLaVA's default: the prompt's last token's
+attention in an early decoder layer, tokens leaving after it; with 2 decoder layers, after the first)
+or "cls" (the vision tower's class token, tokens leaving before the decoder).
 
     python benchmarks/llava_real_width.py --max-flops 0.5,0.3 --layers 2 --repeats 5
-    python benchmarks/llava_real_width.py --max-flops 0.3 --token-share 0.5 --layers 2 --repeats 5
+    python benchmarks/llava_real_width.py --max-flops 0.3 --token-share 0.5 --layers 2 --repeats 5 --token-rule cls
     python benchmarks/llava_real_width.py --small     # the same path at toy widths, in seconds
     python benchmarks/llava_real_width.py --analytic  # the full depth priced from shapes, no weights
 """
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--small", action="store_true", help="toy widths: checks the path, times nothing real")
     p.add_argument("--token-share", type=float, help="joint plans keeping this share of the image tokens")
+    p.add_argument("--token-rule", choices=("cls", "text"), help="how the image tokens are ranked (default: text)")
     p.add_argument("--out", help="also write the rows here as JSON")
     p.add_argument("--analytic", action="store_true",
                    help="only price the full-depth model (24 vision + 32 decoder layers, no weights): the vision "
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg, image_tokens = llava_config(args.layers, args.small)
     model = transformers.LlavaForConditionalGeneration(cfg).eval().requires_grad_(False)
-    space = make_prunable(model, args.channel_group, tokens=args.token_share is not None)
+    space = make_prunable(model, args.channel_group, tokens=(args.token_rule or True) if args.token_share else False)
     kept = None if args.token_share is None else [max(1, round(args.token_share * image_tokens))]
     inputs = prompt(cfg, image_tokens)
     g = torch.Generator().manual_seed(0)  # which units go does not matter for speed, only how many
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
         costs = plan.costs()
         speedup = statistics.median(t_dense) / statistics.median(t_small)
         rows.append({"max_flops": r, "flops_ratio": costs["flops_ratio"], "tokens_kept": kept,
+                     "token_rule": space.tokens[0].rule if space.tokens else None,
                      **{k: v for k, v in costs.items() if k.startswith("flops_ratio/")},
                      "max_abs_logit_diff": diff, "logit_scale": float(dense_logits.abs().max()),
                      "dense_s": statistics.median(t_dense), "pruned_s": statistics.median(t_small),
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=1))
     if kept is not None:
-        print(f"joint plans: {kept[0]} of {image_tokens} image tokens kept")
+        print(f"joint plans: {kept[0]} of {image_tokens} image tokens kept, ranked by {space.tokens[0].rule!r}")
     print(f"LLaVA-1.5-7B widths{' (toy)' if args.small else ''}, {args.layers} + {args.layers} layers, "
           f"{info['params'] / 1e6:.0f} M params, batch 1, {info['prefill_tokens']} prefill tokens, "
           f"{info['threads']} threads, medians of {args.repeats} interleaved rounds")

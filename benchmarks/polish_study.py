@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.storage.fileio import write_json, write_text
 from hipp.evaluation.pareto import evaluate_plan
 from hipp.query.polish import POLISH, polished_plan

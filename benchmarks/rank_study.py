@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.storage.fileio import write_text
 from hipp.evaluation.pareto import evaluate_plan
 from hipp.query.bound import bound_candidates, format_spec, load_base

@@ -40,7 +40,7 @@ def export_plan(controller: str, method: str, budget: float, out: Path) -> None:
             raise SystemExit(f"export of the controller's plan at {budget} failed")
         return
     from hipp.baselines import make_calibration, make_plan
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     from hipp.export.pruned import export_pruned
     from hipp.query.bound import load_base
 

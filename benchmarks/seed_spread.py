@@ -17,7 +17,7 @@ from pathlib import Path
 from hipp.evaluation.bench import bench
 from hipp.baselines.fixed_budget import matched_to
 from hipp.config import load_config
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.storage.fileio import read_json, write_json, write_text
 from hipp.query.bound import load_base, plan_for_budget
 from hipp.training.trainer import TrainConfig, train

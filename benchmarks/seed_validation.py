@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hipp.config import load_config
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.evaluation.pareto import evaluate_plan, utility_difference
 from hipp.query.bound import load_base, plan_for_budget
 from hipp.query.polish import polish

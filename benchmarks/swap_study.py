@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.evaluation.pareto import evaluate_plan
 from hipp.query.polish import plan_logits
 from hipp.core.budget import Units, meets, ratios

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hipp.backends import decoder_tokens, llava_tokens  # noqa: E402
-from hipp.controller.network import load_controller  # noqa: E402
+from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.plan import Plan  # noqa: E402
 from hipp.errors import HippError  # noqa: E402
 from hipp.evaluation.generative import answer_all  # noqa: E402
@@ -77,6 +77,25 @@ def check(base, plan: Plan, n: int) -> dict:
                                  base.model.generate(**batch, max_new_tokens=16, do_sample=False))
     return {"prompts": n, "max_abs_logit_diff": float((ours - hard).abs().max()),
             "identical_generations": int((tokens == hard_tokens).all(1).sum()) if tokens.shape == hard_tokens.shape else 0}
+
+
+def write_summary(out: Path, result: dict) -> list[str]:
+    """summary.md of a result: one table row per plan."""
+    rows, args_split, args_n = result["rows"], result["split"], result["n"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# Visual tokens ({args_split}, {args_n} per kind)", "",
+             "| row | budget | FLOPs | tokens | utility | POPE adv F1 | utility vs ref | POPE adv vs ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['budget']} | - | - | - | - | {r['error']} | |")
+            continue
+        vs = r.get("vs_ref", {})
+        cells = [f"{vs[k]['diff']:+.3f} ± {vs[k]['se']:.3f}" if k in vs else "" for k in KEYS]
+        lines.append(f"| {r['row']} | {r['budget'] if r['budget'] is not None else '-'} | {f(r['flops_ratio'])} | "
+                     f"{r['tokens_kept'][0] if r['tokens_kept'] else 'all'} | {f(r['utility'])} | {f(r['pope/adversarial_f1'])} | {' | '.join(cells)} |")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    return lines
 
 
 def main() -> int:
@@ -168,19 +187,7 @@ def main() -> int:
     result = {"controller": args.controller, "split": args.split, "n": args.n, "rows": rows,
               "seconds": time.time() - t0}
     write_json(out / "result.json", result)
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"# Visual tokens ({args.split}, {args.n} per kind)", "",
-             "| row | budget | FLOPs | tokens | utility | POPE adv F1 | utility vs ref | POPE adv vs ref |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['row']} | {r['budget']} | - | - | - | - | {r['error']} | |")
-            continue
-        vs = r.get("vs_ref", {})
-        cells = [f"{vs[k]['diff']:+.3f} ± {vs[k]['se']:.3f}" if k in vs else "" for k in KEYS]
-        lines.append(f"| {r['row']} | {r['budget'] if r['budget'] is not None else '-'} | {f(r['flops_ratio'])} | "
-                     f"{r['tokens_kept'][0]} | {f(r['utility'])} | {f(r['pope/adversarial_f1'])} | {' | '.join(cells)} |")
-    write_text(out / "summary.md", "\n".join(lines) + "\n")
+    lines = write_summary(out, result)
     print("\n".join(lines))
     print(f"{time.time() - t0:.0f} s")
     return 0

@@ -10,7 +10,7 @@ __all__ = ["load_model", "get_tokenizer", "get_preprocess", "load_controller", "
 # only torch and the controller, and importing the package imports no torch at all, so a Ctrl-C while
 # the CLI starts is caught by its handler instead of printing a traceback.
 _LAZY = {"load_model": "storage.checkpoint", "get_tokenizer": "storage.checkpoint",
-         "get_preprocess": "storage.checkpoint", "load_controller": "controller.network",
+         "get_preprocess": "storage.checkpoint", "load_controller": "controller.files",
          "materialize": "export.slicing", "profile": "evaluation.profile", "LatencyModel": "core.latency"}
 
 

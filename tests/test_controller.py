@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from hipp.controller.network import CONFIG_NAME, WEIGHTS_NAME, Controller, load_controller, prunable_params
+from hipp.controller.network import CONFIG_NAME, WEIGHTS_NAME, Controller, prunable_params
+from hipp.controller.files import load_controller
 from hipp.errors import HippError
 from hipp.training.objectives import expected_cost_ratios
 from hipp.core.plan import Plan

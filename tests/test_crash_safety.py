@@ -39,7 +39,7 @@ def _log_steps(out: Path) -> list[int]:
 
 def _assert_consistent(out: Path) -> None:
     """What a kill leaves must load: the controller a query would read, the state a resume would."""
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     from hipp.training.resume import load
     if (out / "controller.json").exists():
         load_controller(out)

@@ -12,7 +12,8 @@ from hipp import load_model
 from hipp.backends import clear_gates, describe, make_prunable, set_gates
 from hipp.cli.main import main
 from hipp.storage.checkpoint import CONFIG_NAME, PRUNED_CONFIG_NAME, PRUNED_WEIGHTS_NAME, get_preprocess, get_tokenizer
-from hipp.controller.network import Controller, load_controller
+from hipp.controller.network import Controller
+from hipp.controller.files import load_controller
 from hipp.errors import HippError
 from hipp.export.pruned import ONNX_FILES, export_pruned
 from hipp.storage.fileio import load_tensors, save_tensors

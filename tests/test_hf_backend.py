@@ -12,7 +12,7 @@ from hipp.backends import clear_gates, describe, make_prunable, set_gates
 from hipp.backends.convert import convert_folder
 from hipp.backends.hf import HFBlock, HFVLM
 from hipp.storage.checkpoint import PRUNED_CONFIG_NAME, fingerprint, get_tokenizer
-from hipp.controller.network import load_controller
+from hipp.controller.files import load_controller
 from hipp.data import shapes, to_input
 from hipp.errors import HippError
 from hipp.evaluation.evaluate import shape_metrics

@@ -382,7 +382,7 @@ def test_a_controller_trained_with_latency_carries_its_profile(tiny_model_dir, t
     import yaml
 
     from hipp.config import load_config
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     from hipp.training.trainer import TrainConfig, train
 
     model = load_model(tiny_model_dir)

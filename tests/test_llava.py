@@ -12,7 +12,8 @@ from hipp.backends import backend_for, describe, gated, make_prunable, set_gates
 from hipp.backends.decoder import DecoderBlock
 from hipp.backends.hf import HFBlock
 from hipp.backends.modules import DroppedBlock
-from hipp.controller.network import CONFIG_NAME, Controller, load_controller
+from hipp.controller.network import CONFIG_NAME, Controller
+from hipp.controller.files import load_controller
 from hipp.core.costs import BlockCost
 from hipp.core.space import LayerSpec, PruneSpace
 from hipp.errors import HippError

@@ -200,7 +200,7 @@ def test_a_joint_plan_exports_a_model_that_prunes_its_own_tokens(trained, tmp_pa
     from hipp.data import words
     from hipp.data.instruct import make_samples
     from hipp.query.bound import load_base
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     from hipp.storage.checkpoint import get_processor
     code, out, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.6, "--visual-tokens", 0.5,
                          "--token-rule", rule, "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "export",

@@ -11,7 +11,8 @@ import torch
 from hipp.backends import make_prunable
 from hipp.storage.checkpoint import fingerprint, load_model
 from hipp.cli.main import main
-from hipp.controller.network import Controller, load_controller
+from hipp.controller.network import Controller
+from hipp.controller.files import load_controller
 from hipp.errors import HippError
 from hipp.query.bound import bound_candidates, candidate_preferences, load_base, plan_for_budget, resolve_base, target_candidates
 from hipp.query.ranking import CALIB_IMAGES, RANK_LOSSES, calibration, rank_losses, utility_losses, zero_shot_calibration, zero_shot_losses

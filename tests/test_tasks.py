@@ -132,7 +132,7 @@ def hipp_cli(*args):
 
 
 def test_a_controller_trains_on_a_csv_through_the_cli(pairs, tiny_model_dir, tmp_path):
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
 
     config = tmp_path / "csv.yaml"
     config.write_text(yaml.safe_dump({**BASE, "model": str(tiny_model_dir), "output": str(tmp_path / "out"),

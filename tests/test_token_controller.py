@@ -9,7 +9,8 @@ import torch
 from hipp.backends import decoder_tokens, gated, make_prunable, visual_tokens
 from hipp.backends.visual_tokens import VisualTokens, pruning
 from hipp.cli.main import main
-from hipp.controller.network import Controller, load_controller
+from hipp.controller.network import Controller
+from hipp.controller.files import load_controller
 from hipp.core import token_gates
 from hipp.training.objectives import expected_cost_ratios
 from test_llava import plans, tiny_llava
@@ -191,3 +192,20 @@ def test_visual_tokens_in_a_training_config_bad_input_is_one_line(tmp_path, caps
     clip = write_config(tmp_path, visual_tokens="text", model=str(tiny_model_dir), task="shapes-fmnist")
     assert_bad(*cli(capsys, "train", "--config", clip), "a controller chooses visual tokens for a LLaVA only")
     assert not (tmp_path / "out" / "controller.json").exists()
+
+
+@pytest.mark.parametrize("field, value, needle", [("tokens", "abc", "space.tokens must be a list"),
+                                                  ("rule", "zzz", "space.tokens[0].rule"),
+                                                  ("tokens_count", 0, "space.tokens[0].tokens"),
+                                                  ("after", 1.5, "space.tokens[0].after")])
+def test_a_malformed_token_level_in_a_controller_file_is_one_line(tmp_path, capsys, field, value, needle):
+    c = Controller(token_space(), ("utility", "flops"), hidden=8, rank=2)
+    c.save(tmp_path / "c", fingerprint="abc")
+    path = tmp_path / "c" / "controller.json"
+    cfg = json.loads(path.read_text())
+    if field == "tokens":
+        cfg["space"]["tokens"] = value
+    else:
+        cfg["space"]["tokens"][0]["tokens" if field == "tokens_count" else field] = value
+    path.write_text(json.dumps(cfg))
+    assert_bad(*cli(capsys, "query", "--controller", tmp_path / "c", "--pref", "utility=1"), needle)

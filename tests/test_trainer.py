@@ -257,7 +257,8 @@ def test_target_groups_drop_the_cost_weights_and_draw_targets_in_range():
 
 def test_training_for_a_flops_target_moves_the_expected_cost_to_it(tiny_model_dir, tmp_path):
     from hipp.config import load_config
-    from hipp.controller.network import Controller, load_controller
+    from hipp.controller.network import Controller
+    from hipp.controller.files import load_controller
     from hipp.training.objectives import expected_cost_ratios
     cfg = load_config(TrainConfig, write_config(tmp_path, tiny_model_dir, steps=12, save_every=12, target_prob=1.0,
                                                 target_range=[0.4, 0.4], target_penalty=50.0, bias_lr_mult=10.0))
@@ -284,7 +285,8 @@ def test_an_architecture_without_weights_is_rebuilt_with_the_training_seed(tmp_p
     and export of its controller rebuild the same base (same fingerprint) instead of refusing it."""
     from hipp.backends import make_prunable
     from hipp.storage.checkpoint import fingerprint, load_model
-    from hipp.controller.network import Controller, load_controller
+    from hipp.controller.network import Controller
+    from hipp.controller.files import load_controller
     from hipp.query.bound import load_base
     torch.manual_seed(123)
     state = torch.random.get_rng_state()

@@ -256,7 +256,7 @@ def test_a_clip_export_with_tokens_reloads_pruning_them(tiny_controller_dir, tmp
     from hipp import load_model
     from hipp.cli.main import main
     from hipp.query.bound import load_base
-    from hipp.controller.network import load_controller
+    from hipp.controller.files import load_controller
     assert main(["export", "--controller", str(tiny_controller_dir), "--max-flops", "0.6", "--visual-tokens", "0.5",
                  "--candidates", "2", "--calib-images", "8", "--out", str(tmp_path / "e"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -31,6 +31,9 @@ from .base import backend_for
 from .token_rank import VisualTokens, choose, recorded, record_from, row_flops, scores_of
 
 
+RULE = "text"  # also the one rule a controller can learn a count under: its soft weights equal dropping
+
+
 def default_after(layers: int) -> int:
     """FastV keeps LLaVA-1.5's first 2 of 32 layers whole (prunes after layer index 1); scaled to the
     decoder's depth, never before layer 1 when there are three or more: on the 4-layer teacher's
@@ -51,7 +54,7 @@ def level(model: nn.Module, after: int | None = None) -> TokenLevel:
     group = text.num_attention_heads // text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     prompt = backend_for(model).context_length(model)
-    return TokenLevel("language", image_tokens(model), after=after, rule="text", rank_stage="language",
+    return TokenLevel("language", image_tokens(model), after=after, rule=RULE, rank_stage="language",
                       rank_layer=after, rank_flops=row_flops(group, head_dim, prompt))
 
 

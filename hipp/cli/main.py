@@ -91,7 +91,7 @@ def _claim(args, command: str, names: tuple[str, ...]):
 
 
 def _controller_and_base(args):
-    from ..controller.network import load_controller
+    from ..controller.files import load_controller
     from ..query.bound import load_base
 
     controller = load_controller(args.controller)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.budget import check_bounds
 from ..core.latency import latency_for, parse_bound
-from ..controller.network import load_controller
+from ..controller.files import load_controller
 from ..errors import HippError
 from ..core.plan import Plan
 from ..core.preference import format_spec

@@ -213,7 +213,8 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
     bound; `rounding` (channels, units) keeps counts per layer in those multiples (hipp.query.rounding).
     `tokens` = (a TokenLevel, kept counts): the weights are fitted at each count in turn, whose plans
     keep that many tokens, up to `n_rank` candidates each (so that every count, all tokens included,
-    has the candidates a weights-only query would rank)."""
+    has the candidates a weights-only query would rank). A controller that chooses the count itself
+    fits each preference at its own count, and the `n_rank` fits with the smallest offsets are kept."""
     bounds = check_bounds(max_flops, max_params, max_latency)
     if tokens is None and not controller.space.tokens:
         return _candidates(controller, Units(controller.space, latency), bounds, n_rank, points, rounding)
@@ -232,6 +233,8 @@ def bound_candidates(controller: Controller, max_flops: float | None = None, max
             refused = e
     if not found:
         raise refused
+    if tokens is None:  # the controller's own proposals: those nearest the bound, whatever their count
+        found = sorted(found, key=lambda c: abs(c.offset))[:n_rank]
     return found
 
 

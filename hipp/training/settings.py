@@ -61,7 +61,7 @@ class TrainConfig:
     task: str = DEFAULT_TASK  # what the batches come from (hipp.tasks); data.* sizes its batches
     task_options: dict = field(default_factory=dict)  # the task's own settings, e.g. a CSV's path
     latency_profile: str | None = None  # a hipp profile file: needed by (and only by) the latency objective
-    visual_tokens: str | None = None  # "text": the controller also chooses a LLaVA's visual-token count
+    visual_tokens: str | None = None  # a rule ("text"): the controller also chooses a LLaVA's visual-token count
 
     def __post_init__(self):
         from ..config import above, at_least, check_values, finite, one_of, within
@@ -94,8 +94,10 @@ class TrainConfig:
                             "latency_profile needs 'latency' among objectives.names")
         if self.target_prob > 0:
             check_target_objectives(names)
-        if self.visual_tokens is not None and self.visual_tokens != "text":
-            raise HippError(f"visual_tokens must be 'text' (tokens ranked in the language model, the only rule "
+        from ..backends.decoder_tokens import RULE
+
+        if self.visual_tokens is not None and self.visual_tokens != RULE:
+            raise HippError(f"visual_tokens must be {RULE!r} (tokens ranked in the language model, the only rule "
                             f"whose soft gates equal dropping), got {self.visual_tokens!r}")
         if self.visual_tokens is not None and self.latency_profile is not None:
             raise HippError("a latency profile does not price visual tokens yet; train visual tokens with FLOPs")
