@@ -41,7 +41,7 @@ from hipp.evaluation.generative import answer_all  # noqa: E402
 from hipp.evaluation.generative_bench import Answers, judged  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base, plan_for_budget  # noqa: E402
-from hipp.query.tokens import counts, token_level, tokens_only  # noqa: E402
+from hipp.query.tokens import SEARCH, counts, token_level, tokens_only  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 
 KEYS = ("utility", "pope/adversarial_f1")
@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--text-after", default="0,1", help="language layers after which the text rule prunes")
     ap.add_argument("--after", type=int, help="that layer for the joint and tokens rows (default: the backend's)")
     ap.add_argument("--weights-controller", help="a controller trained without tokens, for the weights-only rows")
+    ap.add_argument("--search", action="store_true", help="add the bound search over quarters of the tokens "
+                    "(--visual-tokens search)")
     ap.add_argument("--check", type=int, metavar="N", help="only compare exports with the hard-gated model")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -150,6 +152,13 @@ def main() -> int:
             got = answers(base, plan, args.split, args.n)
             ref = ref or got
             rows.append(row("hipp chooses", budget, plan, got, None if got is ref else ref, resamples))
+            print(rows[-1], flush=True)
+        if args.search:
+            plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=counts(level, SEARCH),
+                                   token_rule=args.rule)
+            got = answers(base, plan, args.split, args.n)
+            ref = ref or got
+            rows.append(row("search quarters", budget, plan, got, None if got is ref else ref, resamples))
             print(rows[-1], flush=True)
         for k in kept:
             plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)

@@ -1,8 +1,9 @@
 """Training the controller on a frozen VLM with Accelerate.
 
 Each step: one batch, one teacher pass (the same weights with gates open), then for each
-preference group a Dirichlet-sampled preference, Gumbel-sigmoid gates from the controller, a
-gated (student) pass and the scalarised multi-objective loss. Only the controller learns.
+preference group a Dirichlet-sampled preference, Gumbel-sigmoid gates from the controller (and,
+where the space has a token level, its relaxed chunk gates: hipp/core/token_gates.py), a gated
+(student) pass and the scalarised multi-objective loss. Only the controller learns.
 
 With `target_prob` > 0 some preference groups train for a FLOPs target instead: the preference's
 cost weights are dropped and a quadratic penalty holds the expected FLOPs ratio at a target drawn
