@@ -127,9 +127,13 @@ def main() -> int:
     if args.check:
         checks = []
         for budget in (float(b) for b in args.budgets.split(",") if b):
-            for k in kept:
-                plan = plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)
-                checks.append({"budget": budget, "tokens_kept": k, **check(base, plan, args.check)})
+            plans = [plan_for_budget(controller, max_flops=budget, base=base, token_counts=[k], token_rule=args.rule)
+                     for k in kept]
+            if controller.space.tokens:  # and the count the controller chose
+                plans.append(plan_for_budget(controller, max_flops=budget, base=base))
+            for plan in plans:
+                checks.append({"budget": budget, "tokens_kept": int(plan.token_keep[0]) if plan.space.tokens else None,
+                               **check(base, plan, args.check)})
                 print(checks[-1], flush=True)
         write_json(Path(args.out) / "check.json", checks)
         return 0

@@ -186,6 +186,15 @@ def test_a_bound_query_fits_each_preference_at_its_own_count_and_exports_it(trai
     assert visual_tokens.installed(load_model(tmp_path / "export")) == visual_tokens.for_plan(plan)
 
 
+def test_bench_sets_a_token_controller_against_baselines_in_the_weights_space(trained, tmp_path, capsys):
+    """Baselines prune weights only; their plans keep every token of the controller's token level."""
+    code, out, err = cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform",
+                         "--test-items", 10, "--candidates", 2, "--calib-images", 10, "--out", tmp_path / "b", "--json")
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(out)["results"]}
+    assert set(rows) == {"uniform", "hipp"} and all(0.45 <= r["flops_ratio"] <= 0.5 for r in rows.values())
+
+
 def test_visual_tokens_in_a_training_config_bad_input_is_one_line(tmp_path, capsys, tiny_model_dir):
     assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, visual_tokens="cls")),
                "visual_tokens must be 'text'")

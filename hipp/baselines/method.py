@@ -57,7 +57,7 @@ class Method:
         if self.needs_calibration and calibration is None:
             raise HippError(f"baseline {self.name!r} needs calibration data (hipp.baselines.make_calibration)")
         group = space.layers[0].channel_group if space.layers else 1
-        if describe(model, group) != space:  # checked before make_prunable touches the model
+        if describe(model, group) != space.with_tokens():  # the weights' space (a token level keeps every token)
             raise HippError(f"baseline {self.name!r}: the model does not match the prune space it was given")
         if self.needs_calibration and calibration.task.family not in self.families:
             raise HippError(f"baseline {self.name!r} scores {' and '.join(self.families)} models only")
