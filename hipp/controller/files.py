@@ -123,19 +123,25 @@ def _check_space(d, where: Path) -> PruneSpace:
 
 
 def _check_tokens(levels, where: Path) -> None:
-    """A space's token levels: whole counts and layers, a known rule, finite costs."""
+    """A space's token levels: whole counts and layers, a known rule, finite costs, names as strings."""
     from ..backends.token_rank import RULES
 
     if not isinstance(levels, list) or not all(isinstance(t, dict) for t in levels):
         raise HippError(f"{where}: space.tokens must be a list of objects")
     for i, t in enumerate(levels):
-        bad = [k for k in ("tokens", "after", "rank_layer") if not (_is_int(t.get(k, -1)) and -1 <= t.get(k, -1) <= MAX_LAYER_FIELD)]
-        bad += [k for k in ("per_token_flops", "rank_flops") if isinstance(t.get(k, 0.0), bool) or
-                not isinstance(t.get(k, 0.0), (int, float)) or not math.isfinite(t.get(k, 0.0))]
-        bad += [k for k in ("stage", "fixed_stage", "rank_stage") if not isinstance(t.get(k, ""), str)]
-        if bad or not _is_int(t.get("tokens")) or t["tokens"] < 1 or t.get("rule", "cls") not in RULES:
-            field = bad[0] if bad else "tokens" if not (_is_int(t.get("tokens")) and t["tokens"] >= 1) else "rule"
-            raise HippError(f"{where}: space.tokens[{i}].{field} is malformed (got {t.get(field)!r})")
+        def whole(v, least: int) -> bool:
+            return _is_int(v) and least <= v <= MAX_LAYER_FIELD
+
+        def finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        checks = {"tokens": whole(t.get("tokens"), 1), "after": whole(t.get("after", -1), -1),
+                  "rank_layer": whole(t.get("rank_layer", -1), -1), "rule": t.get("rule", "cls") in RULES,
+                  **{k: finite(t.get(k, 0.0)) for k in ("per_token_flops", "rank_flops")},
+                  **{k: isinstance(t.get(k, ""), str) for k in ("stage", "fixed_stage", "rank_stage")}}
+        for field, ok in checks.items():
+            if not ok:
+                raise HippError(f"{where}: space.tokens[{i}].{field} is malformed (got {t.get(field)!r})")
 
 
 def _check_extra(extra, where: Path) -> dict:
