@@ -184,6 +184,9 @@ def test_a_bound_query_fits_each_preference_at_its_own_count_and_exports_it(trai
     assert plan.token_keep.tolist() == own[0].tolist()  # the weights were fitted at the preference's own count
     assert plan.prunes_tokens and summary["language"]["tokens_kept"] == 4
     assert visual_tokens.installed(load_model(tmp_path / "export")) == visual_tokens.for_plan(plan)
+    code, out, err = cli(capsys, "query", "--controller", tmp_path / "c", "--pref", "utility=1", "--round", 64, "--json")
+    assert code == 0, err
+    assert json.loads(out)["language"]["tokens_kept"] == 4  # rounding the weights keeps the count
 
 
 def test_bench_sets_a_token_controller_against_baselines_in_the_weights_space(trained, tmp_path, capsys):
