@@ -194,3 +194,18 @@ def test_two_processes_recover_one_model(export_dir, config, tmp_path):
     assert any(not torch.equal(a["model." + k], first[k]) for k in first)  # they learnt, together
     assert json.loads((out / PRUNED_CONFIG_NAME).read_text())["recovery"]["steps_run"] == STEPS
     assert load_model(out) is not None
+
+
+def test_tensorboard_gets_the_logged_rows_too(export_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    config = tmp_path / "recover.yaml"
+    config.write_text(CONFIG.replace(f"steps: {STEPS}", "steps: 2") + "tensorboard: true\n")
+    out = tmp_path / "out"
+    assert main(["recover", "--model", str(export_dir), "--config", str(config), "--out", str(out)]) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss", "val_utility"} <= scalars
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(_log(out)) == 3  # JSONL as before

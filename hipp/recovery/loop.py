@@ -135,7 +135,8 @@ def recover(export, cfg: RecoverConfig, out, resume: bool = False, overwrite: bo
         raise HippError("--out must be another folder than the export it recovers")
     resume_state.check_output(out, COMMAND, resume, overwrite)
     # an emptied attention or MLP branch leaves its norm and zero-sized weights out of the graph
-    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                      log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
     with contextlib.ExitStack() as held:
         if acc.is_main_process:
             held.enter_context(outputs.claim(out, COMMAND, overwrite))
@@ -194,6 +195,8 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
             resume_state.truncate_log(log, start)
     acc.wait_for_everyone()
     before = _first_val(log)
+    if cfg.tensorboard:
+        acc.init_trackers("hipp-recover", config={"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size})
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="recover",
                disable=not acc.is_main_process)
     t0, stopped = time.time() - elapsed, None
@@ -222,6 +225,8 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
                     stopped = step + 1
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if cfg.tensorboard:
+                acc.log(row, step=step + 1)
             if (step + 1) % cfg.save_every == 0 or stopped or step + 1 == cfg.steps:
                 resume_state.save(state_path, raw, opt, {"step": step + 1, "seconds": time.time() - t0,
                                                          "run": run, "best": best, "stopped": stopped})
@@ -229,6 +234,8 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
         if stopped:
             break
     seconds = time.time() - t0
+    if cfg.tensorboard:
+        acc.end_training()
     summary = {"out": str(out)}
     if acc.is_main_process:
         summary = _write_export(cfg, export, config, out, raw, best, before, stopped, seconds)

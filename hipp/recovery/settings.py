@@ -41,6 +41,7 @@ class RecoverConfig:
     grounding_tolerance: float = 0.01
     save_every: int = 50
     seed: int = 0
+    tensorboard: bool = False       # also log to TensorBoard (under the output folder), as training does
 
     def __post_init__(self):
         from ..config import above, at_least, check_values, one_of, within
