@@ -209,3 +209,33 @@ def test_tensorboard_gets_the_logged_rows_too(export_dir, tmp_path):
     scalars = set(acc.Tags()["scalars"])
     assert {"loss", "val_utility"} <= scalars
     assert [e.step for e in acc.Scalars("loss")] == [1, 2] and len(_log(out)) == 3  # JSONL as before
+
+
+def test_bench_adds_rows_after_n_recovery_steps(tiny_controller_dir, config, tmp_path, capsys):  # noqa: F811
+    """The controller's plan and the best training-free plan at each budget, exported, recovered for
+    N steps from the base and measured like every row; their margins are set side by side."""
+    code, out, err = cli(capsys, "bench", "--controller", tiny_controller_dir, "--budgets", "0.5", "--methods",
+                         "uniform,magnitude", "--test-items", 10, "--recover-steps", 2, "--recover-config", config,
+                         "--out", tmp_path / "b", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {r["method"]: r for r in result["results"]}
+    free = max(("uniform", "magnitude"), key=lambda m: rows[m]["utility"])
+    assert set(rows) == {"uniform", "magnitude", "hipp", "hipp+recovery", f"{free}+recovery"}
+    for name in ("hipp", free):
+        again = rows[f"{name}+recovery"]
+        assert again["flops_ratio"] == rows[name]["flops_ratio"] and again["recovery"]["steps_run"] == 2
+        assert again["utility"] != rows[name]["utility"] or again["recovery"]["best_step"] == 0
+    assert f"vs_{free}+recovery" in result["margins"]["hipp+recovery"]["0.5"]
+
+
+def test_bench_recovery_bad_input_is_one_line(tiny_controller_dir, config, tmp_path, capsys):  # noqa: F811
+    assert_bad(*cli(capsys, "bench", "--controller", tiny_controller_dir, "--recover-steps", 0, "--out", tmp_path / "b"),
+               "--recover-steps must be a whole number of at least 1")
+    assert_bad(*cli(capsys, "bench", "--controller", tiny_controller_dir, "--recover-config", config,
+                    "--out", tmp_path / "b"), "give --recover-steps too")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 2\nlr: -1\n")
+    assert_bad(*cli(capsys, "bench", "--controller", tiny_controller_dir, "--recover-steps", 2, "--recover-config", bad,
+                    "--out", tmp_path / "b"), "lr")
+    assert not (tmp_path / "b").exists()

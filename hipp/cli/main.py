@@ -127,18 +127,20 @@ def _cmd_bench(args) -> int:
     check_device(args.device)
     if args.test_items is not None and args.test_items < 10:
         raise HippError(f"--test-items must be at least 10, got {args.test_items}")
+    from ..recovery.of_plan import bench_config
+    recovery = bench_config(args.recover_steps, args.recover_config)  # a bad config: one line, before any load
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
         from ..baselines import get_method
         for m in methods:
             get_method(m)  # unknown names fail before anything loads
     with _claim(args, "bench", BENCH_FILES) as out:
-        result = _bench(args, budgets, methods, out)
+        result = _bench(args, budgets, methods, out, recovery)
     return _report(args, result, f"bench of {len(result['results'])} rows written to {out} "
                                  "(bench.md, bench.json, bench.csv, bench.png)")
 
 
-def _bench(args, budgets, methods, out) -> dict:
+def _bench(args, budgets, methods, out, recovery=None) -> dict:
     from ..evaluation.bench import CONTROLLER, POLISHED, bench
     from ..baselines.fixed_budget import matched_to
     from ..query.polish import polish
@@ -164,6 +166,9 @@ def _bench(args, budgets, methods, out) -> dict:
             name = tokens.ONLY if other.rule == level.rule else f"{tokens.ONLY}/{other.rule}"
             planners[name] = lambda b, other=other: tokens.tokens_only(controller.space.with_tokens(other), b)
     from ..storage.checkpoint import family
+    from ..recovery.of_plan import recovered_from
+    if recovery is not None and family(base.model) == "llava":
+        raise HippError("--recover-steps: a LLaVA export has no recovery yet (hipp recover is CLIP-style only)")
     if family(base.model) == "llava":
         from ..evaluation.generative_bench import bench_generative
         return bench_generative(base.model, base.tokenizer, controller.space, budgets, methods, out_dir=out,
@@ -171,6 +176,7 @@ def _bench(args, budgets, methods, out) -> dict:
                                 planners=planners, **({} if args.test_items is None else {"n": args.test_items}))
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                  controller=controller, controller_train_seconds=seconds, options=options, planners=planners,
+                 recovery=None if recovery is None else recovered_from(base, recovery),
                  **({} if args.test_items is None else {"n": args.test_items, "fmnist_limit": args.test_items}))
 
 
@@ -283,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and recorded in bench.json)")
     _add_overwrite_arg(b)
     _add_polish_arg(b, 0)  # off by default: on validation it raised utility for at most 2 of 5 seeds
+    b.add_argument("--recover-steps", type=int, metavar="N",
+                   help="also each planner's plan and the best training-free plan per budget, exported and "
+                        "recovered from the base for N steps (hipp recover; CLIP-style models)")
+    b.add_argument("--recover-config", help="YAML recovery config for those rows (its steps: --recover-steps)")
     _add_search_args(b)
     b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")

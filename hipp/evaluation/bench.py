@@ -64,19 +64,23 @@ def _mean_rows(method: str, budget: float, results: list[dict], plans: list) -> 
             "seeds": [{"seed": p.meta.get("seed", 0), "flops_ratio": r["flops_ratio"], "utility": r["utility"],
                        "grounding": r["grounding"],
                        "tokens": [f"{int(k)}/{level.tokens}" for level, k in zip(p.space.tokens, p.token_keep.tolist())]}
-                      for p, r in zip(plans, results)]}
+                      for p, r in zip(plans, results)],
+            **({"recovery": results[0]["recovery"]} if "recovery" in results[0] else {})}
 
 
 def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.3, 0.5, 0.7), methods=None,
           out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
           datasets=DATASETS, n: int = 1000, fmnist_limit: int | None = None, seed: int = 0,
-          options: dict | None = None, progress: bool = True, planners: dict | None = None) -> dict:
+          options: dict | None = None, progress: bool = True, planners: dict | None = None,
+          recovery=None) -> dict:
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
     With `controller`, its plans join as one row per entry of `planners` (row name -> planner(budget);
     the CLI passes hipp.query.bound's bound search as "hipp" and it polished as "hipp+polish"), by default
     controller.plan_within as "hipp". `options` maps a
-    method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). Returns the bench object
+    method name to its settings (e.g. {"fixed_budget": {"steps": 60}}). `recovery` (plan -> (the
+    plan's export recovered from the base, its recovery record)) adds a row "<name>+recovery" for each
+    planner's plan and the best training-free method's at every budget. Returns the bench object
     (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
     written as bench.json, bench.csv, bench.md and bench.png.
     """
@@ -103,6 +107,10 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
                                       progress):
         result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, **evaluate_args)
         per.setdefault((name, budget), []).append((plan, result))
+    for name, budget, plan in recovered_plans(per, budgets, planners) if recovery is not None else ():
+        small, record = recovery(plan)
+        result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, small=small, **evaluate_args)
+        per[(name + RECOVERED, budget)] = [(plan, {**result, "recovery": record})]
     rows = [_mean_rows(name, budget, [r for _, r in got], [p for p, _ in got]) for (name, budget), got in per.items()]
     dense_metrics = evaluate(model, tokenizer, preprocess_cfg, datasets, n=n, fmnist_limit=fmnist_limit)
     dense = {"metrics": dense_metrics, "utility": utility_of(dense_metrics), "grounding": grounding_of(dense_metrics),
@@ -119,7 +127,7 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed, "options": options,
                      "calibration_size": calibration.size if calibration is not None else 0},
     }
-    ours = [m for m in planners if m in methods_seen]
+    ours = [m for m in (*planners, *(p + RECOVERED for p in planners)) if m in methods_seen]
     if ours:
         items = {key: _mean_items([r.get("items") for _, r in got]) for key, got in per.items()}
         for m in ours:
@@ -129,6 +137,18 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     if out_dir is not None:
         result["files"] = write_outputs(result, out_dir)
     return result
+
+
+RECOVERED = "+recovery"
+
+
+def recovered_plans(per: dict, budgets, planners: dict):
+    """(row name, budget, plan) to recover: each planner's plan and the best training-free method's."""
+    for budget in budgets:
+        free = {m: sum(r["utility"] for _, r in got) / len(got) for (m, b), got in per.items()
+                if b == budget and m in METHODS and not METHODS[m].trains}
+        for name in [m for m in planners if (m, budget) in per] + ([max(free, key=free.get)] if free else []):
+            yield name, budget, per[(name, budget)][0][0]
 
 
 def planned(model, space: PruneSpace, names, budgets, planners: dict, calibration, seed: int, options: dict,

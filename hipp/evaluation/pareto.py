@@ -109,7 +109,8 @@ def calibration_inputs(calibration, preprocess_cfg: dict) -> tuple[torch.Tensor,
 
 def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: Sequence[str] = DATASETS,
                   n: int = 500, fmnist_limit: int | None = 2000, calibration=None, mode: str = "materialize",
-                  latency: bool = False, latency_batch: int = 32, items: bool = False, split: str = "test") -> dict:
+                  latency: bool = False, latency_batch: int = 32, items: bool = False, split: str = "test",
+                  small=None) -> dict:
     """Metrics and costs of one hard plan on a prunable `model` (left unchanged).
 
     mode "materialize" measures the physically smaller model (the same function as the hard-gated
@@ -118,12 +119,14 @@ def evaluate_plan(model, plan: Plan, tokenizer, preprocess_cfg: dict, datasets: 
     bias compensation, measured on `calibration`. `latency` adds the smaller model's median
     milliseconds per image and per caption (always measured materialised); `items` the per-item
     scores of the utility metrics (hipp.evaluation.evaluate's `items`, not JSON), for utility_difference.
+    `small`: a model of the plan's shape to measure in its place (a recovered export), priced as the plan.
     """
     if mode not in MODES:
         raise HippError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
     check_datasets(datasets)
-    small = None
-    if plan.meta.get("compensate"):
+    if small is not None:
+        mode = "materialize"
+    elif plan.meta.get("compensate"):
         if calibration is None:
             raise HippError(f"plan of {plan.meta.get('method', 'this method')!r} needs calibration data "
                             "for its bias compensation")
