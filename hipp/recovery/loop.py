@@ -1,9 +1,9 @@
 """Recovery: distil an exported (smaller) model back toward the base it was cut from, with Accelerate.
 
-Each step: one batch of the task's training data, the base's embeddings of it (frozen, no gradient),
-the export's embeddings, and the loss the controller's utility objective uses (KL of the similarity
-rows and columns, plus 1 - cos of the embeddings), plus the grounding loss on the hard negatives
-where the batch has them. Every weight of the export learns (settings.py says why).
+Each step: one batch of the task's training data, the base's outputs on it (frozen, no gradient), the
+export's, and the loss of the model family (steps.py: embeddings for CLIP-style models, answer-token
+distributions for a LLaVA), the controller's own utility and grounding objectives. Every weight of
+the export learns (settings.py says why).
 
 Validation utility (the task's val split) is measured before the first step and every `eval_every`
 steps; the best weights so far are kept, and after `patience` evaluations without a better one the
@@ -34,18 +34,15 @@ from tqdm.auto import tqdm
 from ..backends import image_size
 from ..errors import HippError
 from ..storage import outputs
-from ..storage.checkpoint import (PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_WEIGHTS_NAME, contrastive_only,
-                                  fingerprint, get_tokenizer, load_model, look_up, preprocess_cfg)
+from ..storage.checkpoint import PRUNED_CONFIG_NAME, PRUNED_FORMAT, PRUNED_WEIGHTS_NAME, family, fingerprint, load_model, look_up
 from ..storage.fileio import load_tensors, read_json, save_tensors, write_json, write_text
 from ..tasks import get_task
 from ..training import resume as resume_state
-from ..training.objectives import Embeddings, grounding_loss, utility_loss
-from ..training.trainer import Distiller
 from .settings import RecoverConfig
+from .steps import step_for
 
 COMMAND = "recover"
 LOG_NAME = "recover_log.jsonl"
-FROZEN = ("logit_scale", "logit_bias")  # the similarity scale (SigLIP: and bias) the loss never reads
 BEST_NAME = "best.safetensors"  # the best weights on validation so far (the state file holds the latest)
 
 
@@ -96,38 +93,6 @@ def lr_at(cfg: RecoverConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-class Encoder(torch.nn.Module):
-    """A CLIP-style model's normalised image, caption and hard-negative embeddings in one forward, so
-    that Accelerate's data-parallel wrapper sees the pass (and synchronises its gradients)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, tokens, negatives=None):
-        img = self.model.encode_image(images, normalize=True)
-        txt = self.model.encode_text(tokens, normalize=True)
-        neg = None if negatives is None else self.model.encode_text(negatives, normalize=True)
-        return img, txt, neg
-
-
-def step_loss(cfg: RecoverConfig, student, teacher: Distiller, batch) -> tuple[torch.Tensor, dict]:
-    """The distillation loss of `student` (an Encoder, possibly wrapped) against the frozen teacher."""
-    inputs = teacher.inputs(batch)
-    with torch.no_grad():
-        t_img, t_txt, t_neg = teacher.encode(inputs, batch)
-    s_img, s_txt, s_neg = student(*inputs)
-    utility = utility_loss(Embeddings(s_img, s_txt), Embeddings(t_img, t_txt), teacher.scale, cfg.cosine_weight)
-    terms = {"utility": utility}
-    if s_neg is not None and cfg.grounding_weight > 0:
-        n = batch.n_shapes
-        s_neg = s_neg.view(n, batch.n_negatives, -1)
-        terms["grounding"] = grounding_loss(Embeddings(s_img[:n], s_txt[:n], s_neg),
-                                            Embeddings(t_img[:n], t_txt[:n], t_neg))
-    total = utility + cfg.grounding_weight * terms.get("grounding", 0.0)
-    return total, {k: float(v.detach()) for k, v in terms.items()}
-
-
 def recover(export, cfg: RecoverConfig, out, resume: bool = False, overwrite: bool = False) -> dict:
     export, out = Path(export), Path(out)
     config = read_export(export)
@@ -145,14 +110,14 @@ def recover(export, cfg: RecoverConfig, out, resume: bool = False, overwrite: bo
 
 def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, out: Path, resume: bool) -> dict:
     student = load_model(export)
-    contrastive_only(student, "recover")
-    teacher = load_base_of(export, config).to(acc.device)
-    tokenizer, pp = get_tokenizer(export), preprocess_cfg(student)
     task = get_task(cfg.task, cfg.task_options)
+    task.check_model(family(student))  # a recovery config for the other model family: one line
+    teacher = load_base_of(export, config).to(acc.device)
+    fam = step_for(cfg, student, teacher, export, acc.device)
     batches = task.batches(cfg.seed + 1, cfg.batch_size // acc.num_processes, image_size(student),
                            shape_fraction=cfg.shape_fraction, negatives=cfg.negatives)
-    for name, param in student.named_parameters():  # distilled at the teacher's scale: its own stays
-        param.requires_grad_(name.rsplit(".", 1)[-1] not in FROZEN)
+    for name, param in student.named_parameters():
+        param.requires_grad_(name.rsplit(".", 1)[-1] not in fam.frozen)
     student.train()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
@@ -166,15 +131,14 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
         student.load_state_dict(weights, strict=True)
         opt.load_state_dict(opt_state)
         start, elapsed, best = int(info["step"]), float(info["seconds"]), info.get("best")
-    encoder, opt = acc.prepare(Encoder(student), opt)
-    raw = acc.unwrap_model(encoder).model
-    t_dist = Distiller(teacher, None, tokenizer, pp, acc.device)
+    wrapped, opt = acc.prepare(fam.module, opt)
+    raw = acc.unwrap_model(wrapped).model
 
     def validate() -> dict:
         """Validation utility and, where the task has hard negatives, grounding."""
         raw.eval()
         with torch.no_grad():
-            metrics = task.metrics(raw, tokenizer, pp, split="val", size=cfg.val_size)
+            metrics = task.metrics(raw, fam.processor, fam.pp, split="val", size=cfg.val_size)
         raw.train()
         out = {"val_utility": task.utility(metrics)}
         if task.grounding_key in metrics:
@@ -201,7 +165,7 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
                disable=not acc.is_main_process)
     t0, stopped = time.time() - elapsed, None
     for step in bar:
-        total, terms = step_loss(cfg, encoder, t_dist, batches(step * acc.num_processes + acc.process_index))
+        total, terms = fam.loss(wrapped, batches(step * acc.num_processes + acc.process_index))
         if not torch.isfinite(total):
             raise HippError(f"the recovery loss became {float(total)} at step {step + 1}; stopped, the best "
                             f"weights so far are kept in {out / BEST_NAME}")
@@ -238,7 +202,7 @@ def _recover(cfg: RecoverConfig, acc: Accelerator, export: Path, config: dict, o
         acc.end_training()
     summary = {"out": str(out)}
     if acc.is_main_process:
-        summary = _write_export(cfg, export, config, out, raw, best, before, stopped, seconds)
+        summary = _write_export(cfg, export, config, out, raw, best, before, stopped, seconds, fam.loss_name)
     acc.wait_for_everyone()
     return summary
 
@@ -260,7 +224,8 @@ def _agree(acc: Accelerator, stopped: int | None) -> int | None:
     return int(acc.reduce(flag, reduction="sum").item()) or None
 
 
-def _write_export(cfg, export: Path, config: dict, out: Path, raw, best: dict, before, stopped, seconds) -> dict:
+def _write_export(cfg, export: Path, config: dict, out: Path, raw, best: dict, before, stopped, seconds,
+                  loss: str) -> dict:
     """The best weights as an ordinary export in `out`: the export's own files, its config with the
     recovery recorded; every file written atomically, the weights last but one, the config last."""
     weights = load_tensors(out / BEST_NAME)
@@ -272,7 +237,7 @@ def _write_export(cfg, export: Path, config: dict, out: Path, raw, best: dict, b
                 "best_step": best["step"], "val_utility_before": before.get("val_utility"),
                 "val_utility_after": best["utility"], "val_grounding_before": before.get("val_grounding"),
                 "val_grounding_after": best.get("grounding"), "keep_grounding": cfg.keep_grounding,
-                "seconds": seconds, "loss": "utility (similarity KL + cosine)" + (
+                "seconds": seconds, "loss": loss + (
                     " + grounding" if cfg.grounding_weight > 0 else ""),
                 "from_export": str(export), "previous_recovery": config.get("recovery")}
     write_json(out / PRUNED_CONFIG_NAME, {**config, "recovery": recovery})
