@@ -1,12 +1,16 @@
 """Recovery after export, measured: for each FLOPs budget, the controller's bound-query plan (and, at
 --baseline-budgets, a training-free baseline's plan) is exported, recovered with `hipp recover`, and
-measured on the test sets before and after (utility = shape zero-shot mean and Fashion-MNIST accuracy;
-grounding mean over the hard negatives). The validation curve of each run (utility against recovery
-steps, from its log) is drawn in one figure.
+measured on the test sets before and after. CLIP-style: utility = shape zero-shot mean and
+Fashion-MNIST accuracy, grounding = the mean over the hard negatives. LLaVA: utility = the mean of
+attribute exact match, POPE F1, caption F1 and Fashion-MNIST accuracy on --n test items per kind
+(greedy answers), grounding = POPE adversarial F1. The validation curve of each run (utility against
+recovery steps, from its log) is drawn in one figure.
 
     python benchmarks/recovery_study.py --controller runs/seed-validation/controller-seed0 \
         --budgets 0.3,0.5,0.7 --baseline mope --baseline-budgets 0.3 --out runs/recovery \
         [--config configs/recover_tiny.yaml] [--figure docs/figures/recovery.png]
+    python benchmarks/recovery_study.py --controller runs/hipp-llava-tiny --config configs/recover_llava.yaml \
+        --budgets 0.3,0.5 --baseline-budgets "" --n 100 --out runs/recovery-llava
 
 Each (plan, budget) is saved in --out as it finishes and reused by a rerun.
 """
@@ -26,7 +30,7 @@ from hipp.evaluation.evaluate import evaluate  # noqa: E402
 from hipp.evaluation.pareto import UTILITY_KEYS, utility_of  # noqa: E402
 from hipp.recovery import RecoverConfig, recover  # noqa: E402
 from hipp.recovery.loop import LOG_NAME  # noqa: E402
-from hipp.storage.checkpoint import get_tokenizer, preprocess_cfg  # noqa: E402
+from hipp.storage.checkpoint import family, get_processor, get_tokenizer, preprocess_cfg  # noqa: E402
 from hipp.storage.fileio import read_json, write_json, write_text  # noqa: E402
 
 
@@ -51,8 +55,13 @@ def export_plan(controller: str, method: str, budget: float, out: Path) -> None:
     export_pruned(base, plan, out)
 
 
-def test_metrics(folder: Path) -> dict:
+def test_metrics(folder: Path, n: int) -> dict:
     model = load_model(folder)
+    if family(model) == "llava":
+        from hipp.evaluation.generative import evaluate_generative
+        m = evaluate_generative(model, get_processor(folder), split="test", n=n, latency=False)["metrics"]
+        return {"utility": utility_of(m), "grounding": m["pope/adversarial_f1"], "attr": m["attr/mean"],
+                **{f"pope_{s}": m[f"pope/{s}_f1"] for s in ("random", "popular")}}
     m = evaluate(model, get_tokenizer(folder), preprocess_cfg(model))
     return {"utility": utility_of(m, UTILITY_KEYS), "grounding": m["shapes/ground_mean"],
             "zs_mean": m["shapes/zs_mean"], "fmnist": m["fmnist/acc"]}
@@ -64,11 +73,11 @@ def run_one(args, cfg: RecoverConfig, method: str, budget: float, out: Path) -> 
         return read_json(done)
     exported, recovered = out / f"{method}-{budget}-export", out / f"{method}-{budget}-recovered"
     export_plan(args.controller, method, budget, exported)
-    before = test_metrics(exported)
+    before = test_metrics(exported, args.n)
     t = time.time()
     info = recover(exported, cfg, recovered, resume=(recovered / "train_state.safetensors").is_file())
     seconds = time.time() - t
-    after = test_metrics(recovered)
+    after = test_metrics(recovered, args.n)
     curve = [(r["step"], r["val_utility"], r.get("val_grounding"))
              for r in map(json.loads, (recovered / LOG_NAME).read_text().splitlines()) if "val_utility" in r]
     row = {"method": method, "budget": budget, "test_before": before, "test_after": after, "seconds": seconds,
@@ -109,6 +118,7 @@ def main() -> int:
     ap.add_argument("--baseline-budgets", default="0.3")
     ap.add_argument("--config", default="configs/recover_tiny.yaml")
     ap.add_argument("--out", default="runs/recovery")
+    ap.add_argument("--n", type=int, default=100, help="LLaVA: test items per kind")
     ap.add_argument("--figure", help="also draw the validation curves here (PNG)")
     args = ap.parse_args()
     cfg = load_config(RecoverConfig, args.config)

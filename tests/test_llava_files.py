@@ -256,12 +256,12 @@ def test_a_plan_for_another_model_is_refused_in_one_line(export):
     assert "\n" not in str(e.value) and "language: 3 layers, 2 attention units" in str(e.value)
 
 
-def test_recover_refuses_a_llava_export_in_one_line(export, tmp_path, capsys):
-    """Recovery distils contrastive embeddings; a generative export gets one line, before any output."""
+def test_recover_with_the_default_config_refuses_a_llava_export_in_one_line(export, tmp_path, capsys):
+    """The default recovery config names a contrastive task; a generative export gets one line first."""
     from hipp.cli.main import main
 
     _, _, out, _ = export
     code = main(["recover", "--model", str(out), "--out", str(tmp_path / "r")])
     stdout, err = capsys.readouterr()
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
-    assert "hipp recover does not run llava models yet" in err and not (tmp_path / "r").exists()
+    assert "a llava model takes task instruct" in err and not (tmp_path / "r").exists()

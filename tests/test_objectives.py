@@ -61,8 +61,21 @@ def test_kl_terms_are_normalised_by_log_batch():
 
 def test_grounding_is_zero_at_the_teacher():
     t = embeddings(n=3)
-    for mode in ("hinge", "squared"):
-        assert float(grounding_loss(t, t, mode)) == pytest.approx(0.0, abs=1e-6)
+    for mode in ("hinge", "squared", "odds"):
+        assert float(grounding_loss(t, t, mode, logit_scale=50.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grounding_odds_is_one_when_a_sure_teacher_meets_a_student_that_cannot_tell():
+    # The teacher is sure of the true caption (scale * margin large); a student with margin 0 has odds
+    # 1/2, which costs KL(1 || 1/2) = log 2 per pair, i.e. 1 after the normalisation.
+    t = embeddings()
+    t = Embeddings(t.image, t.image, -t.image)                    # margin 2 for every pair
+    collapsed = Embeddings(t.image, t.text, t.text)               # margin 0
+    assert float(grounding_loss(collapsed, t, "odds", logit_scale=100.0)) == pytest.approx(1.0, abs=1e-3)
+    # Unlike hinge, certainty the teacher does not have is charged: an unsure teacher, a sure student.
+    assert float(grounding_loss(t, collapsed, "odds", logit_scale=100.0)) > 10
+    with pytest.raises(HippError, match="needs the model's logit scale"):
+        grounding_loss(t, t, "odds")
 
 
 def test_grounding_hinge_charges_only_lost_margin():

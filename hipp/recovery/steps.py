@@ -72,7 +72,8 @@ class ContrastiveStep:
             n = batch.n_shapes
             s_neg = s_neg.view(n, batch.n_negatives, -1)
             terms["grounding"] = grounding_loss(Embeddings(s_img[:n], s_txt[:n], s_neg),
-                                                Embeddings(t_img[:n], t_txt[:n], t_neg))
+                                                Embeddings(t_img[:n], t_txt[:n], t_neg), cfg.grounding_mode,
+                                                logit_scale=self.teacher.scale)
         return _total(cfg, terms)
 
 

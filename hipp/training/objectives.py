@@ -10,6 +10,10 @@ when things go badly, so preference weights compare like with like:
 - grounding = the share of the teacher's true-vs-hard-negative margins the student loses:
               hinge:   sum relu(m_t - m_s) / sum |m_t|      (exceeding the teacher costs nothing)
               squared: mean (m_s - m_t)^2 / mean m_t^2      (any deviation costs)
+              odds:    mean KL(Bernoulli(p_t) || Bernoulli(p_s)) / log 2, p = sigmoid(scale * m): the
+                       teacher's odds of the true caption against each negative, at the logit scale;
+                       every pair weighs alike, so the close calls (one colour changed) count as
+                       much as the easy ones (an absent object), unlike the sums above
               with m = cos(image, true caption) - cos(image, negative caption).
 Generative (LLaVA-style) models, on teacher-forced instruction samples:
 
@@ -41,7 +45,7 @@ from ..core.space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params", "latency")
 SCALARIZATIONS = ("linear", "chebyshev")
-GROUNDING_MODES = ("hinge", "squared")
+GROUNDING_MODES = ("hinge", "squared", "odds")
 
 
 @dataclass
@@ -94,8 +98,10 @@ def margins(e: Embeddings) -> torch.Tensor:
     return pos - (img * neg).sum(-1)
 
 
-def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge", eps: float = 1e-6) -> torch.Tensor:
-    """Keep the teacher's true-vs-hard-negative margins (see module doc for both modes)."""
+def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge", eps: float = 1e-6,
+                   logit_scale=None) -> torch.Tensor:
+    """Keep the teacher's true-vs-hard-negative margins (see module doc for the modes; odds needs the
+    model's logit scale)."""
     ms = margins(student)
     mt = margins(Embeddings(teacher.image.detach(), teacher.text.detach(),
                             None if teacher.negatives is None else teacher.negatives.detach()))
@@ -103,6 +109,14 @@ def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge"
         return torch.relu(mt - ms).sum() / (mt.abs().sum() + eps)
     if mode == "squared":
         return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
+    if mode == "odds":
+        if logit_scale is None:
+            raise HippError("the odds grounding loss needs the model's logit scale")
+        zt, zs = logit_scale * mt, logit_scale * ms
+        pt = torch.sigmoid(zt)
+        # KL of two Bernoullis from logits: pt (log pt - log ps) + (1 - pt)(log(1 - pt) - log(1 - ps))
+        kl = pt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
+        return kl.mean() / math.log(2)
     raise HippError(f"unknown grounding mode {mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
 
 
@@ -231,7 +245,8 @@ class Objectives:
                 raise HippError("the utility objective needs the model's logit scale")
             out["utility"] = utility_loss(student, teacher, logit_scale, c.cosine_weight)
         if "grounding" in c.names:
-            out["grounding"] = grounding_loss(*(grounding or (student, teacher)), mode=c.grounding_mode)
+            out["grounding"] = grounding_loss(*(grounding or (student, teacher)), mode=c.grounding_mode,
+                                              logit_scale=logit_scale)
         return {**out, **self.costs(probs)}
 
     def costs(self, probs: Gates, token_keep=None) -> dict[str, torch.Tensor]:
