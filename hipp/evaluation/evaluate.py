@@ -87,7 +87,8 @@ def single_object_scenes(split: str, n: int, preprocess_cfg: dict, seed: int = 0
 
 def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: int = 0,
                   items: dict | None = None, split: str = "test") -> dict[str, float]:
-    """`items`, when given, receives each test scene's share of zero-shot attributes right ("shapes/zs_mean").
+    """`items`, when given, receives each test scene's share of zero-shot attributes right ("shapes/zs_mean")
+    and scores whose mean is the grounding mean ("shapes/ground_mean").
     `shapes/zs_heldout_prompts` is the zero-shot mean with each description wrapped in templates
     that neither training nor the bound query's ranking use (HELDOUT_SHAPE_TEMPLATES)."""
     size = preprocess_cfg["size"]
@@ -119,11 +120,18 @@ def shape_metrics(model, tokenizer, preprocess_cfg: dict, n: int = 1000, seed: i
         m[f"shapes/i2t_r{k}"] = recall_at(sim, same, k)
         m[f"shapes/t2i_r{k}"] = recall_at(sim.T, same, k)
     pos = (img * txt).sum(-1)
+    # each scene's share of ground_mean (its hits weighted by 1 / scenes with that kind of negative), so
+    # that the per-scene scores average to ground_mean and a paired difference has a standard error
+    ground = torch.zeros(len(pairs.captions))
     for kind in shapes.NEGATIVE_TYPES:
         idx = [i for i, negs in enumerate(pairs.negatives) if kind in negs]
         neg = embed_texts(model, tokenizer, [pairs.negatives[i][kind] for i in idx])
-        m[f"shapes/ground_{kind}"] = float((pos[idx] > (img[idx] * neg).sum(-1)).float().mean())
+        hit = (pos[idx] > (img[idx] * neg).sum(-1)).float()
+        m[f"shapes/ground_{kind}"] = float(hit.mean())
+        ground[idx] += hit * len(ground) / (len(idx) * len(shapes.NEGATIVE_TYPES))
     m["shapes/ground_mean"] = sum(m[f"shapes/ground_{k}"] for k in shapes.NEGATIVE_TYPES) / len(shapes.NEGATIVE_TYPES)
+    if items is not None:
+        items["shapes/ground_mean"] = ground
     return m
 
 

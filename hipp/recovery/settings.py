@@ -27,12 +27,15 @@ class RecoverConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     cosine_weight: float = 1.0      # the utility loss's embedding term (training.objectives.utility_loss)
-    grounding_weight: float = 1.0   # keep the teacher's true-vs-hard-negative margins (where batches have them)
-    grounding_mode: str = "hinge"   # contrastive: training.objectives.grounding_loss's (hinge, squared or odds)
+    # Keep the teacher's true-vs-hard-negative margins where batches have them. Squared, weight 3, five
+    # negatives: chosen on validation (docs/studies/recovery-grounding.md); hinge at weight 1 or 10 let
+    # validation grounding fall 1-2 points while utility rose.
+    grounding_weight: float = 3.0
+    grounding_mode: str = "squared"  # contrastive: training.objectives.grounding_loss's (hinge, squared or odds)
     task: str = DEFAULT_TASK        # where batches and validation metrics come from (hipp.tasks)
     task_options: dict = field(default_factory=dict)
     shape_fraction: float = 0.5     # the embedded task's data mix
-    negatives: int = 2
+    negatives: int = 5
     eval_every: int = 50            # validation utility every this many steps (and before the first)
     val_size: int = 500             # validation items per dataset (the task's val split)
     patience: int = 2               # evaluations without a better validation utility before stopping; 0: never
