@@ -113,6 +113,33 @@ def test_bench_answers_the_test_instructions_for_every_row(trained, tmp_path, ca
     assert "hipp minus each method" in (tmp_path / "b" / "bench.md").read_text()
 
 
+def test_bench_adds_llava_rows_after_n_recovery_steps(trained, tmp_path, capsys):
+    """The controller's plan and the best training-free plan, exported, recovered from the teacher for
+    N steps on the instruction data and answered like every row; the default (contrastive) recovery
+    config is refused in one line before any plan is made."""
+    import json
+    assert_bad(*cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform",
+                    "--recover-steps", 2, "--out", tmp_path / "bad"), "a llava model takes task instruct")
+    assert not (tmp_path / "bad" / "bench.json").exists()
+    config = tmp_path / "recover.yaml"
+    config.write_text("task: instruct\nbatch_size: 8\neval_every: 1\nval_size: 10\npatience: 0\n"
+                      "warmup_steps: 1\nlr: 1.0e-3\n")
+    code, out, err = cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform,shortgpt",
+                         "--test-items", 10, "--candidates", 2, "--calib-images", 10, "--recover-steps", 2,
+                         "--recover-config", config, "--out", tmp_path / "b", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    rows = {r["method"]: r for r in result["results"]}
+    free = max(("uniform", "shortgpt"), key=lambda m: rows[m]["utility"])
+    assert set(rows) == {"uniform", "shortgpt", "hipp", "hipp+recovery", f"{free}+recovery"}
+    for name in ("hipp", free):
+        again = rows[f"{name}+recovery"]
+        assert again["flops_ratio"] == rows[name]["flops_ratio"] and again["recovery"]["steps_run"] == 2
+        assert again["metrics"] != rows[name]["metrics"] or again["recovery"]["best_step"] == 0
+    cell = result["margins"]["hipp+recovery"]["0.5"][f"{free}+recovery"]["utility"]
+    assert cell["se"] >= 0 and math.isfinite(cell["diff"])
+
+
 def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_dir):
     assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, task="shapes-fmnist")),
                "task 'shapes-fmnist' serves contrastive models")

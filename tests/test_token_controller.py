@@ -221,9 +221,3 @@ def test_a_malformed_token_level_in_a_controller_file_is_one_line(tmp_path, caps
         cfg["space"]["tokens"][0]["tokens" if field == "tokens_count" else field] = value
     path.write_text(json.dumps(cfg))
     assert_bad(*cli(capsys, "query", "--controller", tmp_path / "c", "--pref", "utility=1"), needle)
-
-
-def test_bench_recovery_rows_refuse_a_llava_in_one_line(trained, tmp_path, capsys):
-    assert_bad(*cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform",
-                    "--recover-steps", 2, "--out", tmp_path / "b"), "a LLaVA export has no recovery yet")
-    assert not (tmp_path / "b" / "bench.json").exists()

@@ -167,13 +167,15 @@ def _bench(args, budgets, methods, out, recovery=None) -> dict:
             planners[name] = lambda b, other=other: tokens.tokens_only(controller.space.with_tokens(other), b)
     from ..storage.checkpoint import family
     from ..recovery.of_plan import recovered_from
-    if recovery is not None and family(base.model) == "llava":
-        raise HippError("--recover-steps: a LLaVA export has no recovery yet (hipp recover is CLIP-style only)")
+    if recovery is not None:  # a config for the other family: one line before any plan is made
+        from ..tasks import get_task
+        get_task(recovery.task, recovery.task_options).check_model(family(base.model))
     if family(base.model) == "llava":
         from ..evaluation.generative_bench import bench_generative
         return bench_generative(base.model, base.tokenizer, controller.space, budgets, methods, out_dir=out,
                                 controller=controller, controller_train_seconds=seconds, options=options,
-                                planners=planners, **({} if args.test_items is None else {"n": args.test_items}))
+                                planners=planners, recovery=None if recovery is None else recovered_from(base, recovery),
+                                **({} if args.test_items is None else {"n": args.test_items}))
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                  controller=controller, controller_train_seconds=seconds, options=options, planners=planners,
                  recovery=None if recovery is None else recovered_from(base, recovery),
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_polish_arg(b, 0)  # off by default: on validation it raised utility for at most 2 of 5 seeds
     b.add_argument("--recover-steps", type=int, metavar="N",
                    help="also each planner's plan and the best training-free plan per budget, exported and "
-                        "recovered from the base for N steps (hipp recover; CLIP-style models)")
+                        "recovered from the base for N steps (hipp recover)")
     b.add_argument("--recover-config", help="YAML recovery config for those rows (its steps: --recover-steps)")
     _add_search_args(b)
     b.set_defaults(func=_cmd_bench)

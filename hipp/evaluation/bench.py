@@ -145,8 +145,8 @@ RECOVERED = "+recovery"
 def recovered_plans(per: dict, budgets, planners: dict):
     """(row name, budget, plan) to recover: each planner's plan and the best training-free method's."""
     for budget in budgets:
-        free = {m: sum(r["utility"] for _, r in got) / len(got) for (m, b), got in per.items()
-                if b == budget and m in METHODS and not METHODS[m].trains}
+        free = {m: sum(entry[1]["utility"] for entry in got) / len(got) for (m, b), got in per.items()
+                if b == budget and m in METHODS and not METHODS[m].trains}  # entries: (plan, row, ...)
         for name in [m for m in planners if (m, budget) in per] + ([max(free, key=free.get)] if free else []):
             yield name, budget, per[(name, budget)][0][0]
 

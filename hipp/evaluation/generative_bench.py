@@ -23,7 +23,7 @@ from ..baselines.calibration import make_calibration
 from ..errors import HippError
 from ..export.slicing import materialize
 from .answers import score, utility_of
-from .bench import planned
+from .bench import RECOVERED, planned, recovered_plans
 from .bench import write_outputs as write
 from .generative import answer_all, latency_ms
 
@@ -88,8 +88,9 @@ def hypervolume_3d(points: list[tuple[float, float, float]], ref=(1.0, 1.0, 1.0)
     return total
 
 
-def _measure(model, processor, plan, n: int, seed: int) -> tuple[dict, Answers]:
-    small = materialize(model, plan).eval()  # a plan's visual-token budget comes along
+def _measure(model, processor, plan, n: int, seed: int, small=None) -> tuple[dict, Answers]:
+    """`small`: a model of the plan's shape to answer with in its place (a recovered export)."""
+    small = (materialize(model, plan) if small is None else small).eval()  # a plan's visual-token budget comes along
     answers = Answers(*answer_all(small, processor, "test", n, seed))
     costs = plan.costs()
     row = {"flops_ratio": costs["flops_ratio"], "params_ratio": costs["params_ratio"],
@@ -100,8 +101,10 @@ def _measure(model, processor, plan, n: int, seed: int) -> tuple[dict, Answers]:
 
 def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=None, out_dir=None, controller=None,
                      controller_train_seconds: float | None = None, calibration=None, n: int = 500, seed: int = 0,
-                     options: dict | None = None, progress: bool = True, planners: dict | None = None) -> dict:
-    """Plan, answer and compare (module doc); `planners` maps a row name to planner(budget) -> Plan."""
+                     options: dict | None = None, progress: bool = True, planners: dict | None = None,
+                     recovery=None) -> dict:
+    """Plan, answer and compare (module doc); `planners` maps a row name to planner(budget) -> Plan;
+    `recovery` (as hipp.evaluation.bench's) adds "<name>+recovery" rows."""
     start = time.perf_counter()
     names = list(DEFAULT_METHODS if methods is None else methods)
     for name in names:
@@ -119,6 +122,10 @@ def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=N
                                       progress):
         row, answers = _measure(model, processor, plan, n, seed)
         per.setdefault((name, budget), []).append((plan, row, answers))
+    for name, budget, plan in recovered_plans(per, budgets, planners) if recovery is not None else ():
+        small, record = recovery(plan)
+        row, answers = _measure(model, processor, plan, n, seed, small=small)
+        per[(name + RECOVERED, budget)] = [(plan, {**row, "recovery": record}, answers)]
     rows = [_row(name, budget, got) for (name, budget), got in per.items()]
     dense_answers = Answers(*answer_all(model, processor, "test", n, seed))
     dense = {"metrics": dense_answers.metrics, **judged(dense_answers.metrics),
@@ -135,7 +142,7 @@ def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=N
               "failures": failures,
               "settings": {"n": n, "split": "test", "seed": seed, "bootstrap": BOOTSTRAP, "options": options,
                            "calibration_size": calibration.size if calibration is not None else 0}}
-    ours = [m for m in planners if m in seen]
+    ours = [m for m in (*planners, *(p + RECOVERED for p in planners)) if m in seen]
     if ours:
         resamples = dense_answers.resamples()
         first = {key: got[0][2] for key, got in per.items()}
@@ -158,7 +165,8 @@ def _row(method: str, budget: float, got: list) -> dict:
             "plan_seconds": sum(p.meta.get("seconds", 0.0) for p in plans),
             "train_seconds": sum(p.meta.get("train_seconds", 0.0) for p in plans),
             "layers_kept": [int(p.layer_keep.sum()) for p in plans],
-            "tokens_kept": [[int(k) for k in p.token_keep] for p in plans]}
+            "tokens_kept": [[int(k) for k in p.token_keep] for p in plans],
+            **({"recovery": rows[0]["recovery"]} if "recovery" in rows[0] else {})}
 
 
 def _margins(rows: list[dict], answers: dict, ours: str, resamples) -> dict:
