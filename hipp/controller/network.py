@@ -12,6 +12,11 @@ by a penalty that holds the expected FLOPs at the target. A bound query can then
 made for that very cost, as a fixed-budget run would train one, instead of only searching the
 preferences for a plan that happens to land near it.
 
+With `visual_sensitivity` (a LLaVA), each layer also carries a fixed score, how much its
+prompt tokens attend to the image (hipp/training/sensitivity.py), and one more map h -> three gains
+adds gain x score to every layer, head and channel logit of the layer: a preference can then spare
+(or spend) the layers that read the image as a whole, as HiPP-Prune's policy reads the signal.
+
 Where the space has a token level (a LLaVA's visual tokens), one more linear map h -> chunk logits
 chooses how many tokens a plan keeps (hipp/core/token_gates.py); `forward(..., with_tokens=True)`
 returns them beside the gate logits and `plan` turns them into the plan's count.
@@ -55,7 +60,7 @@ def prunable_params(space: PruneSpace) -> float:
 class Controller(nn.Module):
     def __init__(self, space: PruneSpace, objective_names=DEFAULT_OBJECTIVES, hidden: int = 256,
                  rank: int = 32, depth: int = 2, init_bias: float = 3.0, factorised: bool = True,
-                 flops_target: bool = False):
+                 flops_target: bool = False, visual_sensitivity: bool = False):
         super().__init__()
         names = list(objective_names)
         if not names or len(set(names)) != len(names):
@@ -67,7 +72,8 @@ class Controller(nn.Module):
         if flops_target:
             check_target_objectives(names)
         self.hparams = {"hidden": hidden, "rank": rank, "depth": depth, "init_bias": init_bias,
-                        "factorised": factorised, "flops_target": bool(flops_target)}
+                        "factorised": factorised, "flops_target": bool(flops_target),
+                        "visual_sensitivity": bool(visual_sensitivity)}
         self.fingerprint = ""
         self.extra: dict = {}
 
@@ -102,6 +108,12 @@ class Controller(nn.Module):
                 nn.init.zeros_(lin.bias)
         else:
             self.budget = self.allocation = None
+        self.sense = None
+        if visual_sensitivity:  # the scores are set by set_sensitivity and saved with the weights
+            self.register_buffer("sensitivity", torch.zeros(len(space.layers)))
+            self.sense = nn.Linear(hidden, len(KINDS))
+            nn.init.zeros_(self.sense.weight)
+            nn.init.zeros_(self.sense.bias)
         # a token level's chunk logits (hipp/core/token_gates.py): they start with every chunk kept
         self.token_gates = [token_gates.gates_of(level.tokens) for level in space.tokens]
         self.tokens = None
@@ -148,12 +160,17 @@ class Controller(nn.Module):
         channels: list = [None] * n_layers
         budget = self.budget(h) if self.budget is not None else None
         alloc = self.allocation(h).view(batch, 2, n_layers) if self.allocation is not None else None
+        if self.sense is not None:  # [B, 3, L]: each kind's gain times each layer's score
+            per_layer = self.sense(h)[:, :, None] * self.sensitivity.to(h)
+            alloc = per_layer[:, 1:] if alloc is None else alloc + per_layer[:, 1:]
         for g, (t, kind, idx, sizes) in enumerate(self.groups):
             key = f"{t}_{kind}"
             out = self.bias[key] + self.up[key](self.down[key](h))
             if budget is not None:
                 out = out + budget[:, g:g + 1]
             if kind == "layer":
+                if self.sense is not None:
+                    out = out + per_layer[:, 0, idx]
                 layer_logits = layer_logits.index_copy(1, torch.tensor(idx, device=h.device), out)
                 continue
             for i, piece in zip(idx, out.split(sizes, dim=-1)):
@@ -170,6 +187,17 @@ class Controller(nn.Module):
         chunks = [] if self.tokens is None else \
             [token_gates.chunk_logits(raw) for raw in self.tokens(h.detach()).split(self.token_gates, dim=-1)]
         return logits, [c.squeeze(0) for c in chunks] if single else chunks
+
+    @torch.no_grad()
+    def set_sensitivity(self, scores) -> None:
+        """Each layer's visual-sensitivity score (PruneSpace layer order; a controller made with
+        visual_sensitivity)."""
+        if self.sense is None:
+            raise HippError("this controller was made without visual_sensitivity")
+        scores = torch.as_tensor(scores, dtype=self.sensitivity.dtype)
+        if scores.shape != self.sensitivity.shape or not bool(torch.isfinite(scores).all()):
+            raise HippError(f"visual sensitivity needs {len(self.space.layers)} finite scores, got {tuple(scores.shape)}")
+        self.sensitivity.copy_(scores)
 
     @torch.no_grad()
     def token_counts(self, pref: torch.Tensor, target=None) -> torch.Tensor:

@@ -21,6 +21,8 @@ class ControllerCfg:
     depth: int = 2
     init_bias: float = 3.0
     factorised: bool = True
+    # a LLaVA's per-layer image attention as a controller input (hipp/training/sensitivity.py)
+    visual_sensitivity: bool = False
 
 
 @dataclass

@@ -270,8 +270,17 @@ def _train(cfg: TrainConfig, acc: Accelerator, out: Path, objectives_cfg, resume
     model.to(acc.device)
     latency = latency_for(space, cfg.latency_profile) if cfg.latency_profile else None
     objectives = Objectives(objectives_cfg, space, latency)
+    scores = None
+    if cfg.controller.visual_sensitivity:
+        if family(model) != "llava":
+            raise HippError(f"controller.visual_sensitivity needs a LLaVA (the signal is its decoder's image "
+                            f"attention), not this {family(model)} model")
+        from .sensitivity import image_attention, layer_scores
+        scores = layer_scores(space, image_attention(model.eval(), get_processor(cfg.model), image_size(model)))
     torch.manual_seed(cfg.seed)  # controller initialisation, identical on every process
     controller = Controller(space, objectives.names, **asdict(cfg.controller), flops_target=cfg.target_prob > 0)
+    if scores is not None:
+        controller.set_sensitivity(scores)
     opt = torch.optim.AdamW(controller.param_groups(cfg.bias_lr_mult), lr=cfg.lr, weight_decay=cfg.weight_decay)
     identity = _run_identity(cfg, base_print, acc.num_processes)
     start, elapsed = 0, 0.0
