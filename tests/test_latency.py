@@ -297,6 +297,16 @@ def test_profile_times_a_llava_prefill_and_decode(one_thread):
     lm = LatencyModel(prof, space)
     assert lm.kinds["decode"][0] is None  # vision layers cost nothing in a decode step
     assert {k["measure"] for k in prof["kinds"]} == {"prefill", "decode"}
+    # a timed decode call runs DECODE_TOKENS steps in a row, each extending the prefill's cache
+    from hipp.evaluation.profile import DECODE_TOKENS, measures_for
+    decode = measures_for(model, space, 2, torch.device("cpu"))["decode"]
+    cache = decode.setup(model)
+    prompt = cache.get_seq_length()
+    calls = []
+    hook = model.model.language_model.register_forward_hook(lambda *_: calls.append(1))
+    cache = decode.run(model, cache)
+    hook.remove()
+    assert decode.per_call == len(calls) == DECODE_TOKENS > 1 and cache.get_seq_length() == prompt + DECODE_TOKENS
 
 
 # --- the command line ---

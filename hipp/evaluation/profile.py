@@ -9,7 +9,9 @@ layer dropped gives each measure's fixed time.
 
 Measures: a CLIP-style model's two towers, one per stage (encode_image, encode_text) at `batch` inputs; a
 LLaVA's "prefill" (image + prompt tokens, the last position's logits, as generate asks) and
-"decode" (one more token against the prefill's KV cache), with a weight of `steps` decoded tokens.
+"decode" (a token against the prefill's KV cache), with a weight of `steps` decoded tokens. One
+decoded token of a small model is a few milliseconds, as short as the box's timer noise, so a decode
+call runs DECODE_TOKENS tokens in a row and its time is divided by them.
 Inputs are synthetic: latency depends on shapes, not values.
 
 Timings are medians of `repeats` rounds after `warmup`, the models of one grid point interleaved
@@ -38,6 +40,7 @@ from ..errors import HippError
 
 PROBE_LAYERS = 2  # layers of a kind kept per grid point: more averages noise, fewer is quicker
 MAX_KNOTS = 9     # per axis
+DECODE_TOKENS = 8  # decoded per timed call: one token alone was ~8 ms on the tiny LLaVA, mostly noise
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Measure:
     weight: float
     run: Callable[[torch.nn.Module, object], object]  # the timed call on a (materialised) model
     setup: Callable[[torch.nn.Module], object] | None = None  # untimed, before each call: run's state
+    per_call: int = 1  # units of work (decoded tokens) one call runs; times are per unit
 
 
 def _sync(device: torch.device) -> None:
@@ -95,13 +99,18 @@ def measures_for(model, space: PruneSpace, batch: int, device, steps: int = 8) -
         def prefill(m, _=None):
             return m(**inputs, use_cache=True, logits_to_keep=1)
 
-        def decode(m, cache):  # one more token after the prompt, reading (and extending) a fresh cache
-            return m(input_ids=inputs["input_ids"][:, -1:], attention_mask=torch.cat([inputs["attention_mask"], mask], 1),
-                     cache=cache, use_cache=True, logits_to_keep=1)
+        def decode(m, cache):  # DECODE_TOKENS more tokens after the prompt, reading and extending a fresh cache
+            attention = inputs["attention_mask"]
+            for _ in range(DECODE_TOKENS):
+                attention = torch.cat([attention, mask], 1)
+                cache = m(input_ids=inputs["input_ids"][:, -1:], attention_mask=attention, cache=cache,
+                          use_cache=True, logits_to_keep=1).cache
+            return cache
 
         stages = space.stages  # the vision tower, then the decoder: a decoded token runs the decoder alone
         return {"prefill": Measure(tuple(stages), 1.0, prefill),
-                "decode": Measure(stages[-1:], float(steps), decode, setup=lambda m: prefill(m).cache)}
+                "decode": Measure(stages[-1:], float(steps), decode, setup=lambda m: prefill(m).cache,
+                                  per_call=DECODE_TOKENS)}
     images, tokens = clip_inputs(model, batch, device)
     stages = space.stages
     return {stages[0]: Measure((stages[0],), 1.0, lambda m, _=None: m.encode_image(images)),
@@ -121,7 +130,7 @@ class Timer:
         t = time.perf_counter()
         measure.run(model, state)
         _sync(self.device)
-        return (time.perf_counter() - t) * 1e3
+        return (time.perf_counter() - t) * 1e3 / measure.per_call
 
     def times(self, models: list, name: str) -> list[float]:
         """Median ms of measure `name` on each model, rounds interleaved (the order flips each round)."""
