@@ -7,7 +7,9 @@ For each bound r:
 - "latency@flops": the latency controller's plan for a latency bound equal to the "flops" plan's
   predicted latency, so the two land at the same latency and their utilities compare;
 - "flops-controller@latency": the FLOPs controller's plan for `--max-latency r` (the profile bounds
-  its search; its training never saw latency).
+  its search; its training never saw latency);
+- "latency, calibrated": the latency controller's plan for `--max-latency r --calibrate-latency`
+  (hipp/query/measured.py: timed at query time, the bound corrected by the measurement).
 Each plan is materialised and timed per tower in rounds interleaved with the project's dense
 materialisation and with the stock model as a user loads it (open_clip's own CLIP, whose attention
 is nn.MultiheadAttention's fast path), at the profile's batch size; the latency ratio is
@@ -37,6 +39,7 @@ from hipp.evaluation.pareto import evaluate_plan, utility_difference  # noqa: E4
 from hipp.evaluation.profile import Timer, measures_for  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base, plan_for_budget  # noqa: E402
+from hipp.query.measured import calibrated_plan  # noqa: E402
 from hipp.storage.checkpoint import load_model  # noqa: E402
 from hipp.storage.fileio import write_json  # noqa: E402
 
@@ -81,6 +84,10 @@ def summary(paths: list[str]) -> None:
                  if r["bound"] == b and r["plan"] == "latency@flops - flops"]
         print("  utility, latency minus FLOPs controller at equal latency, per seed: "
               + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs))
+        cal = pick("latency, calibrated", "measured_ratio")
+        if cal:
+            print(f"  calibrated latency plan: measured {ms(cal)} (off by {ms([abs(x / b - 1) for x in cal])}), "
+                  f"utility {ms(pick('latency, calibrated', 'utility'))}; per seed " + ", ".join(f"{x:.3f}" for x in cal))
         same = pick("flops-controller@latency", "measured_ratio")
         if same:
             diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
@@ -117,6 +124,8 @@ def main(argv=None) -> int:
         equal = plans["flops"].meta["latency"]["predicted_ratio"]
         plans["latency@flops"] = plan_for_budget(lat_c, max_latency=equal, base=base, latency=lm)
         plans["flops-controller@latency"] = plan_for_budget(flops_c, max_latency=r, base=base, latency=lm)
+        plans["latency, calibrated"] = calibrated_plan(
+            lambda b: plan_for_budget(lat_c, max_latency=b, base=base, latency=lm), base, lm, r)
         results = {}
         for name, plan in plans.items():
             ev = evaluate_plan(base.model, plan, base.tokenizer, base.preprocess_cfg, n=args.n,

@@ -353,11 +353,31 @@ def test_export_records_predicted_and_measured_latency(latency_controller_dir, t
     assert set(lat["measured_ms"]) == {"image", "text"} and lat["batch"] == 4
 
 
+def test_a_calibrated_latency_bound_corrects_the_bound_by_measurement(latency_controller_dir, capsys, one_thread):
+    """The synthetic profile predicts badly on purpose: each retry asks the previous bound times
+    bound / measured, and the plan kept is the closest measured one that fits (or the fastest)."""
+    path, prof = latency_controller_dir
+    code, out, err = run_cli(capsys, "query", "--controller", path, "--max-latency", "0.5", "--latency-profile", prof,
+                             "--calibrate-latency", "--calib-images", "32", "--candidates", "2", "--json")
+    assert code == 0, err
+    meta = json.loads(out)["meta"]
+    cal, tries = meta["latency_calibration"], meta["latency_calibration"]["tries"]
+    assert meta["max_latency"] == 0.5 == cal["bound"] and 1 <= len(tries) <= 3 and tries[0]["asked"] == 0.5
+    for before, after in zip(tries, tries[1:]):
+        assert abs(before["measured_ratio"] / 0.5 - 1) > cal["tolerance"]  # only a miss is retried
+        assert after["asked"] == pytest.approx(min(1.0, before["asked"] * 0.5 / before["measured_ratio"]))
+    got = [t["measured_ratio"] for t in tries]
+    fits = [i for i, m in enumerate(got) if m <= 0.5 * (1 + cal["tolerance"])]
+    assert cal["kept"] == (min(fits, key=lambda i: abs(got[i] - 0.5)) if fits else got.index(min(got)))
+    assert meta["latency"]["predicted_ratio"] == pytest.approx(tries[cal["kept"]]["predicted_ratio"])
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--max-latency", "0.5"], "needs a latency profile"),
     (["--max-latency", "soon", "--latency-profile", "P"], "takes a ratio"),
     (["--max-latency", "0.5", "--latency-profile", "missing.json"], "missing file"),
     (["--pref", "flops=1", "--round", "12"], "whole channel groups"),
+    (["--max-flops", "0.5", "--calibrate-latency"], "give --max-latency too"),
 ])
 def test_query_bad_latency_input(latency_controller_dir, capsys, args, needle):
     path, prof = latency_controller_dir

@@ -225,6 +225,9 @@ def _add_plan_args(p) -> None:
     p.add_argument("--latency-profile", metavar="FILE",
                    help="a profile from hipp profile (default: the one the controller trained with, if any); "
                         "plans then also report their predicted latency")
+    p.add_argument("--calibrate-latency", action="store_true",
+                   help="time the plan on this machine and, where it misses --max-latency by over 5%%, ask again "
+                        "with the bound corrected by the measurement (up to 3 tries; hipp/query/measured.py)")
     p.add_argument("--round", type=int, metavar="N", help="keep MLP channels in multiples of N per layer")
     p.add_argument("--round-heads", type=int, metavar="M", help="keep attention units in multiples of M per layer")
     p.add_argument("--visual-tokens", metavar="S",

@@ -25,6 +25,8 @@ def plan_from_args(args, need_base: bool = False):
         raise HippError("give --pref SPEC, --max-flops R, --max-params R or --max-latency R")
     if latency_text is not None:
         parse_bound(latency_text)  # the form of the number, before anything loads
+    if getattr(args, "calibrate_latency", False) and latency_text is None:
+        raise HippError("--calibrate-latency corrects a latency bound: give --max-latency too")
     if bounds["max_flops"] is not None or bounds["max_params"] is not None:
         check_bounds(bounds["max_flops"], bounds["max_params"])
     shares = getattr(args, "visual_tokens", None)
@@ -67,9 +69,14 @@ def plan_from_args(args, need_base: bool = False):
     base = load_base(controller, args.controller, args.base_model, device)
     rule = getattr(args, "token_rule", None)
     token_counts = None if shares is None else counts(token_level(base.model, rule), shares)
-    plan = plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base, **search,
-                           max_latency=max_latency, latency=latency, rounding=rounding, token_counts=token_counts,
-                           token_rule=rule)
+    query = lambda bound: plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base,  # noqa: E731
+                                          **search, max_latency=bound, latency=latency, rounding=rounding,
+                                          token_counts=token_counts, token_rule=rule)
+    if getattr(args, "calibrate_latency", False):
+        from ..query.measured import calibrated_plan
+        plan = calibrated_plan(query, base, latency, max_latency)
+    else:
+        plan = query(max_latency)
     if polish_steps:
         from ..query.polish import polish
         plan = polish(base, controller, plan, polish_steps)
