@@ -391,7 +391,8 @@ def test_profile_command_refuses_bad_input_and_keeps_files(tiny_model_dir, tmp_p
     existing.write_text("keep me")
     for args, needle in ((["--out", existing], "exists"), (["--out", tmp_path / "n.json", "--batch", "0"], "--batch"),
                          (["--out", tmp_path, "--repeats", "1"], "is a folder"),
-                         (["--out", tmp_path / "n.json", "--device", "tpu"], "unknown device")):
+                         (["--out", tmp_path / "n.json", "--device", "tpu"], "unknown device"),
+                         (["--out", tmp_path / "n.json", "--channel-group", "0"], "--channel-group")):
         code, out, err = run_cli(capsys, "profile", "--model", tiny_model_dir, *args)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert existing.read_text() == "keep me"
@@ -400,12 +401,18 @@ def test_profile_command_refuses_bad_input_and_keeps_files(tiny_model_dir, tmp_p
 def test_profile_command_writes_a_usable_profile(tiny_model_dir, tmp_path, capsys, one_thread):
     out_file = tmp_path / "prof.json"
     code, out, err = run_cli(capsys, "profile", "--model", tiny_model_dir, "--out", out_file, "--batch", "2",
-                             "--repeats", "1", "--validation", "0", "--json")
+                             "--repeats", "1", "--validation", "0", "--channel-group", "16", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["form"] == "table" and summary["threads"] == 1
     model = load_model(tiny_model_dir)
-    LatencyModel(json.loads(out_file.read_text()), make_prunable(model, CHANNEL_GROUP))
+    space = make_prunable(model, CHANNEL_GROUP)
+    prof = json.loads(out_file.read_text())
+    # the grid times whole groups only: odd widths run slower than aligned ones on CPU and GPU alike
+    widths = {l.mlp_hidden for l in space.layers}
+    assert prof["channel_group"] == 16
+    assert all(c % 16 == 0 or c in widths for kind in prof["kinds"] for c in kind["channels"])
+    LatencyModel(prof, space)
 
 
 def test_a_controller_trained_with_latency_carries_its_profile(tiny_model_dir, tmp_path, capsys, one_thread):

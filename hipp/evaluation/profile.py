@@ -292,9 +292,9 @@ def run(args) -> int:
     from ..storage.checkpoint import family, load_model
     from ..storage.fileio import write_json
 
-    for name in ("batch", "repeats"):
+    for name in ("batch", "repeats", "channel_group"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise HippError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise HippError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.validation < 0:
         raise HippError(f"--validation must be 0 or more, got {args.validation}")
     if args.threads is not None:
@@ -308,11 +308,11 @@ def run(args) -> int:
         raise HippError(f"{out} exists; give --overwrite to replace it")
     device = check_device(args.device)
     model = load_model(args.model).to(device)
-    space = make_prunable(model, 1)
+    space = make_prunable(model, args.channel_group)
     batch = args.batch or (8 if family(model) == "llava" else 32)
     prof = profile(model, space, batch=batch, device=str(device), repeats=args.repeats,
                    validation=args.validation, progress=not args.json)
-    prof["model"] = str(args.model)
+    prof["model"], prof["channel_group"] = str(args.model), args.channel_group
     write_json(out, prof)
     summary = {"out": str(out), "form": prof["form"], "batch": batch, "threads": prof["threads"],
                "device": prof["device"], "fixed_ms": {n: m["fixed_ms"] for n, m in prof["measures"].items()},
