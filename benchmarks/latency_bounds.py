@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--flops-controller", required=True)
     p.add_argument("--bounds", default="0.3,0.5,0.7")
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--n", type=int, default=1000, help="test shape scenes (and Fashion-MNIST images) for utility")
+    p.add_argument("--n", type=int, default=1000, help="shape scenes (and Fashion-MNIST images) for utility")
+    p.add_argument("--split", default="test", choices=("val", "test"),
+                   help="the split utility is measured on: choose a recipe on val, report on test")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     lat_c, flops_c = load_controller(args.latency_controller), load_controller(args.flops_controller)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
         results = {}
         for name, plan in plans.items():
             ev = evaluate_plan(base.model, plan, base.tokenizer, base.preprocess_cfg, n=args.n,
-                               fmnist_limit=args.n, items=True)
+                               fmnist_limit=args.n, items=True, split=args.split)
             results[name] = ev
             row = {"bound": r, "plan": name, "utility": ev["utility"], "grounding": ev["grounding"],
                    "flops_ratio": ev["flops_ratio"], "predicted_ratio": plan.meta["latency"]["predicted_ratio"],
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
         rows.append({"bound": r, "plan": "latency - flops-controller@latency", "utility_diff": d2, "se": se2})
         print(f"bound {r}: utility latency@flops - flops = {diff:+.4f} ± {se:.4f}", flush=True)
     write_json(args.out, {"latency_controller": args.latency_controller, "flops_controller": args.flops_controller,
+                          "split": args.split,
                           "batch": lm.profile["batch"], "threads": torch.get_num_threads(), "rows": rows})
     return 0
 
