@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random plans timed whole to choose the model's form (default 8; 0: table)")
     pr.add_argument("--channel-group", type=int, default=8,
                     help="MLP channels per gate of the plans it will price (default 8, as the configs); the grid "
-                         "and validation plans keep whole groups, since odd widths run slower than aligned ones")
+                         "and validation plans keep whole groups, the widths those plans take")
     pr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice), recorded")
     pr.add_argument("--json", action="store_true", help="print the profile's summary as one JSON object")
     _add_overwrite_arg(pr)
