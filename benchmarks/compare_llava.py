@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hipp.data.shapes import HELD_OUT_PAIRS  # noqa: E402
-from hipp.evaluation.answers import score  # noqa: E402
+from hipp.evaluation.answers import first_word, score  # noqa: E402
 from hipp.evaluation.generative import answer_all  # noqa: E402
 from hipp.storage.checkpoint import get_processor, load_model  # noqa: E402
 
@@ -30,8 +30,7 @@ def held_out_errors(samples, predictions) -> dict[str, str]:
         for s, p in zip(samples, predictions):
             if s.kind == kind:
                 c = counts["held-out" if tuple(s.meta["pair"]) in HELD_OUT_PAIRS else "seen"]
-                words = p.split()
-                c[0] += (words[0].strip(".").lower() if words else "") != s.answer
+                c[0] += first_word(p) != s.answer  # read as score() reads a POPE answer
                 c[1] += 1
         out[kind] = ", ".join(f"{k} {w}/{n}" for k, (w, n) in counts.items())
     return out

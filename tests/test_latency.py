@@ -408,7 +408,7 @@ def test_profile_command_writes_a_usable_profile(tiny_model_dir, tmp_path, capsy
     model = load_model(tiny_model_dir)
     space = make_prunable(model, CHANNEL_GROUP)
     prof = json.loads(out_file.read_text())
-    # the grid times whole groups only: odd widths run slower than aligned ones on CPU and GPU alike
+    # the grid times whole groups only, the widths a controller's plans take
     widths = {l.mlp_hidden for l in space.layers}
     assert prof["channel_group"] == 16
     assert all(c % 16 == 0 or c in widths for kind in prof["kinds"] for c in kind["channels"])
