@@ -1,10 +1,13 @@
 """Controllability on a LLaVA controller: at one FLOPs budget, does a larger hallucination (grounding)
 weight give a plan that answers POPE's adversarial questions better?
 
-For each grounding weight w the preference is (utility 1 - w, grounding w, no cost weight); the
-controller's logits for it (with the FLOPs target, when the controller reads one) are fitted to the
-budget by the project's one fitter (hipp.core.budget), so every plan lands within 0.02 below it. Each
-plan is materialised and answers n test (or validation) questions of the kinds measured.
+For each grounding weight w the preference is (utility 1 - w, grounding w, no cost weight) with
+`--match fit`; with `--match cost` the FLOPs weight c is raised from 0 until the controller's own plan
+for ((1 - c)(1 - w), (1 - c) w, c) comes closest to the budget, so the plan is the one the controller
+learnt for that trade-off at that cost, not a zero-cost preference cut down to it. The chosen logits
+(with the FLOPs target, when the controller reads one) are fitted to the budget by the project's one
+fitter (hipp.core.budget), so every plan lands within 0.02 below it. Each plan is materialised and
+answers n test (or validation) questions of the kinds measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
         --weights 0,0.25,0.5,0.75,1 --split test --n 500 --out runs/llava-controllability
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hipp.controller.files import load_controller  # noqa: E402
-from hipp.core.budget import Units, fit, top_up  # noqa: E402
+from hipp.core.budget import Units, fit, ratios, top_up  # noqa: E402
 from hipp.core.gates import map_gates  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
 from hipp.evaluation.generative import evaluate_generative  # noqa: E402
@@ -32,6 +35,20 @@ from hipp.query.bound import load_base  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
+
+
+@torch.no_grad()
+def cost_matched(controller, w: float, budget: float, points: int = 201) -> dict:
+    """The preference (utility, grounding in ratio 1 - w : w, FLOPs weight c) whose own hard plan's FLOPs
+    ratio is closest to `budget` over a grid of c (ties: the smaller c, i.e. the most quality weight)."""
+    best = None
+    for i in range(points):
+        c = i / (points - 1) * 0.999  # c = 1 would drop the quality weights altogether
+        pref = {"utility": (1 - c) * (1 - w), "grounding": (1 - c) * w, "flops": c}
+        gap = abs(ratios(controller.plan(pref))["flops"] - budget)
+        if best is None or gap < best[0] - 1e-12:
+            best = (gap, pref)
+    return best[1]
 
 
 @torch.no_grad()
@@ -54,26 +71,31 @@ def main() -> int:
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--n", type=int, default=200, help="samples of each kind")
+    ap.add_argument("--match", default="fit", choices=("fit", "cost"),
+                    help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is nearest")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     rows = []
     for w in (float(v) for v in args.weights.split(",")):
-        plan = plan_at(controller, {"utility": 1.0 - w, "grounding": w}, args.budget)
+        pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
+        plan = plan_at(controller, pref, args.budget)
         small = materialize(base.model, plan).eval()
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
-        rows.append({"grounding_weight": w, "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
+        rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
+                     "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
                      **{k: rep["metrics"][k] for k in POPE}})
         print({k: round(v, 4) for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
-    result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n, "rows": rows,
+    result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
+              "match": args.match, "rows": rows,
               "spearman_weight_vs_adversarial_f1": rho}
-    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind)", "",
-             "| grounding weight | FLOPs | utility | POPE F1 r / p / a |", "|---|---|---|---|"]
-    lines += [f"| {r['grounding_weight']:g} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
+    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match})", "",
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a |", "|---|---|---|---|---|"]
+    lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
               f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} |" for r in rows]
-    lines += ["", f"Spearman(weight, adversarial F1) = {rho:.3f}"]
+    lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}")]
     print(lines[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

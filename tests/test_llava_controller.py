@@ -50,6 +50,34 @@ def test_decision_loss_keeps_the_teachers_answer_and_its_margin():
     assert float(loss.detach()) == 0.0 and loss.requires_grad  # a batch without existence questions
 
 
+def test_utility_can_leave_existence_answers_to_grounding():
+    from hipp.data.instruct import make_samples
+    from hipp.data.words import IGNORE, encode
+    from hipp.storage.checkpoint import get_processor, load_model
+    from hipp.tasks.instruct import InstructBatch
+    from hipp.training.generative import GenerativeDistiller
+    from hipp.training.objectives import ObjectiveConfig, Objectives
+    model, processor = load_model(str(LLAVA_TEACHER_DIR)).eval(), get_processor(str(LLAVA_TEACHER_DIR))
+    batch = InstructBatch(make_samples("train", 10))
+    labels = encode(processor, batch.samples, train=True)["labels"][:, 1:] != IGNORE
+    pope = torch.tensor([s.kind.startswith("pope/") for s in batch.samples])
+    assert int(pope.sum()) == 3
+    counts = {}
+    for flag in (True, False):
+        d = GenerativeDistiller(model, Objectives(ObjectiveConfig(utility_existence=flag), None), processor, "cpu")
+        with torch.no_grad():
+            answers, margins = d.forward(d.inputs(batch))
+        counts[flag] = len(answers)
+        assert margins.shape == (3,)  # grounding reads the existence questions either way
+    assert counts[True] == int(labels.sum()) and counts[False] == int(labels[~pope].sum()) < counts[True]
+
+
+def test_utility_existence_is_refused_for_a_contrastive_task(tmp_path, capsys):
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump({"model": "unused", "objectives": {"utility_existence": False}}))
+    assert_bad(*cli(capsys, "train", "--config", path), "utility_existence")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llava-ctrl")

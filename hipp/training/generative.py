@@ -2,8 +2,8 @@
 
 The teacher is the same frozen model with its gates open. Both read the same teacher-forced
 instruction samples (prompt, image, answer); what is compared is the next-token distribution at
-the answer tokens (utility) and the yes-minus-no margin at the first answer token of existence
-questions (grounding). Same interface as trainer.Distiller, so the training loop, its checks and
+the answer tokens (utility; with objectives.utility_existence false, not those of existence
+questions) and the yes-minus-no margin at the first answer token of existence questions (grounding). Same interface as trainer.Distiller, so the training loop, its checks and
 the benchmarks take either.
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ class GenerativeDistiller:
             first = answer.float().argmax(1)[rows]
         logits = self.model(**enc, use_cache=False).logits[:, :-1]
         at = logits[rows, first]
+        if self.objectives is not None and not self.objectives.config.utility_existence:
+            answer = answer.clone()
+            answer[rows] = False  # the yes / no answers are grounding's alone
         return logits[answer], at[:, self.yes] - at[:, self.no]
 
     @torch.no_grad()

@@ -19,7 +19,8 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
 
 - utility   = KL(teacher || student) of the next-token distributions at the answer tokens,
               averaged over them and divided by log V (the entropy of a uniform distribution
-              over the vocabulary), as the contrastive KL is divided by log B.
+              over the vocabulary), as the contrastive KL is divided by log B. With
+              utility_existence false, existence answers are left to grounding.
 - grounding = agreement with the teacher's yes / no on existence (POPE) questions, margin kept:
               m = logit(yes) - logit(no) at the answer's first token, d = sign(m_t),
               sum relu(|m_t| - d m_s) / sum |m_t|: 0 when the student says what the teacher
@@ -185,6 +186,7 @@ class ObjectiveConfig:
     scale: dict = field(default_factory=dict)   # normaliser s_k of each loss (default 1), either scalarization
     smooth: float = 0.0
     rho: float = 0.0
+    utility_existence: bool = True  # generative: the answer KL also covers existence (POPE) answers
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -208,6 +210,8 @@ class ObjectiveConfig:
             raise HippError("objectives.scale values must be numbers > 0 and objectives.ideal values finite numbers")
         if self.smooth < 0 or self.rho < 0:
             raise HippError("objectives.smooth and objectives.rho must be >= 0")
+        if not isinstance(self.utility_existence, bool):
+            raise HippError(f"objectives.utility_existence must be true or false, got {self.utility_existence!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ObjectiveConfig":

@@ -90,7 +90,10 @@ class TrainConfig:
             "controller.init_bias": (self.controller.init_bias, finite()),
             "mixed_precision": (self.mixed_precision, one_of(("no", "bf16", "fp16"))),
             "lr_schedule": (self.lr_schedule, one_of(LR_SCHEDULES))})
-        names = ObjectiveConfig.from_dict(self.objectives).names  # fail at load time, not after the model loads
+        objectives = ObjectiveConfig.from_dict(self.objectives)  # fail at load time, not after the model loads
+        names = objectives.names
+        if not objectives.utility_existence and get_task(self.task, self.task_options).family != "generative":
+            raise HippError("objectives.utility_existence applies to a generative task's answers (task instruct)")
         if ("latency" in names) != (self.latency_profile is not None):
             raise HippError("the latency objective needs latency_profile (a file from hipp profile), and "
                             "latency_profile needs 'latency' among objectives.names")
