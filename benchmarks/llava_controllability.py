@@ -13,7 +13,8 @@ answers n test (or validation) questions of the kinds measured.
         --weights 0,0.25,0.5,0.75,1 --split test --n 500 --out runs/llava-controllability
 
 Prints and writes (--out: result.json, summary.md) per weight: FLOPs ratio, POPE F1 per sampling,
-utility, and the Spearman correlation of weight vs adversarial F1.
+utility, how many adversarial probes the plan answers as the dense teacher does (what an agreement
+objective can buy), and the Spearman correlation of weight vs adversarial F1.
 """
 from __future__ import annotations
 
@@ -29,12 +30,19 @@ from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.budget import Units, fit, ratios, top_up  # noqa: E402
 from hipp.core.gates import map_gates  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
-from hipp.evaluation.generative import evaluate_generative  # noqa: E402
+from hipp.evaluation.answers import first_word  # noqa: E402
+from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
+ADVERSARIAL = ("pope/adversarial",)
+
+
+def yes_no(model, processor, split: str, n: int) -> list[str]:
+    """The model's answers to the adversarial POPE probes, read as the scorer reads them."""
+    return [first_word(a) for a in answer_all(model, processor, split, n, kinds=ADVERSARIAL)[1]]
 
 
 @torch.no_grad()
@@ -77,6 +85,7 @@ def main() -> int:
     args = ap.parse_args()
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
+    teacher = yes_no(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
     rows = []
     for w in (float(v) for v in args.weights.split(",")):
         pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
@@ -85,16 +94,18 @@ def main() -> int:
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
-                     **{k: rep["metrics"][k] for k in POPE}})
+                     **{k: rep["metrics"][k] for k in POPE},
+                     "adversarial_as_teacher": sum(a == b for a, b in zip(teacher, yes_no(small, base.tokenizer, args.split, args.n)))})
         print({k: round(v, 4) for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "rows": rows,
               "spearman_weight_vs_adversarial_f1": rho}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match})", "",
-             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a |", "|---|---|---|---|---|"]
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
-              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} |" for r in rows]
+              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} |" for r in rows]
     lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}")]
     print(lines[-1])
     out = Path(args.out)

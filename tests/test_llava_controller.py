@@ -62,14 +62,17 @@ def test_utility_can_leave_existence_answers_to_grounding():
     labels = encode(processor, batch.samples, train=True)["labels"][:, 1:] != IGNORE
     pope = torch.tensor([s.kind.startswith("pope/") for s in batch.samples])
     assert int(pope.sum()) == 3
-    counts = {}
+    got = {}
     for flag in (True, False):
         d = GenerativeDistiller(model, Objectives(ObjectiveConfig(utility_existence=flag), None), processor, "cpu")
         with torch.no_grad():
-            answers, margins = d.forward(d.inputs(batch))
-        counts[flag] = len(answers)
-        assert margins.shape == (3,)  # grounding reads the existence questions either way
-    assert counts[True] == int(labels.sum()) and counts[False] == int(labels[~pope].sum()) < counts[True]
+            got[flag] = d.forward(d.inputs(batch))
+    (every, every_margin), (some, some_margin) = got[True], got[False]
+    assert len(every) == int(labels.sum()) and len(some) == int(labels[~pope].sum()) < len(every)
+    not_pope = (~pope)[:, None].expand_as(labels)[labels]  # of every answer token, those utility keeps
+    torch.testing.assert_close(some, every[not_pope])  # the same logits, the existence answers' left out
+    assert some_margin.shape == (3,)  # grounding reads the existence questions either way
+    torch.testing.assert_close(some_margin, every_margin)
 
 
 def test_utility_existence_is_refused_for_a_contrastive_task(tmp_path, capsys):

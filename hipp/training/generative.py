@@ -3,8 +3,9 @@
 The teacher is the same frozen model with its gates open. Both read the same teacher-forced
 instruction samples (prompt, image, answer); what is compared is the next-token distribution at
 the answer tokens (utility; with objectives.utility_existence false, not those of existence
-questions) and the yes-minus-no margin at the first answer token of existence questions (grounding). Same interface as trainer.Distiller, so the training loop, its checks and
-the benchmarks take either.
+questions) and the yes-minus-no margin at the first answer token of existence questions
+(grounding). Same interface as trainer.Distiller, so the training loop, its checks and the
+benchmarks take either.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ class TrainConfig:
             "lr_schedule": (self.lr_schedule, one_of(LR_SCHEDULES))})
         objectives = ObjectiveConfig.from_dict(self.objectives)  # fail at load time, not after the model loads
         names = objectives.names
-        if not objectives.utility_existence and get_task(self.task, self.task_options).family != "generative":
+        task = get_task(self.task, self.task_options)
+        if not objectives.utility_existence and task.family != "generative":
             raise HippError("objectives.utility_existence applies to a generative task's answers (task instruct)")
         if ("latency" in names) != (self.latency_profile is not None):
             raise HippError("the latency objective needs latency_profile (a file from hipp profile), and "
@@ -106,7 +107,7 @@ class TrainConfig:
                             f"whose soft gates equal dropping), got {self.visual_tokens!r}")
         if self.visual_tokens is not None and self.latency_profile is not None:
             raise HippError("a latency profile does not price visual tokens yet; train visual tokens with FLOPs")
-        get_task(self.task, self.task_options).check_objectives(names)
+        task.check_objectives(names)
         self.target_range = [float(x) for x in self.target_range]
 
 
