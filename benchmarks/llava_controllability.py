@@ -6,7 +6,9 @@ For each grounding weight w the preference is (utility 1 - w, grounding w, no co
 for ((1 - c)(1 - w), (1 - c) w, c) comes closest to the budget, so the plan is the one the controller
 learnt for that trade-off at that cost, not a zero-cost preference cut down to it. The chosen logits
 (with the FLOPs target, when the controller reads one) are fitted to the budget by the project's one
-fitter (hipp.core.budget), so every plan lands within 0.02 below it. Each plan is materialised and
+fitter (hipp.core.budget), so every plan lands within 0.02 below it. `--match gates` asks what any
+gate training could buy: per weight, fixed-budget gates (hipp.baselines.fixed_budget, no controller)
+trained at the budget on (1 - w) x utility + w x grounding, the raw losses. Each plan is materialised and
 answers n test (or validation) questions of the kinds measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
@@ -72,6 +74,17 @@ def plan_at(controller, pref: dict, budget: float):
     return units.plan(mask, pref)
 
 
+def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
+    """Fixed-budget gates trained for the split (1 - w) : w at the budget, with the controller's own
+    training budget (steps, samples, temperatures: fixed_budget.matched_to), and their plan."""
+    from hipp.baselines import get_method, make_calibration
+    from hipp.baselines.fixed_budget import matched_to
+
+    calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
+    options = {**matched_to(controller.extra["train_config"]), "utility_weight": 1.0 - w, "grounding_weight": w}
+    return get_method("fixed_budget")(base.model, controller.space, budget, calibration, seed, options=options)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--controller", required=True)
@@ -79,8 +92,9 @@ def main() -> int:
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--n", type=int, default=200, help="samples of each kind")
-    ap.add_argument("--match", default="fit", choices=("fit", "cost"),
-                    help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is nearest")
+    ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
+                    help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
+                         "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     controller = load_controller(args.controller)
@@ -89,7 +103,7 @@ def main() -> int:
     rows = []
     for w in (float(v) for v in args.weights.split(",")):
         pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
-        plan = plan_at(controller, pref, args.budget)
+        plan = gates_plan(base, controller, w, args.budget) if args.match == "gates" else plan_at(controller, pref, args.budget)
         small = materialize(base.model, plan).eval()
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),

@@ -285,6 +285,23 @@ def test_fixed_budget_reports_training_time_and_leaves_the_vlm_frozen(tiny):
     assert all(p.grad is None for p in model.parameters())  # the VLM stayed frozen
 
 
+def test_fixed_budget_trains_for_the_quality_split_it_is_given(tiny):
+    from hipp.baselines.fixed_budget import GateTraining, train_gates
+    model, space, calibration, _ = tiny
+
+    def logits(**weights):
+        gates, _ = train_gates(model, space, calibration, 0.5, cfg=GateTraining(steps=2, batch_size=4, **weights))
+        return torch.cat([p.detach().flatten() for p in gates.parameters()])
+
+    plain = logits()
+    assert torch.equal(plain, logits(utility_weight=1.0, grounding_weight=1.0))  # the default is the plain sum
+    assert not torch.allclose(plain, logits(utility_weight=1.0, grounding_weight=0.0))
+    assert not torch.allclose(logits(utility_weight=0.0, grounding_weight=1.0), logits(utility_weight=1.0, grounding_weight=0.0))
+    for bad in ({"utility_weight": -0.5}, {"utility_weight": 0.0, "grounding_weight": 0.0}):
+        with pytest.raises(HippError, match="quality weights"):
+            B.make_plan("fixed_budget", model, space, 0.5, calibration, options={**FAST["fixed_budget"], **bad})
+
+
 def test_bench_object_holds_the_contract_keys(tiny, tmp_path):
     from hipp.evaluation.bench import bench
     model, space, calibration, _ = tiny

@@ -124,6 +124,8 @@ def test_csv_metrics_utility_and_gate_training(pairs, tiny_model_dir):
     assert cal.size == HELD and not cal.batch.negatives
     gates, info = train_gates(model, make_prunable(model, 16), cal, 0.5, cfg=GateTraining(steps=2, batch_size=4))
     assert info["steps"] == 2 and 0 < info["expected_flops"] <= 1
+    with pytest.raises(HippError, match="no grounding loss"):  # a task without negatives has only utility to weigh
+        train_gates(model, make_prunable(model, 16), cal, 0.5, cfg=GateTraining(steps=2, batch_size=4, utility_weight=0.0))
 
 
 def hipp_cli(*args):

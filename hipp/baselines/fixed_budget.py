@@ -46,13 +46,16 @@ class GateTraining:
     temperature_start: float = 1.0
     temperature_end: float = 0.1
     layer_init: float = 3.0  # layers start kept; widths start at the target's keep share
+    utility_weight: float = 1.0    # quality = these weights times the raw losses: the plain sum by default;
+    grounding_weight: float = 1.0  # (1 - w, w) trains the gates for one utility : grounding split
 
     def __post_init__(self):
         ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
-              and self.lr > 0 and self.lambda_lr > 0)
+              and self.lr > 0 and self.lambda_lr > 0 and min(self.utility_weight, self.grounding_weight) >= 0
+              and self.utility_weight + self.grounding_weight > 0)
         if not ok:
             raise HippError("fixed_budget options need steps >= 1, batch_size >= 2, 0 < shape_fraction <= 1, "
-                            "negatives >= 1 and positive learning rates")
+                            "negatives >= 1, positive learning rates and quality weights >= 0, not both 0")
         lr_factor(self.lr_schedule, 0, self.steps)  # an unknown schedule fails here
 
 
@@ -109,6 +112,8 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     ascent = torch.optim.Adam([lambdas], lr=cfg.lambda_lr, maximize=True)
     task = calibration.task
     names = ("utility", "grounding", "flops") if task.has_negatives else ("utility", "flops")
+    if not task.has_negatives and cfg.utility_weight == 0:
+        raise HippError(f"fixed_budget: task {task.name!r} has no grounding loss, so utility_weight 0 leaves nothing to train")
     objectives = Objectives(ObjectiveConfig(names=names), space)
     if calibration.generative:
         from ..training.generative import GenerativeDistiller
@@ -130,7 +135,7 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
             logits = gates()
             losses = distiller.losses(logits, sample_gates(logits, temperature(step), g), inputs, teacher, batch)
             gap = losses["flops"] - target
-            quality = losses["utility"] + losses.get("grounding", 0.0)
+            quality = cfg.utility_weight * losses["utility"] + cfg.grounding_weight * losses.get("grounding", 0.0)
             total = quality + lambdas[0] * gap + lambdas[1] * gap.pow(2)
             opt.zero_grad()
             ascent.zero_grad()
