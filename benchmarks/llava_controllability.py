@@ -8,7 +8,8 @@ learnt for that trade-off at that cost, not a zero-cost preference cut down to i
 (with the FLOPs target, when the controller reads one) are fitted to the budget by the project's one
 fitter (hipp.core.budget), so every plan lands within 0.02 below it. `--match gates` asks what any
 gate training could buy: per weight, fixed-budget gates (hipp.baselines.fixed_budget, no controller)
-trained at the budget on (1 - w) x utility + w x grounding, the raw losses. Each plan is materialised and
+trained at the budget on (1 - w) x utility + w x grounding, the raw losses (grounding's margin as
+the controller's training config sets it). Each plan is materialised and
 answers n test (or validation) questions of the kinds measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
@@ -81,7 +82,9 @@ def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
     from hipp.baselines.fixed_budget import matched_to
 
     calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
-    options = {**matched_to(controller.extra["train_config"]), "utility_weight": 1.0 - w, "grounding_weight": w}
+    train_config = controller.extra["train_config"]
+    margin = (train_config.get("objectives") or {}).get("existence_margin", "yes-no")
+    options = {**matched_to(train_config), "utility_weight": 1.0 - w, "grounding_weight": w, "existence_margin": margin}
     return get_method("fixed_budget")(base.model, controller.space, budget, calibration, seed, options=options)
 
 

@@ -50,6 +50,40 @@ def test_decision_loss_keeps_the_teachers_answer_and_its_margin():
     assert float(loss.detach()) == 0.0 and loss.requires_grad  # a batch without existence questions
 
 
+def test_decision_loss_against_every_token_counts_a_third_token_taking_the_answer():
+    # log-odds of (yes, no) against every other token: the teacher says yes, no, yes
+    teacher = torch.tensor([[3.0, -4.0], [-5.0, 2.0], [1.0, -3.0]])
+    assert float(decision_loss(teacher, teacher)) == pytest.approx(0.0)
+    assert float(decision_loss(teacher, teacher + 1.0)) == pytest.approx(0.0)  # firmer costs nothing
+    undecided = torch.tensor([[0.0, -4.0], [-5.0, 0.0], [0.0, -3.0]])  # the teacher's answer at even odds
+    assert float(decision_loss(teacher, undecided)) == pytest.approx(1.0)
+    # yes still beats no by the teacher's margin, but a third token now takes the answer
+    drowned = torch.tensor([[-2.0, -9.0], [-9.0, -2.0], [-2.0, -6.0]])
+    assert float(decision_loss(teacher, drowned)) == pytest.approx((5 + 4 + 3) / 6)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    assert float(decision_loss(empty.detach(), empty).detach()) == 0.0
+
+
+def test_every_token_margins_are_the_log_odds_of_yes_and_of_no():
+    from hipp.data.instruct import make_samples
+    from hipp.storage.checkpoint import get_processor, load_model
+    from hipp.tasks.instruct import InstructBatch
+    from hipp.training.generative import GenerativeDistiller
+    from hipp.training.objectives import ObjectiveConfig, Objectives
+    model, processor = load_model(str(LLAVA_TEACHER_DIR)).eval(), get_processor(str(LLAVA_TEACHER_DIR))
+    batch = InstructBatch(make_samples("train", 10))
+    got = {}
+    for margin in ("yes-no", "every-token"):
+        d = GenerativeDistiller(model, Objectives(ObjectiveConfig(existence_margin=margin), None), processor, "cpu")
+        with torch.no_grad():
+            got[margin] = d.forward(d.inputs(batch))[1]
+    pair = got["every-token"]
+    assert pair.shape == (3, 2)
+    p_yes, p_no = torch.sigmoid(pair[:, 0]), torch.sigmoid(pair[:, 1])  # log-odds back to probabilities
+    assert bool((p_yes + p_no <= 1 + 1e-5).all())
+    torch.testing.assert_close(torch.log(p_yes) - torch.log(p_no), got["yes-no"], rtol=1e-4, atol=1e-4)
+
+
 def test_utility_can_leave_existence_answers_to_grounding():
     from hipp.data.instruct import make_samples
     from hipp.data.words import IGNORE, encode
@@ -75,10 +109,17 @@ def test_utility_can_leave_existence_answers_to_grounding():
     torch.testing.assert_close(some_margin, every_margin)
 
 
-def test_utility_existence_is_refused_for_a_contrastive_task(tmp_path, capsys):
+@pytest.mark.parametrize("setting,value", [("utility_existence", False), ("existence_margin", "every-token")])
+def test_existence_settings_are_refused_for_a_contrastive_task(tmp_path, capsys, setting, value):
     path = tmp_path / "clip.yaml"
-    path.write_text(yaml.safe_dump({"model": "unused", "objectives": {"utility_existence": False}}))
-    assert_bad(*cli(capsys, "train", "--config", path), "utility_existence")
+    path.write_text(yaml.safe_dump({"model": "unused", "objectives": {setting: value}}))
+    assert_bad(*cli(capsys, "train", "--config", path), setting)
+
+
+def test_an_unknown_existence_margin_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "llava.yaml"
+    path.write_text(yaml.safe_dump({"model": "unused", "objectives": {"existence_margin": "maybe"}}))
+    assert_bad(*cli(capsys, "train", "--config", path), "existence_margin 'maybe'")
 
 
 @pytest.fixture(scope="module")

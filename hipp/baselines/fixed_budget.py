@@ -48,6 +48,7 @@ class GateTraining:
     layer_init: float = 3.0  # layers start kept; widths start at the target's keep share
     utility_weight: float = 1.0    # quality = these weights times the raw losses: the plain sum by default;
     grounding_weight: float = 1.0  # (1 - w, w) trains the gates for one utility : grounding split
+    existence_margin: str = "yes-no"  # a LLaVA's grounding margin (hipp.training.objectives)
 
     def __post_init__(self):
         ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
@@ -114,7 +115,7 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     names = ("utility", "grounding", "flops") if task.has_negatives else ("utility", "flops")
     if not task.has_negatives and cfg.utility_weight == 0:
         raise HippError(f"fixed_budget: task {task.name!r} has no grounding loss, so utility_weight 0 leaves nothing to train")
-    objectives = Objectives(ObjectiveConfig(names=names), space)
+    objectives = Objectives(ObjectiveConfig(names=names, existence_margin=cfg.existence_margin), space)
     if calibration.generative:
         from ..training.generative import GenerativeDistiller
         distiller = GenerativeDistiller(model, objectives, calibration.tokenizer, device)

@@ -4,12 +4,14 @@ The teacher is the same frozen model with its gates open. Both read the same tea
 instruction samples (prompt, image, answer); what is compared is the next-token distribution at
 the answer tokens (utility; with objectives.utility_existence false, not those of existence
 questions) and the yes-minus-no margin at the first answer token of existence questions
-(grounding). Same interface as trainer.Distiller, so the training loop, its checks and the
+(grounding; with objectives.existence_margin "every-token", the log-odds of yes and of no against
+every other token). Same interface as trainer.Distiller, so the training loop, its checks and the
 benchmarks take either.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -60,6 +62,11 @@ class GenerativeDistiller:
         if self.objectives is not None and not self.objectives.config.utility_existence:
             answer = answer.clone()
             answer[rows] = False  # the yes / no answers are grounding's alone
+        if self.objectives is not None and self.objectives.config.existence_margin == "every-token":
+            pair = at[:, [self.yes, self.no]]
+            rest = torch.stack([at.index_fill(1, torch.tensor([t], device=at.device), -math.inf).logsumexp(1)
+                                for t in (self.yes, self.no)], 1)
+            return logits[answer], pair - rest  # [P, 2]: log-odds of yes, of no, against every other token
         return logits[answer], at[:, self.yes] - at[:, self.no]
 
     @torch.no_grad()

@@ -25,6 +25,11 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
               m = logit(yes) - logit(no) at the answer's first token, d = sign(m_t),
               sum relu(|m_t| - d m_s) / sum |m_t|: 0 when the student says what the teacher
               says at least as firmly, 1 when it is undecided, above 1 when it flips.
+              With existence_margin "every-token", m is instead the log-odds of the teacher's
+              answer (yes or no) against every other token, z_d - logsumexp of the rest, and the
+              loss sum relu(m_t - m_s) / sum |m_t|: the yes-minus-no margin can be kept while
+              some third token takes the answer (a plan trained on grounding alone then answers
+              nothing), these log-odds cannot.
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
@@ -47,6 +52,7 @@ from ..core.space import PruneSpace
 KNOWN = ("utility", "grounding", "flops", "params", "latency")
 SCALARIZATIONS = ("linear", "chebyshev")
 GROUNDING_MODES = ("hinge", "squared", "odds")
+EXISTENCE_MARGINS = ("yes-no", "every-token")
 
 
 @dataclass
@@ -130,11 +136,16 @@ def answer_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
 
 
 def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[P] yes-minus-no margins of the P existence questions -> the share of the teacher's decided
-    margin the student loses (module doc); 0 for a batch without such questions."""
+    """[P] yes-minus-no margins of the P existence questions, or [P, 2] log-odds of yes and of no
+    against every other token -> the share of the teacher's decided margin the student loses (module
+    doc); 0 for a batch without such questions."""
     mt = teacher_margin.detach().float()
     if mt.numel() == 0:
         return student_margin.sum() * 0.0
+    if mt.ndim == 2:  # the teacher's answer's log-odds, for both
+        decided = (mt[:, 1] > mt[:, 0]).long()[:, None]
+        mt, ms = mt.gather(1, decided)[:, 0], student_margin.float().gather(1, decided)[:, 0]
+        return torch.relu(mt - ms).sum() / (mt.abs().sum() + eps)
     return torch.relu(mt.abs() - torch.sign(mt) * student_margin.float()).sum() / (mt.abs().sum() + eps)
 
 
@@ -187,6 +198,7 @@ class ObjectiveConfig:
     smooth: float = 0.0
     rho: float = 0.0
     utility_existence: bool = True  # generative: the answer KL also covers existence (POPE) answers
+    existence_margin: str = "yes-no"  # generative grounding: yes against no, or the answer against every token
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -212,6 +224,9 @@ class ObjectiveConfig:
             raise HippError("objectives.smooth and objectives.rho must be >= 0")
         if not isinstance(self.utility_existence, bool):
             raise HippError(f"objectives.utility_existence must be true or false, got {self.utility_existence!r}")
+        if self.existence_margin not in EXISTENCE_MARGINS:
+            raise HippError(f"unknown objectives.existence_margin {self.existence_margin!r}; expected one of "
+                            f"{', '.join(EXISTENCE_MARGINS)}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ObjectiveConfig":

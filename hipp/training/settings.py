@@ -95,6 +95,8 @@ class TrainConfig:
         task = get_task(self.task, self.task_options)
         if not objectives.utility_existence and task.family != "generative":
             raise HippError("objectives.utility_existence applies to a generative task's answers (task instruct)")
+        if objectives.existence_margin != "yes-no" and task.family != "generative":
+            raise HippError("objectives.existence_margin applies to a generative task's existence answers (task instruct)")
         if ("latency" in names) != (self.latency_profile is not None):
             raise HippError("the latency objective needs latency_profile (a file from hipp profile), and "
                             "latency_profile needs 'latency' among objectives.names")
