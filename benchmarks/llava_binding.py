@@ -65,8 +65,9 @@ def object_patches(obj: shapes.Obj, image_size: int, patch: int) -> list[int]:
 
 @torch.no_grad()
 def attention_to_target(model, processor, samples) -> list[tuple[float, float]]:
-    """Per decoder layer: (named object's mass, other objects' mass, each averaged over their patches'
-    count-weighted sum) for the head whose mean difference is largest, from the last prompt token."""
+    """Per decoder layer, for the head that separates them most: the last prompt token's attention summed
+    over the named object's patches, and summed over the other objects' patches per other object,
+    each averaged over the samples."""
     model.set_attn_implementation("eager")
     batch = words.encode_prompts(processor, [s.image for s in samples], [words.prompt(s.question) for s in samples])
     attentions = model(**batch, output_attentions=True).attentions

@@ -17,7 +17,9 @@ answers n test (or validation) questions of the kinds measured.
 
 Prints and writes (--out: result.json, summary.md) per weight: FLOPs ratio, POPE F1 per sampling,
 utility, how many adversarial probes the plan answers as the dense teacher does (what an agreement
-objective can buy), and the Spearman correlation of weight vs adversarial F1.
+objective can buy), for a controller's plans the units its logits keep before the budget fit and the
+rank correlation of its logits with the first weight's (near 1: the weight moves how much is kept,
+not which units), and the Spearman correlation of weight vs adversarial F1.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def plan_at(controller, pref: dict, budget: float):
     flat = units.flat(map_gates(lambda t: t[0].detach().cpu(), logits))
     bounds = {"flops": budget}
     mask, _ = top_up(units, flat, fit(units, flat, bounds).k, bounds)
-    return units.plan(mask, pref)
+    return units.plan(mask, pref), flat
 
 
 def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
@@ -103,26 +105,36 @@ def main() -> int:
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     teacher = yes_no(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
-    rows = []
+    rows, first = [], None
     for w in (float(v) for v in args.weights.split(",")):
         pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
-        plan = gates_plan(base, controller, w, args.budget) if args.match == "gates" else plan_at(controller, pref, args.budget)
+        plan, logits = (gates_plan(base, controller, w, args.budget), None) if args.match == "gates" else \
+            plan_at(controller, pref, args.budget)
+        if logits is not None:  # does the weight move which units rank first, or only how many are kept?
+            first = logits if first is None else first
+            logit_rows = {"kept_before_fit": int((logits > 0).sum()), "logit_spearman_vs_first_weight":
+                          spearman(first.tolist(), logits.tolist())}
+        else:
+            logit_rows = {}
         small = materialize(base.model, plan).eval()
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
                      **{k: rep["metrics"][k] for k in POPE},
-                     "adversarial_as_teacher": sum(a == b for a, b in zip(teacher, yes_no(small, base.tokenizer, args.split, args.n)))})
-        print({k: round(v, 4) for k, v in rows[-1].items()}, flush=True)
+                     "adversarial_as_teacher": sum(a == b for a, b in zip(teacher, yes_no(small, base.tokenizer, args.split, args.n))),
+                     **logit_rows})
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "rows": rows,
               "spearman_weight_vs_adversarial_f1": rho}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match})", "",
-             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's |",
-             "|---|---|---|---|---|---|"]
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's "
+             "| kept before the fit | logit rank correlation with the first weight's |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
-              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} |" for r in rows]
+              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} | "
+              f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
     lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}")]
     print(lines[-1])
     out = Path(args.out)
