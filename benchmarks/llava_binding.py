@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hipp.data import shapes, words  # noqa: E402
 from hipp.data.instruct import eval_sets, position_word  # noqa: E402
+from hipp.data.shapes import object_patches  # noqa: E402
 from hipp.evaluation.answers import first_word  # noqa: E402
 from hipp.evaluation.generative import answer_all  # noqa: E402
 from hipp.storage.checkpoint import get_processor, load_model  # noqa: E402
@@ -49,18 +50,6 @@ def tally(samples, predictions) -> Counter:
         outcome = "right" if word == s.answer else "other object" if word in others else "absent value"
         out[(s.kind, keying(s), outcome)] += 1
     return out
-
-
-def object_patches(obj: shapes.Obj, image_size: int, patch: int) -> list[int]:
-    """Patch indices (row-major) that the object's box at its cell centre overlaps (render's jitter is
-    at most a few pixels, so the box is taken a little inside its radius)."""
-    row, col = divmod(shapes.POSITIONS.index(obj.position), 3)
-    cell, r = image_size / 3, 0.8 * shapes.SIZES[obj.size] * image_size
-    cy, cx = (row + 0.5) * cell, (col + 0.5) * cell
-    side = image_size // patch
-    rows = range(max(0, int((cy - r) // patch)), min(side, int((cy + r) // patch) + 1))
-    cols = range(max(0, int((cx - r) // patch)), min(side, int((cx + r) // patch) + 1))
-    return [i * side + j for i in rows for j in cols]
 
 
 @torch.no_grad()

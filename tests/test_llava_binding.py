@@ -2,7 +2,8 @@
 answers are sorted, and which patches an object covers."""
 import torch
 
-from benchmarks.llava_binding import KINDS, _probe_accuracy, keying, object_patches, tally, value
+from benchmarks.llava_binding import KINDS, _probe_accuracy, keying, tally, value
+from hipp.data.shapes import object_patches
 from hipp.data import shapes
 from hipp.data.instruct import eval_sets
 

@@ -6,7 +6,12 @@ The loss is the next-token cross-entropy on answer tokens only, averaged within 
 then over answers (`loss_average: sample`), so a one-word POPE answer weighs as much as a caption;
 `token` averages over all answer tokens of the batch, as a causal LM's own loss does; `mixed` is the
 mean of the two (captions, whose tokens teach which attributes go with which object, keep their
-weight, and short answers get theirs). Batch `step` is a pure function
+weight, and short answers get theirs). `pointing_weight` adds an auxiliary loss on where the answer
+looks: in the first `pointing_heads` heads of each of `pointing_layers`, the token that predicts the
+answer should put its attention on the patches of the object the question names (attribute questions,
+POPE probes whose object is present), -log of the attention mass there. It is a teacher-training aid
+only: the decoder otherwise learns to select an object by its colour or shape very slowly
+(docs/studies/llava-teacher.md), and the saved model has no trace of it. Batch `step` is a pure function
 of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hipp.backends.convert import to_hf_clip
 from hipp.backends.hf import quiet
+from hipp.errors import HippError
 from hipp.data.instruct import make_samples
 from hipp.data.words import build_processor, build_tokenizer, encode
 from hipp.storage.checkpoint import CONFIG_NAME, load_model, preprocess_cfg
@@ -54,6 +60,9 @@ class LlavaTeacherConfig:
     save_every: int = 100
     loss_average: str = "sample"  # "sample", "token" or "mixed" (their mean; see the module docstring)
     prompt_tokens: int = 96  # declared prompt length for costs: 64 image tokens + the longest question
+    pointing_weight: float = 0.0  # the auxiliary attention loss (module docstring); 0: off
+    pointing_layers: list = field(default_factory=lambda: [1, 2])
+    pointing_heads: int = 1
 
     def __post_init__(self):
         from hipp.config import check_values, one_of
@@ -78,6 +87,51 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, average: str) -> tor
     token = nll.sum() / mask.sum().clamp(min=1)
     sample = (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
     return {"token": token, "sample": sample, "mixed": 0.5 * (token + sample)}[average]
+
+
+def pointing_targets(samples, image_size: int, patch: int) -> torch.Tensor:
+    """[N, patches] 1 on the patches of the object each sample's question names, 0 elsewhere; a row of
+    zeros where the question names none (captions, counts, absent POPE objects, Fashion-MNIST)."""
+    from hipp.data.shapes import object_patches
+
+    side = image_size // patch
+    out = torch.zeros(len(samples), side * side)
+    for i, s in enumerate(samples):
+        objs = s.meta.get("objects", [])
+        if "target" in s.meta:
+            named = [s.meta["target"]]
+        elif s.meta.get("present"):
+            named = [o for o in objs if (o.color, o.shape) == tuple(s.meta["pair"])]
+        else:
+            named = []
+        for o in named:
+            out[i, object_patches(o, image_size, patch)] = 1.0
+    return out
+
+
+def check_pointing(cfg: LlavaTeacherConfig, text_config) -> None:
+    layers, heads = text_config.num_hidden_layers, text_config.num_attention_heads
+    if not (cfg.pointing_layers and all(isinstance(k, int) and 0 <= k < layers for k in cfg.pointing_layers)
+            and isinstance(cfg.pointing_heads, int) and 0 < cfg.pointing_heads <= heads):
+        raise HippError(f"pointing_layers must be decoder layers in 0..{layers - 1} and pointing_heads in "
+                        f"1..{heads}, got {cfg.pointing_layers} and {cfg.pointing_heads}")
+
+
+def pointing_loss(attentions, input_ids, labels, targets, image_token_id: int, layers, heads: int) -> torch.Tensor:
+    """Mean -log(attention mass on the named object's patches) of the token before each answer, over the
+    supervised heads and the samples that name an object; 0 when none does."""
+    rows = targets.sum(1) > 0
+    if not rows.any():
+        return attentions[0].sum() * 0.0
+    query = (labels != -100).float().argmax(1) - 1  # the last prompt token predicts the answer's first word
+    image = (input_ids == image_token_id).nonzero()[:, 1].view(len(input_ids), -1)  # image positions, patch order
+    losses = []
+    for layer in layers:
+        a = attentions[layer][torch.arange(len(query)), :heads, query]  # [N, heads, T]
+        on_image = a.gather(2, image[:, None, :].expand(-1, a.shape[1], -1))  # [N, heads, patches]
+        mass = (on_image * targets[:, None, :].to(a.dtype)).sum(-1)
+        losses.append(-torch.log(mass[rows].clamp(min=1e-6)).mean())
+    return torch.stack(losses).mean()
 
 
 def build(cfg: LlavaTeacherConfig, tokenizer):
@@ -136,6 +190,9 @@ def train_llava_teacher(cfg: LlavaTeacherConfig, resume: bool = False) -> dict:
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     processor = build_processor(tokenizer, image_size=size, patch_size=8, mean=pp["mean"], std=pp["std"])
     model = build(cfg, tokenizer)
+    if cfg.pointing_weight:
+        check_pointing(cfg, model.config.text_config)
+        model.set_attn_implementation("eager")  # the pointing loss reads attention weights
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     model, opt = acc.prepare(model, opt)
@@ -161,18 +218,28 @@ def train_llava_teacher(cfg: LlavaTeacherConfig, resume: bool = False) -> dict:
     for step in bar:
         model.train()
         first = step * cfg.batch_size + acc.process_index * per_process
-        batch = encode(processor, make_samples("train", per_process, seed=cfg.seed, start=first), train=True)
+        samples = make_samples("train", per_process, seed=cfg.seed, start=first)
+        batch = encode(processor, samples, train=True)
         for g in opt.param_groups:
             g["lr"] = g["peak"] * lr_scale(cfg, step)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        loss = answer_loss(model(**batch).logits, labels, cfg.loss_average)
+        result = model(**batch, output_attentions=bool(cfg.pointing_weight))
+        loss = answer_loss(result.logits, labels, cfg.loss_average)
+        row = {}
+        if cfg.pointing_weight:
+            point = pointing_loss(result.attentions, batch["input_ids"], labels,
+                                  pointing_targets(samples, size, processor.patch_size).to(acc.device),
+                                  acc.unwrap_model(model).config.image_token_id, cfg.pointing_layers,
+                                  cfg.pointing_heads)
+            row["pointing"] = point.item()
+            loss = loss + cfg.pointing_weight * point
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        row = {"step": step + 1, "loss": loss.item(), "lr": cfg.lr * lr_scale(cfg, step), "seconds": time.time() - t0}
+        row = {**row, "step": step + 1, "loss": loss.item(), "lr": cfg.lr * lr_scale(cfg, step), "seconds": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and acc.is_main_process:
             from hipp.evaluation.generative import evaluate_generative
 
@@ -187,6 +254,7 @@ def train_llava_teacher(cfg: LlavaTeacherConfig, resume: bool = False) -> dict:
                               {"step": step + 1, "seconds": time.time() - t0, "run": run})
     seconds = time.time() - t0
     if acc.is_main_process:
+        acc.unwrap_model(model).set_attn_implementation("sdpa")
         save_final(acc.unwrap_model(model).eval(), processor, out)
         write_json(out / "train_config.json", {**asdict(cfg), "train_seconds": seconds})
     return {"train_seconds": seconds}

@@ -140,6 +140,18 @@ def hard_negatives(objs: list[Obj], rng: np.random.Generator) -> dict[str, str]:
     return out
 
 
+def object_patches(obj: Obj, image_size: int, patch: int) -> list[int]:
+    """Patch indices (row-major) that the object's box at its cell centre overlaps (render's jitter is
+    at most a few pixels, so the box is taken a little inside its radius)."""
+    row, col = divmod(POSITIONS.index(obj.position), 3)
+    cell, r = image_size / 3, 0.8 * SIZES[obj.size] * image_size
+    cy, cx = (row + 0.5) * cell, (col + 0.5) * cell
+    side = image_size // patch
+    rows = range(max(0, int((cy - r) // patch)), min(side, int((cy + r) // patch) + 1))
+    cols = range(max(0, int((cx - r) // patch)), min(side, int((cx + r) // patch) + 1))
+    return [i * side + j for i in rows for j in cols]
+
+
 def _with(o: Obj, attr: str, value: str) -> Obj:
     return Obj(**{**o.__dict__, attr: value})
 
