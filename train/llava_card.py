@@ -33,6 +33,11 @@ def write_llava_card(cfg, config_path: str, train_seconds: float, rep: dict | No
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in m.items())
     size_mb = (out / "model.safetensors").stat().st_size / 2**20
     lat = rep["latency_ms"]
+    heads = "the first head" if cfg.pointing_heads == 1 else f"the first {cfg.pointing_heads} heads"
+    pointing = "" if not cfg.pointing_weight else (
+        f", plus {cfg.pointing_weight:g} x a pointing loss: in {heads} of decoder layers "
+        f"{', '.join(map(str, cfg.pointing_layers))}, the token before the answer is taught to attend to "
+        "the patches of the object the question names (training only; the saved model is a plain LLaVA)")
     write_text(out / "MODEL_CARD.md", f"""# llava-tiny
 
 A small LLaVA-style model (transformers `LlavaForConditionalGeneration`: CLIP vision tower, two-layer
@@ -59,7 +64,7 @@ teacher (`{cfg.clip_teacher}`) and is fine-tuned with the rest.
 ## Training
 `python train/pretrain_llava.py --config {config_path}`: {cfg.steps} steps of {cfg.batch_size} samples, AdamW
 (peak {cfg.lr:g}, vision tower {cfg.vision_lr:g}), warm-up then cosine, loss on answer tokens only
-(averaged {dict(sample='within each answer, then over answers', token='over all answer tokens', mixed='half per answer, half per token')[cfg.loss_average]});
+(averaged {dict(sample='within each answer, then over answers', token='over all answer tokens', mixed='half per answer, half per token')[cfg.loss_average]}){pointing};
 {train_seconds / 60:.1f} min on this machine's CPU.
 
 ## Test metrics ({CARD_SAMPLES} samples per kind, greedy decoding)
