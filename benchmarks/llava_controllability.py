@@ -17,7 +17,8 @@ answers n test (or validation) questions of the kinds measured.
 
 Prints and writes (--out: result.json, summary.md) per weight: FLOPs ratio, POPE F1 per sampling,
 utility, how many adversarial probes the plan answers as the dense teacher does (what an agreement
-objective can buy), for a controller's plans the units its logits keep before the budget fit and the
+objective can buy), the last weight's adversarial F1 minus the first's with its paired bootstrap
+standard error, for a controller's plans the units its logits keep before the budget fit and the
 rank correlation of its logits with the first weight's (near 1: the weight moves how much is kept,
 not which units), and the Spearman correlation of weight vs adversarial F1.
 """
@@ -35,8 +36,9 @@ from hipp.controller.files import load_controller  # noqa: E402
 from hipp.core.budget import Units, fit, ratios, top_up  # noqa: E402
 from hipp.core.gates import map_gates  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
-from hipp.evaluation.answers import first_word  # noqa: E402
+from hipp.evaluation.answers import first_word, score  # noqa: E402
 from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: E402
+from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
@@ -45,9 +47,25 @@ POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
 ADVERSARIAL = ("pope/adversarial",)
 
 
-def yes_no(model, processor, split: str, n: int) -> list[str]:
-    """The model's answers to the adversarial POPE probes, read as the scorer reads them."""
-    return [first_word(a) for a in answer_all(model, processor, split, n, kinds=ADVERSARIAL)[1]]
+def adversarial(model, processor, split: str, n: int) -> Answers:
+    """The model's answers to the adversarial POPE probes."""
+    return Answers(*answer_all(model, processor, split, n, kinds=ADVERSARIAL))
+
+
+def yes_no(answers: Answers) -> list[str]:
+    """Answers read as the scorer reads them."""
+    return [first_word(a) for a in answers.predictions]
+
+
+def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
+    """Adversarial F1 of `last` minus `first`, and the paired bootstrap standard error of that gap over
+    the same probes (F1 is a ratio over the set, not a mean of per-probe scores)."""
+    key = "pope/adversarial_f1"
+    gaps = []
+    for idx in last.resamples():
+        s = [last.samples[i] for i in idx]
+        gaps.append(score(s, [last.predictions[i] for i in idx])[key] - score(s, [first.predictions[i] for i in idx])[key])
+    return last.metrics[key] - first.metrics[key], float(torch.tensor(gaps, dtype=torch.float64).std())
 
 
 @torch.no_grad()
@@ -104,8 +122,8 @@ def main() -> int:
     args = ap.parse_args()
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
-    teacher = yes_no(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
-    rows, first = [], None
+    teacher = yes_no(adversarial(base.model, base.tokenizer, args.split, args.n))  # no gates installed: the dense model
+    rows, first, answers = [], None, []
     for w in (float(v) for v in args.weights.split(",")):
         pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
         plan, logits = (gates_plan(base, controller, w, args.budget), None) if args.match == "gates" else \
@@ -118,16 +136,18 @@ def main() -> int:
             logit_rows = {}
         small = materialize(base.model, plan).eval()
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
+        answers.append(adversarial(small, base.tokenizer, args.split, args.n))
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
                      **{k: rep["metrics"][k] for k in POPE},
-                     "adversarial_as_teacher": sum(a == b for a, b in zip(teacher, yes_no(small, base.tokenizer, args.split, args.n))),
+                     "adversarial_as_teacher": sum(a == b for a, b in zip(teacher, yes_no(answers[-1]))),
                      **logit_rows})
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
+    gap, gap_se = f1_gap(answers[-1], answers[0])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
-              "match": args.match, "rows": rows,
-              "spearman_weight_vs_adversarial_f1": rho}
+              "match": args.match, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
+              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's "
              "| kept before the fit | logit rank correlation with the first weight's |",
@@ -135,8 +155,9 @@ def main() -> int:
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
               f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
-    lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}")]
-    print(lines[-1])
+    lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}"),
+              f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})"]
+    print("\n".join(lines[-2:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "result.json", result)

@@ -1,0 +1,15 @@
+"""The controllability benchmark's paired error on the adversarial POPE F1 gap between two plans."""
+from benchmarks.llava_controllability import f1_gap
+from hipp.data.instruct import make_samples
+from hipp.evaluation.answers import score
+from hipp.evaluation.generative_bench import Answers
+
+
+def test_the_gap_is_the_f1_difference_and_its_error_is_zero_only_for_the_same_answers():
+    samples = make_samples("val", 40, seed=0, kinds=("pope/adversarial",))
+    truth = [s.answer for s in samples]
+    yes = ["yes"] * len(samples)  # says yes to everything: recall 1, precision 1/2
+    assert f1_gap(Answers(samples, truth), Answers(samples, truth)) == (0.0, 0.0)
+    gap, se = f1_gap(Answers(samples, truth), Answers(samples, yes))
+    assert gap == 1.0 - score(samples, yes)["pope/adversarial_f1"] and abs(gap - (1 - 2 / 3)) < 1e-9
+    assert 0.0 < se < gap
