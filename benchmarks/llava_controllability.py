@@ -155,7 +155,8 @@ def main() -> int:
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
               f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
-    lines += ["", "Spearman(weight, adversarial F1) = " + ("undefined (every plan scores alike)" if rho is None else f"{rho:.3f}"),
+    why = "fewer than three weights" if len(rows) < 3 else "every plan scores alike"
+    lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),
               f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})"]
     print("\n".join(lines[-2:]))
     out = Path(args.out)
