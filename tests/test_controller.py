@@ -192,6 +192,26 @@ def test_unfactorised_controller_round_trips(tmp_path):
     assert load_controller(tmp_path).plan("1,1,1,1") == c.plan("1,1,1,1")
 
 
+def test_quality_biases_let_the_split_reorder_units_and_round_trip(tmp_path):
+    c = Controller(small_space(), NAMES, hidden=8, rank=2, quality_biases=True)
+    layer, heads, _ = c(torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+    assert torch.allclose(layer, torch.full_like(layer, 3.0))  # every split starts at the dense model
+    with torch.no_grad():  # utility's bias keeps image head 0 and drops head 1; grounding's the other way
+        c.bias["image_head"][0, :2] = torch.tensor([5.0, -5.0])
+        c.bias["image_head"][1, :2] = torch.tensor([-5.0, 5.0])
+    first = lambda pref: c.plan(pref).head_keep[0][:2].tolist()  # noqa: E731
+    assert first("utility=1") == [True, False] and first("grounding=1") == [False, True]
+    assert first("utility=0.5,grounding=0.5,flops=1") == [False, False]  # an even mix: both logits 0
+    # the split ignores the cost weights: the same quality ratio mixes the same biases
+    split = c.quality_split(torch.tensor([[0.6, 0.2, 0.2, 0.0], [0.3, 0.1, 0.1, 0.5]]))
+    assert torch.allclose(split[0], split[1], atol=1e-3) and torch.allclose(split.sum(-1), torch.ones(2))
+    c.save(tmp_path, fingerprint=FP)
+    back = load_controller(tmp_path)
+    assert back.hparams["quality_biases"] and back.plan("0.2,0.5,0.3,0") == c.plan("0.2,0.5,0.3,0")
+    with pytest.raises(HippError, match="two or more quality objectives"):
+        Controller(small_space(), ["utility", "flops"], hidden=8, rank=2, quality_biases=True)
+
+
 def _saved(tmp_path):
     Controller(small_space(), NAMES, hidden=8, rank=2).save(tmp_path, fingerprint=FP)
     return tmp_path

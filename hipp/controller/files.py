@@ -16,7 +16,7 @@ from .network import CONFIG_NAME, FORMAT, VERSION, WEIGHTS_NAME, Controller
 # What a controller.json may hold, checked before anything is built from it: a hand-edited or
 # foreign file must be one line, not a TypeError deep in torch or a multi-gigabyte allocation.
 HPARAM_INTS = ("hidden", "rank", "depth")
-HPARAM_BOOLS = ("factorised", "flops_target", "visual_sensitivity")
+HPARAM_BOOLS = ("factorised", "flops_target", "visual_sensitivity", "quality_biases")
 MAX_WIDTH = 1 << 16             # hidden / rank / depth of any controller worth loading
 MAX_LAYER_FIELD = 1 << 31       # width, heads, tokens... of one layer of the base model
 EXTRA_TYPES = {"base_model": (str,), "pretrained": (str, type(None)), "family": (str, type(None)),

@@ -21,6 +21,12 @@ Where the space has a token level (a LLaVA's visual tokens), one more linear map
 chooses how many tokens a plan keeps (hipp/core/token_gates.py); `forward(..., with_tokens=True)`
 returns them beside the gate logits and `plan` turns them into the plan's count.
 
+With `quality_biases`, the per-unit bias is one vector per quality objective (utility, grounding, ...),
+mixed by the preference's split between them (its quality weights renormalised; an even mix where a
+preference has none): a split then reorders the units directly, as weight-ensemble Pareto methods
+mix one set of weights per objective, where a shared bias left the split only the low-rank head's
+small, preference-wide pull and every split ranked the units alike.
+
 The budget / allocation terms are the "overall budget x layer allocation" factorisation: a
 preference can move every unit of a kind together with one scalar, which makes the trade-off
 easy to steer, while the low-rank heads choose *which* units go. All preference-dependent
@@ -40,7 +46,7 @@ from ..errors import HippError
 from ..storage.fileio import save_tensors, write_json
 from ..core.gates import Gates, hard_plan, keep_prob, map_gates, sample_gates
 from ..core.plan import Plan
-from ..core.preference import DEFAULT_OBJECTIVES, as_dict, check_target_objectives
+from ..core.preference import COSTS, DEFAULT_OBJECTIVES, as_dict, check_target_objectives
 from ..core.space import PruneSpace
 from ..core import token_gates
 
@@ -49,6 +55,7 @@ WEIGHTS_NAME = "controller.safetensors"
 FORMAT = "hipp-controller"
 VERSION = 1
 KINDS = ("layer", "head", "channel")
+MIX_FLOOR = 1e-3  # added to each quality weight before the split is taken: an even mix where all are 0
 
 
 def prunable_params(space: PruneSpace) -> float:
@@ -60,7 +67,7 @@ def prunable_params(space: PruneSpace) -> float:
 class Controller(nn.Module):
     def __init__(self, space: PruneSpace, objective_names=DEFAULT_OBJECTIVES, hidden: int = 256,
                  rank: int = 32, depth: int = 2, init_bias: float = 3.0, factorised: bool = True,
-                 flops_target: bool = False, visual_sensitivity: bool = False):
+                 flops_target: bool = False, visual_sensitivity: bool = False, quality_biases: bool = False):
         super().__init__()
         names = list(objective_names)
         if not names or len(set(names)) != len(names):
@@ -71,9 +78,12 @@ class Controller(nn.Module):
         self.objective_names = names
         if flops_target:
             check_target_objectives(names)
+        self.quality = [i for i, n in enumerate(names) if n not in COSTS]
+        if quality_biases and len(self.quality) < 2:
+            raise HippError(f"quality_biases needs two or more quality objectives to mix, got {names}")
         self.hparams = {"hidden": hidden, "rank": rank, "depth": depth, "init_bias": init_bias,
                         "factorised": factorised, "flops_target": bool(flops_target),
-                        "visual_sensitivity": bool(visual_sensitivity)}
+                        "visual_sensitivity": bool(visual_sensitivity), "quality_biases": bool(quality_biases)}
         self.fingerprint = ""
         self.extra: dict = {}
 
@@ -98,7 +108,8 @@ class Controller(nn.Module):
             self.down[key] = nn.Linear(hidden, rank, bias=False)
             self.up[key] = nn.Linear(rank, sum(sizes), bias=False)
             nn.init.zeros_(self.up[key].weight)
-            self.bias[key] = nn.Parameter(torch.full((sum(sizes),), float(init_bias)))
+            shape = (len(self.quality), sum(sizes)) if quality_biases else (sum(sizes),)
+            self.bias[key] = nn.Parameter(torch.full(shape, float(init_bias)))
         if factorised:
             n_layers = len(space.layers)
             self.budget = nn.Linear(hidden, len(self.groups))      # one shift per (tower, kind)
@@ -145,6 +156,7 @@ class Controller(nn.Module):
             raise HippError(f"controller expects preferences of shape [B, {len(self.objective_names)}], "
                             f"got {tuple(pref.shape)}")
         pref = pref.to(self.trunk[0].weight)
+        split = self.quality_split(pref) if self.hparams["quality_biases"] else None
         if target is not None and not self.takes_target:
             raise HippError("this controller was trained without FLOPs targets")
         if self.takes_target:
@@ -165,7 +177,8 @@ class Controller(nn.Module):
             alloc = per_layer[:, 1:] if alloc is None else alloc + per_layer[:, 1:]
         for g, (t, kind, idx, sizes) in enumerate(self.groups):
             key = f"{t}_{kind}"
-            out = self.bias[key] + self.up[key](self.down[key](h))
+            bias = self.bias[key] if split is None else split @ self.bias[key]
+            out = bias + self.up[key](self.down[key](h))
             if budget is not None:
                 out = out + budget[:, g:g + 1]
             if kind == "layer":
@@ -187,6 +200,11 @@ class Controller(nn.Module):
         chunks = [] if self.tokens is None else \
             [token_gates.chunk_logits(raw) for raw in self.tokens(h.detach()).split(self.token_gates, dim=-1)]
         return logits, [c.squeeze(0) for c in chunks] if single else chunks
+
+    def quality_split(self, pref: torch.Tensor) -> torch.Tensor:
+        """[B, Q]: the preference's quality weights renormalised to sum 1 (the mix of quality biases)."""
+        q = pref[:, self.quality] + MIX_FLOOR
+        return q / q.sum(-1, keepdim=True)
 
     @torch.no_grad()
     def set_sensitivity(self, scores) -> None:

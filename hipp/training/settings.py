@@ -23,6 +23,8 @@ class ControllerCfg:
     factorised: bool = True
     # a LLaVA's per-layer image attention as a controller input (hipp/training/sensitivity.py)
     visual_sensitivity: bool = False
+    # one per-unit bias per quality objective, mixed by the preference's split (hipp/controller/network.py)
+    quality_biases: bool = False
 
 
 @dataclass
