@@ -2,7 +2,8 @@
 weight give a plan that answers POPE's adversarial questions better?
 
 For each grounding weight w the preference is (utility 1 - w, grounding w, no cost weight) with
-`--match fit`; with `--match cost` the FLOPs weight c is raised from 0 until the controller's own plan
+`--match fit`; with `--match cost` it is what `hipp query --pref utility=1-w,grounding=w --max-flops B`
+answers (hipp/query/trade_off.py): the FLOPs weight c is raised from 0 until the controller's own plan
 for ((1 - c)(1 - w), (1 - c) w, c) comes closest to the budget, so the plan is the one the controller
 learnt for that trade-off at that cost, not a zero-cost preference cut down to it. The chosen logits
 (with the FLOPs target, when the controller reads one) are fitted to the budget by the project's one
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hipp.controller.files import load_controller  # noqa: E402
-from hipp.core.budget import Units, fit, ratios, top_up  # noqa: E402
+from hipp.core.budget import Units, fit, top_up  # noqa: E402
 from hipp.core.gates import map_gates  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
 from hipp.evaluation.answers import first_word, score  # noqa: E402
@@ -41,6 +42,7 @@ from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: 
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
+from hipp.query.trade_off import plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
@@ -69,30 +71,18 @@ def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def cost_matched(controller, w: float, budget: float, points: int = 201) -> dict:
-    """The preference (utility, grounding in ratio 1 - w : w, FLOPs weight c) whose own hard plan's FLOPs
-    ratio is closest to `budget` over a grid of c (ties: the smaller c, i.e. the most quality weight)."""
-    best = None
-    for i in range(points):
-        c = i / (points - 1) * 0.999  # c = 1 would drop the quality weights altogether
-        pref = {"utility": (1 - c) * (1 - w), "grounding": (1 - c) * w, "flops": c}
-        gap = abs(ratios(controller.plan(pref))["flops"] - budget)
-        if best is None or gap < best[0] - 1e-12:
-            best = (gap, pref)
-    return best[1]
-
-
-@torch.no_grad()
-def plan_at(controller, pref: dict, budget: float):
-    names = controller.objective_names
-    x = torch.tensor([[pref.get(n, 0.0) for n in names]], dtype=controller.trunk[0].weight.dtype)
+def flat_logits(controller, pref: dict, budget: float) -> torch.Tensor:
+    """The controller's logits for `pref` (with the budget as its FLOPs target, when it reads one), one per unit."""
+    x = torch.tensor([[pref.get(n, 0.0) for n in controller.objective_names]], dtype=controller.trunk[0].weight.dtype)
     target = torch.tensor([budget], dtype=x.dtype) if controller.takes_target else None
-    logits = controller(x, target)
-    units = Units(controller.space)
-    flat = units.flat(map_gates(lambda t: t[0].detach().cpu(), logits))
-    bounds = {"flops": budget}
+    return Units(controller.space).flat(map_gates(lambda t: t[0].detach().cpu(), controller(x, target)))
+
+
+def fitted(controller, pref: dict, budget: float):
+    """A zero-cost preference's logits cut down to the budget by the project's fitter."""
+    units, flat, bounds = Units(controller.space), flat_logits(controller, pref, budget), {"flops": budget}
     mask, _ = top_up(units, flat, fit(units, flat, bounds).k, bounds)
-    return units.plan(mask, pref), flat
+    return units.plan(mask, pref)
 
 
 def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
@@ -125,9 +115,14 @@ def main() -> int:
     teacher = yes_no(adversarial(base.model, base.tokenizer, args.split, args.n))  # no gates installed: the dense model
     rows, first, answers = [], None, []
     for w in (float(v) for v in args.weights.split(",")):
-        pref = cost_matched(controller, w, args.budget) if args.match == "cost" else {"utility": 1.0 - w, "grounding": w}
-        plan, logits = (gates_plan(base, controller, w, args.budget), None) if args.match == "gates" else \
-            plan_at(controller, pref, args.budget)
+        split = {"utility": 1.0 - w, "grounding": w}
+        if args.match == "gates":
+            plan, logits = gates_plan(base, controller, w, args.budget), None
+        else:
+            plan = plan_for_preference(controller, split, max_flops=args.budget) if args.match == "cost" else \
+                fitted(controller, split, args.budget)
+            logits = flat_logits(controller, plan.preference, args.budget)
+        pref = plan.preference
         if logits is not None:  # does the weight move which units rank first, or only how many are kept?
             first = logits if first is None else first
             logit_rows = {"kept_before_fit": int((logits > 0).sum()), "logit_spearman_vs_first_weight":

@@ -423,7 +423,8 @@ CASES = [
     case("pref-garbage", "is not a number", q("--pref", "utility=1=2")),
     case("pref-punctuation", "positional values", q("--pref", "!!!")),
     case("pref-empty", "empty preference", q("--pref", "")),
-    case("pref-and-bound", "not both", q(*PREF, "--max-flops", "0.5")),
+    case("pref-cost-only-and-bound", "gives them no weight", q("--pref", "flops=1", "--max-flops", "0.5")),
+    case("pref-bound-and-tokens", "goes with a bound query", q(*PREF, "--max-flops", "0.5", "--visual-tokens", "0.5")),
     case("pref-nor-bound", "give --pref", q()),
     # query: bounds and polishing (checked before the base model loads)
     case("max-flops-nan", "max_flops must be a ratio", q("--max-flops", "nan")),

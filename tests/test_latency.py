@@ -343,6 +343,19 @@ def test_query_with_a_latency_bound(latency_controller_dir, capsys):
         assert all(h % 2 == 0 for h in s[t]["heads_kept"]) and all(c % 16 == 0 for c in s[t]["channels_kept"])
 
 
+def test_a_preference_under_a_latency_bound_keeps_its_split_and_rounds(latency_controller_dir, capsys):
+    path, prof = latency_controller_dir
+    code, out, err = run_cli(capsys, "query", "--controller", path, "--pref", "utility=1", "--max-latency", "0.6",
+                             "--latency-profile", prof, "--round", "16", "--round-heads", "2", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["meta"]["latency"]["predicted_ratio"] <= 0.6 and s["meta"]["trade_off"]["asked"]["utility"] == 1.0
+    assert s["preference"]["utility"] > 0 and s["preference"]["grounding"] == 0  # the split: utility alone
+    assert s["meta"]["round"] == {"channels": 16, "units": 2}
+    for t in ("image", "text"):
+        assert all(h % 2 == 0 for h in s[t]["heads_kept"]) and all(c % 16 == 0 for c in s[t]["channels_kept"])
+
+
 def test_export_records_predicted_and_measured_latency(latency_controller_dir, tmp_path, capsys, one_thread):
     path, prof = latency_controller_dir
     code, out, err = run_cli(capsys, "export", "--controller", path, "--pref", "flops=1", "--latency-profile", prof,

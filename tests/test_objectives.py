@@ -150,6 +150,25 @@ def test_loss_scales_divide_each_term_under_the_linear_scalarization_too():
     assert float(scaled.scalarize(losses, pref)) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
 
 
+def test_keep_reward_pulls_a_quality_only_preference_towards_dense_and_leaves_a_cost_only_one():
+    space = small_space()
+    names = ("utility", "grounding", "flops", "params")
+    plain = Objectives(ObjectiveConfig(names=names), space)
+    kept = Objectives(ObjectiveConfig(names=names, keep_reward=0.1), space)
+    for pref, quality in (([1.0, 0.0, 0.0, 0.0], 1.0), ([0.3, 0.2, 0.5, 0.0], 0.5), ([0.0, 0.0, 0.4, 0.6], 0.0)):
+        flops = torch.tensor(0.6, requires_grad=True)
+        losses = {"utility": torch.tensor(0.2), "grounding": torch.tensor(0.3), "flops": flops, "params": torch.tensor(0.8)}
+        p = torch.tensor(pref)
+        got = kept.scalarize(losses, p)
+        assert float(got) == pytest.approx(float(plain.scalarize(losses, p)) - 0.1 * quality * 0.7)
+        got.backward()
+        assert float(flops.grad) == pytest.approx(pref[2] - 0.1 * quality / 2)  # a quality-only preference: < 0
+    with pytest.raises(HippError, match="keep_reward"):
+        ObjectiveConfig(names=("utility", "grounding"), keep_reward=0.1)
+    with pytest.raises(HippError, match="keep_reward"):
+        ObjectiveConfig(names=names, keep_reward=-0.1)
+
+
 def test_chebyshev_gradient_reaches_only_the_worst_term_unless_smoothed():
     pref = torch.tensor([0.5, 0.3, 0.2])
     x = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)

@@ -289,7 +289,7 @@ def test_impossible_and_invalid_bounds(loaded, tiny_controller_dir, capsys):
     (["--pref", "utility=1,,flops=1"], "empty item"),
     (["--pref", "utility=-1"], "must be >= 0"),
     (["--pref", "1,2"], "2 positional values"),
-    (["--pref", "utility=1", "--max-flops", "0.5"], "not both"),
+    (["--pref", "flops=1", "--max-flops", "0.5"], "gives them no weight"),
     ([], "give --pref SPEC, --max-flops R, --max-params R or --max-latency R"),
     (["--max-flops", "abc"], "invalid float value"),
     (["--max-flops", "2"], r"max_flops must be a ratio in (0, 1], got 2"),

@@ -216,7 +216,8 @@ def _add_search_args(p) -> None:
 def _add_plan_args(p) -> None:
     """query / export: a preference or a cost bound."""
     _add_controller_args(p)
-    p.add_argument("--pref", help="preference SPEC: name=value,... or positional values")
+    p.add_argument("--pref", help="preference SPEC: name=value,... or positional values; with a bound, its split "
+                                  "between the quality objectives is kept and the cost weight set to meet the bound")
     p.add_argument("--max-flops", type=float, metavar="R", help="FLOPs ratio bound in (0, 1]")
     p.add_argument("--max-params", type=float, metavar="R", help="parameter ratio bound in (0, 1]")
     p.add_argument("--max-latency", metavar="R|Nms",

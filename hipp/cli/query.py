@@ -10,17 +10,17 @@ from ..core.plan import Plan
 from ..core.preference import format_spec
 from ..query.bound import check_device, check_search, load_base, plan_for_budget
 from ..query.rounding import check_rounding, round_preference_plan
+from ..query.trade_off import plan_for_preference
 from ..query.tokens import counts, parse_shares, token_level
 
 
 def plan_from_args(args, need_base: bool = False):
-    """(controller, plan, base or None) for --pref / --max-flops / --max-params / --max-latency; bad input
-    is a HippError."""
+    """(controller, plan, base or None) for --pref, a bound (--max-flops / --max-params / --max-latency) or
+    both (the preference's quality split at the bound's cost: hipp/query/trade_off.py); bad input is a
+    HippError."""
     latency_text = getattr(args, "max_latency", None)
     bounds = {"max_flops": getattr(args, "max_flops", None), "max_params": getattr(args, "max_params", None)}
     given = [k for k, v in bounds.items() if v is not None] + (["max_latency"] if latency_text is not None else [])
-    if args.pref is not None and given:
-        raise HippError("give either --pref or a bound (--max-flops / --max-params / --max-latency), not both")
     if args.pref is None and not given:
         raise HippError("give --pref SPEC, --max-flops R, --max-params R or --max-latency R")
     if latency_text is not None:
@@ -46,6 +46,9 @@ def plan_from_args(args, need_base: bool = False):
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
     if polish_steps and shares is not None:
         raise HippError("--polish does not take --visual-tokens yet")
+    if args.pref is not None and given and (shares is not None or polish_steps):
+        raise HippError(f"{'--visual-tokens' if shares is not None else '--polish'} goes with a bound query, "
+                        "not with --pref and a bound (the preference's own plan at that cost)")
     search = {"n_rank": getattr(args, "candidates", None), "calib_n": getattr(args, "calib_images", None)}
     check_search(**search)
     device = getattr(args, "device", "cpu")
@@ -57,22 +60,25 @@ def plan_from_args(args, need_base: bool = False):
     max_latency = None if latency_text is None else parse_bound(latency_text, latency)
     if max_latency is not None and latency is None:
         raise HippError("--max-latency needs a latency profile: give --latency-profile FILE (made by hipp profile)")
-    base = None
+    calibrate = getattr(args, "calibrate_latency", False)
     if args.pref is not None:
         pref = controller.preference(args.pref)  # validates before anything heavy is loaded
-        if need_base:
-            base = load_base(controller, args.controller, args.base_model, device)
-        plan = controller.plan(pref) if rounding is None else round_preference_plan(controller, pref, rounding)
-        if latency is not None:
-            plan.meta["latency"] = latency.plan_report(plan)
-        return controller, plan, base
-    base = load_base(controller, args.controller, args.base_model, device)
-    rule = getattr(args, "token_rule", None)
-    token_counts = None if shares is None else counts(token_level(base.model, rule), shares)
-    query = lambda bound: plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base,  # noqa: E731
-                                          **search, max_latency=bound, latency=latency, rounding=rounding,
-                                          token_counts=token_counts, token_rule=rule)
-    if getattr(args, "calibrate_latency", False):
+        base = load_base(controller, args.controller, args.base_model, device) if need_base or calibrate else None
+        if not given:
+            plan = controller.plan(pref) if rounding is None else round_preference_plan(controller, pref, rounding)
+            if latency is not None:
+                plan.meta["latency"] = latency.plan_report(plan)
+            return controller, plan, base
+        query = lambda bound: plan_for_preference(controller, pref, bounds["max_flops"], bounds["max_params"],  # noqa: E731
+                                                  bound, latency, rounding)
+    else:
+        base = load_base(controller, args.controller, args.base_model, device)
+        rule = getattr(args, "token_rule", None)
+        token_counts = None if shares is None else counts(token_level(base.model, rule), shares)
+        query = lambda bound: plan_for_budget(controller, bounds["max_flops"], bounds["max_params"], base,  # noqa: E731
+                                              **search, max_latency=bound, latency=latency, rounding=rounding,
+                                              token_counts=token_counts, token_rule=rule)
+    if calibrate:
         from ..query.measured import calibrated_plan
         plan = calibrated_plan(query, base, latency, max_latency)
     else:
@@ -104,6 +110,12 @@ def format_table(plan: Plan) -> str:
                      f"{search['units_added']} units topped up"
                      + (f", loss {loss:.4f}" if loss is not None else "")
                      + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
+    trade = plan.meta.get("trade_off")
+    if trade:
+        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params", "max_latency") if k in plan.meta)
+        lines.append(f"chosen for    {format_spec(trade['asked'])} within {bound}: cost weight "
+                     f"{trade['cost_weight']:.3f}, logit offset {trade['offset']:+.3f}, "
+                     f"{trade['added_by_top_up']} units topped up")
     polished = plan.meta.get("polish")
     if polished:
         lines.append(f"polished      {polished['steps']} steps: loss {polished['loss_before']:.4f} -> "

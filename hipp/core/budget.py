@@ -213,6 +213,15 @@ def fit(units: Units, flat: torch.Tensor, bounds: dict, index: int = 0) -> Fit:
     return Fit(index, lo, offset, units.plan(top_k(flat, lo), {}).mask_key())
 
 
+def check_possible(units: Units, found: Fit, bounds: dict) -> None:
+    """One clear line when even the plan with no layer at all is over the bound (`found` = its fit)."""
+    if found.k >= 0:
+        return
+    least = units.measure(units.plan(torch.zeros(sum(units.sizes)), {}), bounds)
+    raise HippError(f"no plan meets {', '.join(f'max_{k}={v:g}' for k, v in bounds.items())}: the smallest "
+                    f"possible plan (every layer dropped) has {', '.join(f'{k}_ratio {least[k]:.4f}' for k in bounds)}")
+
+
 def top_up(units: Units, flat: torch.Tensor, start: int | torch.Tensor, bounds: dict,
            margin: float = MARGIN) -> tuple[torch.Tensor, int]:
     """From the top-k plan (or a given mask), add the highest-key units that still fit, one at a time.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.budget import Units, check_bounds, fit, meets, ratios, top_up
+from ..core.budget import Units, check_bounds, check_possible, fit, meets, ratios, top_up
 from ..core.gates import map_gates
 from ..controller.network import Controller
 from ..errors import HippError
@@ -250,11 +250,7 @@ def _candidates(controller: Controller, units: Units, bounds: dict, n_rank: int,
     for i in range(len(prefs)) if rows is None else rows.nonzero()[:, 0].tolist():
         flat = units.flat(map_gates(lambda t: t[i].detach().cpu(), logits))
         fits.append((fit(units, flat, bounds, i), flat))
-    if fits[0][0].k < 0:  # even the plan with no layer at all is over the bound: impossible
-        least = units.measure(units.plan(torch.zeros(len(fits[0][1])), {}), bounds)
-        raise HippError(f"no plan meets {', '.join(f'max_{k}={v:g}' for k, v in bounds.items())}: the smallest "
-                        f"possible plan (every layer dropped) has "
-                        f"{', '.join(f'{k}_ratio {least[k]:.4f}' for k in bounds)}")
+    check_possible(units, fits[0][0], bounds)  # even the plan with no layer at all may be over the bound
     # the controller's own proposals for this budget first: smallest offset, then sweep order
     shortlist, seen = [], set()
     for found, flat in sorted(fits, key=lambda ff: (abs(ff[0].offset), ff[0].index)):
