@@ -142,6 +142,24 @@ def test_training_logs_every_objective_and_plans_both_stages(trained, capsys):
     assert {"vision", "language"} <= set(plan) and 0 < plan["flops_ratio"] <= 1
 
 
+def test_answer_disagreement_is_zero_for_the_dense_plan_and_grows_as_the_language_model_goes(trained):
+    from hipp.controller.files import load_controller
+    from hipp.core.plan import Plan
+    from hipp.query.bound import load_base
+    from hipp.query.ranking import answer_disagreement
+
+    controller = load_controller(trained)
+    base = load_base(controller, trained)
+    space = controller.space
+    dense = Plan.from_gates(space, (torch.ones(len(space.layers)), [torch.ones(l.num_heads) for l in space.layers],
+                                    [torch.ones(l.num_channel_gates) for l in space.layers]), {})
+    no_language = Plan.from_gates(space, (torch.tensor([float(l.tower != "language") for l in space.layers]),
+                                          [torch.ones(l.num_heads) for l in space.layers],
+                                          [torch.ones(l.num_channel_gates) for l in space.layers]), {})
+    dense_share, gone_share = answer_disagreement(base, [dense, no_language], 20)  # 2 of each kind
+    assert dense_share == 0.0 and gone_share > 0.5
+
+
 def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys):
     import json
 
@@ -154,9 +172,9 @@ def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys)
     assert code == 0, err
     assert 0.48 <= json.loads(out)["flops_ratio"] <= 0.5
     search = json.loads((tmp_path / "export" / "pruned_config.json").read_text())["meta"]["search"]
-    assert "answer KL" in search["ranked_by"] and 1 <= len(search["candidates"]) <= 3
+    assert "greedy answers unlike the ungated model's on 10" in search["ranked_by"]
     losses = [c["loss"] for c in search["candidates"]]
-    assert losses == sorted(losses) and losses[0] > 0  # ranked, and a pruned model is not the teacher
+    assert 1 <= len(losses) <= 3 and losses == sorted(losses) and all(0 <= x <= 1 for x in losses)
     model, processor = load_model(tmp_path / "export"), get_processor(tmp_path / "export")
     batch = words.encode(processor, make_samples("test", 3, seed=0), train=False)
     batch.pop("answers")

@@ -20,6 +20,16 @@ def test_the_embedded_teacher_keeps_the_figures_chosen_on_it():
     assert search_defaults(describe(load_model(TEACHER_DIR))) == {"n_rank": 16, "calib_n": 128}
 
 
+def test_a_generative_model_ranks_on_instructions_scaled_to_its_prefill():
+    from conftest import LLAVA_TEACHER_DIR
+    if not LLAVA_TEACHER_DIR.is_dir():
+        pytest.skip("embedded LLaVA teacher not present")
+    space = describe(load_model(LLAVA_TEACHER_DIR))
+    assert search_defaults(space, generative=True) == {"n_rank": 16, "calib_n": 300}
+    bigger = type(space)(space.layers, {k: 1000 * v for k, v in space.fixed_flops.items()}, space.fixed_params)
+    assert search_defaults(bigger, generative=True)["calib_n"] == 30  # never under 3 of each kind
+
+
 def test_a_vit_b_32_ranks_fewer_candidates_on_fewer_images():
     torch.manual_seed(0)
     space = describe(open_clip.create_model("ViT-B-32").eval())

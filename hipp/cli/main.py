@@ -210,7 +210,8 @@ def _add_search_args(p) -> None:
                         "teacher, 8 on models over 2 GFLOPs per sample)")
     p.add_argument("--calib-images", type=int, metavar="N",
                    help="calibration images per ranking loss (default scaled to the model's FLOPs: 128 on the "
-                        "embedded teacher, at least 32)")
+                        "embedded teacher, at least 32); a LLaVA's: validation instructions answered (300 on the "
+                        "embedded LLaVA teacher, at least 30)")
 
 
 def _add_plan_args(p) -> None:

@@ -34,7 +34,7 @@ from ..controller.network import Controller
 from ..errors import HippError
 from ..core.plan import Plan
 from ..core.preference import COSTS, format_spec, simplex_grid, sweep
-from .ranking import CALIB_IMAGES, RANK_BY, check_rank_by, rank_losses
+from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, check_rank_by, rank_losses
 from .tokens import token_level
 
 # Ranking: how many distinct fits are run (each on CALIB_IMAGES val scenes + Fashion-MNIST images
@@ -42,6 +42,7 @@ from .tokens import token_level
 # (docs/studies/bound-search-ranking.md).
 RANK_CANDIDATES = 16
 TEACHER_FLOPS = 2.5e8  # the embedded teacher's FLOPs per image + caption, to which the two above were fitted
+LLAVA_TEACHER_FLOPS = 5.1e8  # the embedded LLaVA teacher's per sample (prefill + declared decoding), for CALIB_INSTRUCTIONS
 
 
 # --- the base model a controller steers -------------------------------------------------------
@@ -111,15 +112,21 @@ def check_device(device: str) -> torch.device:
     return d
 
 
-def search_defaults(space) -> dict[str, int]:
+def search_defaults(space, generative: bool = False) -> dict[str, int]:
     """Candidates ranked and calibration images per ranking loss, scaled to the model: the ranking runs
     every candidate on the images, so its work grows with both and with the model's FLOPs per sample.
     The embedded teacher (~0.25 GFLOPs per image + caption) gets the figures chosen on it
     (docs/studies/bound-search-ranking.md); a bigger model gets fewer images, never under 32, and
-    past 2 GFLOPs half the candidates, so a ViT-B-32 query stays within minutes on a CPU."""
+    past 2 GFLOPs half the candidates, so a ViT-B-32 query stays within minutes on a CPU. A generative
+    model's calibration is instructions answered in full: the embedded LLaVA teacher (~0.51 GFLOPs a
+    sample, prefill and declared decoding) gets the 300 chosen on it, a bigger model fewer, never under
+    30 (3 of each kind)."""
     dense = space.dense_costs()
     per_sample = sum(dense[f"flops/{s}"] for s in space.stages)
-    images = int(min(CALIB_IMAGES, max(32, round(CALIB_IMAGES * TEACHER_FLOPS / per_sample / 32) * 32)))
+    if generative:
+        images = int(min(CALIB_INSTRUCTIONS, max(30, round(CALIB_INSTRUCTIONS * LLAVA_TEACHER_FLOPS / per_sample))))
+    else:
+        images = int(min(CALIB_IMAGES, max(32, round(CALIB_IMAGES * TEACHER_FLOPS / per_sample / 32) * 32)))
     return {"n_rank": RANK_CANDIDATES if per_sample <= 2e9 else RANK_CANDIDATES // 2, "calib_n": images}
 
 
@@ -295,7 +302,8 @@ def plan_for_budget(controller: Controller, max_flops: float | None = None, max_
     bounds = check_bounds(max_flops, max_params, max_latency)
     check_rank_by(rank_by)  # before the search, not after it
     check_search(n_rank, calib_n)
-    defaults = search_defaults(controller.space)
+    from ..storage.checkpoint import family
+    defaults = search_defaults(controller.space, generative=base is not None and family(base.model) == "llava")
     n_rank = defaults["n_rank"] if n_rank is None else n_rank
     calib_n = defaults["calib_n"] if calib_n is None else calib_n
     tokens = None
