@@ -1,5 +1,6 @@
 """`hipp bench` over several controller seeds: each method's utility and POPE adversarial F1 per budget
-and its hypervolume as mean ± sd over the runs, then, for every run, the bench's claims checked on
+and its hypervolume as mean ± sd over the runs, the controller's share of the teacher's utility and of
+each POPE F1 per budget, then, for every run, the bench's claims checked on
 that run's own paired margins (the controller above every training-free method by more than two
 paired standard errors, or not below it by more than two).
 
@@ -39,6 +40,15 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def shares(runs: list[dict]) -> list[str]:
+    """The controller's share of the dense teacher's utility and of each POPE F1, per budget, mean ± sd."""
+    lines = [f"| FLOPs | {' | '.join(f'{k} of the teacher' for k in METRICS)} |", "|---|" + "---|" * len(METRICS)]
+    for b in runs[0]["budgets"]:
+        rows = [(next(x for x in r["results"] if x["method"] == CONTROLLER and x["budget"] == b), r["dense"]) for r in runs]
+        lines.append(f"| {b} | " + " | ".join(spread([x[k] / dense[k] for x, dense in rows]) for k in METRICS) + " |")
+    return lines
+
+
 def trained(run: dict) -> set[str]:
     """The methods that train per budget (the bench marks them in its margins)."""
     return {m for against in run["margins"][CONTROLLER].values() for m, margin in against.items() if margin.get("trains")}
@@ -68,7 +78,7 @@ def main() -> int:
             print(f"error: {path} not found (run hipp bench --out {folder} first)", file=sys.stderr)
             return 2
         runs.append(read_json(path))
-    print("\n".join(table(runs)))
+    print("\n".join(table(runs) + [""] + shares(runs)))
     strict = {str(float(b)) for b in args.strict.split(",") if b.strip()}
     for folder, run in zip(args.runs, runs):
         misses = claims(run, strict)

@@ -19,9 +19,11 @@ def _margin(diff, se=0.01, trains=False):
 
 
 def _run(m03, m07, gates=-0.5):
-    rows = [{"method": m, "budget": b, "utility": u, "pope/adversarial_f1": u}
+    rows = [{"method": m, "budget": b, **dict.fromkeys(("utility", "pope/random_f1", "pope/popular_f1",
+                                                        "pope/adversarial_f1"), u)}
             for m, u in (("hipp", 0.8), ("mope", 0.6), ("fixed_budget", 0.9)) for b in (0.3, 0.7)]
-    return {"budgets": [0.3, 0.7], "results": rows,
+    dense = dict.fromkeys(("utility", "pope/random_f1", "pope/popular_f1", "pope/adversarial_f1"), 0.9)
+    return {"budgets": [0.3, 0.7], "results": rows, "dense": dense,
             "hypervolume": {"hipp": 0.5, "mope": 0.3, "fixed_budget": 0.6},
             "train_seconds": {"hipp": 100.0, "mope": 0.0, "fixed_budget": 400.0},
             "margins": {"hipp": {"0.3": {"mope": _margin(m03), "fixed_budget": _margin(gates, trains=True)},
@@ -45,6 +47,7 @@ def test_table_and_command_line(tmp_path, capsys, monkeypatch):
     assert mod.main() == 0
     out = capsys.readouterr().out
     assert "0.25x fixed_budget's" in out and "best training-free 0.300" in out
+    assert "| 0.3 | 0.889 ± 0.000 | 0.889 ± 0.000 | 0.889 ± 0.000 | 0.889 ± 0.000 |" in out  # 0.8 of 0.9
     assert out.count("claims missed: none") == 1  # s1 wins at 0.3 by 1 SE only
     monkeypatch.setattr("sys.argv", ["bench_seeds.py", str(tmp_path / "missing")])
     assert mod.main() == 2
