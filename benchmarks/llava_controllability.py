@@ -34,15 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hipp.controller.files import load_controller  # noqa: E402
-from hipp.core.budget import Units, fit, top_up  # noqa: E402
-from hipp.core.gates import map_gates  # noqa: E402
+from hipp.core.budget import fit, top_up  # noqa: E402
 from hipp.evaluation.front import spearman  # noqa: E402
 from hipp.evaluation.answers import first_word, score  # noqa: E402
 from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: E402
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
-from hipp.query.trade_off import plan_for_preference  # noqa: E402
+from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
@@ -70,17 +69,9 @@ def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
     return last.metrics[key] - first.metrics[key], float(torch.tensor(gaps, dtype=torch.float64).std())
 
 
-@torch.no_grad()
-def flat_logits(controller, pref: dict, budget: float) -> torch.Tensor:
-    """The controller's logits for `pref` (with the budget as its FLOPs target, when it reads one), one per unit."""
-    x = torch.tensor([[pref.get(n, 0.0) for n in controller.objective_names]], dtype=controller.trunk[0].weight.dtype)
-    target = torch.tensor([budget], dtype=x.dtype) if controller.takes_target else None
-    return Units(controller.space).flat(map_gates(lambda t: t[0].detach().cpu(), controller(x, target)))
-
-
 def fitted(controller, pref: dict, budget: float):
     """A zero-cost preference's logits cut down to the budget by the project's fitter."""
-    units, flat, bounds = Units(controller.space), flat_logits(controller, pref, budget), {"flops": budget}
+    (units, flat), bounds = own_logits(controller, pref, budget), {"flops": budget}
     mask, _ = top_up(units, flat, fit(units, flat, bounds).k, bounds)
     return units.plan(mask, pref)
 
@@ -121,7 +112,7 @@ def main() -> int:
         else:
             plan = plan_for_preference(controller, split, max_flops=args.budget) if args.match == "cost" else \
                 fitted(controller, split, args.budget)
-            logits = flat_logits(controller, plan.preference, args.budget)
+            logits = own_logits(controller, plan.preference, args.budget)[1]
         pref = plan.preference
         if logits is not None:  # does the weight move which units rank first, or only how many are kept?
             first = logits if first is None else first

@@ -101,10 +101,9 @@ def format_table(plan: Plan) -> str:
     lines = [f"preference    {s['preference_spec']}"]
     if "flops_target" in plan.meta:
         lines.append(f"flops target  {plan.meta['flops_target']:.3f} (the controller's target input)")
+    bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params", "max_latency") if k in plan.meta)
     search = plan.meta.get("search")
     if search:
-        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params", "max_latency")
-                          if k in plan.meta)
         loss = search["loss"]
         lines.append(f"chosen for    {bound}: logit offset {search['logit_offset']:+.3f}, "
                      f"{search['units_added']} units topped up"
@@ -112,7 +111,6 @@ def format_table(plan: Plan) -> str:
                      + f" (best of {len(search['candidates'])}, ranked by {search['ranked_by']})")
     trade = plan.meta.get("trade_off")
     if trade:
-        bound = ", ".join(f"{k}={plan.meta[k]:g}" for k in ("max_flops", "max_params", "max_latency") if k in plan.meta)
         lines.append(f"chosen for    {format_spec(trade['asked'])} within {bound}: cost weight "
                      f"{trade['cost_weight']:.3f}, logit offset {trade['offset']:+.3f}, "
                      f"{trade['added_by_top_up']} units topped up")

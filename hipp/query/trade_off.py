@@ -61,6 +61,18 @@ def matched_preference(controller: Controller, pref: dict, bounds: dict, latency
 
 
 @torch.no_grad()
+def own_logits(controller: Controller, pref: dict, flops_target: float | None = None, latency=None
+               ) -> tuple[Units, torch.Tensor]:
+    """(units, one logit per unit) of the controller for `pref` (and `flops_target`, when it reads one),
+    the units pricing the token count it keeps for that preference."""
+    x = torch.tensor([[pref.get(n, 0.0) for n in controller.objective_names]], dtype=controller.trunk[0].weight.dtype)
+    target = torch.tensor([flops_target], dtype=x.dtype) if controller.takes_target and flops_target else None
+    own = controller.token_counts(x, target)[0].tolist() if controller.space.tokens else None
+    units = Units(controller.space, latency, own)
+    return units, units.flat(map_gates(lambda t: t[0].detach().cpu(), controller(x, target)))
+
+
+@torch.no_grad()
 def plan_for_preference(controller: Controller, pref, max_flops: float | None = None,
                         max_params: float | None = None, max_latency: float | None = None, latency=None,
                         rounding: tuple[int, int] | None = None, points: int = POINTS) -> Plan:
@@ -71,13 +83,8 @@ def plan_for_preference(controller: Controller, pref, max_flops: float | None = 
         raise HippError("a latency bound needs a latency profile to price plans with")
     asked = controller.preference(pref)
     matched, c = matched_preference(controller, asked, bounds, latency, points)
-    names = controller.objective_names
-    x = torch.tensor([[matched[n] for n in names]], dtype=controller.trunk[0].weight.dtype)
-    target = torch.tensor([bounds["flops"]], dtype=x.dtype) if controller.takes_target and "flops" in bounds else None
-    own = controller.token_counts(x, target)[0].tolist() if controller.space.tokens else None
-    units = Units(controller.space, latency, own)
+    units, flat = own_logits(controller, matched, bounds.get("flops"), latency)
     units.check_keys(bounds)
-    flat = units.flat(map_gates(lambda t: t[0].detach().cpu(), controller(x, target)))
     found = fit(units, flat, bounds)
     check_possible(units, found, bounds)
     mask, added = top_up(units, flat, found.k, bounds)
