@@ -160,6 +160,34 @@ def test_answer_disagreement_is_zero_for_the_dense_plan_and_grows_as_the_languag
     assert dense_share == 0.0 and gone_share > 0.5
 
 
+def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
+    import json
+
+    from hipp.baselines.fixed_budget import GateTraining
+    from hipp.controller.files import load_controller
+    from hipp.query.polish import on_its_split, plan_logits
+    from hipp.query.trade_off import own_logits, plan_for_preference
+
+    controller = load_controller(trained)
+    scale = {"utility": 0.3, "grounding": 1.0}  # the shipped recipe's: the split is read through them
+    controller.extra["train_config"].setdefault("objectives", {})["scale"] = scale
+    plan = plan_for_preference(controller, controller.preference("utility=1,grounding=1"), max_flops=0.5)
+    u, g = (plan.preference[n] / scale[n] for n in ("utility", "grounding"))
+    split = on_its_split(controller, plan, GateTraining())
+    assert abs(split.utility_weight - u / (u + g)) < 1e-12 and abs(split.grounding_weight - g / (u + g)) < 1e-12
+    units = own_logits(controller, plan.preference, 0.5)[0]  # the polish starts where the plan stands:
+    start, kept = units.flat(plan_logits(controller, plan)), units.flat(plan.gates)  # its units, bar the top-up
+    assert (start > 0).sum() >= 1 and bool((kept[start > 0] == 1).all())
+    code, out, err = cli(capsys, "query", "--controller", trained, "--pref", "utility=1,grounding=1",
+                         "--max-flops", 0.5, "--polish", 2, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["flops_ratio"] <= 0.5 and got["meta"]["polish"]["steps"] == 2 and got["meta"]["polish"]["split"] == "own"
+    code, out, err = cli(capsys, "query", "--controller", trained, "--pref", "grounding=1", "--max-flops", 0.5,
+                         "--polish", 2)
+    assert code == 0 and "polished      2 steps on the preference's split" in out, err
+
+
 def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys):
     import json
 

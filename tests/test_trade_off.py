@@ -56,4 +56,4 @@ def test_cli_answers_a_preference_under_a_bound_without_loading_the_model(tiny_c
     code, out, err = cli(capsys, "query", "--controller", tiny_controller_dir, "--pref", "grounding=1", "--max-flops", "0.6")
     assert code == 0 and "within max_flops=0.6: cost weight" in out, err
     assert_bad(*cli(capsys, "query", "--controller", tiny_controller_dir, "--pref", "utility=1", "--max-flops", "0.5",
-                    "--polish", "3"), "goes with a bound query")
+                    "--polish", "3"), "generative (LLaVA) models only")

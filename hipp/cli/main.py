@@ -247,7 +247,8 @@ BENCH_FILES = ("bench.json", "bench.csv", "bench.md", "bench.png")
 def _add_polish_arg(p, default: int) -> None:
     p.add_argument("--polish", type=int, default=default, metavar="N",
                    help=f"polish each FLOPs-bound plan with N free-gate steps at the bound (default {default}; 120 is "
-                        "the studied setting, about 0.6 s a step on the embedded teacher, 2 CPU cores)")
+                        "the studied setting, about 0.6 s a step on the embedded teacher, 2 CPU cores; with --pref, a LLaVA's "
+                        "plan trains on the preference's own split, about 0.9 s a step)")
 
 
 def _add_rule_arg(p) -> None:

@@ -46,9 +46,9 @@ def plan_from_args(args, need_base: bool = False):
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
     if polish_steps and shares is not None:
         raise HippError("--polish does not take --visual-tokens yet")
-    if args.pref is not None and given and (shares is not None or polish_steps):
-        raise HippError(f"{'--visual-tokens' if shares is not None else '--polish'} goes with a bound query, "
-                        "not with --pref and a bound (the preference's own plan at that cost)")
+    if args.pref is not None and given and shares is not None:
+        raise HippError("--visual-tokens goes with a bound query, not with --pref and a bound (the preference's "
+                        "own plan at that cost)")
     search = {"n_rank": getattr(args, "candidates", None), "calib_n": getattr(args, "calib_images", None)}
     check_search(**search)
     device = getattr(args, "device", "cpu")
@@ -63,7 +63,8 @@ def plan_from_args(args, need_base: bool = False):
     calibrate = getattr(args, "calibrate_latency", False)
     if args.pref is not None:
         pref = controller.preference(args.pref)  # validates before anything heavy is loaded
-        base = load_base(controller, args.controller, args.base_model, device) if need_base or calibrate else None
+        base = load_base(controller, args.controller, args.base_model, device) \
+            if need_base or calibrate or polish_steps else None
         if not given:
             plan = controller.plan(pref) if rounding is None else round_preference_plan(controller, pref, rounding)
             if latency is not None:
@@ -115,7 +116,9 @@ def format_table(plan: Plan) -> str:
                      f"{trade['cost_weight']:.3f}, logit offset {trade['offset']:+.3f}, "
                      f"{trade['added_by_top_up']} units topped up")
     polished = plan.meta.get("polish")
-    if polished:
+    if polished and polished.get("split") == "own":
+        lines.append(f"polished      {polished['steps']} steps on the preference's split, {polished['seconds']:.0f} s")
+    elif polished:
         lines.append(f"polished      {polished['steps']} steps: loss {polished['loss_before']:.4f} -> "
                      f"{polished['loss_after']:.4f}, {'kept' if polished['kept'] else 'not kept (worse)'}, "
                      f"{polished['seconds']:.0f} s")

@@ -1,4 +1,5 @@
-"""Polishing a bound query's plan: a short fixed-budget gate run that starts from the controller.
+"""Polishing a bound query's plan, or a preference's plan under a bound: a short fixed-budget gate run
+that starts from the controller.
 
 The controller answers any budget at once; the per-budget gate training (baselines.fixed_budget,
 the fixed-budget gates) answers one budget with a full training run. Polishing sits in between: the bound
@@ -7,6 +8,13 @@ search's winner becomes the starting point of a short run of those free gates at
 result is fitted to the bound by the search's own top-k + top-up, and replaces the plan only if its
 ranking loss on the calibration batch is lower, so polishing never returns a plan the search
 would have ranked worse. Measured in docs/studies/polishing.md.
+
+A preference under a bound (hipp/query/trade_off.py) is polished on its own quality split, as the
+controller weighs it (the recipe's loss scales), and is not ranked: no search ranked it, and the
+split is what the user asked for. On a LLaVA this is what makes the split buy hallucination
+robustness at a fixed cost; the controller alone ranks units alike for every split
+(docs/studies/llava-controller-recipe.md, last section). Measured there for generative models only,
+so only they take it.
 """
 from __future__ import annotations
 
@@ -43,23 +51,42 @@ def check_steps(steps) -> int:
 
 @torch.no_grad()
 def plan_logits(controller: Controller, plan: Plan) -> Gates:
-    """The controller's gate logits behind a bound-query plan, shifted by the search's offset so that
-    the plan's own units are the ones with logit > 0."""
+    """The controller's gate logits behind a bound-query plan (or a preference's plan under a bound),
+    shifted by the fit's offset so that the plan's own units are the ones with logit > 0."""
     names = controller.objective_names
     pref = torch.tensor([[plan.preference.get(n, 0.0) for n in names]], dtype=torch.float64)
-    target = plan.meta.get("flops_target")
+    if "search" in plan.meta:
+        target, offset = plan.meta.get("flops_target"), plan.meta["search"]["logit_offset"]
+    else:  # trade_off.own_logits reads the FLOPs bound as the target
+        target, offset = plan.meta.get("max_flops"), plan.meta["trade_off"]["offset"]
     dtype = controller.trunk[0].weight.dtype
     targets = torch.tensor([math.nan if target is None else target], dtype=dtype) if controller.takes_target else None
-    offset = plan.meta["search"]["logit_offset"]
     return map_gates(lambda t: t[0].detach().float().cpu() + offset, controller(pref.to(dtype), targets))
+
+
+def on_its_split(controller: Controller, plan: Plan, training: GateTraining) -> GateTraining:
+    """`training` weighing utility and grounding as the controller weighs `plan`'s preference: its
+    weights divided by the recipe's loss scales (objectives.scale), normalised."""
+    objectives = (controller.extra.get("train_config") or {}).get("objectives") or {}
+    scale = objectives.get("scale") or {}
+    u, g = (plan.preference.get(n, 0.0) / scale.get(n, 1.0) for n in ("utility", "grounding"))
+    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g),
+                   existence_margin=objectives.get("existence_margin", training.existence_margin))
 
 
 def polished_plan(base: Base, controller: Controller, plan: Plan, training: GateTraining = POLISH, seed: int = 0
                   ) -> tuple[Plan, dict]:
     """`plan` after a gate run with `training` from its logits, fitted to its bounds (not yet compared
-    with `plan`), and that run's {train_seconds, expected_flops, ...}."""
-    if "search" not in plan.meta or "max_flops" not in plan.meta:
+    with `plan`), and that run's {train_seconds, expected_flops, ...}. A preference's plan under a
+    bound trains on its own split (on_its_split)."""
+    if not ("search" in plan.meta or "trade_off" in plan.meta) or "max_flops" not in plan.meta:
         raise HippError("polishing needs a plan from a --max-flops query")
+    if "trade_off" in plan.meta:
+        from ..storage.checkpoint import family
+        if family(base.model) != "llava":
+            raise HippError("polishing a preference under a bound is measured on generative (LLaVA) models only; "
+                            "for this model polish a bound query (--max-flops without --pref)")
+        training = on_its_split(controller, plan, training)
     bounds = {k: plan.meta[f"max_{k}"] for k in ("flops", "params") if f"max_{k}" in plan.meta}
     calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
     gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed, training,
@@ -79,6 +106,10 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
         return plan
     start = time.perf_counter()
     polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed)
+    if "trade_off" in plan.meta:  # the user's split, not a ranking's pick: nothing to compare with
+        polished.meta["polish"] = {"steps": steps, "kept": True, "split": "own", "expected_flops": info["expected_flops"],
+                                   "seconds": time.perf_counter() - start}
+        return polished
     search = plan.meta["search"]  # the search ranked `plan` already, unless on other terms
     calib_n = search.get("calibration_images", CALIB_IMAGES)  # the same images as the search's ranking
     (after,), how = rank_losses(base, [polished], rank_by, calib_n)
