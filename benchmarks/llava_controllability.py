@@ -106,6 +106,8 @@ def main() -> int:
                          "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.polish and args.match != "cost":
+        ap.error("--polish polishes a preference under a bound: it goes with --match cost")
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     teacher = yes_no(adversarial(base.model, base.tokenizer, args.split, args.n))  # no gates installed: the dense model
