@@ -76,3 +76,6 @@ def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F81
     assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-flops", BOUND, "--polish", -3), "whole number >= 0")
     assert_bad(*cli(capsys, "query", "--controller", ctrl, "--pref", "utility=1", "--polish", 2), "needs --max-flops")
     assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-params", 0.9, "--polish", 2), "needs --max-flops")
+    for extra in (("--round", 8), ("--max-latency", 0.5)):  # polishing refits to FLOPs / params alone
+        assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-flops", BOUND, "--polish", 2, *extra),
+                   "does not take --max-latency or --round")

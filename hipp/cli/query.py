@@ -46,6 +46,10 @@ def plan_from_args(args, need_base: bool = False):
         raise HippError("--polish needs --max-flops (it holds a FLOPs bound)")
     if polish_steps and shares is not None:
         raise HippError("--polish does not take --visual-tokens yet")
+    if polish_steps and (latency_text is not None or getattr(args, "round", None) or getattr(args, "round_heads", None)):
+        # the polished plan is fitted again to the FLOPs / params bounds alone: a latency bound or a
+        # rounding would be claimed in its meta and no longer hold
+        raise HippError("--polish does not take --max-latency or --round yet (it refits to FLOPs / params bounds only)")
     if args.pref is not None and given and shares is not None:
         raise HippError("--visual-tokens goes with a bound query, not with --pref and a bound (the preference's "
                         "own plan at that cost)")
