@@ -210,6 +210,39 @@ def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys)
     assert tokens.shape[1] > batch["input_ids"].shape[1]  # it answers
 
 
+def test_a_reconstructed_export_holds_the_refitted_weights(trained, tmp_path, capsys):
+    import json
+
+    from hipp import load_model
+    from hipp.core.plan import Plan
+    from hipp.controller.files import load_controller
+    from hipp.export.reconstruct import calibration_batches, refit
+    from hipp.export.slicing import materialize
+    from hipp.query.bound import load_base
+    from hipp.storage.fileio import load_tensors
+    code, out, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.5, "--candidates", 2,
+                         "--calib-images", 10, "--reconstruct", 16, "--out", tmp_path / "export", "--json")
+    assert code == 0, err
+    record = json.loads(out)["reconstructed"]
+    assert record["instructions"] == 16 and record["projections"] > 0 and record["tokens"] > 16 * 64
+    config = json.loads((tmp_path / "export" / "pruned_config.json").read_text())
+    assert config["reconstructed"] == record
+    base = load_base(load_controller(trained), trained, None, "cpu")
+    plan = Plan.from_dict(config["plan"])
+    plain, fitted = materialize(base.model, plan), materialize(base.model, plan)
+    refit(base.model, fitted, calibration_batches(base.tokenizer, 16))
+    saved = load_tensors(tmp_path / "export" / "model.safetensors")
+    ours = {k: v for k, v in fitted.state_dict().items()}
+    assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in saved)
+    changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, ours[k])]
+    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "out_proj.bias",
+                                       "fc2.weight", "fc2.bias")) for k in changed)
+    load_model(tmp_path / "export")  # loads strictly
+    code, _, err = cli(capsys, "export", "--controller", trained, "--max-flops", 0.5, "--reconstruct", -1,
+                       "--out", tmp_path / "bad")
+    assert code == 2 and "--reconstruct" in err and not (tmp_path / "bad").exists()
+
+
 def test_bench_answers_the_test_instructions_for_every_row(trained, tmp_path, capsys):
     import json
     code, out, err = cli(capsys, "bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform,shortgpt",

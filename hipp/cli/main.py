@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write ONNX files, checked vs onnxruntime: a CLIP model's image / text encoders, "
                         "a LLaVA's image features (vision tower + projector; not its decoder)")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
+    x.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="a LLaVA: refit the kept output projections by least squares to the base's outputs on N "
+                        "training instructions (no training; 256 was measured)")
     x.set_defaults(func=_cmd_export)
     pr = sub.add_parser("profile", help="time a model's blocks on this machine and fit its latency model")
     pr.add_argument("--model", required=True, help="model folder, open_clip name (random weights) or hub id")

@@ -50,11 +50,13 @@ def check_out(out, overwrite: bool = False) -> Path:
 
 
 def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = False, calib_n: int = 64,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, reconstruct: int = 0) -> dict:
     """Materialise `plan` on `base` (hipp.query.bound.Base) and write the export folder; returns a summary.
 
     compensate: FLAP-style bias compensation (slicing.compensate_bias) measured on `calib_n`
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
+    reconstruct: a LLaVA's kept output projections refitted by least squares to the base's branch
+    outputs on this many training instructions (export/reconstruct.py; 0: not).
     """
     from .. import __version__
     from ..backends import backend_for, describe
@@ -67,6 +69,8 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         # its calibration runs the contrastive encoders (encode_image / encode_text) a LLaVA does not have
         raise HippError("--compensate is not available for a llava model: its calibration is contrastive")
     processor = _llava_processor(base) if backend == "llava" else None
+    if reconstruct:
+        check_reconstruct(reconstruct, backend, compensate, base.tokenizer, plan)
     out = check_out(out, overwrite)
     gates = plan.gates
     compensated = None
@@ -77,6 +81,10 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         compensated = {"images": len(images), "texts": len(texts)}
     else:
         small = materialize(base.model, plan)  # with its visual-token budget, if it has one
+    reconstructed = None
+    if reconstruct:
+        from .reconstruct import calibration_batches, refit
+        reconstructed = refit(base.model, small, calibration_batches(base.tokenizer, reconstruct))
     small = small.cpu().eval().requires_grad_(False)  # saved, checked and exported from the CPU, wherever the base ran
     struct = structure(plan.space, *gates)
     if model_structure(small) != struct:
@@ -97,7 +105,7 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         "structure": struct, "num_params": num_params,
         "preference": dict(plan.preference), "meta": dict(plan.meta), "costs": costs,
         "base": {"model": base.spec, "pretrained": base.pretrained, "fingerprint": base.fingerprint},
-        "compensated": compensated, "plan": plan.to_dict(), "latency": latency,
+        "compensated": compensated, "reconstructed": reconstructed, "plan": plan.to_dict(), "latency": latency,
     }
     budget = visual_tokens.installed(small)
     if budget is not None:  # load_model re-installs it: the export prunes its visual tokens itself
@@ -129,8 +137,25 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         files = sorted(os.listdir(stage))
     result = summary(plan)
     result.update({"out": str(out), "files": files, "num_params": num_params, "compensated": compensated,
+                   "reconstructed": reconstructed,
                    "onnx_max_abs_diff": onnx_diffs, "base_fingerprint": base.fingerprint, "latency": latency})
     return result
+
+
+def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: Plan) -> None:
+    """--reconstruct N: a LLaVA with its processor, a plan that keeps every visual token, N >= 1."""
+    if backend != "llava":
+        raise HippError("--reconstruct is available for a llava model only (a CLIP export has --compensate)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise HippError(f"--reconstruct takes a number of calibration instructions >= 1, not {n!r}")
+    if compensate:
+        raise HippError("give --reconstruct or --compensate, not both")
+    if processor is None:
+        raise HippError("--reconstruct encodes its calibration instructions with the base folder's processor, "
+                        "and this base has none")
+    if plan.prunes_tokens:
+        raise HippError("--reconstruct needs the plan to keep every visual token (the pruned and the base "
+                        "model must read the same tokens)")
 
 
 def _llava_processor(base):
@@ -153,7 +178,7 @@ def run(args) -> int:
     check_out(args.out, args.overwrite)  # before anything is loaded: a bad --out costs nothing
     _, plan, base = plan_from_args(args, need_base=True)
     result = export_pruned(base, plan, args.out, onnx=args.onnx, compensate=args.compensate,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, reconstruct=args.reconstruct)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,0 +1,98 @@
+"""Least-squares reconstruction of a materialised LLaVA (hipp/export/reconstruct.py): an unpruned model
+is its own best fit; a pruned one moves toward the dense model on inputs the fit never saw, on tiny
+random transformers LLaVAs and on the embedded teacher's instructions; what it cannot do is refused."""
+import pytest
+import torch
+
+from hipp import load_model
+from hipp.backends import make_prunable
+from hipp.core.plan import Plan
+from hipp.data import words
+from hipp.data.instruct import make_samples
+from hipp.errors import HippError
+from hipp.export.pruned import check_reconstruct
+from hipp.export.reconstruct import calibration_batches, refit
+from hipp.export.slicing import materialize
+from hipp.storage.checkpoint import get_processor
+from test_llava import logits, plans, prompts, tiny_llava
+
+from conftest import LLAVA_TEACHER_DIR
+
+
+def _batches(model, seeds) -> list[dict]:
+    out = []
+    for s in seeds:
+        p = prompts(model, batch=16, seed=s)
+        out.append({**p, "attention_mask": torch.ones_like(p["input_ids"])})
+    return out
+
+
+def _projections(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in model.named_parameters()
+            if any(k in n for k in ("o_proj", "down_proj", "out_proj", "fc2"))]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-biases"])
+def test_an_unpruned_model_keeps_its_weights(kind):
+    model = tiny_llava(kind)
+    space = make_prunable(model)
+    n = len(space.layers)
+    keep = (torch.ones(n), [torch.ones(l.num_heads) for l in space.layers],
+            [torch.ones(l.num_channel_gates) for l in space.layers])
+    small = materialize(model, *keep)
+    before = _projections(small)
+    info = refit(model, small, _batches(model, [1, 2]))
+    assert info["projections"] == 2 * n
+    for a, b in zip(before, _projections(small)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-biases"])
+def test_a_pruned_model_moves_toward_the_dense_one_on_unseen_inputs(kind):
+    model = tiny_llava(kind)
+    space = make_prunable(model)
+    gates = plans(space)["partial_and_dropped"]
+    plain, fitted = materialize(model, *gates), materialize(model, *gates)
+    info = refit(model, fitted, _batches(model, range(1, 9)))
+    kept_layers = int(gates[0].sum())
+    assert info["projections"] == 2 * kept_layers and info["tokens"] > 0
+    held_out = _batches(model, [50, 51])
+    for batch in held_out:
+        dense = logits(model, batch)
+        err = lambda m: float((logits(m, batch) - dense).pow(2).mean())  # noqa: E731
+        assert err(fitted) < 0.9 * err(plain)
+
+
+def _answer_kl(model, dense, batch, answer) -> float:
+    with torch.no_grad():
+        p = dense(**batch).logits[:, :-1][answer].log_softmax(-1)
+        q = model(**batch).logits[:, :-1][answer].log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_on_the_teacher_the_answers_move_toward_the_base():
+    model = load_model(LLAVA_TEACHER_DIR).eval()
+    processor = get_processor(LLAVA_TEACHER_DIR)
+    space = make_prunable(model)
+    _, heads, channels = plans(space)["partial_and_dropped"]  # every layer kept: a plan the teacher survives
+    plan = Plan.from_gates(space, (torch.ones(len(space.layers)), heads, channels), preference={"utility": 1.0})
+    plain, fitted = materialize(model, plan), materialize(model, plan)
+    info = refit(model, fitted, calibration_batches(processor, 64))
+    assert info["instructions"] == 64
+    enc = words.encode(processor, make_samples("val", 32, seed=0, image_size=words.image_side(processor)), train=True)
+    answer = enc.pop("labels")[:, 1:] != -100
+    assert _answer_kl(fitted, model, enc, answer) < 0.8 * _answer_kl(plain, model, enc, answer)
+
+
+def test_what_reconstruction_cannot_do_is_one_clear_error():
+    model = tiny_llava("llama")
+    space = make_prunable(model)
+    plan = Plan.from_gates(space, plans(space)["partial_and_dropped"], preference={"utility": 1.0})
+    with pytest.raises(HippError, match="llava model only"):
+        check_reconstruct(8, "open_clip", False, object(), plan)
+    with pytest.raises(HippError, match=">= 1"):
+        check_reconstruct(-3, "llava", False, object(), plan)
+    with pytest.raises(HippError, match="not both"):
+        check_reconstruct(8, "llava", True, object(), plan)
+    with pytest.raises(HippError, match="processor"):
+        check_reconstruct(8, "llava", False, None, plan)
