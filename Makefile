@@ -56,8 +56,8 @@ demo-llava: setup
 	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=1
 	$(PY) -m hipp query --controller $(LDEMO)/controller --pref utility=0.5,grounding=0.2,flops=0.3
 	$(PY) -m hipp query --controller $(LDEMO)/controller --max-flops 0.5
-	@echo "== 4/6 export the <=50% FLOPs plan; it answers test questions"
-	$(PY) -m hipp export --controller $(LDEMO)/controller --max-flops 0.5 --out $(LDEMO)/pruned-50 --json > $(LDEMO)/export.json
+	@echo "== 4/6 export the <=50% FLOPs plan, its kept projections refitted to the teacher (least squares); it answers test questions"
+	$(PY) -m hipp export --controller $(LDEMO)/controller --max-flops 0.5 --reconstruct 256 --out $(LDEMO)/pruned-50 --json > $(LDEMO)/export.json
 	$(PY) examples/ask.py --model $(LDEMO)/pruned-50 --n 4
 	@echo "== 5/6 evaluate it: POPE, attributes, captions, Fashion-MNIST"
 	$(PY) -m hipp eval --model $(LDEMO)/pruned-50 --json > $(LDEMO)/pruned-50.eval.json

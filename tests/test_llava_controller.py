@@ -224,7 +224,7 @@ def test_a_reconstructed_export_holds_the_refitted_weights(trained, tmp_path, ca
                          "--calib-images", 10, "--reconstruct", 16, "--out", tmp_path / "export", "--json")
     assert code == 0, err
     record = json.loads(out)["reconstructed"]
-    assert record["instructions"] == 16 and record["projections"] > 0 and record["tokens"] > 16 * 64
+    assert record["inputs"] == 16 and record["projections"] > 0 and record["tokens"] > 16 * 64
     config = json.loads((tmp_path / "export" / "pruned_config.json").read_text())
     assert config["reconstructed"] == record
     base = load_base(load_controller(trained), trained, None, "cpu")

@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a LLaVA's image features (vision tower + projector; not its decoder)")
     x.add_argument("--compensate", action="store_true", help="FLAP-style bias compensation on calibration data")
     x.add_argument("--reconstruct", type=int, default=0, metavar="N",
-                   help="a LLaVA: refit the kept output projections by least squares to the base's outputs on N "
-                        "training instructions (no training; 256 was measured)")
+                   help="refit the kept output projections by least squares to the base's outputs on N training "
+                        "instructions (a LLaVA) or images and captions (CLIP); no gradient steps; 256 was measured")
     x.set_defaults(func=_cmd_export)
     pr = sub.add_parser("profile", help="time a model's blocks on this machine and fit its latency model")
     pr.add_argument("--model", required=True, help="model folder, open_clip name (random weights) or hub id")

@@ -55,8 +55,9 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
 
     compensate: FLAP-style bias compensation (slicing.compensate_bias) measured on `calib_n`
     calibration shape scenes plus as many Fashion-MNIST images when that dataset is installed.
-    reconstruct: a LLaVA's kept output projections refitted by least squares to the base's branch
-    outputs on this many training instructions (export/reconstruct.py; 0: not).
+    reconstruct: the kept output projections refitted by least squares to the base's branch outputs
+    on this many training instructions (a LLaVA) or training images and captions (a CLIP model; as
+    many Fashion-MNIST images when installed); export/reconstruct.py; 0: not.
     """
     from .. import __version__
     from ..backends import backend_for, describe
@@ -83,8 +84,10 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         small = materialize(base.model, plan)  # with its visual-token budget, if it has one
     reconstructed = None
     if reconstruct:
-        from .reconstruct import calibration_batches, refit
-        reconstructed = refit(base.model, small, calibration_batches(base.tokenizer, reconstruct))
+        from .reconstruct import calibration_batches, contrastive_batches, refit
+        batches = (calibration_batches(base.tokenizer, reconstruct) if backend == "llava"
+                   else contrastive_batches(base, reconstruct))
+        reconstructed = refit(base.model, small, batches)
     small = small.cpu().eval().requires_grad_(False)  # saved, checked and exported from the CPU, wherever the base ran
     struct = structure(plan.space, *gates)
     if model_structure(small) != struct:
@@ -143,14 +146,12 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
 
 
 def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: Plan) -> None:
-    """--reconstruct N: a LLaVA with its processor, a plan that keeps every visual token, N >= 1."""
-    if backend != "llava":
-        raise HippError("--reconstruct is available for a llava model only (a CLIP export has --compensate)")
+    """--reconstruct N: N >= 1, a plan that keeps every visual token, a LLaVA with its processor."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise HippError(f"--reconstruct takes a number of calibration instructions >= 1, not {n!r}")
     if compensate:
         raise HippError("give --reconstruct or --compensate, not both")
-    if processor is None:
+    if backend == "llava" and processor is None:
         raise HippError("--reconstruct encodes its calibration instructions with the base folder's processor, "
                         "and this base has none")
     if plan.prunes_tokens:

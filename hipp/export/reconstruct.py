@@ -20,42 +20,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backends import tower_blocks, visual_tokens
-from ..backends.modules import DroppedBlock
+from ..backends import backend_for, tower_blocks, visual_tokens
+from ..backends.modules import DroppedBlock, GatedBlock
 from ..errors import HippError
 
-DAMP = 0.01
+DAMP = 0.001  # chosen on validation (0.001 / 0.01 / 0.1, three controllers): docs/studies/reconstruction.md
 CALIB_N = 256
 
 
 def _kept_branches(dense: nn.Module, small: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
     """(dense projection, smaller model's projection) for every kept, non-empty branch, in forward order."""
+    backend = backend_for(dense)
     pairs = []
-    for (tower, d_blocks), s_blocks in zip(tower_blocks(dense).items(), tower_blocks(small).values()):
+    for d_blocks, s_blocks in zip(tower_blocks(dense).values(), tower_blocks(small).values()):
         for d, s in zip(d_blocks, s_blocks):
             if isinstance(s, DroppedBlock):
                 continue
-            for name in ("attn", "mlp"):
-                d_branch, s_branch = _branch(d, name), getattr(s, name)
-                if not s_branch.empty:
-                    pairs.append((d_branch, s_branch.out_layer))
+            d = d if isinstance(d, GatedBlock) else backend.gated_block(d, 1)  # parameters shared
+            pairs += [(getattr(d, n).out_layer, getattr(s, n).out_layer) for n in ("attn", "mlp")
+                      if not getattr(s, n).empty]
     return pairs
 
 
-def _branch(block: nn.Module, name: str) -> nn.Linear:
-    """The dense block's output projection of a branch (a plain transformers layer or a gated block)."""
-    gated = getattr(block, name, None)
-    if gated is not None and hasattr(gated, "out_layer"):
-        return gated.out_layer
-    attn = getattr(block, "self_attn", None)
-    if name == "attn":
-        return attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
-    mlp = block.mlp
-    return mlp.down_proj if hasattr(mlp, "down_proj") else mlp.fc2
+def _run(model: nn.Module, batch: dict) -> None:
+    """One forward pass: a LLaVA on its inputs, a CLIP model's image or text tower."""
+    if "images" in batch:
+        model.encode_image(batch["images"])
+    elif "texts" in batch:
+        model.encode_text(batch["texts"])
+    else:
+        model(**batch, use_cache=False)
 
 
 def calibration_batches(processor, n: int = CALIB_N, batch_size: int = 32, seed: int = 0) -> list[dict]:
-    """Model inputs of `n` teacher-forced training instructions (prompt, image and answer), every kind in turn."""
+    """A LLaVA's inputs for `n` teacher-forced training instructions (prompt, image and answer), every kind in turn."""
     from ..data import words
     from ..data.instruct import make_samples
 
@@ -68,10 +66,29 @@ def calibration_batches(processor, n: int = CALIB_N, batch_size: int = 32, seed:
     return out
 
 
+def contrastive_batches(base, n: int = CALIB_N, batch_size: int = 64, seed: int = 0) -> list[dict]:
+    """A CLIP model's inputs: `n` training shape scenes with their captions, and as many of the first
+    Fashion-MNIST training images with a class caption when that dataset is installed (the validation
+    and test sets, and the val scenes the bound search ranks on, are never fitted to)."""
+    from ..data import shapes, to_input
+    from ..data.fashion_mnist import CLASSES
+    from ..query.ranking import fmnist_train, input_size
+
+    scenes = shapes.make_scenes("train", n, seed=seed, image_size=input_size(base.preprocess_cfg))
+    images, texts = [scenes.images], list(scenes.captions)
+    fmnist = fmnist_train(base, n)
+    if fmnist is not None:
+        images.append(fmnist[0])
+        texts += [f"a photo of a {CLASSES[int(y)]}." for y in fmnist[1]]
+    images, tokens = to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
+    return ([{"images": x} for x in images.split(batch_size)] + [{"texts": t} for t in tokens.split(batch_size)])
+
+
 @torch.no_grad()
 def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float = DAMP) -> dict:
-    """Refit `small`'s kept output projections in place against `dense` on `batches` (model inputs with
-    an attention_mask); returns what was done, for the export's record."""
+    """Refit `small`'s kept output projections in place against `dense` on `batches` (a LLaVA's model
+    inputs with an attention_mask, or a CLIP model's {"images": ...} / {"texts": ...}); returns what
+    was done, for the export's record."""
     if visual_tokens.installed(small) is not None:
         raise HippError("reconstruction needs the dense and the pruned model to see the same tokens: "
                         "it is not available for a plan that prunes visual tokens")
@@ -92,12 +109,12 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
         try:
             for batch in batches:
                 grab["x"].clear(), grab["y"].clear()
-                dense(**batch, use_cache=False)
-                small(**batch, use_cache=False)
-                for x, y in zip(grab["x"], grab["y"]):  # the vision tower sees no padding
+                _run(dense, batch), _run(small, batch)
+                mask = batch.get("attention_mask")
+                for x, y in zip(grab["x"], grab["y"]):
                     x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                    if x.shape[0] == batch["attention_mask"].numel():
-                        keep = batch["attention_mask"].reshape(-1).bool()
+                    if mask is not None and x.shape[0] == mask.numel():  # a LLaVA's padding; its vision tower has none
+                        keep = mask.reshape(-1).bool()
                         x, y = x[keep], y[keep]
                     if bias:
                         x = torch.cat([x, x.new_ones(len(x), 1)], 1)
@@ -117,5 +134,6 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
         if bias:
             s_proj.bias.copy_(w[:, -1].to(s_proj.bias.dtype))
     dense.train(modes[0]), small.train(modes[1])
-    return {"method": "least squares on the base's branch outputs", "instructions": sum(len(b["input_ids"]) for b in batches),
-            "tokens": tokens, "projections": len(pairs), "damp": damp}
+    inputs = sum(len(next(iter(b.values()))) for b in batches)
+    return {"method": "least squares on the base's branch outputs", "inputs": inputs, "tokens": tokens,
+            "projections": len(pairs), "damp": damp}

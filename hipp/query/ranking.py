@@ -47,14 +47,14 @@ def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_
     size = input_size(base.preprocess_cfg)
     scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
     images, texts = [scenes.images], list(scenes.captions)
-    train = _fmnist_train(base, fmnist, fmnist_start) if fmnist else None
+    train = fmnist_train(base, fmnist, fmnist_start) if fmnist else None
     if train is not None:
         images.append(train[0])
         texts += [f"a photo of a {CLASSES[int(y)]}." for y in train[1]]
     return to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
 
 
-def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`n` Fashion-MNIST train images from `start` on (uint8 RGB at model size) and their labels; None
     when the optional dataset is not installed."""
     from ..data.fashion_mnist import load_fashion_mnist, to_rgb
@@ -93,7 +93,7 @@ def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0, fmnist_start:
     from ..evaluation.evaluate import single_object_scenes
 
     scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
-    train = _fmnist_train(base, n, fmnist_start)
+    train = fmnist_train(base, n, fmnist_start)
     return scenes, None if train is None else to_input(train[0], base.preprocess_cfg)
 
 
