@@ -1,4 +1,4 @@
-"""Least-squares reconstruction of a materialised LLaVA's output projections (no gradient steps).
+"""Least-squares reconstruction of a materialised model's output projections (no gradient steps).
 
 Pruning a head or an MLP channel removes its share of the branch output. The kept units are often
 correlated with the removed ones, so the kept columns of each output projection (attention's o_proj /
@@ -13,7 +13,11 @@ weights (the ridge pulls toward them, so a poorly-determined direction keeps its
 `damp` times the mean diagonal of X^T X. Layers are refitted in forward order, each after the earlier
 ones, so every fit sees the inputs the finished model will see (as SparseGPT-style one-shot pruners
 do). It is a closed-form fit on calibration instructions, not training: no gradient, no optimiser.
-Dropped layers and emptied branches have nothing to refit.
+Dropped layers and emptied branches have nothing to refit. A LLaVA fits on its model inputs (padding
+left out), a CLIP model on its two towers' images and captions.
+
+Each projection costs one forward pass of both models over the calibration set: fine for the embedded
+teachers (seconds a layer), slow for billions of parameters, where one would stop each pass at the layer.
 """
 from __future__ import annotations
 
@@ -97,6 +101,17 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     modes = dense.training, small.training
     dense.eval(), small.eval()
+    try:
+        tokens = _fit_all(dense, small, pairs, batches, damp)
+    finally:
+        dense.train(modes[0]), small.train(modes[1])
+    inputs = sum(len(next(iter(b.values()))) for b in batches)
+    return {"method": "least squares on the base's branch outputs", "inputs": inputs,
+            "tokens": tokens, "projections": len(pairs), "damp": damp}
+
+
+def _fit_all(dense: nn.Module, small: nn.Module, pairs, batches: list[dict], damp: float) -> int:
+    """Refit each pair's projection in turn; returns the tokens the first one was fitted on."""
     tokens = 0
     for k, (d_proj, s_proj) in enumerate(pairs):
         grab: dict[str, list] = {"x": [], "y": []}
@@ -127,13 +142,10 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
         w0 = s_proj.weight.detach().double().cpu()
         if bias:
             w0 = torch.cat([w0, s_proj.bias.detach().double().cpu()[:, None]], 1)
-        lam = damp * float(xtx.diagonal().mean())
+        lam = damp * float(xtx.diagonal().mean()) + 1e-12  # an input that is always zero stays solvable
         eye = torch.eye(n_in, dtype=torch.float64)
         w = torch.linalg.solve(xtx + lam * eye, (ytx + lam * w0).T).T  # A symmetric: (B A^-1)^T = A^-1 B^T
         s_proj.weight.copy_(w[:, :s_proj.in_features].to(s_proj.weight.dtype))
         if bias:
             s_proj.bias.copy_(w[:, -1].to(s_proj.bias.dtype))
-    dense.train(modes[0]), small.train(modes[1])
-    inputs = sum(len(next(iter(b.values()))) for b in batches)
-    return {"method": "least squares on the base's branch outputs", "inputs": inputs, "tokens": tokens,
-            "projections": len(pairs), "damp": damp}
+    return tokens
