@@ -91,7 +91,8 @@ def main() -> None:
     if args.method == "hipp":
         planner = lambda b: plan_for_budget(controller, max_flops=b, base=base)  # noqa: E731
     else:  # the bench's plan for that method, from its own calibration (seed 0, as hipp bench)
-        calibration = make_calibration(model, processor, getattr(model, "preprocess_cfg", {}))
+        pp = getattr(model, "preprocess_cfg", {}) if generative else base.preprocess_cfg  # as each bench passes it
+        calibration = make_calibration(model, processor, pp)
         planner = lambda b: METHODS[args.method](model, controller.space, b, calibration, 0, {}, None)  # noqa: E731
     result = {"settings": vars(args), "rows": []}
     if args.dense:

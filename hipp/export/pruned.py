@@ -145,10 +145,14 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
     return result
 
 
+def check_reconstruct_count(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise HippError(f"--reconstruct takes a number of calibration inputs >= 1, not {n!r}")
+
+
 def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: Plan) -> None:
     """--reconstruct N: N >= 1, a plan that keeps every visual token, a LLaVA with its processor."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise HippError(f"--reconstruct takes a number of calibration instructions >= 1, not {n!r}")
+    check_reconstruct_count(n)
     if compensate:
         raise HippError("give --reconstruct or --compensate, not both")
     if backend == "llava" and processor is None:
@@ -177,6 +181,8 @@ def run(args) -> int:
     from ..cli.query import plan_from_args
 
     check_out(args.out, args.overwrite)  # before anything is loaded: a bad --out costs nothing
+    if args.reconstruct:
+        check_reconstruct_count(args.reconstruct)
     _, plan, base = plan_from_args(args, need_base=True)
     result = export_pruned(base, plan, args.out, onnx=args.onnx, compensate=args.compensate,
                            overwrite=args.overwrite, reconstruct=args.reconstruct)
