@@ -74,18 +74,10 @@ def contrastive_batches(base, n: int = CALIB_N, batch_size: int = 64, seed: int 
     """A CLIP model's inputs: `n` training shape scenes with their captions, and as many of the first
     Fashion-MNIST training images with a class caption when that dataset is installed (the validation
     and test sets, and the val scenes the bound search ranks on, are never fitted to)."""
-    from ..data import shapes, to_input
-    from ..data.fashion_mnist import CLASSES
-    from ..query.ranking import fmnist_train, input_size
+    from ..query.ranking import calibration
 
-    scenes = shapes.make_scenes("train", n, seed=seed, image_size=input_size(base.preprocess_cfg))
-    images, texts = [scenes.images], list(scenes.captions)
-    fmnist = fmnist_train(base, n)
-    if fmnist is not None:
-        images.append(fmnist[0])
-        texts += [f"a photo of a {CLASSES[int(y)]}." for y in fmnist[1]]
-    images, tokens = to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
-    return ([{"images": x} for x in images.split(batch_size)] + [{"texts": t} for t in tokens.split(batch_size)])
+    images, tokens = calibration(base, n, seed, fmnist=n, split="train")
+    return [{"images": x} for x in images.split(batch_size)] + [{"texts": t} for t in tokens.split(batch_size)]
 
 
 @torch.no_grad()

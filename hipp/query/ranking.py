@@ -36,25 +36,26 @@ def input_size(preprocess_cfg: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_start: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration(base: Base, n: int = 32, seed: int = 0, fmnist: int = 0, fmnist_start: int = 0,
+                split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed images and caption tokens: `n` shape scenes from the val split (never trained or
-    evaluated on), plus up to `fmnist` Fashion-MNIST train images from `fmnist_start` on, with a class
-    caption, when the dataset is installed (it is optional: compensation then runs on shapes alone)."""
+    evaluated on; `split` "train" for a fit that the search's ranking must not see), plus up to `fmnist`
+    Fashion-MNIST train images from `fmnist_start` on, with a class caption, when the dataset is
+    installed (it is optional: compensation then runs on shapes alone)."""
     from ..data import shapes, to_input
     from ..data.fashion_mnist import CLASSES
 
     size = input_size(base.preprocess_cfg)
-    scenes = shapes.make_scenes("val", n, seed=seed, image_size=size)
+    scenes = shapes.make_scenes(split, n, seed=seed, image_size=size)
     images, texts = [scenes.images], list(scenes.captions)
-    train = fmnist_train(base, fmnist, fmnist_start) if fmnist else None
+    train = _fmnist_train(base, fmnist, fmnist_start) if fmnist else None
     if train is not None:
         images.append(train[0])
         texts += [f"a photo of a {CLASSES[int(y)]}." for y in train[1]]
     return to_input(torch.cat(images), base.preprocess_cfg), base.tokenizer(texts)
 
 
-def fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _fmnist_train(base: Base, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`n` Fashion-MNIST train images from `start` on (uint8 RGB at model size) and their labels; None
     when the optional dataset is not installed."""
     from ..data.fashion_mnist import load_fashion_mnist, to_rgb
@@ -93,7 +94,7 @@ def zero_shot_calibration(base: Base, n: int = 128, seed: int = 0, fmnist_start:
     from ..evaluation.evaluate import single_object_scenes
 
     scenes = to_input(single_object_scenes("val", n, base.preprocess_cfg, seed).images, base.preprocess_cfg)
-    train = fmnist_train(base, n, fmnist_start)
+    train = _fmnist_train(base, n, fmnist_start)
     return scenes, None if train is None else to_input(train[0], base.preprocess_cfg)
 
 
