@@ -161,6 +161,26 @@ def test_compensation_changes_only_output_biases(loaded, tmp_path):
     load_model(tmp_path / "fixed")  # and it loads
 
 
+def test_reconstruction_changes_only_output_projections(loaded, tmp_path):
+    """A CLIP export refitted on 16 training scenes (+ 16 Fashion-MNIST images when installed): only the
+    kept attention and MLP output projections move, the record says so, and the folder loads."""
+    controller, base = loaded
+    plan = controller.plan(PREFS["partial"])
+    plain = export_pruned(base, plan, tmp_path / "plain")
+    fixed = export_pruned(base, plan, tmp_path / "fixed", reconstruct=16)
+    record = fixed["reconstructed"]
+    assert plain["reconstructed"] is None and record["inputs"] >= 32 and record["projections"] > 0
+    assert json.loads((tmp_path / "fixed" / PRUNED_CONFIG_NAME).read_text())["reconstructed"] == record
+    a, b = load_tensors(tmp_path / "plain" / PRUNED_WEIGHTS_NAME), load_tensors(tmp_path / "fixed" / PRUNED_WEIGHTS_NAME)
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed and all(k.endswith(("out_proj.weight", "out_proj.bias", "c_proj.weight", "c_proj.bias"))
+                           for k in changed), changed
+    load_model(tmp_path / "fixed")
+    with pytest.raises(HippError, match="not both"):
+        export_pruned(base, plan, tmp_path / "both", compensate=True, reconstruct=16)
+    assert not (tmp_path / "both").exists()
+
+
 # --- bad input: one stderr line, exit 2, nothing overwritten ---
 
 def _copy(src, dst):
