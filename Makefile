@@ -46,7 +46,7 @@ demo: setup data
 
 LDEMO := runs/demo-llava
 
-# The same story on the embedded LLaVA teacher (about 9 minutes on 2 cores): train, three
+# The same story on the embedded LLaVA teacher (about 7 minutes on 2 cores): train, three
 # preferences, export a <=50% FLOPs plan, let it answer, evaluate it, draw the front.
 demo-llava: setup
 	@echo "== 1/6 teacher: checkpoints/llava-tiny (see its MODEL_CARD.md)"
