@@ -95,6 +95,14 @@ def test_what_reconstruction_cannot_do_is_one_clear_error():
         check_reconstruct(8, "llava", True, object(), plan)
     with pytest.raises(HippError, match="processor"):
         check_reconstruct(8, "llava", False, None, plan)
+    from hipp.backends import backend_for, visual_tokens
+    small = materialize(model, plan)
+    visual_tokens.install(small, visual_tokens.VisualTokens(kept=2, of=backend_for(model).image_tokens(model),
+                                                            layer=0, rule="text"))
+    before = _projections(small)
+    with pytest.raises(HippError, match="same tokens"):
+        refit(model, small, _batches(model, [1]))
+    assert all(torch.equal(a, b) for a, b in zip(before, _projections(small)))  # nothing half-fitted
 
 
 def _clip_base():
