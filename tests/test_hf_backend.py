@@ -108,6 +108,33 @@ def test_hard_gated_equals_materialised(kind):
         assert max_diff(embed(rebuilt.eval(), x), want) <= 1e-4, name
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_reconstruction_refits_transformers_towers(kind):
+    """The refit through transformers' classes: a dense plan keeps its weights; a partial one moves both
+    towers' embeddings toward the base's on inputs it was not fitted on."""
+    from hipp.export.reconstruct import refit
+    model = tiny_hf(kind)
+    space = make_prunable(model, channel_group=8)
+    batches = []
+    for s in range(2, 10):
+        images, ids = hf_inputs(model, batch=8, seed=s)
+        batches += [{"images": images}, {"texts": ids}]
+    plans = designed_plans(space)
+    dense = materialize(model, *plans["dense"])
+    before = [p.clone() for p in dense.parameters()]
+    assert refit(model, dense, batches)["projections"] == 2 * len(space.layers)
+    assert max_diff(before, list(dense.parameters())) <= 1e-3
+    partial = plans["partial"]
+    plain, fitted = materialize(model, *partial), materialize(model, *partial)
+    info = refit(model, fitted, batches)
+    assert 0 < info["projections"] <= 2 * len(space.layers) and info["inputs"] == 128
+    held_out = hf_inputs(model, batch=16, seed=50)
+    want = embed(model, held_out)
+    for i in (0, 1):  # image, text
+        err = lambda m: float((embed(m, held_out)[i] - want[i]).pow(2).mean())  # noqa: E731
+        assert err(fitted) < 0.8 * err(plain), (kind, i)
+
+
 @pytest.fixture(scope="module")
 def converted_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "teacher-hf"
