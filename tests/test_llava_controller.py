@@ -291,6 +291,27 @@ def test_bench_adds_llava_rows_after_n_recovery_steps(trained, tmp_path, capsys)
     assert cell["se"] >= 0 and math.isfinite(cell["diff"])
 
 
+def test_bench_answers_every_llava_row_refitted(trained, tmp_path, capsys):
+    """`hipp bench --reconstruct N` on a LLaVA: the plans of a plain bench, each answered after the refit
+    on N training instructions, margins paired as before."""
+    import json
+    args = ("bench", "--controller", trained, "--budgets", "0.5", "--methods", "uniform", "--test-items", 10,
+            "--candidates", 2, "--calib-images", 10, "--json")
+    runs = {}
+    for name, extra in (("plain", ()), ("refit", ("--reconstruct", 8))):
+        code, out, err = cli(capsys, *args, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+        runs[name] = {r["method"]: r for r in json.loads(out)["results"]}, json.loads(out)
+    (plain, _), (refit, result) = runs["plain"], runs["refit"]
+    assert set(refit) == set(plain) == {"uniform", "hipp"}
+    assert all(refit[m]["flops_ratio"] == plain[m]["flops_ratio"] for m in plain)
+    assert any(refit[m]["metrics"] != plain[m]["metrics"] for m in plain)  # ten answers per kind may all agree
+    assert result["settings"]["reconstructed"]["inputs"] == 8 and result["settings"]["reconstructed"]["rows"] == 2
+    cell = result["margins"]["hipp"]["0.5"]["uniform"]["utility"]
+    assert cell["diff"] == pytest.approx(refit["hipp"]["utility"] - refit["uniform"]["utility"])
+    assert "Every row refitted first" in (tmp_path / "refit" / "bench.md").read_text()
+
+
 def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_dir):
     assert_bad(*cli(capsys, "train", "--config", write_config(tmp_path, task="shapes-fmnist")),
                "task 'shapes-fmnist' serves contrastive models")

@@ -17,6 +17,7 @@ from hipp.storage.checkpoint import get_processor
 from test_llava import logits, plans, prompts, tiny_llava
 
 from conftest import LLAVA_TEACHER_DIR, TEACHER_DIR
+from test_query import tiny_controller_dir  # noqa: F401
 
 
 def _batches(model, seeds) -> list[dict]:
@@ -136,3 +137,30 @@ def test_a_clip_export_moves_toward_its_base_on_held_out_scenes(tmp_path):
             want = getattr(base.model, encode)(x)
             err = lambda m: float((getattr(m, encode)(x) - want).pow(2).mean())  # noqa: E731
             assert err(fitted) < 0.8 * err(plain)
+
+
+def test_bench_measures_every_row_refitted(tiny_controller_dir, tmp_path, capsys):  # noqa: F811
+    """`hipp bench --reconstruct N`: the same plans as without it, every row (the controller's and each
+    baseline's) measured after the refit, and the refit recorded; what it cannot combine with is one line."""
+    import json
+    from test_query import assert_bad, cli
+    args = ("bench", "--controller", tiny_controller_dir, "--budgets", "0.5", "--methods", "uniform,magnitude",
+            "--test-items", 10, "--json")
+    runs = {}
+    for name, extra in (("plain", ()), ("refit", ("--reconstruct", 8))):
+        code, out, err = cli(capsys, *args, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+        runs[name] = json.loads(out)
+    rows = {k: {r["method"]: r for r in v["results"]} for k, v in runs.items()}
+    assert set(rows["refit"]) == set(rows["plain"]) == {"uniform", "magnitude", "hipp"}
+    for m in rows["plain"]:
+        assert rows["refit"][m]["flops_ratio"] == rows["plain"][m]["flops_ratio"]
+        assert rows["refit"][m]["metrics"] != rows["plain"][m]["metrics"], m
+    assert runs["plain"]["settings"]["reconstructed"] is None
+    record = runs["refit"]["settings"]["reconstructed"]
+    assert record["rows"] == 3 and record["inputs"] >= 16 and record["damp"] > 0  # 8 scenes + 8 captions (+ images)
+    assert "every row refitted" in (tmp_path / "refit" / "bench.md").read_text()
+    assert_bad(*cli(capsys, *args, "--reconstruct", 0, "--out", tmp_path / "bad"), "--reconstruct takes")
+    assert_bad(*cli(capsys, *args, "--reconstruct", 8, "--recover-steps", 2, "--out", tmp_path / "bad"),
+               "without --recover-steps")
+    assert not (tmp_path / "bad").exists()

@@ -129,6 +129,12 @@ def _cmd_bench(args) -> int:
         raise HippError(f"--test-items must be at least 10, got {args.test_items}")
     from ..recovery.of_plan import bench_config
     recovery = bench_config(args.recover_steps, args.recover_config)  # a bad config: one line, before any load
+    if args.reconstruct is not None:
+        from ..export.pruned import check_reconstruct_count
+        check_reconstruct_count(args.reconstruct)
+        if recovery is not None or args.visual_tokens is not None:
+            raise HippError("--reconstruct refits every row as it is; give it without --recover-steps and "
+                            "--visual-tokens")
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
     if methods is not None:
         from ..baselines import get_method
@@ -167,6 +173,12 @@ def _bench(args, budgets, methods, out, recovery=None) -> dict:
             planners[name] = lambda b, other=other: tokens.tokens_only(controller.space.with_tokens(other), b)
     from ..storage.checkpoint import family
     from ..recovery.of_plan import recovered_from
+    reconstruct = None
+    if args.reconstruct is not None:
+        from ..export.pruned import check_reconstruct
+        from ..export.reconstruct import refitted_from
+        check_reconstruct(args.reconstruct, family(base.model), False, base.tokenizer)
+        reconstruct = refitted_from(base, args.reconstruct)
     if recovery is not None:  # a config for the other family: one line before any plan is made
         from ..tasks import get_task
         get_task(recovery.task, recovery.task_options).check_model(family(base.model))
@@ -175,10 +187,10 @@ def _bench(args, budgets, methods, out, recovery=None) -> dict:
         return bench_generative(base.model, base.tokenizer, controller.space, budgets, methods, out_dir=out,
                                 controller=controller, controller_train_seconds=seconds, options=options,
                                 planners=planners, recovery=None if recovery is None else recovered_from(base, recovery),
-                                **({} if args.test_items is None else {"n": args.test_items}))
+                                reconstruct=reconstruct, **({} if args.test_items is None else {"n": args.test_items}))
     return bench(base.model, base.tokenizer, base.preprocess_cfg, controller.space, budgets, methods, out_dir=out,
                  controller=controller, controller_train_seconds=seconds, options=options, planners=planners,
-                 recovery=None if recovery is None else recovered_from(base, recovery),
+                 recovery=None if recovery is None else recovered_from(base, recovery), reconstruct=reconstruct,
                  **({} if args.test_items is None else {"n": args.test_items, "fmnist_limit": args.test_items}))
 
 
@@ -301,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also each planner's plan and the best training-free plan per budget, exported and "
                         "recovered from the base for N steps (hipp recover)")
     b.add_argument("--recover-config", help="YAML recovery config for those rows (its steps: --recover-steps)")
+    b.add_argument("--reconstruct", type=int, metavar="N",
+                   help="every row's model refitted in closed form on N calibration inputs before it is measured, "
+                        "as hipp export --reconstruct N does: every method compared refitted alike")
     _add_search_args(b)
     b.set_defaults(func=_cmd_bench)
     c = sub.add_parser("convert", help="an open_clip model folder as a transformers CLIPModel folder")

@@ -72,7 +72,7 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
           out_dir=None, controller=None, controller_train_seconds: float | None = None, calibration=None,
           datasets=DATASETS, n: int = 1000, fmnist_limit: int | None = None, seed: int = 0,
           options: dict | None = None, progress: bool = True, planners: dict | None = None,
-          recovery=None) -> dict:
+          recovery=None, reconstruct=None) -> dict:
     """Plan, measure and compare: every method in `methods` (default: all of METHODS) at every budget.
 
     With `controller`, its plans join as one row per entry of `planners` (row name -> planner(budget);
@@ -82,7 +82,9 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
     plan's export recovered from the base, its recovery record)) adds a row "<name>+recovery" for each
     planner's plan and the best training-free method's at every budget. Returns the bench object
     (results, hypervolume, train_seconds, plan_seconds, dense, settings); with `out_dir` it is also
-    written as bench.json, bench.csv, bench.md and bench.png.
+    written as bench.json, bench.csv, bench.md and bench.png. `reconstruct` (plan -> (its model refitted,
+    the refit's record); hipp.export.reconstruct.refitted_from) measures every row refitted alike,
+    FLAP-style's included (the refit, biases and all, in place of its bias compensation).
     """
     start = time.perf_counter()
     names = list(METHODS) if methods is None else list(methods)
@@ -103,9 +105,11 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         raise HippError("the controller's prune space differs from the one the baselines are given")
     per: dict[tuple[str, float], list] = {}
     failures: list[dict] = []
+    refits = []
     for name, budget, plan in planned(model, space, names, budgets, planners, calibration, seed, options, failures,
                                       progress):
-        result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, **evaluate_args)
+        small = refitted(reconstruct, plan, refits)
+        result = evaluate_plan(model, plan, tokenizer, preprocess_cfg, small=small, **evaluate_args)
         per.setdefault((name, budget), []).append((plan, result))
     for name, budget, plan in recovered_plans(per, budgets, planners) if recovery is not None else ():
         small, record = recovery(plan)
@@ -125,7 +129,8 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
         "plan_seconds": {m: sum(r["plan_seconds"] for r in rows if r["method"] == m) for m in methods_seen},
         "failures": failures,
         "settings": {"datasets": list(datasets), "n": n, "fmnist_limit": fmnist_limit, "seed": seed, "options": options,
-                     "calibration_size": calibration.size if calibration is not None else 0},
+                     "calibration_size": calibration.size if calibration is not None else 0,
+                     "reconstructed": refit_settings(refits)},
     }
     ours = [m for m in (*planners, *(p + RECOVERED for p in planners)) if m in methods_seen]
     if ours:
@@ -140,6 +145,23 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
 
 
 RECOVERED = "+recovery"
+
+
+def refitted(reconstruct, plan, records: list):
+    """The plan's model refitted (its record appended to `records`), or None without `reconstruct`."""
+    if reconstruct is None:
+        return None
+    small, record = reconstruct(plan)
+    records.append(record)
+    return small
+
+
+def refit_settings(records: list) -> dict | None:
+    """What bench.json records of the refit every row went through (None: none did)."""
+    if not records:
+        return None
+    first = records[0]
+    return {"method": first["method"], "inputs": first["inputs"], "damp": first["damp"], "rows": len(records)}
 
 
 def recovered_plans(per: dict, budgets, planners: dict):
@@ -299,6 +321,10 @@ def markdown(result: dict) -> str:
             notes.append(f"- {r['method']} @{r['budget']:g} keeps {', '.join(kept)} image tokens")
     if any("se" in m for _, _, m in every):
         notes.append("- ± is the standard error of the paired difference over the same test items.")
+    refit = result["settings"].get("reconstructed")
+    if refit:
+        notes.append(f"- every row refitted before it was measured ({refit['method']}, {refit['inputs']} "
+                     f"calibration inputs, damp {refit['damp']:g}; hipp bench --reconstruct).")
     fixed = ((result["settings"].get("options") or {}).get("fixed_budget"))
     if fixed and "fixed_budget" in result["methods"]:
         notes.append(f"- fixed_budget: one gate training per budget, {fixed.get('steps')} steps of "

@@ -23,7 +23,7 @@ from ..baselines.calibration import make_calibration
 from ..errors import HippError
 from ..export.slicing import materialize
 from .answers import score, utility_of
-from .bench import RECOVERED, planned, recovered_plans
+from .bench import RECOVERED, planned, recovered_plans, refit_settings, refitted
 from .bench import write_outputs as write
 from .generative import answer_all, latency_ms
 
@@ -102,9 +102,10 @@ def _measure(model, processor, plan, n: int, seed: int, small=None) -> tuple[dic
 def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=None, out_dir=None, controller=None,
                      controller_train_seconds: float | None = None, calibration=None, n: int = 500, seed: int = 0,
                      options: dict | None = None, progress: bool = True, planners: dict | None = None,
-                     recovery=None) -> dict:
+                     recovery=None, reconstruct=None) -> dict:
     """Plan, answer and compare (module doc); `planners` maps a row name to planner(budget) -> Plan;
-    `recovery` (as hipp.evaluation.bench's) adds "<name>+recovery" rows."""
+    `recovery` (as hipp.evaluation.bench's) adds "<name>+recovery" rows; `reconstruct` (as
+    hipp.evaluation.bench's) answers every row with its plan refitted."""
     start = time.perf_counter()
     names = list(DEFAULT_METHODS if methods is None else methods)
     for name in names:
@@ -118,9 +119,10 @@ def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=N
     planners = dict(planners or ({CONTROLLER: lambda b: controller.plan_within(max_flops=b)} if controller else {}))
     per: dict[tuple[str, float], list] = {}
     failures: list[dict] = []
+    refits = []
     for name, budget, plan in planned(model, space, names, budgets, planners, calibration, seed, options, failures,
                                       progress):
-        row, answers = _measure(model, processor, plan, n, seed)
+        row, answers = _measure(model, processor, plan, n, seed, small=refitted(reconstruct, plan, refits))
         per.setdefault((name, budget), []).append((plan, row, answers))
     for name, budget, plan in recovered_plans(per, budgets, planners) if recovery is not None else ():
         small, record = recovery(plan)
@@ -141,7 +143,8 @@ def bench_generative(model, processor, space, budgets=(0.3, 0.5, 0.7), methods=N
               "plan_seconds": {m: sum(r["plan_seconds"] for r in rows if r["method"] == m) for m in seen},
               "failures": failures,
               "settings": {"n": n, "split": "test", "seed": seed, "bootstrap": BOOTSTRAP, "options": options,
-                           "calibration_size": calibration.size if calibration is not None else 0}}
+                           "calibration_size": calibration.size if calibration is not None else 0,
+                           "reconstructed": refit_settings(refits)}}
     ours = [m for m in (*planners, *(p + RECOVERED for p in planners)) if m in seen]
     if ours:
         resamples = dense_answers.resamples()
@@ -214,7 +217,9 @@ def markdown(result: dict) -> str:
     lines = ["# Baselines at equal FLOPs budgets (generative)", "",
              f"dense model: utility {f(d['utility'])}, POPE F1 random / popular / adversarial "
              f"{' / '.join(f(d[k]) for k in POPE_F1)}; {st['n']} test instructions of each kind, answered "
-             f"greedily; hypervolume over {', '.join(result['reference']['axes'])} against (1, 1, 1).", "",
+             f"greedily; hypervolume over {', '.join(result['reference']['axes'])} against (1, 1, 1)."
+             + (f" Every row refitted first ({st['reconstructed']['inputs']} calibration instructions, hipp bench "
+                "--reconstruct)." if st.get("reconstructed") else ""), "",
              "| method | budget | FLOPs | utility | POPE F1 rnd / pop / adv | prefill ms | layers kept | image tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:

@@ -84,10 +84,8 @@ def export_pruned(base, plan: Plan, out, onnx: bool = False, compensate: bool = 
         small = materialize(base.model, plan)  # with its visual-token budget, if it has one
     reconstructed = None
     if reconstruct:
-        from .reconstruct import calibration_batches, contrastive_batches, refit
-        batches = (calibration_batches(base.tokenizer, reconstruct) if backend == "llava"
-                   else contrastive_batches(base, reconstruct))
-        reconstructed = refit(base.model, small, batches)
+        from .reconstruct import calibration_for, refit
+        reconstructed = refit(base.model, small, calibration_for(base, reconstruct))
     small = small.cpu().eval().requires_grad_(False)  # saved, checked and exported from the CPU, wherever the base ran
     struct = structure(plan.space, *gates)
     if model_structure(small) != struct:
@@ -150,7 +148,7 @@ def check_reconstruct_count(n) -> None:
         raise HippError(f"--reconstruct takes a number of calibration inputs >= 1, not {n!r}")
 
 
-def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: Plan) -> None:
+def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: Plan | None = None) -> None:
     """--reconstruct N: N >= 1, a plan that keeps every visual token, a LLaVA with its processor."""
     check_reconstruct_count(n)
     if compensate:
@@ -158,7 +156,7 @@ def check_reconstruct(n: int, backend: str, compensate: bool, processor, plan: P
     if backend == "llava" and processor is None:
         raise HippError("--reconstruct encodes its calibration instructions with the base folder's processor, "
                         "and this base has none")
-    if plan.prunes_tokens:
+    if plan is not None and plan.prunes_tokens:
         raise HippError("--reconstruct needs the plan to keep every visual token (the pruned and the base "
                         "model must read the same tokens)")
 

@@ -80,6 +80,27 @@ def contrastive_batches(base, n: int = CALIB_N, batch_size: int = 64, seed: int 
     return [{"images": x} for x in images.split(batch_size)] + [{"texts": t} for t in tokens.split(batch_size)]
 
 
+def calibration_for(base, n: int = CALIB_N) -> list[dict]:
+    """The refit's inputs for `base` (hipp.query.bound.Base): a LLaVA's training instructions through
+    its processor, a CLIP model's training scenes, captions and Fashion-MNIST images."""
+    if backend_for(base.model).name == "llava":
+        return calibration_batches(base.tokenizer, n)
+    return contrastive_batches(base, n)
+
+
+def refitted_from(base, n: int = CALIB_N, damp: float = DAMP):
+    """plan -> (the plan materialised on `base` and refitted, the refit's record), for `hipp bench
+    --reconstruct`: every row refitted alike, on calibration drawn once."""
+    from .slicing import materialize
+
+    batches = calibration_for(base, n)
+
+    def run(plan):
+        small = materialize(base.model, plan)
+        return small.eval(), refit(base.model, small, batches, damp)
+    return run
+
+
 @torch.no_grad()
 def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float = DAMP) -> dict:
     """Refit `small`'s kept output projections in place against `dense` on `batches` (a LLaVA's model
