@@ -164,3 +164,58 @@ def test_bench_measures_every_row_refitted(tiny_controller_dir, tmp_path, capsys
     assert_bad(*cli(capsys, *args, "--reconstruct", 8, "--recover-steps", 2, "--out", tmp_path / "bad"),
                "without --recover-steps")
     assert not (tmp_path / "bad").exists()
+
+
+def _reference_refit(dense, small, batches, damp):
+    """The refit as its formula reads, with nothing skipped: every projection in forward order, each fitted
+    on full passes of both models over every batch (a CLIP batch simply never reaches the other tower)."""
+    from hipp.export.reconstruct import _kept_branches
+    for _, d_proj, s_proj in _kept_branches(dense, small):
+        xs, ys = [], []
+        hooks = [d_proj.register_forward_hook(lambda m, i, o: ys.append(o.reshape(-1, o.shape[-1]))),
+                 s_proj.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1])))]
+        with torch.no_grad():
+            for b in batches:
+                for model in (dense, small):
+                    if "images" in b:
+                        model.encode_image(b["images"])
+                    elif "texts" in b:
+                        model.encode_text(b["texts"])
+                    else:
+                        model(**b, use_cache=False)
+        for h in hooks:
+            h.remove()
+        x, y = torch.cat(xs).double(), torch.cat(ys).double()
+        w0 = s_proj.weight.double()
+        if s_proj.bias is not None:
+            x, w0 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), torch.cat([w0, s_proj.bias.double()[:, None]], 1)
+        a = x.T @ x
+        lam = damp * a.diagonal().mean() + 1e-12
+        w = torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), (y.T @ x + lam * w0).T).T
+        with torch.no_grad():
+            s_proj.weight.copy_(w[:, :s_proj.in_features])
+            if s_proj.bias is not None:
+                s_proj.bias.copy_(w[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["llama-biases", "hf-clip"])
+def test_the_refit_stops_each_pass_early_and_computes_the_formula(kind):
+    """The refit stops each pass once the projection has run and feeds a CLIP projection its own tower's
+    inputs only; the weights are those of the formula computed with every pass run to the end."""
+    from test_hf_backend import designed_plans, hf_inputs, tiny_hf
+    if kind == "hf-clip":
+        model = tiny_hf("clip")
+        space = make_prunable(model, channel_group=8)
+        gates = designed_plans(space)["partial"]
+        batches = [{"images": hf_inputs(model, 8, s)[0]} for s in (2, 3)] + \
+                  [{"texts": hf_inputs(model, 8, s)[1]} for s in (4, 5)]
+    else:
+        model = tiny_llava(kind)
+        space = make_prunable(model)
+        gates = plans(space)["partial_and_dropped"]
+        batches = _batches(model, [1, 2, 3])
+    fitted, reference = materialize(model, *gates), materialize(model, *gates)
+    refit(model, fitted, batches, damp=0.01)
+    _reference_refit(model, reference, batches, damp=0.01)
+    for (name, a), b in zip(fitted.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name

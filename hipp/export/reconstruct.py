@@ -16,8 +16,10 @@ do). It is a closed-form fit on calibration instructions, not training: no gradi
 Dropped layers and emptied branches have nothing to refit. A LLaVA fits on its model inputs (padding
 left out), a CLIP model on its two towers' images and captions.
 
-Each projection costs one forward pass of both models over the calibration set: fine for the embedded
-teachers (seconds a layer), slow for billions of parameters, where one would stop each pass at the layer.
+Each projection costs a forward pass of both models over the calibration set, stopped once the
+projection has run (later layers are not needed), and a CLIP projection sees only its own tower's
+inputs: seconds a layer on the embedded teachers; at billions of parameters one would rather keep
+each layer's inputs between fits.
 """
 from __future__ import annotations
 
@@ -32,28 +34,44 @@ DAMP = 0.001  # chosen on validation (0.001 / 0.01 / 0.1, three controllers): do
 CALIB_N = 256
 
 
-def _kept_branches(dense: nn.Module, small: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
-    """(dense projection, smaller model's projection) for every kept, non-empty branch, in forward order."""
+TOWER_OF = {"images": "image", "texts": "text"}  # a CLIP batch runs one tower; a LLaVA's runs both
+
+
+def _kept_branches(dense: nn.Module, small: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
+    """(tower, dense projection, smaller model's projection) for every kept, non-empty branch, in forward order."""
     backend = backend_for(dense)
     pairs = []
-    for d_blocks, s_blocks in zip(tower_blocks(dense).values(), tower_blocks(small).values()):
+    for tower, d_blocks, s_blocks in zip(tower_blocks(dense), tower_blocks(dense).values(), tower_blocks(small).values()):
         for d, s in zip(d_blocks, s_blocks):
             if isinstance(s, DroppedBlock):
                 continue
             d = d if isinstance(d, GatedBlock) else backend.gated_block(d, 1)  # parameters shared
-            pairs += [(getattr(d, n).out_layer, getattr(s, n).out_layer) for n in ("attn", "mlp")
+            pairs += [(tower, getattr(d, n).out_layer, getattr(s, n).out_layer) for n in ("attn", "mlp")
                       if not getattr(s, n).empty]
     return pairs
 
 
-def _run(model: nn.Module, batch: dict) -> None:
-    """One forward pass: a LLaVA on its inputs, a CLIP model's image or text tower."""
-    if "images" in batch:
-        model.encode_image(batch["images"])
-    elif "texts" in batch:
-        model.encode_text(batch["texts"])
-    else:
-        model(**batch, use_cache=False)
+class _Reached(Exception):
+    """Raised by the hook of the projection being fitted once it has run: the rest of the pass is not needed."""
+
+
+def _run_to(model: nn.Module, batch: dict, proj: nn.Linear, take) -> None:
+    """Run `model` on `batch` until `proj` has run once, handing take(input, output) to its hook."""
+    def hook(module, inputs, output):
+        take(inputs[0].detach(), output.detach())
+        raise _Reached
+    handle = proj.register_forward_hook(hook)
+    try:
+        if "images" in batch:
+            model.encode_image(batch["images"])
+        elif "texts" in batch:
+            model.encode_text(batch["texts"])
+        else:
+            model(**batch, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
 
 
 def calibration_batches(processor, n: int = CALIB_N, batch_size: int = 32, seed: int = 0) -> list[dict]:
@@ -126,32 +144,30 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
 def _fit_all(dense: nn.Module, small: nn.Module, pairs, batches: list[dict], damp: float) -> int:
     """Refit each pair's projection in turn; returns the tokens the first one was fitted on."""
     tokens = 0
-    for k, (d_proj, s_proj) in enumerate(pairs):
-        grab: dict[str, list] = {"x": [], "y": []}
-        h1 = d_proj.register_forward_hook(lambda m, i, o: grab["y"].append(o.detach()))
-        h2 = s_proj.register_forward_hook(lambda m, i, o: grab["x"].append(i[0].detach()))
+    for k, (tower, d_proj, s_proj) in enumerate(pairs):
         bias = s_proj.bias is not None
         n_in = s_proj.in_features + int(bias)
         xtx = torch.zeros(n_in, n_in, dtype=torch.float64)
         ytx = torch.zeros(s_proj.out_features, n_in, dtype=torch.float64)
-        try:
-            for batch in batches:
-                grab["x"].clear(), grab["y"].clear()
-                _run(dense, batch), _run(small, batch)
-                mask = batch.get("attention_mask")
-                for x, y in zip(grab["x"], grab["y"]):
-                    x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                    if mask is not None and x.shape[0] == mask.numel():  # a LLaVA's padding; its vision tower has none
-                        keep = mask.reshape(-1).bool()
-                        x, y = x[keep], y[keep]
-                    if bias:
-                        x = torch.cat([x, x.new_ones(len(x), 1)], 1)
-                    x, y = x.double().cpu(), y.double().cpu()
-                    xtx += x.T @ x
-                    ytx += y.T @ x
-                    tokens += len(x) if k == 0 else 0
-        finally:
-            h1.remove(), h2.remove()
+        for batch in batches:
+            if any(key in batch and TOWER_OF[key] != tower for key in TOWER_OF):
+                continue  # the other tower's inputs never reach this projection
+            got = {}
+            _run_to(dense, batch, d_proj, lambda x, y: got.setdefault("y", y))
+            _run_to(small, batch, s_proj, lambda x, y: got.setdefault("x", x))
+            if len(got) < 2:
+                continue  # a batch that never reaches this layer
+            x, y = got["x"].reshape(-1, got["x"].shape[-1]), got["y"].reshape(-1, got["y"].shape[-1])
+            mask = batch.get("attention_mask")
+            if mask is not None and x.shape[0] == mask.numel():  # a LLaVA's padding; its vision tower has none
+                keep = mask.reshape(-1).bool()
+                x, y = x[keep], y[keep]
+            if bias:
+                x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+            x, y = x.double().cpu(), y.double().cpu()
+            xtx += x.T @ x
+            ytx += y.T @ x
+            tokens += len(x) if k == 0 else 0
         w0 = s_proj.weight.detach().double().cpu()
         if bias:
             w0 = torch.cat([w0, s_proj.bias.detach().double().cpu()[:, None]], 1)
