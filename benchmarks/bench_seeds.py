@@ -7,6 +7,8 @@ paired standard errors, or not below it by more than two).
     python benchmarks/bench_seeds.py runs/bench-s0 runs/bench-s1 runs/bench-s2 [--strict 0.3,0.5]
 
 Budgets in --strict must be won by more than two SE; the others only not lost by more than two.
+A CLIP bench (no POPE; its margins are over the best training-free method only): each method's utility
+per budget, mean ± sd, then per run the controller's margin over the best training-free method.
 """
 import argparse
 import statistics
@@ -66,6 +68,21 @@ def claims(run: dict, strict: set[str]) -> list[str]:
     return misses
 
 
+def contrastive(folders: list[str], runs: list[dict]) -> int:
+    budgets = runs[0]["budgets"]
+    methods = [m for m in runs[0]["hypervolume"] if all(m in r["hypervolume"] for r in runs)]
+    print(f"| method | utility @{' / '.join(map(str, budgets))} | hypervolume |\n|---|---|---|")
+    for m in sorted(methods, key=lambda m: -statistics.mean(r["hypervolume"][m] for r in runs)):
+        cells = [spread([next(x["utility"] for x in r["results"] if x["method"] == m and x["budget"] == b)
+                         for r in runs]) for b in budgets]
+        print(f"| {m} | {' / '.join(cells)} | {spread([r['hypervolume'][m] for r in runs])} |")
+    for folder, run in zip(folders, runs):
+        over = [f"@{b} {e['over_training_free']:+.3f} ± {e.get('se', {}).get('over_training_free', float('nan')):.3f} "
+                f"({e['best_training_free']})" for b, e in run["margins"][CONTROLLER].items()]
+        print(f"{folder}: over the best training-free method {'; '.join(over)}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="hipp bench output folders (bench.json), one per seed")
@@ -78,6 +95,8 @@ def main() -> int:
             print(f"error: {path} not found (run hipp bench --out {folder} first)", file=sys.stderr)
             return 2
         runs.append(read_json(path))
+    if runs[0].get("family") != "generative":
+        return contrastive(args.runs, runs)
     print("\n".join(table(runs) + [""] + shares(runs)))
     strict = {str(float(b)) for b in args.strict.split(",") if b.strip()}
     for folder, run in zip(args.runs, runs):

@@ -169,20 +169,14 @@ def test_bench_measures_every_row_refitted(tiny_controller_dir, tmp_path, capsys
 def _reference_refit(dense, small, batches, damp):
     """The refit as its formula reads, with nothing skipped: every projection in forward order, each fitted
     on full passes of both models over every batch (a CLIP batch simply never reaches the other tower)."""
-    from hipp.export.reconstruct import _kept_branches
+    from hipp.export.reconstruct import _kept_branches, forward_pass
     for _, d_proj, s_proj in _kept_branches(dense, small):
         xs, ys = [], []
         hooks = [d_proj.register_forward_hook(lambda m, i, o: ys.append(o.reshape(-1, o.shape[-1]))),
                  s_proj.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1])))]
         with torch.no_grad():
             for b in batches:
-                for model in (dense, small):
-                    if "images" in b:
-                        model.encode_image(b["images"])
-                    elif "texts" in b:
-                        model.encode_text(b["texts"])
-                    else:
-                        model(**b, use_cache=False)
+                forward_pass(dense, b), forward_pass(small, b)
         for h in hooks:
             h.remove()
         x, y = torch.cat(xs).double(), torch.cat(ys).double()

@@ -55,6 +55,16 @@ class _Reached(Exception):
     """Raised by the hook of the projection being fitted once it has run: the rest of the pass is not needed."""
 
 
+def forward_pass(model: nn.Module, batch: dict) -> None:
+    """One forward pass: a LLaVA on its inputs, a CLIP model's image or text tower."""
+    if "images" in batch:
+        model.encode_image(batch["images"])
+    elif "texts" in batch:
+        model.encode_text(batch["texts"])
+    else:
+        model(**batch, use_cache=False)
+
+
 def _run_to(model: nn.Module, batch: dict, proj: nn.Linear, take) -> None:
     """Run `model` on `batch` until `proj` has run once, handing take(input, output) to its hook."""
     def hook(module, inputs, output):
@@ -62,12 +72,7 @@ def _run_to(model: nn.Module, batch: dict, proj: nn.Linear, take) -> None:
         raise _Reached
     handle = proj.register_forward_hook(hook)
     try:
-        if "images" in batch:
-            model.encode_image(batch["images"])
-        elif "texts" in batch:
-            model.encode_text(batch["texts"])
-        else:
-            model(**batch, use_cache=False)
+        forward_pass(model, batch)
     except _Reached:
         pass
     finally:
