@@ -95,7 +95,7 @@ def main() -> int:
             print(f"error: {path} not found (run hipp bench --out {folder} first)", file=sys.stderr)
             return 2
         runs.append(read_json(path))
-    if runs[0].get("family") != "generative":
+    if not any("pope/adversarial_f1" in row for row in runs[0]["results"]):
         return contrastive(args.runs, runs)
     print("\n".join(table(runs) + [""] + shares(runs)))
     strict = {str(float(b)) for b in args.strict.split(",") if b.strip()}

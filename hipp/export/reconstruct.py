@@ -17,8 +17,8 @@ Dropped layers and emptied branches have nothing to refit. A LLaVA fits on its m
 left out), a CLIP model on its two towers' images and captions.
 
 Each projection costs a forward pass of both models over the calibration set, stopped once the
-projection has run (later layers are not needed), and a CLIP projection sees only its own tower's
-inputs: seconds a layer on the embedded teachers; at billions of parameters one would rather keep
+projection has run (later layers are not needed), and a CLIP batch is passed over for the tower it
+does not run once its first pass has shown it: seconds a layer on the embedded teachers; at billions of parameters one would rather keep
 each layer's inputs between fits.
 """
 from __future__ import annotations
@@ -32,9 +32,6 @@ from ..errors import HippError
 
 DAMP = 0.001  # chosen on validation (0.001 / 0.01 / 0.1, three controllers): docs/studies/reconstruction.md
 CALIB_N = 256
-
-
-TOWER_OF = {"images": "image", "texts": "text"}  # a CLIP batch runs one tower; a LLaVA's runs both
 
 
 def _kept_branches(dense: nn.Module, small: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
@@ -149,19 +146,21 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
 def _fit_all(dense: nn.Module, small: nn.Module, pairs, batches: list[dict], damp: float) -> int:
     """Refit each pair's projection in turn; returns the tokens the first one was fitted on."""
     tokens = 0
+    unreached = set()  # (batch, tower): a CLIP batch runs one tower only, a LLaVA's both
     for k, (tower, d_proj, s_proj) in enumerate(pairs):
         bias = s_proj.bias is not None
         n_in = s_proj.in_features + int(bias)
         xtx = torch.zeros(n_in, n_in, dtype=torch.float64)
         ytx = torch.zeros(s_proj.out_features, n_in, dtype=torch.float64)
-        for batch in batches:
-            if any(key in batch and TOWER_OF[key] != tower for key in TOWER_OF):
-                continue  # the other tower's inputs never reach this projection
+        for i, batch in enumerate(batches):
+            if (i, tower) in unreached:
+                continue
             got = {}
             _run_to(dense, batch, d_proj, lambda x, y: got.setdefault("y", y))
             _run_to(small, batch, s_proj, lambda x, y: got.setdefault("x", x))
-            if len(got) < 2:
-                continue  # a batch that never reaches this layer
+            if len(got) < 2:  # this batch's pass never reaches the tower: skipped for its later layers too
+                unreached.add((i, tower))
+                continue
             x, y = got["x"].reshape(-1, got["x"].shape[-1]), got["y"].reshape(-1, got["y"].shape[-1])
             mask = batch.get("attention_mask")
             if mask is not None and x.shape[0] == mask.numel():  # a LLaVA's padding; its vision tower has none
