@@ -17,9 +17,9 @@ Dropped layers and emptied branches have nothing to refit. A LLaVA fits on its m
 left out), a CLIP model on its two towers' images and captions.
 
 Each projection costs a forward pass of both models over the calibration set, stopped once the
-projection has run (later layers are not needed), and a CLIP batch is passed over for the tower it
-does not run once its first pass has shown it: seconds a layer on the embedded teachers; at billions of parameters one would rather keep
-each layer's inputs between fits.
+projection has run (later layers are not needed); a CLIP batch is passed over for the tower it does
+not run once its first pass has shown it. Seconds a layer on the embedded teachers; at billions of
+parameters one would rather keep each layer's inputs between fits.
 """
 from __future__ import annotations
 
