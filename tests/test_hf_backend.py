@@ -127,7 +127,7 @@ def test_reconstruction_refits_transformers_towers(kind):
     partial = plans["partial"]
     plain, fitted = materialize(model, *partial), materialize(model, *partial)
     info = refit(model, fitted, batches)
-    assert 0 < info["projections"] <= 2 * len(space.layers) and info["inputs"] == 128
+    assert 0 < info["projections"] <= 2 * len(space.layers) and info["inputs"] == {"images": 64, "texts": 64}
     held_out = hf_inputs(model, batch=16, seed=50)
     want = embed(model, held_out)
     for i in (0, 1):  # image, text

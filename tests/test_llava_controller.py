@@ -224,7 +224,7 @@ def test_a_reconstructed_export_holds_the_refitted_weights(trained, tmp_path, ca
                          "--calib-images", 10, "--reconstruct", 16, "--out", tmp_path / "export", "--json")
     assert code == 0, err
     record = json.loads(out)["reconstructed"]
-    assert record["inputs"] == 16 and record["projections"] > 0 and record["tokens"] > 16 * 64
+    assert record["inputs"] == {"sequences": 16} and record["projections"] > 0 and record["tokens"] > 16 * 64
     config = json.loads((tmp_path / "export" / "pruned_config.json").read_text())
     assert config["reconstructed"] == record
     base = load_base(load_controller(trained), trained, None, "cpu")
@@ -306,10 +306,10 @@ def test_bench_answers_every_llava_row_refitted(trained, tmp_path, capsys):
     assert set(refit) == set(plain) == {"uniform", "hipp"}
     assert all(refit[m]["flops_ratio"] == plain[m]["flops_ratio"] for m in plain)
     assert any(refit[m]["metrics"] != plain[m]["metrics"] for m in plain)  # ten answers per kind may all agree
-    assert result["settings"]["reconstructed"]["inputs"] == 8 and result["settings"]["reconstructed"]["rows"] == 2
+    assert result["settings"]["reconstructed"]["inputs"] == {"sequences": 8} and result["settings"]["reconstructed"]["rows"] == 2
     cell = result["margins"]["hipp"]["0.5"]["uniform"]["utility"]
     assert cell["diff"] == pytest.approx(refit["hipp"]["utility"] - refit["uniform"]["utility"])
-    assert "Every row refitted first" in (tmp_path / "refit" / "bench.md").read_text()
+    assert "Every row refitted first (calibration: 8 sequences" in (tmp_path / "refit" / "bench.md").read_text()
 
 
 def test_a_task_for_the_other_family_is_one_line(tmp_path, capsys, tiny_model_dir):

@@ -79,7 +79,7 @@ def test_on_the_teacher_the_answers_move_toward_the_base():
     plan = Plan.from_gates(space, (torch.ones(len(space.layers)), heads, channels), preference={"utility": 1.0})
     plain, fitted = materialize(model, plan), materialize(model, plan)
     info = refit(model, fitted, calibration_batches(processor, 64))
-    assert info["inputs"] == 64
+    assert info["inputs"] == {"sequences": 64}
     enc = words.encode(processor, make_samples("val", 32, seed=0, image_size=words.image_side(processor)), train=True)
     answer = enc.pop("labels")[:, 1:] != -100
     assert _answer_kl(fitted, model, enc, answer) < 0.8 * _answer_kl(plain, model, enc, answer)
@@ -158,8 +158,9 @@ def test_bench_measures_every_row_refitted(tiny_controller_dir, tmp_path, capsys
         assert rows["refit"][m]["metrics"] != rows["plain"][m]["metrics"], m
     assert runs["plain"]["settings"]["reconstructed"] is None
     record = runs["refit"]["settings"]["reconstructed"]
-    assert record["rows"] == 3 and record["inputs"] >= 16 and record["damp"] > 0  # 8 scenes + 8 captions (+ images)
-    assert "every row refitted" in (tmp_path / "refit" / "bench.md").read_text()
+    assert record["rows"] == 3 and record["inputs"]["texts"] in (8, 16) and record["damp"] > 0  # 8 captions (+ 8 class captions)
+    texts = record["inputs"]["texts"]
+    assert f"calibration: {record['inputs']['images']} images, {texts} texts" in (tmp_path / "refit" / "bench.md").read_text()
     assert_bad(*cli(capsys, *args, "--reconstruct", 0, "--out", tmp_path / "bad"), "--reconstruct takes")
     assert_bad(*cli(capsys, *args, "--reconstruct", 8, "--recover-steps", 2, "--out", tmp_path / "bad"),
                "without --recover-steps")

@@ -147,6 +147,11 @@ def bench(model, tokenizer, preprocess_cfg: dict, space: PruneSpace, budgets=(0.
 RECOVERED = "+recovery"
 
 
+def describe_inputs(counts: dict) -> str:
+    """A refit record's input counts in words, e.g. "512 images, 512 texts"."""
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
 def refitted(reconstruct, plan, records: list):
     """The plan's model refitted (its record appended to `records`), or None without `reconstruct`."""
     if reconstruct is None:
@@ -323,8 +328,8 @@ def markdown(result: dict) -> str:
         notes.append("- ± is the standard error of the paired difference over the same test items.")
     refit = result["settings"].get("reconstructed")
     if refit:
-        notes.append(f"- every row refitted before it was measured ({refit['method']}, {refit['inputs']} "
-                     f"calibration inputs, damp {refit['damp']:g}; hipp bench --reconstruct).")
+        notes.append(f"- every row refitted before it was measured ({refit['method']}, calibration: "
+                     f"{describe_inputs(refit['inputs'])}, damp {refit['damp']:g}; hipp bench --reconstruct).")
     fixed = ((result["settings"].get("options") or {}).get("fixed_budget"))
     if fixed and "fixed_budget" in result["methods"]:
         notes.append(f"- fixed_budget: one gate training per budget, {fixed.get('steps')} steps of "

@@ -23,7 +23,7 @@ from ..baselines.calibration import make_calibration
 from ..errors import HippError
 from ..export.slicing import materialize
 from .answers import score, utility_of
-from .bench import RECOVERED, planned, recovered_plans, refit_settings, refitted
+from .bench import RECOVERED, describe_inputs, planned, recovered_plans, refit_settings, refitted
 from .bench import write_outputs as write
 from .generative import answer_all, latency_ms
 
@@ -218,7 +218,7 @@ def markdown(result: dict) -> str:
              f"dense model: utility {f(d['utility'])}, POPE F1 random / popular / adversarial "
              f"{' / '.join(f(d[k]) for k in POPE_F1)}; {st['n']} test instructions of each kind, answered "
              f"greedily; hypervolume over {', '.join(result['reference']['axes'])} against (1, 1, 1)."
-             + (f" Every row refitted first ({st['reconstructed']['inputs']} calibration instructions, hipp bench "
+             + (f" Every row refitted first (calibration: {describe_inputs(st['reconstructed']['inputs'])}, hipp bench "
                 "--reconstruct)." if st.get("reconstructed") else ""), "",
              "| method | budget | FLOPs | utility | POPE F1 rnd / pop / adv | prefill ms | layers kept | image tokens |",
              "|---|---|---|---|---|---|---|---|"]

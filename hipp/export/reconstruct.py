@@ -138,9 +138,18 @@ def refit(dense: nn.Module, small: nn.Module, batches: list[dict], damp: float =
         tokens = _fit_all(dense, small, pairs, batches, damp)
     finally:
         dense.train(modes[0]), small.train(modes[1])
-    inputs = sum(len(next(iter(b.values()))) for b in batches)
-    return {"method": "least squares on the base's branch outputs", "inputs": inputs,
+    return {"method": "least squares on the base's branch outputs", "inputs": input_counts(batches),
             "tokens": tokens, "projections": len(pairs), "damp": damp}
+
+
+def input_counts(batches: list[dict]) -> dict:
+    """How many calibration inputs of each kind were fitted on: a CLIP batch feeds one tower and is
+    counted under its key; a LLaVA batch (ids and masks together) counts its sequences."""
+    counts = {}
+    for b in batches:
+        kind = next(iter(b)) if len(b) == 1 else "sequences"
+        counts[kind] = counts.get(kind, 0) + len(next(iter(b.values())))
+    return counts
 
 
 def _fit_all(dense: nn.Module, small: nn.Module, pairs, batches: list[dict], damp: float) -> int:
