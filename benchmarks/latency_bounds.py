@@ -59,6 +59,17 @@ def timed(base, space, plan, stock, timer) -> dict:
     return ms
 
 
+def over_seeds(diffs: list[float]) -> str:
+    """The margins' mean over the training seeds with its standard error over them: the seeds are the
+    independent draws of a training-dependent figure, each seed's own ± only its test items' noise."""
+    import statistics
+
+    if len(diffs) < 2:
+        return ""
+    return (f"; mean over {len(diffs)} seeds {statistics.mean(diffs):+.4f} ± "
+            f"{statistics.stdev(diffs) / len(diffs) ** 0.5:.4f} (standard error over seeds)")
+
+
 def summary(paths: list[str]) -> None:
     """Mean ± sd over the runs (one per training seed) of what each bound's plans measured."""
     import statistics
@@ -83,7 +94,7 @@ def summary(paths: list[str]) -> None:
         diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
                  if r["bound"] == b and r["plan"] == "latency@flops - flops"]
         print("  utility, latency minus FLOPs controller at equal latency, per seed: "
-              + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs))
+              + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs) + over_seeds([d for d, _ in diffs]))
         cal = pick("latency, calibrated", "measured_ratio")
         if cal:
             print(f"  calibrated latency plan: measured {ms(cal)} (off by {ms([abs(x / b - 1) for x in cal])}), "
@@ -94,7 +105,7 @@ def summary(paths: list[str]) -> None:
                      if r["bound"] == b and r["plan"] == "latency - flops-controller@latency"]
             print(f"  FLOPs controller under --max-latency {b}: measured {ms(same)}, utility "
                   f"{ms(pick('flops-controller@latency', 'utility'))}; latency controller minus it, per seed: "
-                  + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs))
+                  + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs) + over_seeds([d for d, _ in diffs]))
 
 
 def main(argv=None) -> int:

@@ -457,3 +457,19 @@ def test_a_controller_trained_with_latency_carries_its_profile(tiny_model_dir, t
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(HippError, match="needs latency_profile"):
         load_config(TrainConfig, tmp_path / "bad.yaml")
+
+
+def test_the_bounds_summary_gives_the_seeds_mean_margin_with_its_standard_error_over_seeds():
+    import importlib.util
+    import statistics
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "latency_bounds", Path(__file__).resolve().parents[1] / "benchmarks" / "latency_bounds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.over_seeds([0.01]) == ""  # one seed has no spread to give
+    diffs = [-0.017, 0.056, 0.004]
+    se = statistics.stdev(diffs) / 3 ** 0.5
+    assert mod.over_seeds(diffs) == f"; mean over 3 seeds {statistics.mean(diffs):+.4f} ± {se:.4f} (standard error over seeds)"
+    assert f"{se:.4f}" == "0.0217"  # sd 0.0376 over three seeds, by hand
