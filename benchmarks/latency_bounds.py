@@ -10,6 +10,9 @@ For each bound r:
   its search; its training never saw latency);
 - "latency, calibrated": the latency controller's plan for `--max-latency r --calibrate-latency`
   (hipp/query/measured.py: timed at query time, the bound corrected by the measurement).
+With `--equal-measured` the last three give way to "latency@flops measured": the latency controller's
+plan calibrated (as `--calibrate-latency` does, to within 2%) to the "flops" plan's *measured* latency
+ratio, since plans a latency controller picks can measure slower than the latency model predicts.
 Each plan is materialised and timed per tower in rounds interleaved with the project's dense
 materialisation and with the stock model as a user loads it (open_clip's own CLIP, whose attention
 is nn.MultiheadAttention's fast path), at the profile's batch size; the latency ratio is
@@ -20,6 +23,7 @@ error.
     python benchmarks/latency_bounds.py --latency-controller runs/hipp-tiny-latency --flops-controller runs/hipp-tiny \
         --bounds 0.3,0.5,0.7 --out runs/latency/bounds-s0.json
     python benchmarks/latency_bounds.py --summary runs/latency/bounds-s*.json    # mean ± sd over seeds
+    python benchmarks/latency_bounds.py ... --equal-measured --out runs/latency/equal-s0.json
 """
 from __future__ import annotations
 
@@ -81,31 +85,40 @@ def summary(paths: list[str]) -> None:
     print(f"{len(runs)} runs; mean ± sd over them")
     for b in sorted({r["bound"] for r in runs[0]}):
         pick = lambda plan, key: [r[key] for rows in runs for r in rows if r["bound"] == b and r["plan"] == plan]  # noqa: E731
+
+        def margins(pair: str) -> str:
+            diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows if r["bound"] == b and r["plan"] == pair]
+            return ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs) + over_seeds([d for d, _ in diffs])
+
+        print(f"bound {b}:")
         lat = pick("latency", "measured_ratio")
-        print(f"bound {b}: latency plan measured ratio {ms(lat)} (off by {ms([abs(x / b - 1) for x in lat])}), "
-              f"utility {ms(pick('latency', 'utility'))}, FLOPs {ms(pick('latency', 'flops_ratio'))}")
-        for t in ("image", "text"):
-            print(f"  {t}: speed-up vs dense {ms(pick('latency', f'speedup/{t}'))}, vs stock "
-                  f"{ms(pick('latency', f'stock_speedup/{t}'))}; the FLOPs plan at {b}: vs dense "
-                  f"{ms(pick('flops', f'speedup/{t}'))}, vs stock {ms(pick('flops', f'stock_speedup/{t}'))}")
+        if lat:
+            print(f"  latency plan measured ratio {ms(lat)} (off by {ms([abs(x / b - 1) for x in lat])}), "
+                  f"utility {ms(pick('latency', 'utility'))}, FLOPs {ms(pick('latency', 'flops_ratio'))}")
+            for t in ("image", "text"):
+                print(f"  {t}: speed-up vs dense {ms(pick('latency', f'speedup/{t}'))}, vs stock "
+                      f"{ms(pick('latency', f'stock_speedup/{t}'))}; the FLOPs plan at {b}: vs dense "
+                      f"{ms(pick('flops', f'speedup/{t}'))}, vs stock {ms(pick('flops', f'stock_speedup/{t}'))}")
         print(f"  FLOPs plan at {b}: measured latency ratio {ms(pick('flops', 'measured_ratio'))}, utility "
-              f"{ms(pick('flops', 'utility'))}; latency plan at its latency: measured "
+              f"{ms(pick('flops', 'utility'))}; latency plan at its predicted latency: measured "
               f"{ms(pick('latency@flops', 'measured_ratio'))}, utility {ms(pick('latency@flops', 'utility'))}")
-        diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
-                 if r["bound"] == b and r["plan"] == "latency@flops - flops"]
-        print("  utility, latency minus FLOPs controller at equal latency, per seed: "
-              + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs) + over_seeds([d for d, _ in diffs]))
+        print("  utility, latency minus FLOPs controller at equal predicted latency, per seed: "
+              + margins("latency@flops - flops"))
+        equal = pick("latency@flops measured", "measured_ratio")
+        if equal:
+            print(f"  latency plan calibrated to the FLOPs plan's measured latency: measured {ms(equal)} (FLOPs plan "
+                  f"minus it, per seed: " + ", ".join(f"{f - x:+.3f}" for f, x in zip(pick("flops", "measured_ratio"), equal))
+                  + f"), utility {ms(pick('latency@flops measured', 'utility'))}; latency minus FLOPs controller "
+                  "at equal measured latency, per seed: " + margins("latency@flops measured - flops"))
         cal = pick("latency, calibrated", "measured_ratio")
         if cal:
             print(f"  calibrated latency plan: measured {ms(cal)} (off by {ms([abs(x / b - 1) for x in cal])}), "
                   f"utility {ms(pick('latency, calibrated', 'utility'))}; per seed " + ", ".join(f"{x:.3f}" for x in cal))
         same = pick("flops-controller@latency", "measured_ratio")
         if same:
-            diffs = [(r["utility_diff"], r["se"]) for rows in runs for r in rows
-                     if r["bound"] == b and r["plan"] == "latency - flops-controller@latency"]
             print(f"  FLOPs controller under --max-latency {b}: measured {ms(same)}, utility "
                   f"{ms(pick('flops-controller@latency', 'utility'))}; latency controller minus it, per seed: "
-                  + ", ".join(f"{d:+.4f} ± {se:.4f}" for d, se in diffs) + over_seeds([d for d, _ in diffs]))
+                  + margins("latency - flops-controller@latency"))
 
 
 def main(argv=None) -> int:
@@ -119,7 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--n", type=int, default=1000, help="shape scenes (and Fashion-MNIST images) for utility")
     p.add_argument("--split", default="test", choices=("val", "test"),
-                   help="the split utility is measured on: choose a recipe on val, report on test")
+                   help="where utility is measured (test: the reported figures)")
+    p.add_argument("--equal-measured", action="store_true",
+                   help="compare the two controllers at the FLOPs plan's measured latency (module doc)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     lat_c, flops_c = load_controller(args.latency_controller), load_controller(args.flops_controller)
@@ -130,17 +145,12 @@ def main(argv=None) -> int:
     stock = load_model(base.spec).eval()  # the model as open_clip builds it, not made prunable
     timer = Timer(measures_for(stock, space, lm.profile["batch"], torch.device("cpu")), torch.device("cpu"),
                   args.repeats, 2)
+    latency_query = lambda b: plan_for_budget(lat_c, max_latency=b, base=base, latency=lm)  # noqa: E731
     rows = []
     for r in (float(x) for x in args.bounds.split(",")):
-        plans = {"latency": plan_for_budget(lat_c, max_latency=r, base=base, latency=lm),
-                 "flops": plan_for_budget(flops_c, max_flops=r, base=base, latency=lm)}
-        equal = plans["flops"].meta["latency"]["predicted_ratio"]
-        plans["latency@flops"] = plan_for_budget(lat_c, max_latency=equal, base=base, latency=lm)
-        plans["flops-controller@latency"] = plan_for_budget(flops_c, max_latency=r, base=base, latency=lm)
-        plans["latency, calibrated"] = calibrated_plan(
-            lambda b: plan_for_budget(lat_c, max_latency=b, base=base, latency=lm), base, lm, r)
         results = {}
-        for name, plan in plans.items():
+
+        def measure(name, plan):
             ev = evaluate_plan(base.model, plan, base.tokenizer, base.preprocess_cfg, n=args.n,
                                fmnist_limit=args.n, items=True, split=args.split)
             results[name] = ev
@@ -149,13 +159,26 @@ def main(argv=None) -> int:
                    **timed(base, space, plan, stock, timer)}
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        diff, se = utility_difference(results["latency@flops"]["items"], results["flops"]["items"])
-        rows.append({"bound": r, "plan": "latency@flops - flops", "utility_diff": diff, "se": se})
-        d2, se2 = utility_difference(results["latency"]["items"], results["flops-controller@latency"]["items"])
-        rows.append({"bound": r, "plan": "latency - flops-controller@latency", "utility_diff": d2, "se": se2})
-        print(f"bound {r}: utility latency@flops - flops = {diff:+.4f} ± {se:.4f}", flush=True)
+            return row
+
+        flops = measure("flops", plan_for_budget(flops_c, max_flops=r, base=base, latency=lm))
+        measure("latency@flops", latency_query(flops["predicted_ratio"]))
+        pairs = [("latency@flops", "flops")]
+        if args.equal_measured:
+            measure("latency@flops measured",
+                    calibrated_plan(latency_query, base, lm, min(1.0, flops["measured_ratio"]), tries=5, tolerance=0.02))
+            pairs.append(("latency@flops measured", "flops"))
+        else:
+            measure("latency", latency_query(r))
+            measure("flops-controller@latency", plan_for_budget(flops_c, max_latency=r, base=base, latency=lm))
+            measure("latency, calibrated", calibrated_plan(latency_query, base, lm, r))
+            pairs.append(("latency", "flops-controller@latency"))
+        for a, b in pairs:
+            diff, se = utility_difference(results[a]["items"], results[b]["items"])
+            rows.append({"bound": r, "plan": f"{a} - {b}", "utility_diff": diff, "se": se})
+            print(f"bound {r}: utility {a} - {b} = {diff:+.4f} ± {se:.4f}", flush=True)
     write_json(args.out, {"latency_controller": args.latency_controller, "flops_controller": args.flops_controller,
-                          "split": args.split,
+                          "split": args.split, "equal_measured": args.equal_measured,
                           "batch": lm.profile["batch"], "threads": torch.get_num_threads(), "rows": rows})
     return 0
 
