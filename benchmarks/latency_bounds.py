@@ -99,7 +99,8 @@ def summary(paths: list[str]) -> None:
                 print(f"  {t}: speed-up vs dense {ms(pick('latency', f'speedup/{t}'))}, vs stock "
                       f"{ms(pick('latency', f'stock_speedup/{t}'))}; the FLOPs plan at {b}: vs dense "
                       f"{ms(pick('flops', f'speedup/{t}'))}, vs stock {ms(pick('flops', f'stock_speedup/{t}'))}")
-        print(f"  FLOPs plan at {b}: measured latency ratio {ms(pick('flops', 'measured_ratio'))}, utility "
+        print(f"  FLOPs plan at {b}: predicted latency ratio {ms(pick('flops', 'predicted_ratio'))}, measured "
+              f"{ms(pick('flops', 'measured_ratio'))}, utility "
               f"{ms(pick('flops', 'utility'))}; latency plan at its predicted latency: measured "
               f"{ms(pick('latency@flops', 'measured_ratio'))}, utility {ms(pick('latency@flops', 'utility'))}")
         print("  utility, latency minus FLOPs controller at equal predicted latency, per seed: "

@@ -218,8 +218,8 @@ def markdown(result: dict) -> str:
              f"dense model: utility {f(d['utility'])}, POPE F1 random / popular / adversarial "
              f"{' / '.join(f(d[k]) for k in POPE_F1)}; {st['n']} test instructions of each kind, answered "
              f"greedily; hypervolume over {', '.join(result['reference']['axes'])} against (1, 1, 1)."
-             + (f" Every row refitted first (calibration: {describe_inputs(st['reconstructed']['inputs'])}, hipp bench "
-                "--reconstruct)." if st.get("reconstructed") else ""), "",
+             + (f" Every row refitted first (calibration: {describe_inputs(st['reconstructed']['inputs'])}, "
+                "hipp bench --reconstruct)." if st.get("reconstructed") else ""), "",
              "| method | budget | FLOPs | utility | POPE F1 rnd / pop / adv | prefill ms | layers kept | image tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for b in result["budgets"]:
