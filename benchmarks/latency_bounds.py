@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--n", type=int, default=1000, help="shape scenes (and Fashion-MNIST images) for utility")
     p.add_argument("--split", default="test", choices=("val", "test"),
-                   help="where utility is measured (test: the reported figures)")
+                   help="the split utility is measured on: choose a recipe on val, report on test")
     p.add_argument("--equal-measured", action="store_true",
                    help="compare the two controllers at the FLOPs plan's measured latency (module doc)")
     p.add_argument("--out", required=True)
