@@ -7,12 +7,15 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
+from hipp.data import fashion_mnist
 from hipp.storage.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train/ (the embedded teacher's builder) is not installed
 TEACHER_DIR = ROOT / "checkpoints" / "teacher-tiny"
 LLAVA_TEACHER_DIR = ROOT / "checkpoints" / "llava-tiny"
+# calibration sets take Fashion-MNIST train images when the optional package is installed
+HAVE_FMNIST_TRAIN = any((fashion_mnist.DEFAULT_ROOT / f"train-labels-idx1-ubyte{s}").is_file() for s in ("", ".gz"))
 
 TINY_CFG = {
     "embed_dim": 32,

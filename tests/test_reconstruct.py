@@ -16,7 +16,7 @@ from hipp.export.slicing import materialize
 from hipp.storage.checkpoint import get_processor
 from test_llava import logits, plans, prompts, tiny_llava
 
-from conftest import LLAVA_TEACHER_DIR, TEACHER_DIR
+from conftest import HAVE_FMNIST_TRAIN, LLAVA_TEACHER_DIR, TEACHER_DIR
 from test_query import tiny_controller_dir  # noqa: F401
 
 
@@ -158,9 +158,9 @@ def test_bench_measures_every_row_refitted(tiny_controller_dir, tmp_path, capsys
         assert rows["refit"][m]["metrics"] != rows["plain"][m]["metrics"], m
     assert runs["plain"]["settings"]["reconstructed"] is None
     record = runs["refit"]["settings"]["reconstructed"]
-    assert record["rows"] == 3 and record["inputs"]["texts"] in (8, 16) and record["damp"] > 0  # 8 captions (+ 8 class captions)
-    texts = record["inputs"]["texts"]
-    assert f"calibration: {record['inputs']['images']} images, {texts} texts" in (tmp_path / "refit" / "bench.md").read_text()
+    n = 8 * (1 + HAVE_FMNIST_TRAIN)  # 8 scenes and captions (+ 8 Fashion-MNIST images and class captions)
+    assert record["rows"] == 3 and record["inputs"] == {"images": n, "texts": n} and record["damp"] > 0
+    assert f"calibration: {n} images, {n} texts" in (tmp_path / "refit" / "bench.md").read_text()
     assert_bad(*cli(capsys, *args, "--reconstruct", 0, "--out", tmp_path / "bad"), "--reconstruct takes")
     assert_bad(*cli(capsys, *args, "--reconstruct", 8, "--recover-steps", 2, "--out", tmp_path / "bad"),
                "without --recover-steps")
