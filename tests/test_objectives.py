@@ -167,6 +167,16 @@ def test_keep_reward_pulls_a_quality_only_preference_towards_dense_and_leaves_a_
         ObjectiveConfig(names=("utility", "grounding"), keep_reward=0.1)
     with pytest.raises(HippError, match="keep_reward"):
         ObjectiveConfig(names=names, keep_reward=-0.1)
+    # a power keeps the reward to near-quality-only preferences: the quality weight 0.5 earns 0.5 ** 4
+    vertex = Objectives(ObjectiveConfig(names=names, keep_reward=0.1, keep_reward_power=4), space)
+    losses = {"utility": torch.tensor(0.2), "grounding": torch.tensor(0.3), "flops": torch.tensor(0.6),
+              "params": torch.tensor(0.8)}
+    for pref, quality in (([1.0, 0.0, 0.0, 0.0], 1.0), ([0.3, 0.2, 0.5, 0.0], 0.5 ** 4)):
+        p = torch.tensor(pref)
+        assert float(vertex.scalarize(losses, p)) == pytest.approx(float(plain.scalarize(losses, p)) - 0.1 * quality * 0.7)
+    for bad in (0.5, True, "8"):
+        with pytest.raises(HippError, match="keep_reward_power"):
+            ObjectiveConfig(names=names, keep_reward=0.1, keep_reward_power=bad)
 
 
 def test_chebyshev_gradient_reaches_only_the_worst_term_unless_smoothed():

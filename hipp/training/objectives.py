@@ -200,10 +200,12 @@ class ObjectiveConfig:
     utility_existence: bool = True  # generative: the answer KL also covers existence (POPE) answers
     existence_margin: str = "yes-no"  # generative grounding: yes against no, or the answer against every token
     # meant to give a preference that pays nothing for cost the dense model: the scalarised loss rewards
-    # kept cost (the mean cost ratio) by keep_reward x the preference's quality weight. Off: on the LLaVA
-    # teacher 0.05 / 0.1 did not carry the sweep's dense end past 0.9 on every seed and 0.1 cost bound
-    # queries utility (docs/studies/llava-controller-recipe.md)
+    # kept cost (the mean cost ratio) by keep_reward x the preference's quality weight (to a power below)
+    # (docs/studies/llava-controller-recipe.md)
     keep_reward: float = 0.0
+    # the reward goes as the quality weight to this power: a high power keeps it to near-quality-only
+    # preferences, so that preferences which do pay for cost are left as they were
+    keep_reward_power: float = 1.0
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -232,6 +234,9 @@ class ObjectiveConfig:
         if isinstance(self.keep_reward, bool) or not isinstance(self.keep_reward, (int, float)) or \
                 not 0 <= self.keep_reward < 1:
             raise HippError(f"objectives.keep_reward must be a number in [0, 1), got {self.keep_reward!r}")
+        if isinstance(self.keep_reward_power, bool) or not isinstance(self.keep_reward_power, (int, float)) or \
+                not 1 <= self.keep_reward_power <= 64:
+            raise HippError(f"objectives.keep_reward_power must be a number in [1, 64], got {self.keep_reward_power!r}")
         if self.keep_reward and not any(n in COSTS for n in self.names):
             raise HippError("objectives.keep_reward rewards kept cost: it needs a cost objective (flops, params, latency)")
         if self.existence_margin not in EXISTENCE_MARGINS:
@@ -310,4 +315,5 @@ class Objectives:
         if not self.config.keep_reward:
             return out
         cost = torch.tensor([n in COSTS for n in self.names], device=x.device)
-        return out - self.config.keep_reward * pref[..., ~cost].sum(-1) * x[..., cost].mean(-1)
+        quality = pref[..., ~cost].sum(-1) ** self.config.keep_reward_power
+        return out - self.config.keep_reward * quality * x[..., cost].mean(-1)
