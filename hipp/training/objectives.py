@@ -200,7 +200,7 @@ class ObjectiveConfig:
     utility_existence: bool = True  # generative: the answer KL also covers existence (POPE) answers
     existence_margin: str = "yes-no"  # generative grounding: yes against no, or the answer against every token
     # meant to give a preference that pays nothing for cost the dense model: the scalarised loss rewards
-    # kept cost (the mean cost ratio) by keep_reward x the preference's quality weight (to a power below)
+    # kept cost (the mean cost ratio) by keep_reward x the preference's quality weight to keep_reward_power
     # (docs/studies/llava-controller-recipe.md)
     keep_reward: float = 0.0
     # the reward goes as the quality weight to this power: a high power keeps it to near-quality-only
