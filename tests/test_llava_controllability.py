@@ -1,5 +1,5 @@
 """The controllability benchmark's paired error on the adversarial POPE F1 gap between two plans."""
-from benchmarks.llava_controllability import f1_gap
+from benchmarks.llava_controllability import agreement, f1_gap
 from hipp.data.instruct import make_samples
 from hipp.evaluation.answers import score
 from hipp.evaluation.generative_bench import Answers
@@ -13,3 +13,14 @@ def test_the_gap_is_the_f1_difference_and_its_error_is_zero_only_for_the_same_an
     gap, se = f1_gap(Answers(samples, truth), Answers(samples, yes))
     assert gap == 1.0 - score(samples, yes)["pope/adversarial_f1"] and abs(gap - (1 - 2 / 3)) < 1e-9
     assert 0.0 < se < gap
+
+
+def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_right():
+    samples = make_samples("val", 40, seed=0, kinds=("pope/adversarial",))
+    truth = [s.answer for s in samples]
+    teacher = ["yes"] * len(samples)  # right on the half whose answer is yes
+    assert agreement(teacher, Answers(samples, truth)) == {
+        "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes")}
+    assert agreement(teacher, Answers(samples, ["Yes."] * len(samples))) == {
+        "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes")}
+    assert 0 < truth.count("yes") < len(samples)
