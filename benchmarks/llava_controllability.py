@@ -65,7 +65,8 @@ def agreement(teacher: list[str], answers: Answers) -> dict:
     """How many adversarial answers agree with the teacher's, and how many of those are right against the
     label: a plan can keep more of the teacher's answers and gain only its errors."""
     kept = [(a, s.answer) for a, t, s in zip(yes_no(answers), teacher, answers.samples) if a == t]
-    return {"adversarial_as_teacher": len(kept), "adversarial_as_teacher_right": sum(a == label for a, label in kept)}
+    return {"adversarial_as_teacher": len(kept), "adversarial_as_teacher_right": sum(a == label for a, label in kept),
+            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in yes_no(answers))}
 
 
 def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
@@ -141,7 +142,7 @@ def main() -> int:
         answers.append(adversarial(small, base.tokenizer, args.split, args.n))
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
-                     **{k: rep["metrics"][k] for k in POPE},
+                     **{k: rep["metrics"][k] for k in POPE}, "pope/adversarial_acc": rep["metrics"]["pope/adversarial_acc"],
                      **agreement(teacher, answers[-1]),
                      **logit_rows})
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
@@ -152,11 +153,12 @@ def main() -> int:
               "adversarial_f1_last_minus_first": gap, "paired_se": gap_se}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}"
              f"{f', polished {args.polish} steps' if args.polish else ''})", "",
-             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right) "
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| kept before the fit | logit rank correlation with the first weight's |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
-              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} ({r['adversarial_as_teacher_right']}) | "
+              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} ({r['adversarial_as_teacher_right']}; "
+              f"{r['adversarial_neither_yes_nor_no']}; {r['pope/adversarial_acc']:.3f}) | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
     why = "fewer than three weights" if len(rows) < 3 else "every plan scores alike"
     lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),

@@ -20,7 +20,10 @@ def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_r
     truth = [s.answer for s in samples]
     teacher = ["yes"] * len(samples)  # right on the half whose answer is yes
     assert agreement(teacher, Answers(samples, truth)) == {
-        "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes")}
+        "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes"),
+        "adversarial_neither_yes_nor_no": 0}
     assert agreement(teacher, Answers(samples, ["Yes."] * len(samples))) == {
-        "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes")}
+        "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes"),
+        "adversarial_neither_yes_nor_no": 0}
+    assert agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))["adversarial_neither_yes_nor_no"] == 40
     assert 0 < truth.count("yes") < len(samples)
