@@ -62,11 +62,13 @@ def yes_no(answers: Answers) -> list[str]:
 
 
 def agreement(teacher: list[str], answers: Answers) -> dict:
-    """How many adversarial answers agree with the teacher's, and how many of those are right against the
-    label: a plan can keep more of the teacher's answers and gain only its errors."""
-    kept = [(a, s.answer) for a, t, s in zip(yes_no(answers), teacher, answers.samples) if a == t]
+    """How many adversarial answers agree with the teacher's, how many of those are right against the label
+    (a plan can keep more of the teacher's answers and gain only its errors), and how many are neither yes
+    nor no (F1 counts them as a no; accuracy as wrong)."""
+    said = yes_no(answers)
+    kept = [(a, s.answer) for a, t, s in zip(said, teacher, answers.samples) if a == t]
     return {"adversarial_as_teacher": len(kept), "adversarial_as_teacher_right": sum(a == label for a, label in kept),
-            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in yes_no(answers))}
+            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in said)}
 
 
 def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:

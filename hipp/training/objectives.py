@@ -231,12 +231,11 @@ class ObjectiveConfig:
             raise HippError("objectives.smooth and objectives.rho must be >= 0")
         if not isinstance(self.utility_existence, bool):
             raise HippError(f"objectives.utility_existence must be true or false, got {self.utility_existence!r}")
-        if isinstance(self.keep_reward, bool) or not isinstance(self.keep_reward, (int, float)) or \
-                not 0 <= self.keep_reward < 1:
-            raise HippError(f"objectives.keep_reward must be a number in [0, 1), got {self.keep_reward!r}")
-        if isinstance(self.keep_reward_power, bool) or not isinstance(self.keep_reward_power, (int, float)) or \
-                not 1 <= self.keep_reward_power <= 64:
-            raise HippError(f"objectives.keep_reward_power must be a number in [1, 64], got {self.keep_reward_power!r}")
+        for name, ok, span in (("keep_reward", lambda v: 0 <= v < 1, "[0, 1)"),
+                               ("keep_reward_power", lambda v: 1 <= v <= 64, "[1, 64]")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise HippError(f"objectives.{name} must be a number in {span}, got {v!r}")
         if self.keep_reward and not any(n in COSTS for n in self.names):
             raise HippError("objectives.keep_reward rewards kept cost: it needs a cost objective (flops, params, latency)")
         if self.existence_margin not in EXISTENCE_MARGINS:
