@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hipp.cli.main import main
+from hipp.errors import HippError
 from hipp.training.objectives import answer_kl, decision_loss
 from test_query import assert_bad, cli
 from test_trainer import LAUNCHED, free_port
@@ -62,6 +63,30 @@ def test_decision_loss_against_every_token_counts_a_third_token_taking_the_answe
     assert float(decision_loss(teacher, drowned)) == pytest.approx((5 + 4 + 3) / 6)
     empty = torch.zeros(0, 2, requires_grad=True)
     assert float(decision_loss(empty.detach(), empty).detach()) == 0.0
+
+
+def test_decision_loss_read_as_odds_weighs_close_calls_over_firm_answers():
+    teacher = torch.tensor([8.0, -8.0, 1.0])  # two firm answers, one close call
+    assert float(decision_loss(teacher, teacher, "odds")) == pytest.approx(0.0, abs=1e-7)
+    # each question losing 1 of its margin: the hinge charges the firm answers as much as the close call,
+    # the odds charge the close call, which is what flips an answer
+    student = (teacher - torch.sign(teacher)).requires_grad_()
+    decision_loss(teacher, student, "odds").backward()
+    firm, close = student.grad[:2].abs(), student.grad[2].abs()
+    assert bool((close > 20 * firm).all())
+    hinge = student.detach().clone().requires_grad_()
+    decision_loss(teacher, hinge, "hinge").backward()
+    assert float(hinge.grad.abs().max() - hinge.grad.abs().min()) == pytest.approx(0.0)
+    flipped = decision_loss(teacher, -teacher, "odds")
+    assert float(flipped) > float(decision_loss(teacher, torch.zeros(3), "odds")) > 0
+    assert float(decision_loss(teacher, -teacher, "squared")) == pytest.approx(4.0)
+    # against every token the odds read the teacher's answer's log-odds, whichever it is
+    pair = torch.tensor([[3.0, -4.0], [-5.0, 2.0]])
+    assert float(decision_loss(pair, pair, "odds")) == pytest.approx(0.0, abs=1e-7)
+    other = torch.tensor([[3.0, 0.0], [0.0, 2.0]])  # only the answer not given moved: nothing lost
+    assert float(decision_loss(pair, other, "odds")) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(HippError, match="grounding mode 'maybe'"):
+        decision_loss(teacher, teacher, "maybe")
 
 
 def test_every_token_margins_are_the_log_odds_of_yes_and_of_no():
@@ -175,6 +200,7 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     u, g = (plan.preference[n] / scale[n] for n in ("utility", "grounding"))
     split = on_its_split(controller, plan, GateTraining())
     assert abs(split.utility_weight - u / (u + g)) < 1e-12 and abs(split.grounding_weight - g / (u + g)) < 1e-12
+    assert split.grounding_mode == "hinge" and on_its_split(controller, plan, GateTraining(), "odds").grounding_mode == "odds"
     units = own_logits(controller, plan.preference, 0.5)[0]  # the polish starts where the plan stands:
     start, kept = units.flat(plan_logits(controller, plan)), units.flat(plan.gates)  # its units, bar the top-up
     assert (start > 0).sum() >= 1 and bool((kept[start > 0] == 1).all())

@@ -49,6 +49,7 @@ class GateTraining:
     utility_weight: float = 1.0    # quality = these weights times the raw losses: the plain sum by default;
     grounding_weight: float = 1.0  # (1 - w, w) trains the gates for one utility : grounding split
     existence_margin: str = "yes-no"  # a LLaVA's grounding margin (hipp.training.objectives)
+    grounding_mode: str = "hinge"  # how that margin is read (hipp.training.objectives)
 
     def __post_init__(self):
         ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
@@ -115,7 +116,8 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     names = ("utility", "grounding", "flops") if task.has_negatives else ("utility", "flops")
     if not task.has_negatives and cfg.utility_weight == 0:
         raise HippError(f"fixed_budget: task {task.name!r} has no grounding loss, so utility_weight 0 leaves nothing to train")
-    objectives = Objectives(ObjectiveConfig(names=names, existence_margin=cfg.existence_margin), space)
+    objectives = Objectives(ObjectiveConfig(names=names, existence_margin=cfg.existence_margin,
+                                            grounding_mode=cfg.grounding_mode), space)
     if calibration.generative:
         from ..training.generative import GenerativeDistiller
         distiller = GenerativeDistiller(model, objectives, calibration.tokenizer, device)

@@ -36,6 +36,7 @@ class GenerativeDistiller:
     def __init__(self, model, objectives: Objectives | None, processor, device):
         self.model, self.objectives, self.processor, self.device = model, objectives, processor, device
         self.yes, self.no = answer_token(processor, "yes"), answer_token(processor, "no")
+        self.grounding_mode = "hinge" if objectives is None else objectives.config.grounding_mode
 
     def inputs(self, batch) -> tuple:
         """Model inputs of the batch's samples, the answer positions ([B, L-1] bool over the logits
@@ -86,7 +87,7 @@ class GenerativeDistiller:
                                                             enc["input_ids"], enc.get("attention_mask")))
             s_answers, s_margin = self.forward(inputs)
         t_answers, t_margin = teacher
-        return {"utility": answer_kl(t_answers, s_answers), "grounding": decision_loss(t_margin, s_margin)}
+        return {"utility": answer_kl(t_answers, s_answers), "grounding": decision_loss(t_margin, s_margin, self.grounding_mode)}
 
     def losses(self, logits, gates, inputs, teacher: tuple, batch, tokens=None) -> dict[str, torch.Tensor]:
         """Objectives of the student under `gates` (and `tokens`: the token level's chunk logits and kept

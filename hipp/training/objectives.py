@@ -30,6 +30,12 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
               loss sum relu(m_t - m_s) / sum |m_t|: the yes-minus-no margin can be kept while
               some third token takes the answer (a plan trained on grounding alone then answers
               nothing), these log-odds cannot.
+              grounding_mode reads these margins as for the contrastive model: hinge (above),
+              squared, or odds: mean KL(Bernoulli(sigmoid(m_t)) || Bernoulli(sigmoid(m_s))) / log 2,
+              every question alike; the hinge's gradient is the same on every question below the
+              teacher's margin, so it spends as much on a firm answer losing part of a large margin
+              (which changes no answer) as on a close call about to flip; the odds' gradient
+              sigmoid(m_s) - sigmoid(m_t) is spent near the decision.
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
@@ -105,6 +111,14 @@ def margins(e: Embeddings) -> torch.Tensor:
     return pos - (img * neg).sum(-1)
 
 
+def odds_kl(zt: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """Mean KL(Bernoulli(sigmoid(zt)) || Bernoulli(sigmoid(zs))) / log 2 over log-odds zt (teacher), zs."""
+    pt = torch.sigmoid(zt)
+    # pt (log pt - log ps) + (1 - pt)(log(1 - pt) - log(1 - ps)), from the logits for stability
+    kl = pt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
+    return kl.mean() / math.log(2)
+
+
 def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge", eps: float = 1e-6,
                    logit_scale=None) -> torch.Tensor:
     """Keep the teacher's true-vs-hard-negative margins (see module doc for the modes; odds needs the
@@ -119,11 +133,7 @@ def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge"
     if mode == "odds":
         if logit_scale is None:
             raise HippError("the odds grounding loss needs the model's logit scale")
-        zt, zs = logit_scale * mt, logit_scale * ms
-        pt = torch.sigmoid(zt)
-        # KL of two Bernoullis from logits: pt (log pt - log ps) + (1 - pt)(log(1 - pt) - log(1 - ps))
-        kl = pt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
-        return kl.mean() / math.log(2)
+        return odds_kl(logit_scale * mt, logit_scale * ms)
     raise HippError(f"unknown grounding mode {mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
 
 
@@ -135,18 +145,26 @@ def answer_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
     return kl_rows(teacher_logits.detach().float(), student_logits.float()) / norm
 
 
-def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, mode: str = "hinge",
+                  eps: float = 1e-6) -> torch.Tensor:
     """[P] yes-minus-no margins of the P existence questions, or [P, 2] log-odds of yes and of no
-    against every other token -> the share of the teacher's decided margin the student loses (module
-    doc); 0 for a batch without such questions."""
-    mt = teacher_margin.detach().float()
+    against every other token -> what the student loses of the teacher's decisions, read by `mode`
+    (module doc); 0 for a batch without such questions."""
+    mt, ms = teacher_margin.detach().float(), student_margin.float()
     if mt.numel() == 0:
         return student_margin.sum() * 0.0
-    if mt.ndim == 2:  # the teacher's answer's log-odds, for both
+    side = torch.sign(mt)  # yes minus no: the teacher's answer is the margin's sign
+    if mt.ndim == 2:  # the teacher's answer's log-odds, for both: higher is always its side
         decided = (mt[:, 1] > mt[:, 0]).long()[:, None]
-        mt, ms = mt.gather(1, decided)[:, 0], student_margin.float().gather(1, decided)[:, 0]
-        return torch.relu(mt - ms).sum() / (mt.abs().sum() + eps)
-    return torch.relu(mt.abs() - torch.sign(mt) * student_margin.float()).sum() / (mt.abs().sum() + eps)
+        mt, ms = mt.gather(1, decided)[:, 0], ms.gather(1, decided)[:, 0]
+        side = torch.ones_like(mt)
+    if mode == "hinge":  # exceeding the teacher on its side costs nothing
+        return torch.relu(side * (mt - ms)).sum() / (mt.abs().sum() + eps)
+    if mode == "squared":
+        return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
+    if mode == "odds":
+        return odds_kl(mt, ms)
+    raise HippError(f"unknown grounding mode {mode!r}; expected one of {', '.join(GROUNDING_MODES)}")
 
 
 # --- costs ----------------------------------------------------------------------------------
