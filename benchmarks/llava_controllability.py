@@ -47,6 +47,8 @@ from hipp.query.bound import load_base  # noqa: E402
 from hipp.query.polish import SPLIT_GROUNDING, polish  # noqa: E402
 from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
+from hipp.tasks.instruct import InstructBatch  # noqa: E402
+from hipp.training.generative import GenerativeDistiller  # noqa: E402
 from hipp.training.objectives import GROUNDING_MODES  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
@@ -63,14 +65,30 @@ def yes_no(answers: Answers) -> list[str]:
     return [first_word(a) for a in answers.predictions]
 
 
-def agreement(teacher: list[str], answers: Answers) -> dict:
+def teacher_margins(model, processor, samples: list) -> torch.Tensor:
+    """The dense model's yes-minus-no margins at the probes' first answer token: how firm each answer is."""
+    distiller = GenerativeDistiller(model, None, processor, next(model.parameters()).device)
+    with torch.no_grad():
+        return torch.cat([distiller.forward(distiller.inputs(InstructBatch(samples[i:i + 50])))[1].cpu()
+                          for i in range(0, len(samples), 50)])
+
+
+def agreement(teacher: list[str], answers: Answers, close: list[bool] | None = None) -> dict:
     """How many adversarial answers agree with the teacher's, how many of those are right against the label
-    (a plan can keep more of the teacher's answers and gain only its errors), and how many are neither yes
-    nor no (F1 counts them as a no; accuracy as wrong)."""
+    (a plan can keep more of the teacher's answers and gain only its errors), how many are neither yes
+    nor no (F1 counts them as a no; accuracy as wrong), F1's two errors (a yes to an absent object, a
+    present one not said yes to) and, given `close` (the probes the teacher answers least firmly), how many
+    of the teacher's answers lost are among them."""
     said = yes_no(answers)
-    kept = [(a, s.answer) for a, t, s in zip(said, teacher, answers.samples) if a == t]
-    return {"adversarial_as_teacher": len(kept), "adversarial_as_teacher_right": sum(a == label for a, label in kept),
-            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in said)}
+    labels = [s.answer for s in answers.samples]
+    kept = [(a, label) for a, t, label in zip(said, teacher, labels) if a == t]
+    out = {"adversarial_as_teacher": len(kept), "adversarial_as_teacher_right": sum(a == label for a, label in kept),
+           "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in said),
+           "adversarial_false_yes": sum(a == "yes" and label == "no" for a, label in zip(said, labels)),
+           "adversarial_missed_yes": sum(a != "yes" and label == "yes" for a, label in zip(said, labels))}
+    if close is not None:
+        out["adversarial_lost_on_close_calls"] = sum(a != t and c for a, t, c in zip(said, teacher, close))
+    return out
 
 
 def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
@@ -124,7 +142,9 @@ def main() -> int:
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
-    teacher = yes_no(adversarial(base.model, base.tokenizer, args.split, args.n))  # no gates installed: the dense model
+    dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
+    teacher, firmness = yes_no(dense), teacher_margins(base.model, base.tokenizer, dense.samples).abs()
+    close = (firmness <= firmness.quantile(0.25)).tolist()  # the quarter of probes the teacher answers least firmly
     rows, first, answers = [], None, []
     for w in (float(v) for v in args.weights.split(",")):
         split = {"utility": 1.0 - w, "grounding": w}
@@ -149,7 +169,7 @@ def main() -> int:
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
                      **{k: rep["metrics"][k] for k in POPE}, "pope/adversarial_acc": rep["metrics"]["pope/adversarial_acc"],
-                     **agreement(teacher, answers[-1]),
+                     **agreement(teacher, answers[-1], close),
                      **logit_rows})
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
@@ -161,11 +181,13 @@ def main() -> int:
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}"
              f"{f', polished {args.polish} steps, grounding {args.polish_grounding}' if args.polish else ''})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
+             "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
               f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} ({r['adversarial_as_teacher_right']}; "
               f"{r['adversarial_neither_yes_nor_no']}; {r['pope/adversarial_acc']:.3f}) | "
+              f"{r['adversarial_false_yes']} / {r['adversarial_missed_yes']} | {r['adversarial_lost_on_close_calls']} | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
     why = "fewer than three weights" if len(rows) < 3 else "every plan scores alike"
     lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),

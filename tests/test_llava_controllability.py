@@ -19,11 +19,14 @@ def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_r
     samples = make_samples("val", 40, seed=0, kinds=("pope/adversarial",))
     truth = [s.answer for s in samples]
     teacher = ["yes"] * len(samples)  # right on the half whose answer is yes
-    assert agreement(teacher, Answers(samples, truth)) == {
+    close = [i < 10 for i in range(len(samples))]  # the first ten: five yes, five no
+    assert agreement(teacher, Answers(samples, truth), close) == {
         "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes"),
-        "adversarial_neither_yes_nor_no": 0}
+        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": 0, "adversarial_missed_yes": 0,
+        "adversarial_lost_on_close_calls": 5}
     assert agreement(teacher, Answers(samples, ["Yes."] * len(samples))) == {
         "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes"),
-        "adversarial_neither_yes_nor_no": 0}
-    assert agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))["adversarial_neither_yes_nor_no"] == 40
+        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": truth.count("no"), "adversarial_missed_yes": 0}
+    stray = agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))
+    assert stray["adversarial_neither_yes_nor_no"] == 40 and stray["adversarial_missed_yes"] == truth.count("yes")
     assert 0 < truth.count("yes") < len(samples)
