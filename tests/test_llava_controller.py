@@ -89,6 +89,32 @@ def test_decision_loss_read_as_odds_weighs_close_calls_over_firm_answers():
         decision_loss(teacher, teacher, "maybe")
 
 
+def test_balanced_decision_loss_weighs_the_teachers_yes_answers_as_much_as_its_no_answers():
+    teacher = torch.tensor([2.0, -8.0, 3.0, -9.0])  # the no answers are the firmer, as on the LLaVA teacher
+    lose_yes = torch.tensor([0.0, -8.0, 3.0, -9.0])  # the first yes undecided
+    lose_no = torch.tensor([2.0, -6.0, 3.0, -9.0])  # the first no loses as much margin
+    assert float(decision_loss(teacher, lose_yes)) == pytest.approx(float(decision_loss(teacher, lose_no)))
+    assert float(decision_loss(teacher, lose_yes, "balanced")) == pytest.approx(0.5 * 2 / 5)
+    assert float(decision_loss(teacher, lose_no, "balanced")) == pytest.approx(0.5 * 2 / 17)
+    assert float(decision_loss(teacher, 2 * teacher, "balanced")) == pytest.approx(0.0)
+    assert float(decision_loss(teacher, -teacher, "balanced")) == pytest.approx(2.0)
+    only_yes = torch.tensor([2.0, 3.0])  # a batch whose teacher says one answer: the plain hinge
+    assert float(decision_loss(only_yes, torch.zeros(2), "balanced")) == pytest.approx(1.0)
+    pair = torch.tensor([[3.0, -4.0], [-5.0, 2.0], [1.0, -3.0]])  # against every token: yes, no, yes
+    drowned = torch.tensor([[-2.0, -9.0], [-9.0, -2.0], [-2.0, -6.0]])
+    assert float(decision_loss(pair, drowned, "balanced")) == pytest.approx(0.5 * (5 + 3) / 4 + 0.5 * 4 / 2)
+
+
+def test_balanced_grounding_is_refused_for_a_contrastive_model(tmp_path, capsys):
+    from hipp.training.objectives import Embeddings, grounding_loss
+    e = Embeddings(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4))
+    with pytest.raises(HippError, match="no such sides"):
+        grounding_loss(e, e, mode="balanced")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "unused", "objectives": {"grounding_mode": "balanced"}}))
+    assert_bad(*cli(capsys, "train", "--config", path), "grounding_mode balanced")
+
+
 def test_every_token_margins_are_the_log_odds_of_yes_and_of_no():
     from hipp.data.instruct import make_samples
     from hipp.storage.checkpoint import get_processor, load_model

@@ -35,7 +35,10 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
               every question alike; the hinge's gradient is the same on every question below the
               teacher's margin, so it spends as much on a firm answer losing part of a large margin
               (which changes no answer) as on a close call about to flip; the odds' gradient
-              sigmoid(m_s) - sigmoid(m_t) is spent near the decision.
+              sigmoid(m_s) - sigmoid(m_t) is spent near the decision. balanced: the hinge over the
+              teacher's yes answers and over its no answers, averaged; the teacher's no margins are
+              the larger, so the plain hinge is mostly theirs and a plan trained on it keeps its
+              no answers and loses yes answers (recall, which POPE's F1 counts).
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
@@ -57,7 +60,7 @@ from ..core.space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params", "latency")
 SCALARIZATIONS = ("linear", "chebyshev")
-GROUNDING_MODES = ("hinge", "squared", "odds")
+GROUNDING_MODES = ("hinge", "squared", "odds", "balanced")  # balanced: generative models only
 EXISTENCE_MARGINS = ("yes-no", "every-token")
 
 
@@ -130,6 +133,9 @@ def grounding_loss(student: Embeddings, teacher: Embeddings, mode: str = "hinge"
         return torch.relu(mt - ms).sum() / (mt.abs().sum() + eps)
     if mode == "squared":
         return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
+    if mode == "balanced":
+        raise HippError("grounding mode 'balanced' weighs a generative model's yes and no answers alike; "
+                        "a contrastive model's margins have no such sides (use hinge, squared or odds)")
     if mode == "odds":
         if logit_scale is None:
             raise HippError("the odds grounding loss needs the model's logit scale")
@@ -153,13 +159,16 @@ def decision_loss(teacher_margin: torch.Tensor, student_margin: torch.Tensor, mo
     mt, ms = teacher_margin.detach().float(), student_margin.float()
     if mt.numel() == 0:
         return student_margin.sum() * 0.0
-    side = torch.sign(mt)  # yes minus no: the teacher's answer is the margin's sign
+    side, yes = torch.sign(mt), mt > 0  # yes minus no: the teacher's answer is the margin's sign
     if mt.ndim == 2:  # the teacher's answer's log-odds, for both: higher is always its side
         decided = (mt[:, 1] > mt[:, 0]).long()[:, None]
         mt, ms = mt.gather(1, decided)[:, 0], ms.gather(1, decided)[:, 0]
-        side = torch.ones_like(mt)
-    if mode == "hinge":  # exceeding the teacher on its side costs nothing
-        return torch.relu(side * (mt - ms)).sum() / (mt.abs().sum() + eps)
+        side, yes = torch.ones_like(mt), decided[:, 0] == 0
+    lost = torch.relu(side * (mt - ms))  # exceeding the teacher on its side costs nothing
+    if mode == "hinge":
+        return lost.sum() / (mt.abs().sum() + eps)
+    if mode == "balanced":
+        return torch.stack([lost[m].sum() / (mt[m].abs().sum() + eps) for m in (yes, ~yes) if m.any()]).mean()
     if mode == "squared":
         return (ms - mt).pow(2).mean() / (mt.pow(2).mean() + eps)
     if mode == "odds":

@@ -99,6 +99,9 @@ class TrainConfig:
             raise HippError("objectives.utility_existence applies to a generative task's answers (task instruct)")
         if objectives.existence_margin != "yes-no" and task.family != "generative":
             raise HippError("objectives.existence_margin applies to a generative task's existence answers (task instruct)")
+        if objectives.grounding_mode == "balanced" and task.family != "generative":
+            raise HippError("objectives.grounding_mode balanced weighs a generative task's yes and no answers alike "
+                            "(task instruct); a contrastive task takes hinge, squared or odds")
         if ("latency" in names) != (self.latency_profile is not None):
             raise HippError("the latency objective needs latency_profile (a file from hipp profile), and "
                             "latency_profile needs 'latency' among objectives.names")
