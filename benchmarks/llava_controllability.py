@@ -13,7 +13,8 @@ trained at the budget on (1 - w) x utility + w x grounding, the raw losses (grou
 the controller's training config sets it). `--match cost --polish N` polishes each cost-matched plan
 as `hipp query --pref ... --max-flops B --polish N` does: N free-gate steps at the budget from the
 plan's own logits, on its split as the controller weighs it (hipp/query/polish.py); `--polish-grounding`
-says how that polish reads the grounding margins (hinge, squared, odds). Each plan is materialised and
+says how that polish reads the grounding margins (hinge, squared, odds, balanced), `--polish-utility`
+which answers its utility covers. Each plan is materialised and
 answers n test (or validation) questions of the kinds measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
@@ -44,7 +45,7 @@ from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: 
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
-from hipp.query.polish import SPLIT_GROUNDING, polish  # noqa: E402
+from hipp.query.polish import SPLIT, polish  # noqa: E402
 from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 from hipp.tasks.instruct import InstructBatch  # noqa: E402
@@ -131,8 +132,11 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200, help="samples of each kind")
     ap.add_argument("--polish", type=int, default=0, metavar="STEPS",
                     help="with --match cost: each plan polished on its split (hipp query --polish STEPS)")
-    ap.add_argument("--polish-grounding", default=SPLIT_GROUNDING, choices=GROUNDING_MODES,
+    ap.add_argument("--polish-grounding", default=SPLIT["grounding_mode"], choices=GROUNDING_MODES,
                     help="with --polish: how the polish reads the grounding margins (objectives.grounding_mode)")
+    ap.add_argument("--polish-utility", default="every" if SPLIT["utility_existence"] else "not-existence",
+                    choices=("every", "not-existence"), help="with --polish: the answers the polish's utility covers "
+                    "(not-existence: objectives.utility_existence false, the yes / no answers left to grounding)")
     ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
                     help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
                          "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
@@ -140,6 +144,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.polish and args.match != "cost":
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
+    split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every"}
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
@@ -155,7 +160,7 @@ def main() -> int:
                 fitted(controller, split, args.budget)
             logits = own_logits(controller, plan.preference, args.budget)[1]
             if args.polish:  # hipp query --pref ... --max-flops B --polish N: gates trained on the split
-                plan, logits = polish(base, controller, plan, args.polish, split_grounding=args.polish_grounding), None
+                plan, logits = polish(base, controller, plan, args.polish, split=split_options), None
         pref = plan.preference
         if logits is not None:  # does the weight move which units rank first, or only how many are kept?
             first = logits if first is None else first
@@ -176,10 +181,10 @@ def main() -> int:
     gap, gap_se = f1_gap(answers[-1], answers[0])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "polish_steps": args.polish,
-              "polish_grounding": args.polish_grounding if args.polish else None, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
+              "polish_split": split_options if args.polish else None, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
               "adversarial_f1_last_minus_first": gap, "paired_se": gap_se}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}"
-             f"{f', polished {args.polish} steps, grounding {args.polish_grounding}' if args.polish else ''})", "",
+             f"{f', polished {args.polish} steps, grounding {args.polish_grounding}, utility on {args.polish_utility} answers' if args.polish else ''})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",

@@ -50,6 +50,7 @@ class GateTraining:
     grounding_weight: float = 1.0  # (1 - w, w) trains the gates for one utility : grounding split
     existence_margin: str = "yes-no"  # a LLaVA's grounding margin (hipp.training.objectives)
     grounding_mode: str = "hinge"  # how that margin is read (hipp.training.objectives)
+    utility_existence: bool = True  # a LLaVA's utility also covers the yes / no answers (hipp.training.objectives)
 
     def __post_init__(self):
         ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
@@ -117,7 +118,8 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     if not task.has_negatives and cfg.utility_weight == 0:
         raise HippError(f"fixed_budget: task {task.name!r} has no grounding loss, so utility_weight 0 leaves nothing to train")
     objectives = Objectives(ObjectiveConfig(names=names, existence_margin=cfg.existence_margin,
-                                            grounding_mode=cfg.grounding_mode), space)
+                                            grounding_mode=cfg.grounding_mode,
+                                            utility_existence=cfg.utility_existence), space)
     if calibration.generative:
         from ..training.generative import GenerativeDistiller
         distiller = GenerativeDistiller(model, objectives, calibration.tokenizer, device)

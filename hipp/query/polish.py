@@ -39,8 +39,9 @@ from .ranking import CALIB_IMAGES, RANK_BY, rank_losses
 POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
 
 
-# how a preference's polish reads the grounding margins (hipp.training.objectives, grounding_mode)
-SPLIT_GROUNDING = "hinge"
+# a preference's polish: how it reads the grounding margins, and whether its utility also covers the
+# yes / no answers (hipp.training.objectives: grounding_mode, utility_existence)
+SPLIT = {"grounding_mode": "hinge", "utility_existence": True}
 
 MAX_STEPS = 10_000  # 80 times POLISH.steps, hours on a CPU: more is a typo, not a plan
 
@@ -67,20 +68,19 @@ def plan_logits(controller: Controller, plan: Plan) -> Gates:
     return map_gates(lambda t: t[0].detach().float().cpu() + offset, controller(pref.to(dtype), targets))
 
 
-def on_its_split(controller: Controller, plan: Plan, training: GateTraining, grounding_mode: str = SPLIT_GROUNDING
-                 ) -> GateTraining:
+def on_its_split(controller: Controller, plan: Plan, training: GateTraining, split: dict = SPLIT) -> GateTraining:
     """`training` weighing utility and grounding as the controller weighs `plan`'s preference: its
-    weights divided by the recipe's loss scales (objectives.scale), normalised; the grounding margins
-    read by `grounding_mode`."""
+    weights divided by the recipe's loss scales (objectives.scale), normalised; the losses read as
+    `split` says (SPLIT)."""
     objectives = (controller.extra.get("train_config") or {}).get("objectives") or {}
     scale = objectives.get("scale") or {}
     u, g = (plan.preference.get(n, 0.0) / scale.get(n, 1.0) for n in ("utility", "grounding"))
-    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g), grounding_mode=grounding_mode,
+    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g), **split,
                    existence_margin=objectives.get("existence_margin", training.existence_margin))
 
 
 def polished_plan(base: Base, controller: Controller, plan: Plan, training: GateTraining = POLISH, seed: int = 0,
-                  split_grounding: str = SPLIT_GROUNDING) -> tuple[Plan, dict]:
+                  split: dict = SPLIT) -> tuple[Plan, dict]:
     """`plan` after a gate run with `training` from its logits, fitted to its bounds (not yet compared
     with `plan`), and that run's {train_seconds, expected_flops, ...}. A preference's plan under a
     bound trains on its own split (on_its_split)."""
@@ -91,7 +91,7 @@ def polished_plan(base: Base, controller: Controller, plan: Plan, training: Gate
         if family(base.model) != "llava":
             raise HippError("polishing a preference under a bound is measured on generative (LLaVA) models only; "
                             "for this model polish a bound query (--max-flops without --pref)")
-        training = on_its_split(controller, plan, training, split_grounding)
+        training = on_its_split(controller, plan, training, split)
     bounds = {k: plan.meta[f"max_{k}"] for k in ("flops", "params") if f"max_{k}" in plan.meta}
     calibration = make_calibration(base.model, base.tokenizer, base.preprocess_cfg)
     gates, info = train_gates(base.model, controller.space, calibration, bounds["flops"], seed, training,
@@ -103,14 +103,14 @@ def polished_plan(base: Base, controller: Controller, plan: Plan, training: Gate
 
 
 def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.steps, seed: int = 0,
-           rank_by: str = RANK_BY, split_grounding: str = SPLIT_GROUNDING) -> Plan:
+           rank_by: str = RANK_BY, split: dict = SPLIT) -> Plan:
     """`plan` (from query.plan_for_budget with a max_flops bound) after `steps` polishing steps, or
     `plan` itself when the polished plan ranks worse; meta["polish"] says what happened."""
     check_steps(steps)
     if steps == 0:
         return plan
     start = time.perf_counter()
-    polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed, split_grounding)
+    polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed, split)
     if "trade_off" in plan.meta:  # the user's split, not a ranking's pick: nothing to compare with
         polished.meta["polish"] = {"steps": steps, "kept": True, "split": "own", "expected_flops": info["expected_flops"],
                                    "seconds": time.perf_counter() - start}
