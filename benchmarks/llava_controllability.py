@@ -148,8 +148,11 @@ def main() -> int:
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
-    teacher, firmness = yes_no(dense), teacher_margins(base.model, base.tokenizer, dense.samples).abs()
+    margin = teacher_margins(base.model, base.tokenizer, dense.samples)
+    teacher, firmness = yes_no(dense), margin.abs()
     close = (firmness <= firmness.quantile(0.25)).tolist()  # the quarter of probes the teacher answers least firmly
+    firm = {f"teacher_median_margin_{a}": float(firmness[margin > 0 if a == "yes" else margin < 0].median())
+            for a in ("yes", "no")}  # how firmly it says each answer (yes minus no logit)
     rows, first, answers = [], None, []
     for w in (float(v) for v in args.weights.split(",")):
         split = {"utility": 1.0 - w, "grounding": w}
@@ -182,7 +185,7 @@ def main() -> int:
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "polish_steps": args.polish,
               "polish_split": split_options if args.polish else None, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
-              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se}
+              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm}
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}"
              f"{f', polished {args.polish} steps, grounding {args.polish_grounding}, utility on {args.polish_utility} answers' if args.polish else ''})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
@@ -196,8 +199,10 @@ def main() -> int:
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
     why = "fewer than three weights" if len(rows) < 3 else "every plan scores alike"
     lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),
-              f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})"]
-    print("\n".join(lines[-2:]))
+              f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})",
+              "the teacher's median |yes - no| margin on the probes it answers yes / no: "
+              f"{firm['teacher_median_margin_yes']:.2f} / {firm['teacher_median_margin_no']:.2f}"]
+    print("\n".join(lines[-3:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "result.json", result)
