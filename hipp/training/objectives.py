@@ -36,9 +36,10 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
               teacher's margin, so it spends as much on a firm answer losing part of a large margin
               (which changes no answer) as on a close call about to flip; the odds' gradient
               sigmoid(m_s) - sigmoid(m_t) is spent near the decision. balanced: the hinge over the
-              teacher's yes answers and over its no answers, averaged; the teacher's no margins are
-              the larger, so the plain hinge is mostly theirs and a plan trained on it keeps its
-              no answers and loses yes answers (recall, which POPE's F1 counts).
+              teacher's yes answers and over its no answers, averaged (its no margins are the
+              larger, so the plain hinge is mostly theirs). On the LLaVA polish neither odds nor
+              balanced kept more of the teacher's yes answers than the hinge
+              (docs/studies/llava-controller-recipe.md, last section).
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
