@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hipp.cli.main import main
+from hipp.backends import gated
 from hipp.errors import HippError
 from hipp.training.objectives import answer_kl, decision_loss
 from test_query import assert_bad, cli
@@ -113,6 +114,33 @@ def test_balanced_grounding_is_refused_for_a_contrastive_model(tmp_path, capsys)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": "unused", "objectives": {"grounding_mode": "balanced"}}))
     assert_bad(*cli(capsys, "train", "--config", path), "grounding_mode balanced")
+
+
+def test_the_distiller_reads_its_grounding_margins_by_the_configured_mode():
+    from hipp.backends import make_prunable
+    from hipp.data.instruct import make_samples
+    from hipp.storage.checkpoint import get_processor, load_model
+    from hipp.tasks.instruct import InstructBatch
+    from hipp.training.generative import GenerativeDistiller
+    from hipp.training.objectives import ObjectiveConfig, Objectives
+    model, processor = load_model(str(LLAVA_TEACHER_DIR)).eval(), get_processor(str(LLAVA_TEACHER_DIR))
+    space = make_prunable(model, channel_group=64)
+    heads = [torch.ones(l.num_heads) for l in space.layers]
+    for h in heads[1::2]:
+        h[0] = 0  # one head gone in every other layer: the yes / no margins move
+    gates = (torch.ones(len(space.layers)), heads, [torch.ones(l.num_channel_gates) for l in space.layers])
+    batch = InstructBatch(make_samples("train", 20))
+    got = {}
+    for mode in ("hinge", "odds", "balanced"):
+        d = GenerativeDistiller(model, Objectives(ObjectiveConfig(grounding_mode=mode), space), processor, "cpu")
+        inputs = d.inputs(batch)
+        teacher = d.teacher(inputs, batch)
+        with torch.no_grad():
+            got[mode] = float(d.quality(gates, inputs, teacher)["grounding"])
+            with gated(model, gates):
+                student = d.forward(inputs)[1]
+        assert got[mode] == pytest.approx(float(decision_loss(teacher[1], student, mode)), rel=1e-5)
+    assert len(set(got.values())) == 3 and min(got.values()) > 0
 
 
 def test_every_token_margins_are_the_log_odds_of_yes_and_of_no():
