@@ -137,6 +137,8 @@ def test_bad_input_is_one_line_and_writes_nothing(export_dir, config, tiny_contr
     assert_bad(*run(export_dir, "--config", bad), "'negatives' must be in [0, 5]")
     bad.write_text("task: nope\n")
     assert_bad(*run(export_dir, "--config", bad), "unknown task")
+    bad.write_text("grounding_mode: balanced\n")  # a generative model's yes / no weighing: no contrastive reading
+    assert_bad(*run(export_dir, "--config", bad), "grounding_mode")
     bad.write_text("task: instruct\n")  # a LLaVA's recovery config
     assert_bad(*run(export_dir, "--config", bad), "serves generative models")
     assert_bad(*run(export_dir, "--resume"), "nothing to resume")

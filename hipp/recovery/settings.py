@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.shapes import MAX_NEGATIVES
-from ..training.objectives import GROUNDING_MODES
+from ..training.objectives import CONTRASTIVE_GROUNDING_MODES
 from ..tasks import DEFAULT_TASK, get_task
 
 RECOVER_SCHEDULES = ("constant", "cosine")
@@ -56,7 +56,7 @@ class RecoverConfig:
             "lr": (self.lr, above(0)), "lr_schedule": (self.lr_schedule, one_of(RECOVER_SCHEDULES)),
             "warmup_steps": (self.warmup_steps, at_least(0)), "weight_decay": (self.weight_decay, at_least(0)),
             "cosine_weight": (self.cosine_weight, at_least(0)), "grounding_weight": (self.grounding_weight, at_least(0)),
-            "grounding_mode": (self.grounding_mode, one_of(GROUNDING_MODES)),
+            "grounding_mode": (self.grounding_mode, one_of(CONTRASTIVE_GROUNDING_MODES)),
             "shape_fraction": (self.shape_fraction, within(0, 1, open_low=True)),
             "negatives": (self.negatives, within(0, MAX_NEGATIVES)), "eval_every": (self.eval_every, at_least(1)),
             "val_size": (self.val_size, at_least(10)), "patience": (self.patience, at_least(0)),

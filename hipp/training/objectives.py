@@ -61,7 +61,8 @@ from ..core.space import PruneSpace
 
 KNOWN = ("utility", "grounding", "flops", "params", "latency")
 SCALARIZATIONS = ("linear", "chebyshev")
-GROUNDING_MODES = ("hinge", "squared", "odds", "balanced")  # balanced: generative models only
+CONTRASTIVE_GROUNDING_MODES = ("hinge", "squared", "odds")
+GROUNDING_MODES = CONTRASTIVE_GROUNDING_MODES + ("balanced",)  # balanced: generative models only
 EXISTENCE_MARGINS = ("yes-no", "every-token")
 
 
