@@ -45,7 +45,7 @@ from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: 
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
-from hipp.query.polish import SPLIT, polish  # noqa: E402
+from hipp.query.polish import POLISH, SPLIT, polish  # noqa: E402
 from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 from hipp.tasks.instruct import InstructBatch  # noqa: E402
@@ -137,6 +137,9 @@ def main() -> int:
     ap.add_argument("--polish-utility", default="every" if SPLIT["utility_existence"] else "not-existence",
                     choices=("every", "not-existence"), help="with --polish: the answers the polish's utility covers "
                     "(not-existence: objectives.utility_existence false, the yes / no answers left to grounding)")
+    ap.add_argument("--polish-temperature", type=float, default=SPLIT["temperature_start"],
+                    help="with --polish: the polish's start temperature (how far the gates may move from the plan)")
+    ap.add_argument("--polish-lr", type=float, default=SPLIT["lr"], help="with --polish: the polish's learning rate")
     ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
                     help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
                          "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
@@ -144,7 +147,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.polish and args.match != "cost":
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
-    split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every"}
+    if not (args.polish_temperature > 0 and args.polish_lr > 0):
+        ap.error("--polish-temperature and --polish-lr must be > 0")
+    split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every",
+                     "temperature_start": args.polish_temperature, "lr": args.polish_lr}
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
@@ -153,6 +159,9 @@ def main() -> int:
     close = (firmness <= firmness.quantile(0.25)).tolist()  # the quarter of probes the teacher answers least firmly
     firm = {f"teacher_median_margin_{a}": float(firmness[margin > 0 if a == "yes" else margin < 0].median())
             for a in ("yes", "no")}  # how firmly it says each answer (yes minus no logit)
+    # what agreeing with the teacher can reach: its own adversarial F1 and errors
+    ceiling = {"pope/adversarial_f1": dense.metrics["pope/adversarial_f1"],
+               **{k: v for k, v in agreement(teacher, dense).items() if k in ("adversarial_false_yes", "adversarial_missed_yes")}}
     rows, first, answers = [], None, []
     for w in (float(v) for v in args.weights.split(",")):
         split = {"utility": 1.0 - w, "grounding": w}
@@ -185,9 +194,10 @@ def main() -> int:
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "polish_steps": args.polish,
               "polish_split": split_options if args.polish else None, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
-              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm}
-    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}"
-             f"{f', polished {args.polish} steps, grounding {args.polish_grounding}, utility on {args.polish_utility} answers' if args.polish else ''})", "",
+              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling}
+    how = (f", polished {args.polish} steps, grounding {args.polish_grounding}, utility on {args.polish_utility} answers, "
+           f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}") if args.polish else ""
+    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",
@@ -201,8 +211,10 @@ def main() -> int:
     lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),
               f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})",
               "the teacher's median |yes - no| margin on the probes it answers yes / no: "
-              f"{firm['teacher_median_margin_yes']:.2f} / {firm['teacher_median_margin_no']:.2f}"]
-    print("\n".join(lines[-3:]))
+              f"{firm['teacher_median_margin_yes']:.2f} / {firm['teacher_median_margin_no']:.2f}",
+              f"the teacher's own adversarial F1 {ceiling['pope/adversarial_f1']:.3f} (false yes / missed yes "
+              f"{ceiling['adversarial_false_yes']} / {ceiling['adversarial_missed_yes']})"]
+    print("\n".join(lines[-4:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "result.json", result)

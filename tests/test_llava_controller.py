@@ -244,7 +244,7 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
 
     from hipp.baselines.fixed_budget import GateTraining
     from hipp.controller.files import load_controller
-    from hipp.query.polish import on_its_split, plan_logits
+    from hipp.query.polish import SPLIT, on_its_split, plan_logits
     from hipp.query.trade_off import own_logits, plan_for_preference
 
     controller = load_controller(trained)
@@ -252,9 +252,10 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     controller.extra["train_config"].setdefault("objectives", {})["scale"] = scale
     plan = plan_for_preference(controller, controller.preference("utility=1,grounding=1"), max_flops=0.5)
     u, g = (plan.preference[n] / scale[n] for n in ("utility", "grounding"))
-    split = on_its_split(controller, plan, GateTraining())
+    split = on_its_split(controller, plan, GateTraining(temperature_start=0.45, lr=0.017))  # neither SPLIT's
     assert abs(split.utility_weight - u / (u + g)) < 1e-12 and abs(split.grounding_weight - g / (u + g)) < 1e-12
     assert split.grounding_mode == "hinge" and split.utility_existence
+    assert (split.temperature_start, split.lr) == (SPLIT["temperature_start"], SPLIT["lr"])  # how far it may move
     other = on_its_split(controller, plan, GateTraining(), {"grounding_mode": "odds", "utility_existence": False})
     assert other.grounding_mode == "odds" and not other.utility_existence and other.utility_weight == split.utility_weight
     units = own_logits(controller, plan.preference, 0.5)[0]  # the polish starts where the plan stands:

@@ -39,9 +39,11 @@ from .ranking import CALIB_IMAGES, RANK_BY, rank_losses
 POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, temperature_end=0.1)
 
 
-# a preference's polish: how it reads the grounding margins, and whether its utility also covers the
-# yes / no answers (hipp.training.objectives: grounding_mode, utility_existence)
-SPLIT = {"grounding_mode": "hinge", "utility_existence": True}
+# a preference's polish: how it reads the grounding margins, whether its utility also covers the
+# yes / no answers (hipp.training.objectives: grounding_mode, utility_existence), and how far its gates
+# may move from the controller's plan (start temperature and learning rate, as POLISH by default)
+SPLIT = {"grounding_mode": "hinge", "utility_existence": True,
+         "temperature_start": POLISH.temperature_start, "lr": POLISH.lr}
 
 MAX_STEPS = 10_000  # 80 times POLISH.steps, hours on a CPU: more is a typo, not a plan
 
@@ -71,7 +73,7 @@ def plan_logits(controller: Controller, plan: Plan) -> Gates:
 def on_its_split(controller: Controller, plan: Plan, training: GateTraining, split: dict = SPLIT) -> GateTraining:
     """`training` weighing utility and grounding as the controller weighs `plan`'s preference: its
     weights divided by the recipe's loss scales (objectives.scale), normalised; the losses read as
-    `split` says (SPLIT)."""
+    `split` says (SPLIT), which may also set how far the gates move (temperature_start, lr)."""
     objectives = (controller.extra.get("train_config") or {}).get("objectives") or {}
     scale = objectives.get("scale") or {}
     u, g = (plan.preference.get(n, 0.0) / scale.get(n, 1.0) for n in ("utility", "grounding"))
