@@ -39,7 +39,7 @@ Generative (LLaVA-style) models, on teacher-forced instruction samples:
               teacher's yes answers and over its no answers, averaged (its no margins are the
               larger, so the plain hinge is mostly theirs). On the LLaVA polish neither odds nor
               balanced kept more of the teacher's yes answers than the hinge
-              (docs/studies/llava-controller-recipe.md, last section).
+              (docs/studies/llava-controller-recipe.md, "What the grounding weight buys at 0.4").
 - flops / params = expected cost of the gates (from keep-probabilities) over both towers,
               divided by the dense model's: 1.0 with all gates open, never below the share of
               fixed (non-prunable) costs.
