@@ -256,8 +256,10 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     assert abs(split.utility_weight - u / (u + g)) < 1e-12 and abs(split.grounding_weight - g / (u + g)) < 1e-12
     assert (split.grounding_mode, split.utility_existence) == (SPLIT["grounding_mode"], SPLIT["utility_existence"])
     assert (split.temperature_start, split.lr) == (SPLIT["temperature_start"], SPLIT["lr"])  # how far it may move
-    other = on_its_split(controller, plan, GateTraining(), {"grounding_mode": "odds", "utility_existence": True})
-    assert other.grounding_mode == "odds" and other.utility_existence and other.utility_weight == split.utility_weight
+    other = on_its_split(controller, plan, GateTraining(utility_existence=SPLIT["utility_existence"]),
+                         {"grounding_mode": "odds", "utility_existence": not SPLIT["utility_existence"]})
+    assert (other.grounding_mode, other.utility_existence) == ("odds", not SPLIT["utility_existence"])
+    assert other.utility_weight == split.utility_weight
     units = own_logits(controller, plan.preference, 0.5)[0]  # the polish starts where the plan stands:
     start, kept = units.flat(plan_logits(controller, plan)), units.flat(plan.gates)  # its units, bar the top-up
     assert (start > 0).sum() >= 1 and bool((kept[start > 0] == 1).all())
