@@ -50,7 +50,7 @@ from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 from hipp.tasks.instruct import InstructBatch  # noqa: E402
 from hipp.training.generative import GenerativeDistiller  # noqa: E402
-from hipp.training.objectives import GROUNDING_MODES  # noqa: E402
+from hipp.training.objectives import EXISTENCE_MARGINS, GROUNDING_MODES  # noqa: E402
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
 ADVERSARIAL = ("pope/adversarial",)
@@ -137,6 +137,9 @@ def main() -> int:
     ap.add_argument("--polish-utility", default="every" if SPLIT["utility_existence"] else "not-existence",
                     choices=("every", "not-existence"), help="with --polish: the answers the polish's utility covers "
                     "(not-existence: objectives.utility_existence false, the yes / no answers left to grounding)")
+    ap.add_argument("--polish-margin", default=SPLIT.get("existence_margin"), choices=EXISTENCE_MARGINS,
+                    help="with --polish: the grounding margin, yes against no or the answer against every token "
+                         "(objectives.existence_margin; default: the controller's own)")
     ap.add_argument("--polish-temperature", type=float, default=SPLIT["temperature_start"],
                     help="with --polish: the polish's start temperature (how far the gates may move from the plan)")
     ap.add_argument("--polish-lr", type=float, default=SPLIT["lr"], help="with --polish: the polish's learning rate")
@@ -151,6 +154,8 @@ def main() -> int:
         ap.error("--polish-temperature and --polish-lr must be > 0")
     split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every",
                      "temperature_start": args.polish_temperature, "lr": args.polish_lr}
+    if args.polish_margin is not None:
+        split_options["existence_margin"] = args.polish_margin
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
     dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
@@ -195,7 +200,7 @@ def main() -> int:
               "match": args.match, "polish_steps": args.polish,
               "polish_split": split_options if args.polish else None, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
               "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling}
-    how = (f", polished {args.polish} steps, grounding {args.polish_grounding}, utility on {args.polish_utility} answers, "
+    how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({args.polish_margin or 'margin as trained'}), utility on {args.polish_utility} answers, "
            f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}") if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "

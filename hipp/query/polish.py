@@ -76,12 +76,13 @@ def plan_logits(controller: Controller, plan: Plan) -> Gates:
 def on_its_split(controller: Controller, plan: Plan, training: GateTraining, split: dict = SPLIT) -> GateTraining:
     """`training` weighing utility and grounding as the controller weighs `plan`'s preference: its
     weights divided by the recipe's loss scales (objectives.scale), normalised; the losses read as
-    `split` says (SPLIT), which may also set how far the gates move (temperature_start, lr)."""
+    `split` says (SPLIT), which may also set how far the gates move (temperature_start, lr) and the
+    grounding margin (existence_margin; the controller's own where `split` is silent)."""
     objectives = (controller.extra.get("train_config") or {}).get("objectives") or {}
     scale = objectives.get("scale") or {}
     u, g = (plan.preference.get(n, 0.0) / scale.get(n, 1.0) for n in ("utility", "grounding"))
-    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g), **split,
-                   existence_margin=objectives.get("existence_margin", training.existence_margin))
+    split = {"existence_margin": objectives.get("existence_margin", training.existence_margin), **split}
+    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g), **split)
 
 
 def polished_plan(base: Base, controller: Controller, plan: Plan, training: GateTraining = POLISH, seed: int = 0,
