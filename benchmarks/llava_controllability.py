@@ -13,8 +13,9 @@ trained at the budget on (1 - w) x utility + w x grounding, the raw losses (grou
 the controller's training config sets it). `--match cost --polish N` polishes each cost-matched plan
 as `hipp query --pref ... --max-flops B --polish N` does: N free-gate steps at the budget from the
 plan's own logits, on its split as the controller weighs it (hipp/query/polish.py); `--polish-grounding`
-says how that polish reads the grounding margins (hinge, squared, odds, balanced), `--polish-utility`
-which answers its utility covers. Each plan is materialised and
+says how that polish reads the grounding margins (hinge, squared, odds, balanced), `--polish-margin`
+which margin (yes against no, or the answer against every token), `--polish-utility` which answers
+its utility covers, `--polish-seed` its sampling draw. Each plan is materialised and
 answers n test (or validation) questions of the kinds measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
