@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--polish-temperature", type=float, default=SPLIT["temperature_start"],
                     help="with --polish: the polish's start temperature (how far the gates may move from the plan)")
     ap.add_argument("--polish-seed", type=int, default=0, help="with --polish: the polish's sampling seed")
+    ap.add_argument("--polish-tries", type=int, default=1,
+                    help="with --polish: polishes per plan, the one closest to the teacher's answers on its split kept")
     ap.add_argument("--polish-lr", type=float, default=SPLIT["lr"], help="with --polish: the polish's learning rate")
     ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
                     help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
@@ -179,7 +181,8 @@ def main() -> int:
                 fitted(controller, split, args.budget)
             logits = own_logits(controller, plan.preference, args.budget)[1]
             if args.polish:  # hipp query --pref ... --max-flops B --polish N: gates trained on the split
-                plan, logits = polish(base, controller, plan, args.polish, seed=args.polish_seed, split=split_options), None
+                plan, logits = polish(base, controller, plan, args.polish, seed=args.polish_seed, split=split_options,
+                                     tries=args.polish_tries), None
         pref = plan.preference
         if logits is not None:  # does the weight move which units rank first, or only how many are kept?
             first = logits if first is None else first
@@ -200,7 +203,7 @@ def main() -> int:
     gap, gap_se = f1_gap(answers[-1], answers[0])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "polish_steps": args.polish,
-              "polish_split": split_options if args.polish else None, "polish_seed": args.polish_seed, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
+              "polish_split": split_options if args.polish else None, "polish_seed": args.polish_seed, "polish_tries": args.polish_tries, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
               "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling}
     how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({args.polish_margin or 'margin as trained'}), utility on {args.polish_utility} answers, "
            f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}") if args.polish else ""

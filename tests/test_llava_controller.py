@@ -237,6 +237,15 @@ def test_answer_disagreement_is_zero_for_the_dense_plan_and_grows_as_the_languag
                                           [torch.ones(l.num_channel_gates) for l in space.layers]), {})
     dense_share, gone_share = answer_disagreement(base, [dense, no_language], 20)  # 2 of each kind
     assert dense_share == 0.0 and gone_share > 0.5
+    # read by a quality split: the yes / no answers (6 of the 20) and the others (14) weighed apart
+    last = max(i for i, l in enumerate(space.layers) if l.tower == "language")
+    one_gone = Plan.from_gates(space, (torch.tensor([float(i != last) for i in range(len(space.layers))]),
+                                       [torch.ones(l.num_heads) for l in space.layers],
+                                       [torch.ones(l.num_channel_gates) for l in space.layers]), {})
+    plans = [dense, one_gone, no_language]
+    share, others, yes_no = (answer_disagreement(base, plans, 20, existence_weight=e) for e in (None, 0.0, 1.0))
+    assert all(abs(0.3 * y + 0.7 * o - a) < 1e-12 for a, o, y in zip(share, others, yes_no))
+    assert others[0] == yes_no[0] == 0.0 and min(others[2], yes_no[2]) > 0.5
 
 
 def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
@@ -273,6 +282,29 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     code, out, err = cli(capsys, "query", "--controller", trained, "--pref", "grounding=1", "--max-flops", 0.5,
                          "--polish", 2)
     assert code == 0 and "polished      2 steps on the preference's split" in out, err
+
+
+def test_a_preference_polished_several_times_keeps_the_try_nearest_the_teachers_answers(trained):
+    from dataclasses import replace
+
+    from hipp.controller.files import load_controller
+    from hipp.query.bound import load_base
+    from hipp.query.polish import POLISH, on_its_split, polish, polished_plan
+    from hipp.query.ranking import CALIB_INSTRUCTIONS, answer_disagreement
+    from hipp.query.trade_off import plan_for_preference
+
+    controller = load_controller(trained)
+    base = load_base(controller, trained)
+    plan = plan_for_preference(controller, controller.preference("utility=1,grounding=1"), max_flops=0.5)
+    got = polish(base, controller, plan, steps=2, seed=5, tries=2)
+    scores = got.meta["polish"]["disagreement"]
+    best = 5 + min(range(2), key=scores.__getitem__)
+    tries = [polished_plan(base, controller, plan, replace(POLISH, steps=2), s)[0] for s in (5, 6)]
+    share = on_its_split(controller, plan, POLISH).grounding_weight
+    assert scores == answer_disagreement(base, tries, CALIB_INSTRUCTIONS, existence_weight=share)
+    assert got.meta["polish"]["tries"] == 2 and got == tries[best - 5]
+    with pytest.raises(HippError, match="tries"):
+        polish(base, controller, plan, steps=2, tries=0)
 
 
 def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys):

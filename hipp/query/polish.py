@@ -35,7 +35,7 @@ from ..core.gates import Gates, map_gates
 from ..core.plan import Plan
 from ..core.budget import Units, fit, top_up
 from .bound import Base
-from .ranking import CALIB_IMAGES, RANK_BY, rank_losses
+from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, answer_disagreement, rank_losses
 
 # measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
@@ -53,6 +53,7 @@ SPLIT = {"grounding_mode": "hinge", "utility_existence": False, "temperature_sta
          "existence_margin": "every-token"}
 
 MAX_STEPS = 10_000  # 80 times POLISH.steps, hours on a CPU: more is a typo, not a plan
+MAX_TRIES = 16
 
 
 def check_steps(steps) -> int:
@@ -113,18 +114,29 @@ def polished_plan(base: Base, controller: Controller, plan: Plan, training: Gate
 
 
 def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.steps, seed: int = 0,
-           rank_by: str = RANK_BY, split: dict = SPLIT) -> Plan:
+           rank_by: str = RANK_BY, split: dict = SPLIT, tries: int = 1) -> Plan:
     """`plan` (from query.plan_for_budget with a max_flops bound) after `steps` polishing steps, or
-    `plan` itself when the polished plan ranks worse; meta["polish"] says what happened."""
+    `plan` itself when the polished plan ranks worse; meta["polish"] says what happened. A preference's
+    plan may be polished `tries` times (seeds seed, seed + 1, ...), keeping the one whose greedy answers
+    differ least from the teacher's as its split weighs them (ranking.answer_disagreement): one polish's
+    draw moves a plan as much as a step of 0.25 in the split (docs/studies/llava-controller-recipe.md)."""
     check_steps(steps)
+    if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= MAX_TRIES:
+        raise HippError(f"polish tries must be a whole number from 1 to {MAX_TRIES}, got {tries!r}"[:160])
     if steps == 0:
         return plan
     start = time.perf_counter()
-    polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed, split)
     if "trade_off" in plan.meta:  # the user's split, not a ranking's pick: nothing to compare with
+        runs = [polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed + t, split) for t in range(tries)]
+        scores = None
+        if tries > 1:
+            share = on_its_split(controller, plan, POLISH, split).grounding_weight
+            scores = answer_disagreement(base, [p for p, _ in runs], CALIB_INSTRUCTIONS, existence_weight=share)
+        polished, info = runs[0 if scores is None else min(range(tries), key=scores.__getitem__)]
         polished.meta["polish"] = {"steps": steps, "kept": True, "split": "own", "expected_flops": info["expected_flops"],
-                                   "seconds": time.perf_counter() - start}
+                                   "tries": tries, "disagreement": scores, "seconds": time.perf_counter() - start}
         return polished
+    polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed, split)
     search = plan.meta["search"]  # the search ranked `plan` already, unless on other terms
     calib_n = search.get("calibration_images", CALIB_IMAGES)  # the same images as the search's ranking
     (after,), how = rank_losses(base, [polished], rank_by, calib_n)

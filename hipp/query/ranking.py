@@ -155,23 +155,29 @@ def generative_terms(base: Base, plans: list[Plan], n: int, seed: int = 0) -> li
 
 
 @torch.no_grad()
-def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0) -> list[float]:
+def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
+                        existence_weight: float | None = None) -> list[float]:
     """Each plan's share of greedy answers, hard-gated, that differ from the ungated model's on n
     validation instructions (n / kinds of each kind, at least one): the utility and POPE metrics read
-    answers, and the objectives' teacher-forced losses ranked candidates no better than chance there."""
+    answers, and the objectives' teacher-forced losses ranked candidates no better than chance there.
+    With `existence_weight` e: e x the share among the yes / no (POPE) answers + (1 - e) x the share
+    among the others, a quality split read on answers."""
     from ..backends import clear_gates, hard_plan
     from ..data.instruct import KINDS
     from ..evaluation.generative import answer_all
     from ..tasks.instruct import CALIBRATION_SPLIT
 
     per_kind = max(1, -(-n // len(KINDS)))
-    ask = lambda model: answer_all(model, base.tokenizer, CALIBRATION_SPLIT, per_kind, seed)[1]  # noqa: E731
+    ask = lambda model: answer_all(model, base.tokenizer, CALIBRATION_SPLIT, per_kind, seed)  # noqa: E731
     clear_gates(base.model)
-    teacher = ask(base.model)
+    samples, teacher = ask(base.model)
+    pope = torch.tensor([s.kind.startswith("pope/") for s in samples])
     out = []
     for plan in plans:
         with hard_plan(base.model, plan):
-            out.append(sum(a != b for a, b in zip(ask(base.model), teacher)) / len(teacher))
+            differ = torch.tensor([a != b for a, b in zip(ask(base.model)[1], teacher)], dtype=torch.float64)
+        e = existence_weight
+        out.append(float(differ.mean()) if e is None else e * float(differ[pope].mean()) + (1 - e) * float(differ[~pope].mean()))
     return out
 
 
