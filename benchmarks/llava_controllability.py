@@ -203,9 +203,12 @@ def main() -> int:
     gap, gap_se = f1_gap(answers[-1], answers[0])
     result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
               "match": args.match, "polish_steps": args.polish,
-              "polish_split": split_options if args.polish else None, "polish_seed": args.polish_seed, "polish_tries": args.polish_tries, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
+              "polish_split": split_options if args.polish else None, "polish_seed": args.polish_seed,
+              "polish_tries": args.polish_tries, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
               "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling}
-    how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({args.polish_margin or 'margin as trained'}), utility on {args.polish_utility} answers, "
+    margin_name = args.polish_margin or "margin as trained"
+    how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({margin_name}), "
+           f"utility on {args.polish_utility} answers, "
            f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}") if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "

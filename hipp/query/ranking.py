@@ -177,7 +177,8 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
         with hard_plan(base.model, plan):
             differ = torch.tensor([a != b for a, b in zip(ask(base.model)[1], teacher)], dtype=torch.float64)
         e = existence_weight
-        out.append(float(differ.mean()) if e is None else e * float(differ[pope].mean()) + (1 - e) * float(differ[~pope].mean()))
+        out.append(float(differ.mean()) if e is None else
+                   e * float(differ[pope].mean()) + (1 - e) * float(differ[~pope].mean()))
     return out
 
 
