@@ -284,7 +284,7 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     assert code == 0 and "polished      2 steps on the preference's split" in out, err
 
 
-def test_a_preference_polished_several_times_keeps_the_try_nearest_the_teachers_answers(trained):
+def test_a_preference_polished_several_times_keeps_the_try_nearest_the_teachers_answers(trained, monkeypatch):
     from dataclasses import replace
 
     from hipp.controller.files import load_controller
@@ -303,6 +303,11 @@ def test_a_preference_polished_several_times_keeps_the_try_nearest_the_teachers_
     share = on_its_split(controller, plan, POLISH).grounding_weight
     assert scores == answer_disagreement(base, tries, CALIB_INSTRUCTIONS, existence_weight=share)
     assert got.meta["polish"]["tries"] == 2 and got == tries[best - 5]
+    # the tiny controller's tries answer alike (a tie); with the second try nearer, the second is kept
+    import hipp.query.polish as polishing
+    assert tries[0] != tries[1]
+    monkeypatch.setattr(polishing, "answer_disagreement", lambda base, plans, n, existence_weight: [0.7, 0.2])
+    assert polish(base, controller, plan, steps=2, seed=5, tries=2) == tries[1]
     with pytest.raises(HippError, match="tries"):
         polish(base, controller, plan, steps=2, tries=0)
 
