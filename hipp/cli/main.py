@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -405,6 +406,8 @@ def entry() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    # The command has answered; a Ctrl-C during the shutdown must not turn its status into a signal's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 
