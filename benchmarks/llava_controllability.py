@@ -147,6 +147,11 @@ def main() -> int:
     ap.add_argument("--polish-tries", type=int, default=1,
                     help="with --polish: polishes per plan, the one closest to the teacher's answers on its split kept")
     ap.add_argument("--polish-lr", type=float, default=SPLIT["lr"], help="with --polish: the polish's learning rate")
+    ap.add_argument("--polish-utility-floor", type=float, default=SPLIT["utility_floor"],
+                    help="with --polish: the least share of the polish's loss on utility, even at grounding weight 1")
+    ap.add_argument("--polish-batch", default="split" if SPLIT["batch_follows_split"] else "kinds",
+                    choices=("kinds", "split"), help="with --polish: batches of every kind in turn, or existence "
+                                                     "questions in the grounding's share of the polish's loss")
     ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
                     help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
                          "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
@@ -156,8 +161,11 @@ def main() -> int:
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
     if not (args.polish_temperature > 0 and args.polish_lr > 0):
         ap.error("--polish-temperature and --polish-lr must be > 0")
+    if not 0 <= args.polish_utility_floor < 1:
+        ap.error("--polish-utility-floor must be in [0, 1)")
     split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every",
-                     "temperature_start": args.polish_temperature, "lr": args.polish_lr}
+                     "temperature_start": args.polish_temperature, "lr": args.polish_lr,
+                     "utility_floor": args.polish_utility_floor, "batch_follows_split": args.polish_batch == "split"}
     if args.polish_margin is not None:
         split_options["existence_margin"] = args.polish_margin
     controller = load_controller(args.controller)
@@ -209,7 +217,8 @@ def main() -> int:
     margin_name = args.polish_margin or "margin as trained"
     how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({margin_name}), "
            f"utility on {args.polish_utility} answers, "
-           f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}") if args.polish else ""
+           f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}, "
+           f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}") if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "

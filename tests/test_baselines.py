@@ -300,6 +300,8 @@ def test_fixed_budget_trains_for_the_quality_split_it_is_given(tiny):
     for bad in ({"utility_weight": -0.5}, {"utility_weight": 0.0, "grounding_weight": 0.0}):
         with pytest.raises(HippError, match="quality weights"):
             B.make_plan("fixed_budget", model, space, 0.5, calibration, options={**FAST["fixed_budget"], **bad})
+    with pytest.raises(HippError, match="generative task's existence questions"):
+        train_gates(model, space, calibration, 0.5, cfg=GateTraining(steps=1, batch_size=4, existence_share=0.5))
 
 
 def test_bench_object_holds_the_contract_keys(tiny, tmp_path):

@@ -8,7 +8,7 @@ import transformers
 
 from hipp.data import fashion_mnist, shapes, to_input
 from hipp.data.instruct import (ALL_PAIRS, FMNIST_ANSWERS, FMNIST_TRAIN, KINDS, POPULAR_TOP, WORDS, eval_sets,
-                                make_samples, pair_frequencies, pope_set, position_word)
+                                make_samples, mixed_kinds, pair_frequencies, pope_set, position_word)
 from hipp.data.words import (EOS, IGNORE, IMAGE, build_processor, build_tokenizer, encode, encode_prompts,
                              image_tokens, prompt, vocabulary)
 from hipp.errors import HippError
@@ -135,6 +135,20 @@ def test_missing_fmnist_is_one_line(tmp_path, monkeypatch):
 def test_bad_arguments_are_one_line(call, needle):
     with pytest.raises(HippError, match=needle):
         call()
+
+
+@pytest.mark.parametrize("share,expected", [(0.0, 1), (0.25, 16), (0.5, 32), (1.0, 63)])
+def test_mixed_kinds_hold_existence_questions_in_the_share_asked_and_never_none_of_either(share, expected):
+    kinds = mixed_kinds(share, 64)
+    pope = [k for k in kinds if k.startswith("pope/")]
+    assert len(kinds) == 64 and len(pope) == expected  # at least one of each: neither loss is ever empty
+    assert set(kinds) == set(KINDS) if 3 <= expected <= 55 else True
+    assert Counter(pope).most_common()[0][1] - Counter(pope).most_common()[-1][1] <= 1  # samplings in turn
+    batch = make_samples("train", 64, kinds=kinds)  # the present / absent answers stay balanced
+    answers = Counter(s.answer for s in batch if s.kind.startswith("pope/"))
+    assert abs(answers["yes"] - answers["no"]) <= len(set(pope))
+    with pytest.raises(HippError, match="existence share"):
+        mixed_kinds(1.5, 64)
 
 
 def test_the_vocabulary_is_closed_and_answers_round_trip(processor):

@@ -34,6 +34,24 @@ def test_llava_calibration_is_instructions_of_every_kind(setup):
     assert len({s.kind for s in cal.batch.samples}) == 10
 
 
+def test_gate_training_draws_existence_questions_in_the_share_it_is_given(setup, monkeypatch):
+    from hipp.baselines.fixed_budget import GateTraining, train_gates
+    from hipp.data.instruct import mixed_kinds
+    model, space, cal = setup
+    drawn, batches = [], cal.task.batches
+
+    def spy(*args, **kwargs):
+        drawn.append(kwargs.get("kinds"))
+        return batches(*args, **kwargs)
+
+    monkeypatch.setattr(cal.task, "batches", spy)
+    for share in (None, 0.5):
+        train_gates(model, space, cal, 0.5, cfg=GateTraining(steps=1, batch_size=10, existence_share=share))
+    assert drawn == [None, mixed_kinds(0.5, 10)]  # by default every kind in turn
+    with pytest.raises(HippError, match="existence share"):
+        GateTraining(existence_share=1.5)
+
+
 @pytest.mark.parametrize("name", [m for m, method in METHODS.items() if "generative" in method.families])
 def test_every_baseline_plans_the_llava_teacher_within_its_budget(setup, name):
     model, space, cal = setup

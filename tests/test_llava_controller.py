@@ -271,6 +271,16 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     assert other.utility_weight == split.utility_weight
     assert other.existence_margin == "yes-no"  # the controller's own margin where the split is silent
     assert split.existence_margin == SPLIT["existence_margin"] == "every-token"  # else the split's
+    only_grounding = plan_for_preference(controller, controller.preference("grounding=1"), max_flops=0.5)
+    floored = on_its_split(controller, only_grounding, GateTraining(), {**SPLIT, "utility_floor": 0.25})
+    assert (floored.utility_weight, floored.grounding_weight) == (0.25, 0.75)  # utility keeps its floor
+    above = on_its_split(controller, plan, GateTraining(), {**SPLIT, "utility_floor": 0.25})
+    assert above.utility_weight == split.utility_weight > 0.25  # a share above the floor is the split's own
+    mixed = on_its_split(controller, plan, GateTraining(), {**SPLIT, "batch_follows_split": True})
+    assert mixed.existence_share == pytest.approx(split.grounding_weight)  # the batch's share is the loss's
+    assert on_its_split(controller, plan, GateTraining(), {**SPLIT, "batch_follows_split": False}).existence_share is None
+    with pytest.raises(HippError, match="utility floor"):
+        on_its_split(controller, plan, GateTraining(), {**SPLIT, "utility_floor": 1.0})
     units = own_logits(controller, plan.preference, 0.5)[0]  # the polish starts where the plan stands:
     start, kept = units.flat(plan_logits(controller, plan)), units.flat(plan.gates)  # its units, bar the top-up
     assert (start > 0).sum() >= 1 and bool((kept[start > 0] == 1).all())

@@ -51,14 +51,17 @@ class GateTraining:
     existence_margin: str = "yes-no"  # a LLaVA's grounding margin (hipp.training.objectives)
     grounding_mode: str = "hinge"  # how that margin is read (hipp.training.objectives)
     utility_existence: bool = True  # a LLaVA's utility also covers the yes / no answers (hipp.training.objectives)
+    existence_share: float | None = None  # a LLaVA's batches: this share existence questions (None: kinds in turn)
 
     def __post_init__(self):
         ok = (self.steps >= 1 and self.batch_size >= 2 and 0 < self.shape_fraction <= 1 and self.negatives >= 1
               and self.lr > 0 and self.lambda_lr > 0 and min(self.utility_weight, self.grounding_weight) >= 0
-              and self.utility_weight + self.grounding_weight > 0)
+              and self.utility_weight + self.grounding_weight > 0
+              and (self.existence_share is None or 0 <= self.existence_share <= 1))
         if not ok:
             raise HippError("fixed_budget options need steps >= 1, batch_size >= 2, 0 < shape_fraction <= 1, "
-                            "negatives >= 1, positive learning rates and quality weights >= 0, not both 0")
+                            "negatives >= 1, positive learning rates, quality weights >= 0, not both 0, and an "
+                            "existence share in [0, 1]")
         lr_factor(self.lr_schedule, 0, self.steps)  # an unknown schedule fails here
 
 
@@ -126,8 +129,14 @@ def train_gates(model, space: PruneSpace, calibration: Calibration, target: floa
     else:
         distiller = Distiller(model, objectives, calibration.tokenizer, calibration.preprocess_cfg, device)
     # its own data seed: neither the calibration batch nor the controller's training batches
+    mix = {}
+    if cfg.existence_share is not None:
+        if not calibration.generative:
+            raise HippError("fixed_budget: existence_share weighs a generative task's existence questions")
+        from ..data.instruct import mixed_kinds
+        mix = {"kinds": mixed_kinds(cfg.existence_share, cfg.batch_size)}
     batches = task.batches(calibration.seed + 1000 + seed, cfg.batch_size, image_size(model),
-                           shape_fraction=cfg.shape_fraction, negatives=cfg.negatives)
+                           shape_fraction=cfg.shape_fraction, negatives=cfg.negatives, **mix)
     temperature = TemperatureSchedule(cfg.temperature_start, cfg.temperature_end, cfg.steps)
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()

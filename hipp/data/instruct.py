@@ -206,6 +206,17 @@ def check_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
+def mixed_kinds(existence_share: float, n: int) -> tuple[str, ...]:
+    """n kinds, round(existence_share * n) of them POPE samplings in turn (at least one, and one of
+    something else, so that neither loss is ever empty), the rest the other kinds in turn."""
+    if not 0.0 <= existence_share <= 1.0 or n < 2:
+        raise HippError(f"an existence share in [0, 1] over at least 2 samples, got {existence_share!r} over {n}")
+    pope = tuple(k for k in KINDS if k.startswith("pope/"))
+    rest = tuple(k for k in KINDS if not k.startswith("pope/"))
+    m = min(max(round(existence_share * n), 1), n - 1)
+    return tuple(pope[i % len(pope)] for i in range(m)) + tuple(rest[i % len(rest)] for i in range(n - m))
+
+
 def _check(split: str, n: int, start: int, image_size: int) -> None:
     if split not in shapes.SPLITS:
         raise HippError(f"unknown split {split!r}; choose from {', '.join(shapes.SPLITS)}")

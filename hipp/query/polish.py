@@ -51,7 +51,7 @@ POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, 
 # no alone, other words took some answers, and F1 rose with the weight, Spearman >= 0.8, on one validation
 # seed of three against all three; on test it did on one seed of three either way)
 SPLIT = {"grounding_mode": "hinge", "utility_existence": False, "temperature_start": 1.0, "lr": 0.1,
-         "existence_margin": "every-token"}
+         "existence_margin": "every-token", "utility_floor": 0.0, "batch_follows_split": False}
 
 MAX_STEPS = 10_000  # 80 times POLISH.steps, hours on a CPU: more is a typo, not a plan
 MAX_TRIES = 16
@@ -83,12 +83,20 @@ def on_its_split(controller: Controller, plan: Plan, training: GateTraining, spl
     """`training` weighing utility and grounding as the controller weighs `plan`'s preference: its
     weights divided by the recipe's loss scales (objectives.scale), normalised; the losses read as
     `split` says (SPLIT), which may also set how far the gates move (temperature_start, lr) and the
-    grounding margin (existence_margin; the controller's own where `split` is silent)."""
+    grounding margin (existence_margin; the controller's own where `split` is silent), the least
+    share utility keeps (utility_floor) and whether the batches hold existence questions in the
+    grounding's share (batch_follows_split; else every kind in turn, 3 in 10)."""
     objectives = (controller.extra.get("train_config") or {}).get("objectives") or {}
     scale = objectives.get("scale") or {}
     u, g = (plan.preference.get(n, 0.0) / scale.get(n, 1.0) for n in ("utility", "grounding"))
     split = {"existence_margin": objectives.get("existence_margin", training.existence_margin), **split}
-    return replace(training, utility_weight=u / (u + g), grounding_weight=g / (u + g), **split)
+    floor = split.pop("utility_floor", 0.0)
+    if not 0.0 <= floor < 1.0:
+        raise HippError(f"the polish's utility floor must be in [0, 1), got {floor!r}"[:160])
+    share = max(u / (u + g), floor)
+    if split.pop("batch_follows_split", False):  # existence questions in the batch as the loss weighs them
+        split["existence_share"] = 1.0 - share
+    return replace(training, utility_weight=share, grounding_weight=1.0 - share, **split)
 
 
 def polished_plan(base: Base, controller: Controller, plan: Plan, training: GateTraining = POLISH, seed: int = 0,

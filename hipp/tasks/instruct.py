@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data.instruct import Sample, make_samples
+from ..data.instruct import KINDS, Sample, make_samples
 from ..evaluation.answers import GROUNDING_KEY, UTILITY_KEYS
 from .base import Batches, Task, register
 
@@ -30,10 +30,11 @@ class InstructTask(Task):
     grounding_key = GROUNDING_KEY
 
     def batches(self, seed: int, batch_size: int, image_size: int, *, shape_fraction: float = 0.5,
-                negatives: int = 2) -> Batches:
+                negatives: int = 2, kinds: tuple[str, ...] = KINDS) -> Batches:
+        """Training batches; `kinds` (default every kind in turn) may weigh some kinds more."""
         def batch(index: int) -> InstructBatch:
             return InstructBatch(make_samples("train", batch_size, seed=seed, image_size=image_size,
-                                              start=index * batch_size))
+                                              start=index * batch_size, kinds=kinds))
         return batch
 
     def calibration_batch(self, image_size: int, size: int, seed: int, *, shape_fraction: float = 0.5,
