@@ -1,0 +1,51 @@
+"""`llava_controllability.py` over several controller seeds: each weight's POPE adversarial F1 and
+utility as mean ± sd over the runs, each step between neighbouring weights (mean ± sd of the per-run
+steps, so a step that is smaller than its spread is a coin flip for one run's ordering), the Spearman
+of every run and of the mean curve.
+
+    python benchmarks/controllability_seeds.py runs/ctl5-s0 runs/ctl5-s1 runs/ctl5-s2
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from bench_seeds import spread
+from hipp.evaluation.front import spearman
+from hipp.storage.fileio import read_json
+
+F1 = "pope/adversarial_f1"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="output folders of llava_controllability.py (result.json)")
+    args = ap.parse_args()
+    runs = []
+    for folder in args.runs:
+        path = Path(folder) / "result.json"
+        if not path.is_file():
+            print(f"controllability_seeds: no result.json in {folder}", file=sys.stderr)
+            return 2
+        runs.append(read_json(path))
+    weights = [r["grounding_weight"] for r in runs[0]["rows"]]
+    if any([r["grounding_weight"] for r in run["rows"]] != weights for run in runs):
+        print("controllability_seeds: the runs measured different weights", file=sys.stderr)
+        return 2
+    f1 = [[r[F1] for r in run["rows"]] for run in runs]
+    print(f"{len(runs)} runs ({runs[0]['split']}, {runs[0]['n']} per kind, FLOPs {runs[0]['budget']})\n")
+    print("| grounding weight | adversarial F1 | utility | step from the previous weight |")
+    print("|---|---|---|---|")
+    for i, w in enumerate(weights):
+        step = spread([f[i] - f[i - 1] for f in f1]) if i else "-"
+        utility = spread([run["rows"][i]["utility"] for run in runs])
+        print(f"| {w:g} | {spread([f[i] for f in f1])} | {utility} | {step} |")
+    each = [spearman(weights, f) for f in f1]
+    mean_curve = [statistics.mean(f[i] for f in f1) for i in range(len(weights))]
+    print(f"\nSpearman(weight, adversarial F1) per run: {' / '.join(f'{r:.2f}' for r in each)} "
+          f"(mean {spread(each)}); of the mean curve: {spearman(weights, mean_curve):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
