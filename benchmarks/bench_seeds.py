@@ -83,18 +83,26 @@ def contrastive(folders: list[str], runs: list[dict]) -> int:
     return 0
 
 
+def read_runs(folders: list[str], name: str, made_by: str) -> list[dict] | None:
+    """Each folder's `name` (JSON), or None after one line on stderr when one is missing."""
+    runs = []
+    for folder in folders:
+        path = Path(folder) / name
+        if not path.is_file():
+            print(f"error: {path} not found (run {made_by} {folder} first)", file=sys.stderr)
+            return None
+        runs.append(read_json(path))
+    return runs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="hipp bench output folders (bench.json), one per seed")
     ap.add_argument("--strict", default="0.3,0.5", help="budgets the controller must win by > 2 SE")
     args = ap.parse_args()
-    runs = []
-    for folder in args.runs:
-        path = Path(folder) / "bench.json"
-        if not path.is_file():
-            print(f"error: {path} not found (run hipp bench --out {folder} first)", file=sys.stderr)
-            return 2
-        runs.append(read_json(path))
+    runs = read_runs(args.runs, "bench.json", "hipp bench --out")
+    if runs is None:
+        return 2
     if not any("pope/adversarial_f1" in row for row in runs[0]["results"]):
         return contrastive(args.runs, runs)
     print("\n".join(table(runs) + [""] + shares(runs)))

@@ -8,11 +8,9 @@ of every run and of the mean curve.
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-from bench_seeds import spread
+from bench_seeds import read_runs, spread
 from hipp.evaluation.front import spearman
-from hipp.storage.fileio import read_json
 
 F1 = "pope/adversarial_f1"
 
@@ -21,13 +19,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="output folders of llava_controllability.py (result.json)")
     args = ap.parse_args()
-    runs = []
-    for folder in args.runs:
-        path = Path(folder) / "result.json"
-        if not path.is_file():
-            print(f"controllability_seeds: no result.json in {folder}", file=sys.stderr)
-            return 2
-        runs.append(read_json(path))
+    runs = read_runs(args.runs, "result.json", "benchmarks/llava_controllability.py --out")
+    if runs is None:
+        return 2
     weights = [r["grounding_weight"] for r in runs[0]["rows"]]
     if any([r["grounding_weight"] for r in run["rows"]] != weights for run in runs):
         print("controllability_seeds: the runs measured different weights", file=sys.stderr)
