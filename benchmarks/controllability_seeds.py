@@ -15,6 +15,11 @@ from hipp.evaluation.front import spearman
 F1 = "pope/adversarial_f1"
 
 
+def signed(steps: list[float]) -> str:
+    mean = statistics.mean(steps)
+    return f"{0.0 if abs(mean) < 5e-4 else mean:+.3f} ± {statistics.stdev(steps) if len(steps) > 1 else 0.0:.3f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="output folders of llava_controllability.py (result.json)")
@@ -26,12 +31,16 @@ def main() -> int:
     if any([r["grounding_weight"] for r in run["rows"]] != weights for run in runs):
         print("controllability_seeds: the runs measured different weights", file=sys.stderr)
         return 2
+    setting = ("split", "n", "budget", "match", "polish_steps", "polish_split")
+    if any(run.get(k) != runs[0].get(k) for run in runs for k in setting):
+        print(f"controllability_seeds: the runs differ in their settings ({', '.join(setting)})", file=sys.stderr)
+        return 2
     f1 = [[r[F1] for r in run["rows"]] for run in runs]
     print(f"{len(runs)} runs ({runs[0]['split']}, {runs[0]['n']} per kind, FLOPs {runs[0]['budget']})\n")
     print("| grounding weight | adversarial F1 | utility | step from the previous weight |")
     print("|---|---|---|---|")
     for i, w in enumerate(weights):
-        step = spread([f[i] - f[i - 1] for f in f1]) if i else "-"
+        step = signed([f[i] - f[i - 1] for f in f1]) if i else "-"
         utility = spread([run["rows"][i]["utility"] for run in runs])
         print(f"| {w:g} | {spread([f[i] for f in f1])} | {utility} | {step} |")
     each = [spearman(weights, f) for f in f1]

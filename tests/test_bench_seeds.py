@@ -61,15 +61,19 @@ def test_controllability_over_seeds_reads_steps_and_both_spearmans(tmp_path, cap
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # it reads bench_seeds beside it, as when run
     spec.loader.exec_module(mod)
     for i, f1 in enumerate(((0.80, 0.90, 0.85), (0.80, 0.84, 0.91))):
-        rows = [{"grounding_weight": w, "pope/adversarial_f1": f, "utility": 0.7} for w, f in zip((0, 0.5, 1), f1)]
+        rows = [{"grounding_weight": w, "pope/adversarial_f1": f, "utility": u}
+                for w, f, u in zip((0, 0.5, 1), f1, (0.7 + i / 10, 0.6, 0.5))]
         (tmp_path / f"s{i}").mkdir()
         (tmp_path / f"s{i}" / "result.json").write_text(json.dumps({"rows": rows, "split": "val", "n": 10, "budget": 0.4}))
     monkeypatch.setattr("sys.argv", ["controllability_seeds.py", str(tmp_path / "s0"), str(tmp_path / "s1")])
     assert mod.main() == 0
     out = capsys.readouterr().out
-    assert "| 0.5 | 0.870 ± 0.042 | 0.700 ± 0.000 | 0.070 ± 0.042 |" in out  # steps +0.10 and +0.04
+    assert "| 0 | 0.800 ± 0.000 | 0.750 ± 0.071 | - |" in out
+    assert "| 0.5 | 0.870 ± 0.042 | 0.600 ± 0.000 | +0.070 ± 0.042 |" in out  # steps +0.10 and +0.04
     assert "per run: 0.50 / 1.00 (mean 0.750 ± 0.354); of the mean curve: 1.00" in out
     (tmp_path / "s1" / "result.json").write_text(json.dumps({"rows": rows[:2], "split": "val", "n": 10, "budget": 0.4}))
     assert mod.main() == 2 and "different weights" in capsys.readouterr().err
+    (tmp_path / "s1" / "result.json").write_text(json.dumps({"rows": rows, "split": "test", "n": 10, "budget": 0.4}))
+    assert mod.main() == 2 and "split" in capsys.readouterr().err  # never averaged under the first run's label
     monkeypatch.setattr("sys.argv", ["controllability_seeds.py", str(tmp_path / "missing")])
     assert mod.main() == 2

@@ -41,13 +41,15 @@ def test_gate_training_draws_existence_questions_in_the_share_it_is_given(setup,
     drawn, batches = [], cal.task.batches
 
     def spy(*args, **kwargs):
-        drawn.append(kwargs.get("kinds"))
-        return batches(*args, **kwargs)
+        make = batches(*args, **kwargs)
+        drawn.append(sum(s.kind.startswith("pope/") for s in make(0).samples))  # what the first step sees
+        return make
 
     monkeypatch.setattr(cal.task, "batches", spy)
-    for share in (None, 0.5):
+    for share in (None, 0.5, 0.8):
         train_gates(model, space, cal, 0.5, cfg=GateTraining(steps=1, batch_size=10, existence_share=share))
-    assert drawn == [None, mixed_kinds(0.5, 10)]  # by default every kind in turn
+    assert drawn == [3, 5, 8]  # by default every kind in turn: 3 existence questions in 10
+    assert sum(k.startswith("pope/") for k in mixed_kinds(0.8, 10)) == 8
     with pytest.raises(HippError, match="existence share"):
         GateTraining(existence_share=1.5)
 

@@ -402,12 +402,16 @@ def entry() -> None:
     kill the process with the signal after our one line was printed. Files are atomic and locks
     are the kernel's, so skipping the shutdown loses nothing."""
     code = main()
-    if code == 130:
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
+    except OSError:  # the reader has gone (a closed pipe): nothing is left to deliver
+        pass
+    if code == 130:
         os._exit(130)
-    # The command has answered; a Ctrl-C during the shutdown must not turn its status into a signal's.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The command has answered (and its output is out): a Ctrl-C during the shutdown leaves at once,
+    # with the answer's status.
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code))
     sys.exit(code)
 
 
