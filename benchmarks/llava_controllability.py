@@ -149,6 +149,8 @@ def main() -> int:
     ap.add_argument("--polish-lr", type=float, default=SPLIT["lr"], help="with --polish: the polish's learning rate")
     ap.add_argument("--polish-utility-floor", type=float, default=SPLIT["utility_floor"],
                     help="with --polish: the least share of the polish's loss on utility, even at grounding weight 1")
+    ap.add_argument("--polish-shares", default="scaled" if SPLIT["scaled"] else "weights", choices=("scaled", "weights"),
+                    help="with --polish: utility and grounding weighed through the recipe's loss scales, or as given")
     ap.add_argument("--polish-batch", default="split" if SPLIT["batch_follows_split"] else "kinds",
                     choices=("kinds", "split"), help="with --polish: batches of every kind in turn, or existence "
                                                      "questions in the grounding's share of the polish's loss")
@@ -165,7 +167,8 @@ def main() -> int:
         ap.error("--polish-utility-floor must be in [0, 1)")
     split_options = {"grounding_mode": args.polish_grounding, "utility_existence": args.polish_utility == "every",
                      "temperature_start": args.polish_temperature, "lr": args.polish_lr,
-                     "utility_floor": args.polish_utility_floor, "batch_follows_split": args.polish_batch == "split"}
+                     "utility_floor": args.polish_utility_floor, "batch_follows_split": args.polish_batch == "split",
+                     "scaled": args.polish_shares == "scaled"}
     if args.polish_margin is not None:
         split_options["existence_margin"] = args.polish_margin
     controller = load_controller(args.controller)
@@ -218,7 +221,8 @@ def main() -> int:
     how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({margin_name}), "
            f"utility on {args.polish_utility} answers, "
            f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}, "
-           f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}") if args.polish else ""
+           f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}, shares {args.polish_shares}") \
+        if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "

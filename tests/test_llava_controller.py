@@ -276,6 +276,9 @@ def test_a_preference_under_a_bound_polishes_on_its_own_split(trained, capsys):
     assert (floored.utility_weight, floored.grounding_weight) == (0.25, 0.75)  # utility keeps its floor
     above = on_its_split(controller, plan, GateTraining(), {**SPLIT, "utility_floor": 0.25})
     assert above.utility_weight == split.utility_weight > 0.25  # a share above the floor is the split's own
+    raw = on_its_split(controller, plan, GateTraining(), {**SPLIT, "scaled": False})  # the weights as given
+    pu, pg = plan.preference["utility"], plan.preference["grounding"]
+    assert abs(raw.utility_weight - pu / (pu + pg)) < 1e-12 and abs(raw.utility_weight - split.utility_weight) > 0.1
     mixed = on_its_split(controller, plan, GateTraining(), {**SPLIT, "batch_follows_split": True})
     assert mixed.existence_share == pytest.approx(split.grounding_weight)  # the batch's share is the loss's
     assert on_its_split(controller, plan, GateTraining(), {**SPLIT, "batch_follows_split": False}).existence_share is None
