@@ -33,6 +33,12 @@ def _weights(out: Path) -> dict:
     return load_file(str(out / "controller.safetensors"))
 
 
+def _interruptible() -> None:
+    """Run in the child before the command starts: a job a shell starts in the background ignores Ctrl-C,
+    and its children inherit that, so the command gets the default a user's terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _log_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -221,7 +227,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_state(tiny_model_dir, tm
 def test_ctrl_c_exits_130_without_a_traceback(tiny_model_dir, tmp_path):
     cfg_path = write_config(tmp_path, tiny_model_dir, steps=400, save_every=50)
     proc = subprocess.Popen(_cmd("train", "--config", cfg_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=_interruptible)
     log = tmp_path / "out" / "train_log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
@@ -249,7 +255,7 @@ def test_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(tmp_path):
     # signal is sent once torch's library is mapped, i.e. inside the heavy imports, on any machine's speed.
     (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {}}')
     proc = subprocess.Popen(_cmd("eval", "--model", tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=_interruptible)
     try:
         deadline = time.time() + 60
         while not _torch_is_loading(proc.pid) and proc.poll() is None and time.time() < deadline:
