@@ -29,6 +29,7 @@ KINDS = ("caption", "attr/color", "attr/shape", "attr/size", "attr/position", "a
          "pope/random", "pope/popular", "pope/adversarial", "fmnist")
 ATTRIBUTE_KINDS = tuple(k for k in KINDS if k.startswith("attr/"))
 POPE_SAMPLINGS = ("random", "popular", "adversarial")
+POPE_KINDS = tuple(f"pope/{s}" for s in POPE_SAMPLINGS)  # the existence questions
 FMNIST_ANSWERS = ("t-shirt", "trousers", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle-boot")  # fashion_mnist.CLASSES as one word
 FMNIST_TRAIN = 55000  # the last 5000 train images are evaluate.py's val split; t10k is test
@@ -211,8 +212,7 @@ def mixed_kinds(existence_share: float, n: int) -> tuple[str, ...]:
     something else, so that neither loss is ever empty), the rest the other kinds in turn."""
     if not 0.0 <= existence_share <= 1.0 or n < 2:
         raise HippError(f"an existence share in [0, 1] over at least 2 samples, got {existence_share!r} over {n}")
-    pope = tuple(k for k in KINDS if k.startswith("pope/"))
-    rest = tuple(k for k in KINDS if not k.startswith("pope/"))
+    pope, rest = POPE_KINDS, tuple(k for k in KINDS if k not in POPE_KINDS)
     m = min(max(round(existence_share * n), 1), n - 1)
     return tuple(pope[i % len(pope)] for i in range(m)) + tuple(rest[i % len(rest)] for i in range(n - m))
 

@@ -163,7 +163,7 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
     With `existence_weight` e: e x the share among the yes / no (POPE) answers + (1 - e) x the share
     among the others, a quality split read on answers."""
     from ..backends import clear_gates, hard_plan
-    from ..data.instruct import KINDS
+    from ..data.instruct import KINDS, POPE_KINDS
     from ..evaluation.generative import answer_all
     from ..tasks.instruct import CALIBRATION_SPLIT
 
@@ -171,7 +171,7 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
     ask = lambda model: answer_all(model, base.tokenizer, CALIBRATION_SPLIT, per_kind, seed)  # noqa: E731
     clear_gates(base.model)
     samples, teacher = ask(base.model)
-    pope = torch.tensor([s.kind.startswith("pope/") for s in samples])
+    pope = torch.tensor([s.kind in POPE_KINDS for s in samples])
     out = []
     for plan in plans:
         with hard_plan(base.model, plan):

@@ -18,6 +18,7 @@ import torch
 from ..backends import clear_gates, decoder_tokens, gated, visual_tokens
 from ..core import token_gates
 from ..core.gates import keep_prob, map_gates
+from ..data.instruct import POPE_KINDS
 from ..data.words import IGNORE, encode
 from ..errors import HippError
 from .objectives import Objectives, answer_kl, decision_loss
@@ -44,7 +45,7 @@ class GenerativeDistiller:
         position."""
         enc = encode(self.processor, batch.samples, train=True)
         answer = enc.pop("labels")[:, 1:] != IGNORE
-        rows = torch.tensor([i for i, s in enumerate(batch.samples) if s.kind.startswith("pope/")], dtype=torch.long)
+        rows = torch.tensor([i for i, s in enumerate(batch.samples) if s.kind in POPE_KINDS], dtype=torch.long)
         first = answer.float().argmax(1)[rows]  # left padding: each row's answer is its last tokens
         enc = {k: v.to(self.device) for k, v in enc.items()}
         return enc, answer.to(self.device), rows.to(self.device), first.to(self.device)
