@@ -31,12 +31,14 @@ def main() -> int:
     if any([r["grounding_weight"] for r in run["rows"]] != weights for run in runs):
         print("controllability_seeds: the runs measured different weights", file=sys.stderr)
         return 2
-    setting = ("split", "n", "budget", "match", "polish_steps", "polish_split")
-    if any(run.get(k) != runs[0].get(k) for run in runs for k in setting):
+    setting = ("split", "n", "probes", "budget", "match", "polish_steps", "polish_split")
+    value = lambda run, k: run.get(k, run["n"]) if k == "probes" else run.get(k)  # noqa: E731  (older runs: n)
+    if any(value(run, k) != value(runs[0], k) for run in runs for k in setting):
         print(f"controllability_seeds: the runs differ in their settings ({', '.join(setting)})", file=sys.stderr)
         return 2
     f1 = [[r[F1] for r in run["rows"]] for run in runs]
-    print(f"{len(runs)} runs ({runs[0]['split']}, {runs[0]['n']} per kind, FLOPs {runs[0]['budget']})\n")
+    print(f"{len(runs)} runs ({runs[0]['split']}, {runs[0]['n']} per kind, {value(runs[0], 'probes')} adversarial probes, "
+          f"FLOPs {runs[0]['budget']})\n")
     print("| grounding weight | adversarial F1 | utility | step from the previous weight |")
     print("|---|---|---|---|")
     for i, w in enumerate(weights):

@@ -16,7 +16,10 @@ plan's own logits, on its split as the controller weighs it (hipp/query/polish.p
 says how that polish reads the grounding margins (hinge, squared, odds, balanced), `--polish-margin`
 which margin (yes against no, or the answer against every token), `--polish-utility` which answers
 its utility covers, `--polish-seed` its sampling draw. Each plan is materialised and
-answers n test (or validation) questions of the kinds measured.
+answers n test (or validation) questions of the kinds measured. `--pool` also answers each weight from
+the pool of every weight's plan, as `polish(..., pool=)` picks (hipp.query.polish.pick_by_split: the
+plan whose answers on the calibration instructions differ least from the teacher's as its split weighs
+them), from the figures already measured.
 
     python benchmarks/llava_controllability.py --controller runs/hipp-llava-tiny --budget 0.4 \
         --weights 0,0.25,0.5,0.75,1 --split test --n 500 --out runs/llava-controllability
@@ -46,7 +49,8 @@ from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: 
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
-from hipp.query.polish import POLISH, SPLIT, polish  # noqa: E402
+from hipp.query.polish import POLISH, SPLIT, on_its_split, pick_by_split, polish  # noqa: E402
+from hipp.query.ranking import CALIB_INSTRUCTIONS, answer_differences  # noqa: E402
 from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 from hipp.tasks.instruct import InstructBatch  # noqa: E402
@@ -55,6 +59,7 @@ from hipp.training.objectives import EXISTENCE_MARGINS, GROUNDING_MODES  # noqa:
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
 ADVERSARIAL = ("pope/adversarial",)
+ADVERSARIAL_METRICS = ("pope/adversarial_f1", "pope/adversarial_acc")  # read on the probes
 
 
 def adversarial(model, processor, split: str, n: int) -> Answers:
@@ -104,6 +109,22 @@ def f1_gap(last: Answers, first: Answers) -> tuple[float, float]:
     return last.metrics[key] - first.metrics[key], float(torch.tensor(gaps, dtype=torch.float64).std())
 
 
+def spearman_spread(weights: list[float], answers: list[Answers], count: int = 1000) -> dict:
+    """How far Spearman(weight, adversarial F1) moves when the probes are drawn again (the same
+    resampled probes for every plan, as the plans answered the same ones): its mean, standard
+    deviation, 5th and 95th percentiles and the share of draws at 0.8 or more. A measurement's
+    spread, not the plans': they are fixed."""
+    key = "pope/adversarial_f1"
+    rhos = []
+    for idx in answers[0].resamples(count):
+        s = [answers[0].samples[i] for i in idx]
+        rho = spearman(weights, [score(s, [a.predictions[i] for i in idx])[key] for a in answers])
+        rhos.append(0.0 if rho is None else rho)  # every plan alike on the draw: no rise
+    t = torch.tensor(rhos, dtype=torch.float64)
+    return {"draws": count, "mean": float(t.mean()), "sd": float(t.std()), "p05": float(t.quantile(0.05)),
+            "p95": float(t.quantile(0.95)), "share_at_least_0.8": float((t >= 0.8 - 1e-12).double().mean())}
+
+
 def fitted(controller, pref: dict, budget: float):
     """A zero-cost preference's logits cut down to the budget by the project's fitter."""
     (units, flat), bounds = own_logits(controller, pref, budget), {"flops": budget}
@@ -124,6 +145,20 @@ def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
     return get_method("fixed_budget")(base.model, controller.space, budget, calibration, seed, options=options)
 
 
+def pool_rows(base, controller, plans: list, rows: list[dict], split_options: dict) -> dict:
+    """Each weight's answer picked from every weight's plan (hipp.query.polish.pick_by_split, as `hipp query
+    --polish-pool` picks), its figures those of the plan picked (already measured above)."""
+    parts = answer_differences(base, plans, CALIB_INSTRUCTIONS)
+    shares = [on_its_split(controller, p, POLISH, split_options).grounding_weight for p in plans]
+    picks = [pick_by_split(parts, shares[i], shares) for i in range(len(plans))]
+    out = [{"grounding_weight": r["grounding_weight"], "share": shares[i], "plan_of_weight": rows[picks[i]]["grounding_weight"],
+            "utility": rows[picks[i]]["utility"], "pope/adversarial_f1": rows[picks[i]]["pope/adversarial_f1"],
+            "calibration_yes_no_differing": parts[picks[i]][0], "calibration_others_differing": parts[picks[i]][1]}
+           for i, r in enumerate(rows)]
+    rho = spearman([r["grounding_weight"] for r in out], [r["pope/adversarial_f1"] for r in out])
+    return {"rows": out, "parts": parts, "spearman_weight_vs_adversarial_f1": rho}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--controller", required=True)
@@ -131,6 +166,8 @@ def main() -> int:
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--n", type=int, default=200, help="samples of each kind")
+    ap.add_argument("--probes", type=int, default=None,
+                    help="adversarial POPE probes behind the adversarial F1, its Spearman and their spreads (default: n)")
     ap.add_argument("--polish", type=int, default=0, metavar="STEPS",
                     help="with --match cost: each plan polished on its split (hipp query --polish STEPS)")
     ap.add_argument("--polish-grounding", default=SPLIT["grounding_mode"], choices=GROUNDING_MODES,
@@ -157,8 +194,17 @@ def main() -> int:
     ap.add_argument("--match", default="fit", choices=("fit", "cost", "gates"),
                     help="fit: a zero-cost preference fitted to the budget; cost: the FLOPs weight whose own plan is "
                          "nearest; gates: fixed-budget gates trained for each weight (the controller gives only the base)")
+    ap.add_argument("--pool", action="store_true",
+                    help="with --match cost: also answer each weight with the plan, among every weight's, whose answers on "
+                         "the calibration instructions differ least from the teacher's as its split weighs them "
+                         "(hipp query --polish-pool with the other weights as the pool)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    probes = args.n if args.probes is None else args.probes
+    if probes < 1:
+        ap.error("--probes must be >= 1")
+    if args.pool and args.match != "cost":
+        ap.error("--pool picks among preferences' plans under a bound: it goes with --match cost")
     if args.polish and args.match != "cost":
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
     if not (args.polish_temperature > 0 and args.polish_lr > 0):
@@ -173,7 +219,7 @@ def main() -> int:
         split_options["existence_margin"] = args.polish_margin
     controller = load_controller(args.controller)
     base = load_base(controller, args.controller)
-    dense = adversarial(base.model, base.tokenizer, args.split, args.n)  # no gates installed: the dense model
+    dense = adversarial(base.model, base.tokenizer, args.split, probes)  # no gates installed: the dense model
     margin = teacher_margins(base.model, base.tokenizer, dense.samples)
     teacher, firmness = yes_no(dense), margin.abs()
     close = (firmness <= firmness.quantile(0.25)).tolist()  # the quarter of probes the teacher answers least firmly
@@ -182,7 +228,7 @@ def main() -> int:
     # what agreeing with the teacher can reach: its own adversarial F1 and errors
     ceiling = {"pope/adversarial_f1": dense.metrics["pope/adversarial_f1"],
                **{k: v for k, v in agreement(teacher, dense).items() if k in ("adversarial_false_yes", "adversarial_missed_yes")}}
-    rows, first, answers = [], None, []
+    rows, first, answers, plans = [], None, [], []
     for w in (float(v) for v in args.weights.split(",")):
         split = {"utility": 1.0 - w, "grounding": w}
         if args.match == "gates":
@@ -195,6 +241,7 @@ def main() -> int:
                 plan, logits = polish(base, controller, plan, args.polish, seed=args.polish_seed, split=split_options,
                                      tries=args.polish_tries), None
         pref = plan.preference
+        plans.append(plan)
         if logits is not None:  # does the weight move which units rank first, or only how many are kept?
             first = logits if first is None else first
             logit_rows = {"kept_before_fit": int((logits > 0).sum()), "logit_spearman_vs_first_weight":
@@ -203,43 +250,55 @@ def main() -> int:
             logit_rows = {}
         small = materialize(base.model, plan).eval()
         rep = evaluate_generative(small, base.tokenizer, split=args.split, n=args.n, latency=False)
-        answers.append(adversarial(small, base.tokenizer, args.split, args.n))
+        answers.append(adversarial(small, base.tokenizer, args.split, probes))
         rows.append({"grounding_weight": w, "flops_weight": pref.get("flops", 0.0),
                      "flops_ratio": plan.costs()["flops_ratio"], "utility": rep["utility"],
-                     **{k: rep["metrics"][k] for k in POPE}, "pope/adversarial_acc": rep["metrics"]["pope/adversarial_acc"],
+                     **{k: rep["metrics"][k] for k in POPE}, **{k: answers[-1].metrics[k] for k in ADVERSARIAL_METRICS},
                      **agreement(teacher, answers[-1], close),
                      **logit_rows})
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     rho = spearman([r["grounding_weight"] for r in rows], [r["pope/adversarial_f1"] for r in rows])
+    spread = spearman_spread([r["grounding_weight"] for r in rows], answers) if len(rows) >= 3 else None
     gap, gap_se = f1_gap(answers[-1], answers[0])
-    result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n,
+    pooled = pool_rows(base, controller, plans, rows, split_options) if args.pool else None
+    result = {"controller": args.controller, "budget": args.budget, "split": args.split, "n": args.n, "probes": probes,
               "match": args.match, "polish_steps": args.polish,
               "polish_split": split_options if args.polish else None, "polish_seed": args.polish_seed,
               "polish_tries": args.polish_tries, "rows": rows, "spearman_weight_vs_adversarial_f1": rho,
-              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling}
+              "spearman_over_probe_draws": spread,
+              "adversarial_f1_last_minus_first": gap, "paired_se": gap_se, **firm, "teacher": ceiling, "pool": pooled}
     margin_name = args.polish_margin or "margin as trained"
     how = (f", polished {args.polish} steps, grounding {args.polish_grounding} ({margin_name}), "
            f"utility on {args.polish_utility} answers, "
            f"temperature {args.polish_temperature:g} -> {POLISH.temperature_end:g}, lr {args.polish_lr:g}, "
            f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}, shares {args.polish_shares}") \
         if args.polish else ""
-    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, --match {args.match}{how})", "",
+    lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, {probes} adversarial probes, --match {args.match}{how})", "",
              "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
-              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {args.n} ({r['adversarial_as_teacher_right']}; "
+              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {probes} ({r['adversarial_as_teacher_right']}; "
               f"{r['adversarial_neither_yes_nor_no']}; {r['pope/adversarial_acc']:.3f}) | "
               f"{r['adversarial_false_yes']} / {r['adversarial_missed_yes']} | {r['adversarial_lost_on_close_calls']} | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]
     why = "fewer than three weights" if len(rows) < 3 else "every plan scores alike"
-    lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})"),
+    lines += ["", "Spearman(weight, adversarial F1) = " + (f"{rho:.3f}" if rho is not None else f"undefined ({why})")
+              + ("" if spread is None else f"; over {spread['draws']} draws of the probes {spread['mean']:.2f} ± {spread['sd']:.2f} "
+                 f"(5-95%: {spread['p05']:.2f} to {spread['p95']:.2f}; at least 0.8 in {spread['share_at_least_0.8']:.0%})"),
               f"adversarial F1, last weight minus first: {gap:+.4f} (paired bootstrap standard error {gap_se:.4f})",
               "the teacher's median |yes - no| margin on the probes it answers yes / no: "
               f"{firm['teacher_median_margin_yes']:.2f} / {firm['teacher_median_margin_no']:.2f}",
               f"the teacher's own adversarial F1 {ceiling['pope/adversarial_f1']:.3f} (false yes / missed yes "
               f"{ceiling['adversarial_false_yes']} / {ceiling['adversarial_missed_yes']})"]
+    if pooled is not None:
+        lines += ["", "Each weight answered from the pool of every weight's plan (picked by the calibration answers):", "",
+                  "| grounding weight | polish share | plan of weight | utility | adversarial F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {r['grounding_weight']:g} | {r['share']:.3f} | {r['plan_of_weight']:g} | {r['utility']:.4f} | "
+                  f"{r['pope/adversarial_f1']:.3f} |" for r in pooled["rows"]]
+        rho_pool = pooled["spearman_weight_vs_adversarial_f1"]
+        lines += ["", "pooled: Spearman(weight, adversarial F1) = " + (f"{rho_pool:.3f}" if rho_pool is not None else "undefined")]
     print("\n".join(lines[-4:]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
-"""The controllability benchmark's paired error on the adversarial POPE F1 gap between two plans."""
-from benchmarks.llava_controllability import agreement, f1_gap
+"""The controllability benchmark's paired error on the adversarial POPE F1 gap between two plans, and the
+spread of its Spearman over draws of the probes."""
+import pytest
+
+from benchmarks.llava_controllability import agreement, f1_gap, spearman_spread
 from hipp.data.instruct import make_samples
 from hipp.evaluation.answers import score
 from hipp.evaluation.generative_bench import Answers
@@ -30,3 +33,18 @@ def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_r
     stray = agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))
     assert stray["adversarial_neither_yes_nor_no"] == 40 and stray["adversarial_missed_yes"] == truth.count("yes")
     assert 0 < truth.count("yes") < len(samples)
+
+
+def test_the_spearmans_spread_is_nil_for_plans_far_apart_and_wide_for_plans_a_probe_apart():
+    samples = make_samples("val", 200, seed=0, kinds=("pope/adversarial",))
+    truth = [s.answer for s in samples]
+    flip = {"yes": "no", "no": "yes"}
+
+    def wrong_on(k):  # right but for the first k probes
+        return Answers(samples, [flip[t] if i < k else t for i, t in enumerate(truth)])
+    apart = spearman_spread([0, 0.5, 1], [wrong_on(80), wrong_on(40), wrong_on(0)], count=200)
+    assert apart["mean"] == pytest.approx(1.0) and apart["p05"] == pytest.approx(1.0) and apart["sd"] < 1e-9
+    assert apart["share_at_least_0.8"] == 1.0
+    close = spearman_spread([0, 0.5, 1], [wrong_on(2), wrong_on(1), wrong_on(0)], count=200)
+    assert close["p05"] < 0.8 and 0.0 < close["share_at_least_0.8"] < 1.0 and close["sd"] > 0.1
+    assert close["draws"] == 200

@@ -319,10 +319,51 @@ def test_a_preference_polished_several_times_keeps_the_try_nearest_the_teachers_
     # the tiny controller's tries answer alike (a tie); with the second try nearer, the second is kept
     import hipp.query.polish as polishing
     assert tries[0] != tries[1]
-    monkeypatch.setattr(polishing, "answer_disagreement", lambda base, plans, n, existence_weight: [0.7, 0.2])
+    monkeypatch.setattr(polishing, "answer_differences", lambda base, plans, n: [(0.7, 0.7), (0.2, 0.2)])
     assert polish(base, controller, plan, steps=2, seed=5, tries=2) == tries[1]
     with pytest.raises(HippError, match="tries"):
         polish(base, controller, plan, steps=2, tries=0)
+
+
+def test_a_pool_of_splits_answers_a_preference_with_the_candidate_its_split_picks(trained, monkeypatch):
+    from dataclasses import replace
+
+    import hipp.query.polish as polishing
+    from hipp.controller.files import load_controller
+    from hipp.query.bound import load_base, plan_for_budget
+    from hipp.query.polish import POLISH, polish, polished_plan, resplit
+    from hipp.query.trade_off import plan_for_preference
+
+    controller = load_controller(trained)
+    base = load_base(controller, trained)
+    plan = plan_for_preference(controller, controller.preference("utility=3,grounding=1,flops=1"), max_flops=0.5)
+    grounding = resplit(controller, plan, 1.0)  # the same bound and cost weight, the quality weight all on grounding
+    asked = plan.meta["trade_off"]["asked"]
+    assert grounding.meta["trade_off"]["asked"] == {**asked, "utility": 0.0, "grounding": asked["utility"] + asked["grounding"]}
+    assert grounding.costs()["flops_ratio"] <= 0.5
+    candidates = [polished_plan(base, controller, p, replace(POLISH, steps=2), 0)[0] for p in (plan, grounding)]
+    seen = []
+
+    def parts(base, plans, n):  # the grounding candidate keeps the teacher's yes / no answers, the own one the others
+        seen.append(list(plans))
+        return [(0.4, 0.1), (0.1, 0.3)]
+    monkeypatch.setattr(polishing, "answer_differences", parts)
+    got = polish(base, controller, plan, steps=2, pool=(1.0,))
+    assert seen == [candidates]  # both candidates polished with the same seed, scored once
+    # the preference's own share (utility 3 : grounding 1) weighs the others more:
+    # 0.25 x 0.4 + 0.75 x 0.1 < 0.25 x 0.1 + 0.75 x 0.3
+    assert got == candidates[0] and got.meta["polish"]["split"] == "own" and got.meta["polish"]["picked"] == 0
+    monkeypatch.setattr(polishing, "answer_differences", lambda base, plans, n: [(0.4, 0.1), (0.05, 0.12)])
+    got = polish(base, controller, plan, steps=2, pool=(1.0,))
+    assert replace(got, preference=candidates[1].preference) == candidates[1] and got.meta["polish"]["split"] == "pool"
+    assert got.preference == plan.preference and got.meta["trade_off"] == plan.meta["trade_off"]  # the user's answer
+    assert got.meta["polish"]["made_for"] == grounding.preference and got.costs()["flops_ratio"] <= 0.5
+    with pytest.raises(HippError, match="grounding weights"):
+        polish(base, controller, plan, steps=2, pool=(1.5,))
+    with pytest.raises(HippError, match="at most 16"):
+        polish(base, controller, plan, steps=2, tries=4, pool=(0.0, 0.5, 1.0, 0.25))
+    with pytest.raises(HippError, match="preference under a bound"):
+        polish(base, controller, plan_for_budget(controller, max_flops=0.5), steps=2, pool=(1.0,))
 
 
 def test_a_bound_query_exports_a_model_that_generates(trained, tmp_path, capsys):

@@ -79,3 +79,20 @@ def test_polish_from_the_command_line(tiny_controller_dir, capsys):  # noqa: F81
     for extra in (("--round", 8), ("--max-latency", 0.5)):  # polishing refits to FLOPs / params alone
         assert_bad(*cli(capsys, "query", "--controller", ctrl, "--max-flops", BOUND, "--polish", 2, *extra),
                    "does not take --max-latency or --round")
+
+
+def test_a_split_picks_from_a_pool_by_its_weighed_disagreement_and_never_keeps_fewer_yes_no_answers_as_it_rises():
+    from hipp.query.polish import pick_by_split
+
+    parts = [(0.5, 0.1), (0.3, 0.2), (0.1, 0.5)]  # (yes / no answers differing, others differing)
+    assert [pick_by_split(parts, e) for e in (0.0, 0.5, 1.0)] == [0, 1, 2]
+    assert pick_by_split([(0.2, 0.2), (0.2, 0.2)], 0.9, shares=[0.1, 0.8]) == 1  # a tie: the one polished nearest
+    assert pick_by_split([(0.2, 0.2), (0.2, 0.2)], 0.9) == 0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        pool = [tuple(torch.rand(2, generator=gen).tolist()) for _ in range(6)]
+        yes_no = [pool[pick_by_split(pool, e / 20)][0] for e in range(21)]
+        assert all(b <= a for a, b in zip(yes_no, yes_no[1:]))
+    with pytest.raises(HippError, match="no candidate"):
+        pick_by_split([], 0.5)
+

@@ -36,7 +36,7 @@ from ..core.gates import Gates, map_gates
 from ..core.plan import Plan
 from ..core.budget import Units, fit, top_up
 from .bound import Base
-from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, answer_disagreement, rank_losses
+from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, answer_differences, rank_losses
 
 # measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
@@ -126,30 +126,73 @@ def polished_plan(base: Base, controller: Controller, plan: Plan, training: Gate
     return units.plan(mask, plan.preference, dict(plan.meta)), info
 
 
+def pick_by_split(parts: list[tuple[float, float]], share: float, shares: list[float] | None = None) -> int:
+    """The candidate whose answers differ least from the teacher's as a polish share weighs them: `share`
+    x its share of yes / no answers differing + (1 - share) x its share of the others (`parts`, from
+    ranking.answer_differences). Ties go to the candidate polished at the share nearest (`shares`), then
+    to the first. Over one fixed pool this is a linear scalarisation, so the pick's yes / no part can
+    only fall as `share` rises: a larger hallucination weight never picks a plan that keeps fewer of
+    the teacher's yes / no answers on the calibration instructions."""
+    if not parts:
+        raise HippError("no candidate plans to pick from")
+    own = shares if shares is not None else [share] * len(parts)
+    return min(range(len(parts)), key=lambda i: (share * parts[i][0] + (1 - share) * parts[i][1], abs(own[i] - share), i))
+
+
+def resplit(controller: Controller, plan: Plan, weight: float) -> Plan:
+    """The controller's plan under `plan`'s bounds for the preference it was asked, its quality weight
+    split `1 - weight` to utility and `weight` to grounding (a pool candidate)."""
+    from .trade_off import plan_for_preference
+
+    meta = plan.meta
+    if "max_latency" in meta or "round" in meta:
+        raise HippError("a pool of splits is polished under FLOPs / params bounds, unrounded")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise HippError(f"a pool's grounding weights must be numbers in [0, 1], got {weight!r}"[:160])
+    asked = dict(meta["trade_off"]["asked"])
+    quality = asked.get("utility", 0.0) + asked.get("grounding", 0.0)
+    asked.update(utility=(1 - weight) * quality, grounding=weight * quality)
+    return plan_for_preference(controller, asked, max_flops=meta.get("max_flops"), max_params=meta.get("max_params"))
+
+
 def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.steps, seed: int = 0,
-           rank_by: str = RANK_BY, split: dict = SPLIT, tries: int = 1) -> Plan:
+           rank_by: str = RANK_BY, split: dict = SPLIT, tries: int = 1, pool: tuple = ()) -> Plan:
     """`plan` (from query.plan_for_budget with a max_flops bound) after `steps` polishing steps, or
     `plan` itself when the polished plan ranks worse; meta["polish"] says what happened. A preference's
-    plan may be polished `tries` times (seeds seed, seed + 1, ...), keeping the one whose greedy answers
-    differ least from the teacher's as its split weighs them (ranking.answer_disagreement): one polish's
-    draw moves a plan as much as a step of 0.25 in the split; three tries did not steady the rise of F1
-    with the weight on the one validation seed run (docs/studies/llava-controller-recipe.md), so one is
-    the default."""
+    plan may be polished `tries` times (seeds seed, seed + 1, ...) and, with `pool` (grounding weights),
+    so may the controller's plans for those splits of its quality weight under the same bounds; of them
+    all the one whose greedy answers differ least from the teacher's as its own split weighs them is kept
+    (pick_by_split). One polish's draw moves a plan as much as a step of 0.25 in the split; three tries
+    did not steady the rise of F1 with the weight on the one validation seed run, nor did a pool of the
+    five weights 0, 0.25, ..., 1 (the 90 yes / no calibration answers cannot tell the upper plans apart;
+    docs/studies/llava-controller-recipe.md), so one polish of the own split is the default."""
     check_steps(steps)
     if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= MAX_TRIES:
         raise HippError(f"polish tries must be a whole number from 1 to {MAX_TRIES}, got {tries!r}"[:160])
+    if tries * (1 + len(pool)) > MAX_TRIES:
+        raise HippError(f"at most {MAX_TRIES} polishes a plan (tries x (1 + pool)), got {tries} x {1 + len(pool)}")
+    if pool and "trade_off" not in plan.meta:
+        raise HippError("a pool of splits polishes a preference under a bound (--pref with --max-flops)")
     if steps == 0:
         return plan
     start = time.perf_counter()
     if "trade_off" in plan.meta:  # the user's split, not a ranking's pick: nothing to compare with
-        runs = [polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed + t, split) for t in range(tries)]
-        scores = None
-        if tries > 1:
-            share = on_its_split(controller, plan, POLISH, split).grounding_weight
-            scores = answer_disagreement(base, [p for p, _ in runs], CALIB_INSTRUCTIONS, existence_weight=share)
-        polished, info = runs[0 if scores is None else min(range(tries), key=scores.__getitem__)]
-        polished.meta["polish"] = {"steps": steps, "kept": True, "split": "own", "expected_flops": info["expected_flops"],
-                                   "tries": tries, "disagreement": scores, "seconds": time.perf_counter() - start}
+        candidates = [plan] + [resplit(controller, plan, w) for w in pool]
+        runs = [(polished_plan(base, controller, c, replace(POLISH, steps=steps), seed + t, split), c)
+                for c in candidates for t in range(tries)]
+        share = lambda p: on_its_split(controller, p, POLISH, split).grounding_weight  # noqa: E731
+        best, scores = 0, None
+        if len(runs) > 1:
+            parts = answer_differences(base, [p for (p, _), _ in runs], CALIB_INSTRUCTIONS)
+            best = pick_by_split(parts, share(plan), [share(c) for _, c in runs])
+            scores = [share(plan) * y + (1 - share(plan)) * o for y, o in parts]
+        (polished, info), made_for = runs[best]
+        if best >= tries:  # another split's plan, under the same bounds: it answers the user's preference
+            polished.preference, polished.meta = plan.preference, {**polished.meta, "trade_off": plan.meta["trade_off"]}
+        polished.meta["polish"] = {"steps": steps, "kept": True, "split": "own" if best < tries else "pool",
+                                   "expected_flops": info["expected_flops"], "tries": tries, "pool": list(pool),
+                                   "picked": best, "made_for": dict(made_for.preference), "disagreement": scores,
+                                   "seconds": time.perf_counter() - start}
         return polished
     polished, info = polished_plan(base, controller, plan, replace(POLISH, steps=steps), seed, split)
     search = plan.meta["search"]  # the search ranked `plan` already, unless on other terms

@@ -155,13 +155,9 @@ def generative_terms(base: Base, plans: list[Plan], n: int, seed: int = 0) -> li
 
 
 @torch.no_grad()
-def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
-                        existence_weight: float | None = None) -> list[float]:
-    """Each plan's share of greedy answers, hard-gated, that differ from the ungated model's on n
-    validation instructions (n / kinds of each kind, at least one): the utility and POPE metrics read
-    answers, and the objectives' teacher-forced losses ranked candidates no better than chance there.
-    With `existence_weight` e: e x the share among the yes / no (POPE) answers + (1 - e) x the share
-    among the others, a quality split read on answers."""
+def _differing(base: Base, plans: list[Plan], n: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(which instructions are yes / no (POPE) questions, per plan which of its greedy answers, hard-gated,
+    differ from the ungated model's) on n validation instructions (n / kinds of each kind, at least one)."""
     from ..backends import clear_gates, hard_plan
     from ..data.instruct import KINDS, POPE_KINDS
     from ..evaluation.generative import answer_all
@@ -171,15 +167,31 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
     ask = lambda model: answer_all(model, base.tokenizer, CALIBRATION_SPLIT, per_kind, seed)  # noqa: E731
     clear_gates(base.model)
     samples, teacher = ask(base.model)
-    pope = torch.tensor([s.kind in POPE_KINDS for s in samples])
     out = []
     for plan in plans:
         with hard_plan(base.model, plan):
-            differ = torch.tensor([a != b for a, b in zip(ask(base.model)[1], teacher)], dtype=torch.float64)
-        e = existence_weight
-        out.append(float(differ.mean()) if e is None else
-                   e * float(differ[pope].mean()) + (1 - e) * float(differ[~pope].mean()))
-    return out
+            out.append(torch.tensor([a != b for a, b in zip(ask(base.model)[1], teacher)], dtype=torch.float64))
+    return torch.tensor([s.kind in POPE_KINDS for s in samples]), out
+
+
+def answer_differences(base: Base, plans: list[Plan], n: int, seed: int = 0) -> list[tuple[float, float]]:
+    """Each plan's (share among the yes / no answers, share among the others) of its answers that differ
+    from the ungated model's (_differing)."""
+    pope, differing = _differing(base, plans, n, seed)
+    return [(float(d[pope].mean()), float(d[~pope].mean())) for d in differing]
+
+
+def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
+                        existence_weight: float | None = None) -> list[float]:
+    """Each plan's share of greedy answers, hard-gated, that differ from the ungated model's on n
+    validation instructions (_differing): the utility and POPE metrics read answers, and the objectives'
+    teacher-forced losses ranked candidates no better than chance there. With `existence_weight` e:
+    e x the share among the yes / no (POPE) answers + (1 - e) x the share among the others, a quality
+    split read on answers."""
+    pope, differing = _differing(base, plans, n, seed)
+    e = existence_weight
+    return [float(d.mean()) if e is None else e * float(d[pope].mean()) + (1 - e) * float(d[~pope].mean())
+            for d in differing]
 
 
 def _once_per_prompt_list(tokenizer):
