@@ -72,6 +72,13 @@ def yes_no(answers: Answers) -> list[str]:
     return [first_word(a) for a in answers.predictions]
 
 
+def pope_script_reading(text: str) -> str:
+    """An answer as POPE's published evaluation reads it: "no" when its first sentence has the word
+    no / No / not, else "yes" (a non-answer counts as yes; the project's scorer reads it as no)."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
 def teacher_margins(model, processor, samples: list) -> torch.Tensor:
     """The dense model's yes-minus-no margins at the probes' first answer token: how firm each answer is."""
     distiller = GenerativeDistiller(model, None, processor, next(model.parameters()).device)
@@ -93,6 +100,8 @@ def agreement(teacher: list[str], answers: Answers, close: list[bool] | None = N
            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in said),
            "adversarial_false_yes": sum(a == "yes" and label == "no" for a, label in zip(said, labels)),
            "adversarial_missed_yes": sum(a != "yes" and label == "yes" for a, label in zip(said, labels))}
+    out["pope/adversarial_f1_pope_script"] = score(answers.samples, [pope_script_reading(a) for a in answers.predictions])[
+        "pope/adversarial_f1"]
     if close is not None:
         out["adversarial_lost_on_close_calls"] = sum(a != t and c for a, t, c in zip(said, teacher, close))
     return out
@@ -274,12 +283,12 @@ def main() -> int:
            f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}, shares {args.polish_shares}") \
         if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, {probes} adversarial probes, --match {args.match}{how})", "",
-             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial F1 as POPE's script reads answers | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['grounding_weight']:g} | {r['flops_weight']:.3f} | {r['flops_ratio']:.3f} | {r['utility']:.4f} | "
-              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['adversarial_as_teacher']} / {probes} ({r['adversarial_as_teacher_right']}; "
+              f"{' / '.join(f'{r[k]:.3f}' for k in POPE)} | {r['pope/adversarial_f1_pope_script']:.3f} | {r['adversarial_as_teacher']} / {probes} ({r['adversarial_as_teacher_right']}; "
               f"{r['adversarial_neither_yes_nor_no']}; {r['pope/adversarial_acc']:.3f}) | "
               f"{r['adversarial_false_yes']} / {r['adversarial_missed_yes']} | {r['adversarial_lost_on_close_calls']} | "
               f"{r.get('kept_before_fit', '-')} | {r.get('logit_spearman_vs_first_weight', '-')} |" for r in rows]

@@ -2,7 +2,7 @@
 spread of its Spearman over draws of the probes."""
 import pytest
 
-from benchmarks.llava_controllability import agreement, f1_gap, spearman_spread
+from benchmarks.llava_controllability import agreement, f1_gap, pope_script_reading, spearman_spread
 from hipp.data.instruct import make_samples
 from hipp.evaluation.answers import score
 from hipp.evaluation.generative_bench import Answers
@@ -26,12 +26,15 @@ def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_r
     assert agreement(teacher, Answers(samples, truth), close) == {
         "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes"),
         "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": 0, "adversarial_missed_yes": 0,
-        "adversarial_lost_on_close_calls": 5}
+        "adversarial_lost_on_close_calls": 5, "pope/adversarial_f1_pope_script": 1.0}
     assert agreement(teacher, Answers(samples, ["Yes."] * len(samples))) == {
         "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes"),
-        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": truth.count("no"), "adversarial_missed_yes": 0}
+        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": truth.count("no"), "adversarial_missed_yes": 0,
+        "pope/adversarial_f1_pope_script": score(samples, yes := ["yes"] * len(samples))["pope/adversarial_f1"]}
     stray = agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))
     assert stray["adversarial_neither_yes_nor_no"] == 40 and stray["adversarial_missed_yes"] == truth.count("yes")
+    # POPE's script reads a non-answer as yes: the stray answers score as saying yes to everything
+    assert stray["pope/adversarial_f1_pope_script"] == score(samples, yes)["pope/adversarial_f1"] > 0.5
     assert 0 < truth.count("yes") < len(samples)
 
 
@@ -48,3 +51,9 @@ def test_the_spearmans_spread_is_nil_for_plans_far_apart_and_wide_for_plans_a_pr
     close = spearman_spread([0, 0.5, 1], [wrong_on(2), wrong_on(1), wrong_on(0)], count=200)
     assert close["p05"] < 0.8 and 0.0 < close["share_at_least_0.8"] < 1.0 and close["sd"] > 0.1
     assert close["draws"] == 200
+
+
+def test_answers_read_as_popes_evaluation_script_reads_them():
+    assert [pope_script_reading(t) for t in ("No, there is not.", "There is no dog.", "Not here", "Yes.", "yes, no.",
+                                             "a red circle", "Nope", "")] == \
+        ["no", "no", "yes", "yes", "no", "yes", "yes", "yes"]  # its words, as written: "Not" is not "not"
