@@ -33,8 +33,9 @@ def main() -> int:
         return 2
     setting = ("split", "n", "probes", "budget", "match", "polish_steps", "polish_split")
     value = lambda run, k: run.get(k, run["n"]) if k == "probes" else run.get(k)  # noqa: E731  (older runs: n)
-    if any(value(run, k) != value(runs[0], k) for run in runs for k in setting):
-        print(f"controllability_seeds: the runs differ in their settings ({', '.join(setting)})", file=sys.stderr)
+    differ = [k for k in setting if any(value(run, k) != value(runs[0], k) for run in runs)]
+    if differ:
+        print(f"controllability_seeds: the runs differ in their settings ({', '.join(differ)})", file=sys.stderr)
         return 2
     f1 = [[r[F1] for r in run["rows"]] for run in runs]
     print(f"{len(runs)} runs ({runs[0]['split']}, {runs[0]['n']} per kind, {value(runs[0], 'probes')} adversarial probes, "

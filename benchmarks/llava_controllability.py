@@ -49,8 +49,7 @@ from hipp.evaluation.generative import answer_all, evaluate_generative  # noqa: 
 from hipp.evaluation.generative_bench import Answers  # noqa: E402
 from hipp.export.slicing import materialize  # noqa: E402
 from hipp.query.bound import load_base  # noqa: E402
-from hipp.query.polish import POLISH, SPLIT, on_its_split, pick_by_split, polish  # noqa: E402
-from hipp.query.ranking import CALIB_INSTRUCTIONS, answer_differences  # noqa: E402
+from hipp.query.polish import POLISH, SPLIT, polish, pool_picks  # noqa: E402
 from hipp.query.trade_off import own_logits, plan_for_preference  # noqa: E402
 from hipp.storage.fileio import write_json, write_text  # noqa: E402
 from hipp.tasks.instruct import InstructBatch  # noqa: E402
@@ -74,7 +73,8 @@ def yes_no(answers: Answers) -> list[str]:
 
 def pope_script_reading(text: str) -> str:
     """An answer as POPE's published evaluation reads it: "no" when its first sentence has the word
-    no / No / not, else "yes" (a non-answer counts as yes; the project's scorer reads it as no)."""
+    no / No / not, else "yes" (a non-answer counts as yes; the project's F1 counts it as not yes, its
+    accuracy as wrong)."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if {"no", "No", "not"} & set(words) else "yes"
 
@@ -155,11 +155,10 @@ def gates_plan(base, controller, w: float, budget: float, seed: int = 0):
 
 
 def pool_rows(base, controller, plans: list, rows: list[dict], split_options: dict) -> dict:
-    """Each weight's answer picked from every weight's plan (hipp.query.polish.pick_by_split, as `hipp query
-    --polish-pool` picks), its figures those of the plan picked (already measured above)."""
-    parts = answer_differences(base, plans, CALIB_INSTRUCTIONS)
-    shares = [on_its_split(controller, p, POLISH, split_options).grounding_weight for p in plans]
-    picks = [pick_by_split(parts, shares[i], shares) for i in range(len(plans))]
+    """Each weight's answer picked from every weight's polished plan (hipp.query.polish.pool_picks, as
+    `polish(..., pool=)` picks with the other weights as the pool), its figures those of the plan picked
+    (already measured above)."""
+    parts, shares, picks = pool_picks(base, controller, plans, split_options)
     out = [{"grounding_weight": r["grounding_weight"], "share": shares[i], "plan_of_weight": rows[picks[i]]["grounding_weight"],
             "utility": rows[picks[i]]["utility"], "pope/adversarial_f1": rows[picks[i]]["pope/adversarial_f1"],
             "calibration_yes_no_differing": parts[picks[i]][0], "calibration_others_differing": parts[picks[i]][1]}
@@ -206,14 +205,14 @@ def main() -> int:
     ap.add_argument("--pool", action="store_true",
                     help="with --match cost: also answer each weight with the plan, among every weight's, whose answers on "
                          "the calibration instructions differ least from the teacher's as its split weighs them "
-                         "(hipp query --polish-pool with the other weights as the pool)")
+                         "(hipp.query.polish.polish(..., pool=) with the other weights as the pool; needs --polish)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     probes = args.n if args.probes is None else args.probes
     if probes < 1:
         ap.error("--probes must be >= 1")
-    if args.pool and args.match != "cost":
-        ap.error("--pool picks among preferences' plans under a bound: it goes with --match cost")
+    if args.pool and not args.polish:
+        ap.error("--pool picks among polished plans of preferences under a bound: it goes with --polish")
     if args.polish and args.match != "cost":
         ap.error("--polish polishes a preference under a bound: it goes with --match cost")
     if not (args.polish_temperature > 0 and args.polish_lr > 0):
@@ -283,7 +282,7 @@ def main() -> int:
            f"utility floor {args.polish_utility_floor:g}, batches {args.polish_batch}, shares {args.polish_shares}") \
         if args.polish else ""
     lines = [f"# Grounding weight vs POPE at FLOPs {args.budget} ({args.split}, {args.n} per kind, {probes} adversarial probes, --match {args.match}{how})", "",
-             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p / a | adversarial F1 as POPE's script reads answers | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
+             "| grounding weight | FLOPs weight | FLOPs | utility | POPE F1 r / p (n) / a (probes) | adversarial F1 as POPE's script reads answers | adversarial answers as the teacher's (right; neither yes nor no; accuracy) "
              "| false yes / missed yes | lost on the teacher's least firm quarter "
              "| kept before the fit | logit rank correlation with the first weight's |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -301,6 +300,7 @@ def main() -> int:
               f"{firm['teacher_median_margin_yes']:.2f} / {firm['teacher_median_margin_no']:.2f}",
               f"the teacher's own adversarial F1 {ceiling['pope/adversarial_f1']:.3f} (false yes / missed yes "
               f"{ceiling['adversarial_false_yes']} / {ceiling['adversarial_missed_yes']})"]
+    printed = lines[-4:]
     if pooled is not None:
         lines += ["", "Each weight answered from the pool of every weight's plan (picked by the calibration answers):", "",
                   "| grounding weight | polish share | plan of weight | utility | adversarial F1 |", "|---|---|---|---|---|"]
@@ -308,7 +308,8 @@ def main() -> int:
                   f"{r['pope/adversarial_f1']:.3f} |" for r in pooled["rows"]]
         rho_pool = pooled["spearman_weight_vs_adversarial_f1"]
         lines += ["", "pooled: Spearman(weight, adversarial F1) = " + (f"{rho_pool:.3f}" if rho_pool is not None else "undefined")]
-    print("\n".join(lines[-4:]))
+        printed.append(lines[-1])
+    print("\n".join(printed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "result.json", result)

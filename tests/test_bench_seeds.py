@@ -74,12 +74,14 @@ def test_controllability_over_seeds_reads_steps_and_both_spearmans(tmp_path, cap
     (tmp_path / "s1" / "result.json").write_text(json.dumps({"rows": rows[:2], "split": "val", "n": 10, "budget": 0.4}))
     assert mod.main() == 2 and "different weights" in capsys.readouterr().err
     (tmp_path / "s1" / "result.json").write_text(json.dumps({"rows": rows, "split": "test", "n": 10, "budget": 0.4}))
-    assert mod.main() == 2 and "split" in capsys.readouterr().err  # never averaged under the first run's label
+    assert mod.main() == 2 and "settings (split)" in capsys.readouterr().err  # never averaged under the first run's label
     # a run from before --probes read n probes: it pairs with one that says so, not with one of more probes
     for probes, code in ((10, 0), (40, 2)):
         (tmp_path / "s1" / "result.json").write_text(json.dumps({"rows": rows, "split": "val", "n": 10, "budget": 0.4,
                                                                  "probes": probes}))
         assert mod.main() == code
-    assert "probes" in capsys.readouterr().err
+    got = capsys.readouterr()
+    assert "2 runs (val, 10 per kind, 10 adversarial probes, FLOPs 0.4)" in got.out
+    assert got.err.strip().endswith("differ in their settings (probes)")
     monkeypatch.setattr("sys.argv", ["controllability_seeds.py", str(tmp_path / "missing")])
     assert mod.main() == 2

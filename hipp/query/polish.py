@@ -36,7 +36,7 @@ from ..core.gates import Gates, map_gates
 from ..core.plan import Plan
 from ..core.budget import Units, fit, top_up
 from .bound import Base
-from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, answer_differences, rank_losses
+from .ranking import CALIB_IMAGES, CALIB_INSTRUCTIONS, RANK_BY, answer_differences, rank_losses, weighed
 
 # measured on the embedded teacher (docs/studies/polishing.md): at 0.3 a higher learning rate or
 # temperature undoes what the controller learned before the run settles, a lower one moves nothing
@@ -49,7 +49,8 @@ POLISH = GateTraining(steps=120, batch_size=64, lr=0.05, temperature_start=0.3, 
 # moved the plan less, for a smaller gain from the grounding weight on validation); its margin is the
 # answer's against every token, so that a plan asked for grounding keeps answering yes or no (against
 # no alone, other words took some answers, and F1 rose with the weight, Spearman >= 0.8, on one validation
-# seed of three against all three; on test it did on one seed of three either way)
+# seed of three against all three; on test it did on one seed of three either way on 500 probes, and
+# on two of three with this margin on 2000)
 # utility_floor, batch_follows_split and scaled False (the user's weights without the recipe's scales) were
 # measured on validation and not adopted (the study's last section)
 SPLIT = {"grounding_mode": "hinge", "utility_existence": False, "temperature_start": 1.0, "lr": 0.1,
@@ -136,7 +137,30 @@ def pick_by_split(parts: list[tuple[float, float]], share: float, shares: list[f
     if not parts:
         raise HippError("no candidate plans to pick from")
     own = shares if shares is not None else [share] * len(parts)
-    return min(range(len(parts)), key=lambda i: (share * parts[i][0] + (1 - share) * parts[i][1], abs(own[i] - share), i))
+    if len(own) != len(parts):
+        raise HippError(f"{len(own)} polish shares for {len(parts)} candidate plans")
+    return min(range(len(parts)), key=lambda i: (weighed(parts[i], share), abs(own[i] - share), i))
+
+
+def pool_picks(base: Base, controller: Controller, plans: list[Plan], split: dict = SPLIT,
+               shares: list[float] | None = None) -> tuple[list[tuple[float, float]], list[float], list[int]]:
+    """(each plan's answers differing from the teacher's on the calibration instructions, as
+    ranking.answer_differences gives them; each plan's own polish share; for each of `shares` (default:
+    the plans' own) the plan pick_by_split picks)."""
+    parts = answer_differences(base, plans, CALIB_INSTRUCTIONS)
+    own = [on_its_split(controller, p, POLISH, split).grounding_weight for p in plans]
+    return parts, own, [pick_by_split(parts, s, own) for s in (own if shares is None else shares)]
+
+
+def check_pool(pool) -> tuple[float, ...]:
+    """A pool's grounding weights: numbers in [0, 1]."""
+    if isinstance(pool, (str, bytes)) or not hasattr(pool, "__iter__"):
+        raise HippError(f"a pool is a list of grounding weights, got {pool!r}"[:160])
+    pool = tuple(pool)
+    for w in pool:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise HippError(f"a pool's grounding weights must be numbers in [0, 1], got {w!r}"[:160])
+    return pool
 
 
 def resplit(controller: Controller, plan: Plan, weight: float) -> Plan:
@@ -147,8 +171,7 @@ def resplit(controller: Controller, plan: Plan, weight: float) -> Plan:
     meta = plan.meta
     if "max_latency" in meta or "round" in meta:
         raise HippError("a pool of splits is polished under FLOPs / params bounds, unrounded")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise HippError(f"a pool's grounding weights must be numbers in [0, 1], got {weight!r}"[:160])
+    (weight,) = check_pool([weight])
     asked = dict(meta["trade_off"]["asked"])
     quality = asked.get("utility", 0.0) + asked.get("grounding", 0.0)
     asked.update(utility=(1 - weight) * quality, grounding=weight * quality)
@@ -169,6 +192,7 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
     check_steps(steps)
     if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= MAX_TRIES:
         raise HippError(f"polish tries must be a whole number from 1 to {MAX_TRIES}, got {tries!r}"[:160])
+    pool = check_pool(pool)
     if tries * (1 + len(pool)) > MAX_TRIES:
         raise HippError(f"at most {MAX_TRIES} polishes a plan (tries x (1 + pool)), got {tries} x {1 + len(pool)}")
     if pool and "trade_off" not in plan.meta:
@@ -180,12 +204,11 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
         candidates = [plan] + [resplit(controller, plan, w) for w in pool]
         runs = [(polished_plan(base, controller, c, replace(POLISH, steps=steps), seed + t, split), c)
                 for c in candidates for t in range(tries)]
-        share = lambda p: on_its_split(controller, p, POLISH, split).grounding_weight  # noqa: E731
         best, scores = 0, None
         if len(runs) > 1:
-            parts = answer_differences(base, [p for (p, _), _ in runs], CALIB_INSTRUCTIONS)
-            best = pick_by_split(parts, share(plan), [share(c) for _, c in runs])
-            scores = [share(plan) * y + (1 - share(plan)) * o for y, o in parts]
+            share = on_its_split(controller, plan, POLISH, split).grounding_weight
+            parts, _, (best,) = pool_picks(base, controller, [p for (p, _), _ in runs], split, [share])
+            scores = [weighed(part, share) for part in parts]
         (polished, info), made_for = runs[best]
         if best >= tries:  # another split's plan, under the same bounds: it answers the user's preference
             polished.preference, polished.meta = plan.preference, {**polished.meta, "trade_off": plan.meta["trade_off"]}

@@ -174,6 +174,12 @@ def _differing(base: Base, plans: list[Plan], n: int, seed: int) -> tuple[torch.
     return torch.tensor([s.kind in POPE_KINDS for s in samples]), out
 
 
+def weighed(part: tuple[float, float], share: float) -> float:
+    """share x (yes / no answers differing) + (1 - share) x (the others): a quality split read on answers,
+    rounded so that candidates equal in exact arithmetic tie."""
+    return round(share * part[0] + (1 - share) * part[1], 12)
+
+
 def answer_differences(base: Base, plans: list[Plan], n: int, seed: int = 0) -> list[tuple[float, float]]:
     """Each plan's (share among the yes / no answers, share among the others) of its answers that differ
     from the ungated model's (_differing)."""
@@ -189,9 +195,9 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
     e x the share among the yes / no (POPE) answers + (1 - e) x the share among the others, a quality
     split read on answers."""
     pope, differing = _differing(base, plans, n, seed)
-    e = existence_weight
-    return [float(d.mean()) if e is None else e * float(d[pope].mean()) + (1 - e) * float(d[~pope].mean())
-            for d in differing]
+    if existence_weight is None:
+        return [float(d.mean()) for d in differing]
+    return [weighed((float(d[pope].mean()), float(d[~pope].mean())), existence_weight) for d in differing]
 
 
 def _once_per_prompt_list(tokenizer):
