@@ -96,3 +96,12 @@ def test_a_split_picks_from_a_pool_by_its_weighed_disagreement_and_never_keeps_f
     with pytest.raises(HippError, match="no candidate"):
         pick_by_split([], 0.5)
 
+
+
+def test_a_pool_is_checked_before_anything_is_polished_even_for_no_steps():
+    from hipp.query.polish import check_pool
+
+    assert check_pool([0, 0.5, 1.0]) == (0, 0.5, 1.0)
+    for bad in (0.5, "0.5", [0.2, 1.5], [True], [float("nan")]):
+        with pytest.raises(HippError, match="pool"):
+            polish(None, None, None, steps=0, pool=bad)
