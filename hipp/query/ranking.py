@@ -183,7 +183,10 @@ def weighed(part: tuple[float, float], share: float) -> float:
 def answer_differences(base: Base, plans: list[Plan], n: int, seed: int = 0) -> list[tuple[float, float]]:
     """Each plan's (share among the yes / no answers, share among the others) of its answers that differ
     from the ungated model's (_differing)."""
-    pope, differing = _differing(base, plans, n, seed)
+    return _parts(*_differing(base, plans, n, seed))
+
+
+def _parts(pope: torch.Tensor, differing: list[torch.Tensor]) -> list[tuple[float, float]]:
     return [(float(d[pope].mean()), float(d[~pope].mean())) for d in differing]
 
 
@@ -197,7 +200,7 @@ def answer_disagreement(base: Base, plans: list[Plan], n: int, seed: int = 0,
     pope, differing = _differing(base, plans, n, seed)
     if existence_weight is None:
         return [float(d.mean()) for d in differing]
-    return [weighed((float(d[pope].mean()), float(d[~pope].mean())), existence_weight) for d in differing]
+    return [weighed(part, existence_weight) for part in _parts(pope, differing)]
 
 
 def _once_per_prompt_list(tokenizer):
