@@ -58,7 +58,7 @@ from hipp.training.objectives import EXISTENCE_MARGINS, GROUNDING_MODES  # noqa:
 
 POPE = ("pope/random_f1", "pope/popular_f1", "pope/adversarial_f1")
 ADVERSARIAL = ("pope/adversarial",)
-ADVERSARIAL_METRICS = ("pope/adversarial_f1", "pope/adversarial_acc")  # read on the probes
+ADVERSARIAL_METRICS = ("pope/adversarial_f1", "pope/adversarial_acc", "pope/adversarial_f1_pope_script")  # on the probes
 
 
 def adversarial(model, processor, split: str, n: int) -> Answers:
@@ -69,14 +69,6 @@ def adversarial(model, processor, split: str, n: int) -> Answers:
 def yes_no(answers: Answers) -> list[str]:
     """Answers read as the scorer reads them."""
     return [first_word(a) for a in answers.predictions]
-
-
-def pope_script_reading(text: str) -> str:
-    """An answer as POPE's published evaluation reads it: "no" when its first sentence has the word
-    no / No / not, else "yes" (a non-answer counts as yes; the project's F1 counts it as not yes, its
-    accuracy as wrong)."""
-    words = text.split(".")[0].replace(",", "").split(" ")
-    return "no" if {"no", "No", "not"} & set(words) else "yes"
 
 
 def teacher_margins(model, processor, samples: list) -> torch.Tensor:
@@ -100,8 +92,6 @@ def agreement(teacher: list[str], answers: Answers, close: list[bool] | None = N
            "adversarial_neither_yes_nor_no": sum(a not in ("yes", "no") for a in said),
            "adversarial_false_yes": sum(a == "yes" and label == "no" for a, label in zip(said, labels)),
            "adversarial_missed_yes": sum(a != "yes" and label == "yes" for a, label in zip(said, labels))}
-    out["pope/adversarial_f1_pope_script"] = score(answers.samples, [pope_script_reading(a) for a in answers.predictions])[
-        "pope/adversarial_f1"]
     if close is not None:
         out["adversarial_lost_on_close_calls"] = sum(a != t and c for a, t, c in zip(said, teacher, close))
     return out

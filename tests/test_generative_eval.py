@@ -48,7 +48,7 @@ def test_report_has_every_metric_in_0_1(pair):
     m = rep["metrics"]
     expected = {f"attr/{a}" for a in ("color", "shape", "size", "position", "count", "mean")}
     expected |= {f"pope/{s}_{k}" for s in ("random", "popular", "adversarial")
-                 for k in ("acc", "precision", "recall", "f1", "yes_ratio")} | {"pope/f1_mean"}
+                 for k in ("acc", "precision", "recall", "f1", "yes_ratio", "f1_pope_script")} | {"pope/f1_mean"}
     expected |= {f"caption/{k}" for k in ("precision", "recall", "f1", "exact")}
     expected |= {"fmnist/acc"} if HAVE_FMNIST else set()
     assert set(m) == expected and all(0.0 <= v <= 1.0 for v in m.values())
@@ -105,6 +105,8 @@ def test_score_by_hand():
     # tp 1 (Yes.), fn 1 (no), fp 1, "maybe" is wrong and not yes
     assert m["pope/random_acc"] == 0.25 and m["pope/random_precision"] == 0.5 and m["pope/random_recall"] == 0.5
     assert m["pope/random_f1"] == 0.5 and m["pope/random_yes_ratio"] == 0.5 and m["pope/f1_mean"] == 0.5
+    # as POPE's script reads them "maybe" is a yes: tp 1, fn 1, fp 2 -> precision 1/3, recall 1/2, F1 0.4
+    assert abs(m["pope/random_f1_pope_script"] - 0.4) < 1e-12
     # stated: 4 (red, all true) + 4 (object and shape at the center true; colour and size false) + 4 unparsed
     assert caption_counts([red, blue], predictions[7]) == (6, 12, 8)
     assert m["caption/precision"] == 0.5 and m["caption/recall"] == 0.75 and m["caption/exact"] == 0.0

@@ -2,9 +2,9 @@
 spread of its Spearman over draws of the probes."""
 import pytest
 
-from benchmarks.llava_controllability import agreement, f1_gap, pope_script_reading, spearman_spread
+from benchmarks.llava_controllability import agreement, f1_gap, spearman_spread
 from hipp.data.instruct import make_samples
-from hipp.evaluation.answers import score
+from hipp.evaluation.answers import pope_script_reading, score
 from hipp.evaluation.generative_bench import Answers
 
 
@@ -26,15 +26,15 @@ def test_agreement_counts_the_teachers_answers_kept_and_those_of_them_that_are_r
     assert agreement(teacher, Answers(samples, truth), close) == {
         "adversarial_as_teacher": truth.count("yes"), "adversarial_as_teacher_right": truth.count("yes"),
         "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": 0, "adversarial_missed_yes": 0,
-        "adversarial_lost_on_close_calls": 5, "pope/adversarial_f1_pope_script": 1.0}
+        "adversarial_lost_on_close_calls": 5}
     assert agreement(teacher, Answers(samples, ["Yes."] * len(samples))) == {
         "adversarial_as_teacher": len(samples), "adversarial_as_teacher_right": truth.count("yes"),
-        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": truth.count("no"), "adversarial_missed_yes": 0,
-        "pope/adversarial_f1_pope_script": score(samples, yes := ["yes"] * len(samples))["pope/adversarial_f1"]}
+        "adversarial_neither_yes_nor_no": 0, "adversarial_false_yes": truth.count("no"), "adversarial_missed_yes": 0}
     stray = agreement(teacher, Answers(samples, ["a red circle"] * len(samples)))
     assert stray["adversarial_neither_yes_nor_no"] == 40 and stray["adversarial_missed_yes"] == truth.count("yes")
     # POPE's script reads a non-answer as yes: the stray answers score as saying yes to everything
-    assert stray["pope/adversarial_f1_pope_script"] == score(samples, yes)["pope/adversarial_f1"] > 0.5
+    stray_f1 = score(samples, ["a red circle"] * len(samples))["pope/adversarial_f1_pope_script"]
+    assert stray_f1 == score(samples, ["yes"] * len(samples))["pope/adversarial_f1"] > 0.5
     assert 0 < truth.count("yes") < len(samples)
 
 

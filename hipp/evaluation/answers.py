@@ -5,6 +5,9 @@ Answers are compared after whitespace is normalised (decoding joins word tokens 
 - pope/<sampling>_{acc,precision,recall,f1,yes_ratio}: the first generated word (lower-cased, "?.,"
   stripped) decides; "yes" is the positive class; any other word is wrong and counts as not-yes.
   precision is 0 when no "yes" was said. pope/f1_mean: the mean F1 over the samplings measured.
+- pope/<sampling>_f1_pope_script: F1 with the answers read as POPE's published evaluation script reads
+  them: "no" when the words of the first sentence include no / No / not, else "yes", so an answer that
+  is neither counts as a yes (above, as not-yes). Reported beside the F1; nothing is judged on it.
 - caption/{precision,recall,f1}: over facts anchored on positions, micro-averaged over captions.
   A caption object "a {size} {color} {shape} at the {position}" states four facts: an object is at
   that position, and its colour, shape and size there. A generated caption is split on " and "; a
@@ -73,13 +76,25 @@ def _f1(p: float, r: float) -> float:
     return _ratio(2 * p * r, p + r)
 
 
-def pope_metrics(truth: list[str], predicted: list[str]) -> dict[str, float]:
-    said = [first_word(p) for p in predicted]
+def pope_script_reading(text: str) -> str:
+    """An answer as POPE's published evaluation script reads it (see the module doc)."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
+def _precision_recall(truth: list[str], said: list[str]) -> tuple[float, float, int]:
     tp = sum(t == "yes" and s == "yes" for t, s in zip(truth, said))
     yes = sum(s == "yes" for s in said)
-    precision, recall = _ratio(tp, yes), _ratio(tp, sum(t == "yes" for t in truth))
+    return _ratio(tp, yes), _ratio(tp, sum(t == "yes" for t in truth)), yes
+
+
+def pope_metrics(truth: list[str], predicted: list[str]) -> dict[str, float]:
+    said = [first_word(p) for p in predicted]
+    precision, recall, yes = _precision_recall(truth, said)
+    script = _f1(*_precision_recall(truth, [pope_script_reading(p) for p in predicted])[:2])
     return {"acc": _ratio(sum(t == s for t, s in zip(truth, said)), len(truth)), "precision": precision,
-            "recall": recall, "f1": _f1(precision, recall), "yes_ratio": _ratio(yes, len(truth))}
+            "recall": recall, "f1": _f1(precision, recall), "yes_ratio": _ratio(yes, len(truth)),
+            "f1_pope_script": script}
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict[str, float]:
