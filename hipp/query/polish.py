@@ -187,8 +187,9 @@ def polish(base: Base, controller: Controller, plan: Plan, steps: int = POLISH.s
     all the one whose greedy answers differ least from the teacher's as its own split weighs them is kept
     (pick_by_split). One polish's draw moves a plan as much as a step of 0.25 in the split; three tries
     did not steady the rise of F1 with the weight on the one validation seed run, nor did a pool of the
-    five weights 0, 0.25, ..., 1 (the 90 yes / no calibration answers cannot tell the upper plans apart;
-    docs/studies/llava-controller-recipe.md), so one polish of the own split is the default."""
+    five weights 0, 0.25, ..., 1 on validation seed 0 (its 90 yes / no calibration answers could not tell
+    the upper plans apart; docs/studies/llava-controller-recipe.md), so one polish of the own split is
+    the default."""
     check_steps(steps)
     if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= MAX_TRIES:
         raise HippError(f"polish tries must be a whole number from 1 to {MAX_TRIES}, got {tries!r}"[:160])
